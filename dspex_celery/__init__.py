@@ -1,0 +1,44 @@
+"""dspex-celery: run DSPy-style programs (DAGs of modules) on a Celery cluster."""
+
+from dspex_celery.client import ExecutionHandle, submit_program
+from dspex_celery.errors import (
+    CircuitOpen,
+    DspexError,
+    ExecutionTimeout,
+    InputError,
+    ModuleError,
+    ModuleTimeout,
+    ProgramError,
+    TransientError,
+    UsageError,
+)
+from dspex_celery.program import Program
+from dspex_celery.results import ExecutionResult, ExecutionStatus, ModuleRecord, ModuleStatus
+from dspex_celery.runtime import Runtime, create_runtime
+from dspex_celery.settings import Settings, load_settings
+
+__all__ = [
+    # programs and running them
+    "Program",
+    "submit_program",
+    "ExecutionHandle",
+    "ExecutionResult",
+    "ExecutionStatus",
+    "ModuleRecord",
+    "ModuleStatus",
+    # deployment
+    "Settings",
+    "load_settings",
+    "Runtime",
+    "create_runtime",
+    # errors
+    "DspexError",
+    "UsageError",
+    "ProgramError",
+    "InputError",
+    "ModuleError",
+    "TransientError",
+    "ModuleTimeout",
+    "CircuitOpen",
+    "ExecutionTimeout",
+]

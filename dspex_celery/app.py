@@ -1,0 +1,69 @@
+"""The Celery app: JSON only, late acks, one queue per resource class, events on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from dspex_celery import defaults
+from dspex_celery.errors import ConfigError
+from dspex_celery.routing import control_queue
+from dspex_celery.settings import Settings
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings for a deployment (or for the in-process embedded worker)."""
+    config: dict[str, Any] = {
+        "broker_url": settings.broker_url or "memory://",
+        "result_backend": _result_backend(settings),
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "task_default_queue": control_queue(settings.namespace),
+        "result_expires": settings.state_ttl_s,
+        "result_extended": True,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "worker_hijack_root_logger": False,
+        "enable_utc": True,
+    }
+    if settings.embedded:
+        config["broker_transport_options"]["polling_interval"] = defaults.EMBEDDED_POLL_S
+        config["result_chord_retry_interval"] = defaults.EMBEDDED_POLL_S
+    return config
+
+
+def _result_backend(settings: Settings) -> str:
+    if settings.embedded:
+        return "cache+memory://"
+    if settings.state_url is None:
+        raise ConfigError(
+            f"no Redis result backend for broker {settings.broker_url}: set DSPEX_RESULT_BACKEND "
+            "(or --result-backend) to a redis:// URL; the execution state store lives there"
+        )
+    if not settings.state_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(
+            f"result backend {settings.state_url} is not Redis: dspex-celery keeps execution "
+            "state in the result backend and needs a redis:// URL"
+        )
+    return settings.state_url
+
+
+def make_app(settings: Settings) -> Celery:
+    """A Celery app configured for ``settings`` with the engine's tasks registered."""
+    from dspex_celery.tasks import register_tasks
+
+    app = Celery(f"dspex-{settings.namespace}", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    register_tasks(app)
+    return app

@@ -1,0 +1,68 @@
+"""Compile a plan into Celery signatures: pure functions, no I/O.
+
+``levels``: one chord per dependency level; the chord's body is a small ``advance`` task that
+dispatches the next level's chord. This is a chain of chords whose messages stay O(1) in program
+size: Celery's own nested chain-of-chords copies the rest of the chain into every message.
+``sequential``: the same mechanism with one module per stage, in topological order.
+"""
+
+from __future__ import annotations
+
+from celery import Celery, chord
+from celery.canvas import Signature
+
+from dspex_celery.plan import Plan
+from dspex_celery.routing import control_queue, queue_name
+
+RUN_MODULE = "dspex.run_module"
+ADVANCE = "dspex.advance"
+
+
+def stages(plan: Plan, strategy: str) -> list[list[str]]:
+    """Groups of modules dispatched together, in order."""
+    if strategy == "sequential":
+        return [[name] for name in plan.topological_order()]
+    return plan.levels
+
+
+def task_id(execution_id: str, module: str) -> str:
+    """Deterministic Celery task id of a module run (used to revoke and to find it in Flower)."""
+    return f"{execution_id}.{module}"
+
+
+def module_signature(app: Celery, plan: Plan, execution_id: str, name: str, namespace: str) -> Signature:
+    """The task that runs one module on a worker of its resource class."""
+    module = plan.modules[name]
+    options: dict[str, object] = {
+        "queue": queue_name(namespace, module.resource),
+        "task_id": task_id(execution_id, name),
+        "shadow": f"dspex.module:{plan.program}.{name}",
+    }
+    if module.timeout_s:
+        from dspex_celery.defaults import HARD_TIMEOUT_GRACE_S
+
+        options["soft_time_limit"] = module.timeout_s
+        options["time_limit"] = module.timeout_s + HARD_TIMEOUT_GRACE_S
+    return app.signature(
+        RUN_MODULE,
+        args=(execution_id, name),
+        kwargs={"program": plan.program},
+        immutable=True,
+        **options,
+    )
+
+
+def advance_signature(app: Celery, execution_id: str, strategy: str, stage: int, namespace: str) -> Signature:
+    """The small control task that moves an execution on to ``stage``."""
+    return app.signature(
+        ADVANCE, args=(execution_id, strategy, stage), immutable=True, queue=control_queue(namespace)
+    )
+
+
+def stage_signature(
+    app: Celery, plan: Plan, execution_id: str, strategy: str, stage: int, names: list[str], namespace: str
+) -> Signature:
+    """A chord of the stage's modules whose body advances to the next stage."""
+    header = [module_signature(app, plan, execution_id, name, namespace) for name in names]
+    body = advance_signature(app, execution_id, strategy, stage + 1, namespace)
+    return chord(header, body, app=app)

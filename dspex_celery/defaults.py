@@ -1,0 +1,30 @@
+"""Every default value in one place, each with the reason it has that value."""
+
+from __future__ import annotations
+
+#: Resource class of a module that names none; its queue is served by plain ``worker`` processes.
+RESOURCE = "default"
+
+#: Prefix of queue names and state-store keys, so several deployments can share one Redis.
+NAMESPACE = "dspex"
+
+#: How long an execution's plan, module outputs and records stay in the state store (resume window).
+STATE_TTL_S = 7 * 24 * 3600
+
+#: Redis broker visibility timeout: a message taken by a worker that died (main process included)
+#: is re-delivered after this long. Keep it above the longest module timeout plus retry backoff.
+VISIBILITY_TIMEOUT_S = 3600
+
+#: Worker concurrency of the in-process (embedded) worker that runs when no broker is configured.
+EMBEDDED_CONCURRENCY = 4
+
+#: Poll interval of the embedded memory transport and chord unlock; the stock 1 s makes a
+#: 10-level program take ~20 s.
+EMBEDDED_POLL_S = 0.005
+
+#: Seconds a hard time limit adds to a module's ``timeout_s`` (the soft limit) before the pool
+#: process is killed.
+HARD_TIMEOUT_GRACE_S = 5.0
+
+#: Default configuration file, relative to the working directory (``DSPEX_CONFIG`` overrides).
+CONFIG_FILE = "config/dspex.yaml"

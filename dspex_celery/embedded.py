@@ -1,0 +1,71 @@
+"""The embedded worker: a Celery worker on the memory transport, in a thread of this process.
+
+It consumes the same tasks from the same canvas as a cluster worker; it exists so that
+``dspex-celery run`` works with no server at all.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+
+from celery import Celery
+from celery.app import trace
+from celery.worker import WorkController
+
+from dspex_celery.errors import ConfigError
+
+START_TIMEOUT_S = 30.0
+EMBEDDED_HOSTNAME = "embedded@localhost"
+
+
+class _ReadyWorker(WorkController):
+    """A WorkController that signals when its consumer is ready."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.ready = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def on_consumer_ready(self, consumer: object) -> None:
+        self.ready.set()
+
+
+class EmbeddedWorker:
+    """An in-process worker that can grow the set of queues it consumes."""
+
+    def __init__(self, app: Celery, queues: list[str], concurrency: int) -> None:
+        self.app = app
+        self.queues = set(queues)
+        self.lock = threading.Lock()
+        # Trace tasks with this app's registry (the CLI worker does the same at start-up).
+        trace.setup_worker_optimizations(app, EMBEDDED_HOSTNAME)
+        self.controller = _ReadyWorker(
+            app=app,
+            hostname=EMBEDDED_HOSTNAME,
+            pool_cls="threads",
+            concurrency=concurrency,
+            queues=sorted(self.queues),
+            loglevel="WARNING",
+            without_heartbeat=True,
+            without_mingle=True,
+            without_gossip=True,
+            task_events=False,
+        )
+        self.thread = threading.Thread(target=self.controller.start, name="dspex-embedded-worker", daemon=True)
+        self.thread.start()
+        if not self.controller.ready.wait(START_TIMEOUT_S):
+            raise ConfigError("the embedded worker did not start within 30 s")
+        atexit.register(self.stop)
+
+    def consume(self, queues: list[str]) -> None:
+        """Make sure the worker consumes ``queues`` (new resource classes of a new program)."""
+        with self.lock:
+            for queue in queues:
+                if queue not in self.queues:
+                    self.controller.consumer.add_task_queue(queue)
+                    self.queues.add(queue)
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.controller.stop(in_sighandler=False)
+            self.thread.join(timeout=5)

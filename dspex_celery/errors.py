@@ -1,0 +1,97 @@
+"""One error tree: everything dspex-celery raises on purpose derives from :class:`DspexError`.
+
+Errors a user can cause carry a one-line message naming the thing and the fix; the CLI prints
+that line and exits with ``exit_code`` (2 for invalid input, 1 for a failed execution).
+"""
+
+from __future__ import annotations
+
+
+class DspexError(Exception):
+    """Base of every error raised on purpose by dspex-celery."""
+
+    exit_code: int = 1
+
+
+# --- the user's program, inputs or settings are invalid (exit 2) -------------------------------
+
+
+class UsageError(DspexError):
+    """The user asked for something that cannot be done as asked."""
+
+    exit_code = 2
+
+
+class ProgramError(UsageError):
+    """A program file or program definition is invalid; ``problems`` lists every problem found."""
+
+    def __init__(self, problems: list[str], source: str = "program") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+    def lines(self) -> list[str]:
+        """One line per problem, each prefixed with the source."""
+        return [f"{self.source}: {problem}" for problem in self.problems]
+
+
+class InputError(UsageError):
+    """The inputs given to a submission do not match the program's declared inputs."""
+
+
+class ConfigError(UsageError):
+    """A setting (broker URL, result backend, allow-list, ...) is missing or invalid."""
+
+
+class BrokerUnreachable(ConfigError):
+    """The broker or result backend cannot be reached."""
+
+
+class UnknownExecution(UsageError):
+    """No execution with that id is known to the state store (unknown or expired)."""
+
+
+# --- a module failed while running on a worker ------------------------------------------------
+
+
+class ModuleError(DspexError):
+    """Base of errors raised for one module run."""
+
+
+class ModuleNotAllowed(ModuleError):
+    """The module is outside the worker's allow-listed packages."""
+
+
+class ModuleImportError(ModuleError):
+    """The module's ``uses`` cannot be imported on the worker."""
+
+
+class ModuleOutputError(ModuleError):
+    """A module returned something that is not a JSON-able mapping."""
+
+
+class ModuleInputError(ModuleError):
+    """A module input refers to a field its upstream module did not return."""
+
+
+class TransientError(ModuleError):
+    """Raise from a module to ask for a retry with backoff (rate limits, flaky network, ...)."""
+
+
+class ModuleTimeout(TransientError):
+    """A module ran longer than its ``timeout_s`` (soft limit)."""
+
+
+class CircuitOpen(ModuleError):
+    """The module's circuit breaker is open: the call was not made."""
+
+
+# --- an execution as a whole ------------------------------------------------------------------
+
+
+class ExecutionTimeout(DspexError):
+    """The execution did not finish within the client's timeout."""
+
+
+class ExecutionFailed(DspexError):
+    """The execution finished with status ``failed``."""

@@ -1,0 +1,1 @@
+"""Example modules shipped with dspex-celery (allow-listed on workers with --modules dspex_celery.examples)."""

@@ -1,0 +1,95 @@
+"""Hooks around one module run: history, breakers, resource limits and progress plug in here.
+
+"before" hooks run in order, "after" hooks in reverse. A hook that crashes is logged, never fatal,
+except ``before_module``, which may raise a :class:`~dspex_celery.errors.DspexError` on purpose
+(e.g. ``CircuitOpen``) to fail the module without calling it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from dspex_celery.plan import ModulePlan, Plan
+from dspex_celery.results import ExecutionResult, ModuleRecord
+
+if TYPE_CHECKING:
+    from dspex_celery.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModuleContext:
+    """One attempt of one module of one execution, as hooks see it."""
+
+    runtime: Runtime
+    execution_id: str
+    plan: Plan
+    module: ModulePlan
+    attempt: int
+    worker: str
+    started_at: datetime
+    record: ModuleRecord
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Hook:
+    """Base class: every method is a no-op; override the ones you need."""
+
+    def before_module(self, ctx: ModuleContext) -> None:
+        """Before the module is called; raise to fail this attempt without calling it."""
+
+    def after_success(self, ctx: ModuleContext, output: dict[str, Any]) -> None:
+        """After the module returned a valid output (already stored)."""
+
+    def after_failure(self, ctx: ModuleContext, error: BaseException, will_retry: bool) -> None:
+        """After an attempt failed; ``will_retry`` tells whether another attempt follows."""
+
+    def after_module(self, ctx: ModuleContext) -> None:
+        """After every attempt, whatever happened: release what ``before_module`` acquired."""
+
+    def on_record(self, execution_id: str, module: str, record: ModuleRecord) -> None:
+        """Whenever a module record is written (running, retrying, final)."""
+
+    def on_execution_finished(self, result: ExecutionResult) -> None:
+        """Once per execution, after its result is published."""
+
+
+class HookChain:
+    """Runs a list of hooks with the ordering and error rules of this module."""
+
+    def __init__(self, hooks: Sequence[Hook] = ()) -> None:
+        self.hooks = list(hooks)
+
+    def add(self, hook: Hook) -> None:
+        self.hooks.append(hook)
+
+    def before_module(self, ctx: ModuleContext) -> None:
+        for hook in self.hooks:
+            hook.before_module(ctx)
+
+    def after_success(self, ctx: ModuleContext, output: dict[str, Any]) -> None:
+        self._after("after_success", ctx, output)
+
+    def after_failure(self, ctx: ModuleContext, error: BaseException, will_retry: bool) -> None:
+        self._after("after_failure", ctx, error, will_retry)
+
+    def after_module(self, ctx: ModuleContext) -> None:
+        self._after("after_module", ctx)
+
+    def on_record(self, execution_id: str, module: str, record: ModuleRecord) -> None:
+        self._after("on_record", execution_id, module, record)
+
+    def on_execution_finished(self, result: ExecutionResult) -> None:
+        self._after("on_execution_finished", result)
+
+    def _after(self, method: str, *args: Any) -> None:
+        for hook in reversed(self.hooks):
+            try:
+                getattr(hook, method)(*args)
+            except Exception:
+                log.exception("hook %s.%s failed", type(hook).__name__, method)

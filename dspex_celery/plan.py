@@ -1,0 +1,191 @@
+"""The plan: a validated program flattened into what workers need, serialisable as JSON.
+
+The plan is written once per execution to the state store; task messages carry only the
+execution id and a module name, so their size does not grow with the program.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from dspex_celery import defaults
+from dspex_celery.graph import critical_path, levels, remaining_path_lengths, validate
+from dspex_celery.spec import BreakerPolicy, ModuleSpec, ProgramSpec, RetryPolicy, Threshold
+
+STRATEGIES = ("levels", "sequential", "dag")
+
+
+@dataclass(frozen=True, slots=True)
+class ModulePlan:
+    """Everything a worker needs to run one module."""
+
+    name: str
+    uses: str
+    inputs: dict[str, Any] | None
+    depends_on: tuple[str, ...]
+    parents: tuple[str, ...]
+    children: tuple[str, ...]
+    resource: str
+    level: int
+    priority: float
+    with_: dict[str, Any] = field(default_factory=dict)
+    state: str | None = None
+    timeout_s: float | None = None
+    retry: dict[str, Any] = field(default_factory=dict)
+    circuit_breaker: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy.model_validate(self.retry)
+
+    @property
+    def breaker_policy(self) -> BreakerPolicy:
+        return BreakerPolicy.model_validate(self.circuit_breaker)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A program ready to dispatch: modules, levels, outputs and tolerance."""
+
+    program: str
+    fingerprint: str
+    inputs: tuple[str, ...]
+    modules: dict[str, ModulePlan]
+    levels: list[list[str]]
+    outputs: dict[str, Any]
+    critical_path: list[str]
+    failure_tolerance: str | int
+
+    @property
+    def width(self) -> int:
+        return max(len(level) for level in self.levels)
+
+    @property
+    def sinks(self) -> list[str]:
+        return [name for name, module in self.modules.items() if not module.children]
+
+    def topological_order(self) -> list[str]:
+        return [name for level in self.levels for name in level]
+
+    def max_failures(self) -> int | None:
+        """How many failed modules are tolerated before the execution fails (None: unlimited)."""
+        if self.failure_tolerance == "strict":
+            return 0
+        if self.failure_tolerance == "tolerant":
+            return None
+        return int(self.failure_tolerance)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Plan:
+        data = json.loads(text)
+        data["modules"] = {
+            name: ModulePlan(**{**module, "depends_on": tuple(module["depends_on"]),
+                                "parents": tuple(module["parents"]),
+                                "children": tuple(module["children"])})
+            for name, module in data["modules"].items()
+        }
+        data["inputs"] = tuple(data["inputs"])
+        return cls(**data)
+
+    def describe(self, strategy: str) -> dict[str, Any]:
+        """The shape of the plan, as ``dspex-celery plan --json`` prints it."""
+        return {
+            "program": self.program,
+            "fingerprint": self.fingerprint,
+            "strategy": strategy,
+            "modules": len(self.modules),
+            "depth": len(self.levels),
+            "width": self.width,
+            "levels": self.levels,
+            "critical_path": self.critical_path,
+        }
+
+
+def fingerprint(spec: ProgramSpec) -> str:
+    """A stable hash of the program's content: equal programs, equal fingerprints."""
+    canonical = json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def build_plan(
+    spec: ProgramSpec,
+    *,
+    source: str = "program",
+    resolve: bool = True,
+    weights: dict[str, float] | None = None,
+    learned_timeouts: dict[str, float] | None = None,
+) -> Plan:
+    """Validate ``spec`` and flatten it into a :class:`Plan`.
+
+    ``weights`` (observed seconds per module) make priorities and the critical path
+    duration-based; ``learned_timeouts`` fill ``timeout_s`` where the program sets none.
+    """
+    graph = validate(spec, source, resolve=resolve)
+    module_levels = levels(graph)
+    level_of = {name: index for index, level in enumerate(module_levels) for name in level}
+    priorities = remaining_path_lengths(graph, weights)
+    learned = learned_timeouts or {}
+    modules = {
+        name: _module_plan(spec, name, module, graph, level_of[name], priorities[name], learned.get(name))
+        for name, module in spec.modules.items()
+    }
+    return Plan(
+        program=spec.name,
+        fingerprint=fingerprint(spec),
+        inputs=spec.inputs,
+        modules=modules,
+        levels=module_levels,
+        outputs=_outputs(spec, graph),
+        critical_path=critical_path(graph, weights),
+        failure_tolerance=_tolerance(spec),
+    )
+
+
+def _module_plan(
+    spec: ProgramSpec,
+    name: str,
+    module: ModuleSpec,
+    graph: nx.DiGraph,
+    level: int,
+    priority: float,
+    learned_timeout: float | None,
+) -> ModulePlan:
+    chosen = spec.defaults
+    retry = module.retry or chosen.retry or RetryPolicy()
+    breaker = module.circuit_breaker or chosen.circuit_breaker or BreakerPolicy()
+    return ModulePlan(
+        name=name,
+        uses=module.uses,
+        inputs=module.inputs,
+        depends_on=module.depends_on,
+        parents=tuple(sorted(graph.predecessors(name))),
+        children=tuple(sorted(graph.successors(name))),
+        resource=module.resource or chosen.resource or defaults.RESOURCE,
+        level=level,
+        priority=priority,
+        with_=dict(module.with_),
+        state=module.state,
+        timeout_s=module.timeout_s or chosen.timeout_s or learned_timeout,
+        retry=retry.model_dump(mode="json"),
+        circuit_breaker=breaker.model_dump(mode="json"),
+    )
+
+
+def _outputs(spec: ProgramSpec, graph: nx.DiGraph) -> dict[str, Any]:
+    if spec.outputs is not None:
+        return dict(spec.outputs)
+    sinks = [name for name in spec.modules if graph.out_degree(name) == 0]
+    return {name: f"${name}" for name in sinks}
+
+
+def _tolerance(spec: ProgramSpec) -> str | int:
+    tolerance = spec.failure_tolerance
+    return tolerance.threshold if isinstance(tolerance, Threshold) else tolerance

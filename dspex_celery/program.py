@@ -1,0 +1,93 @@
+"""``Program``: a program built in Python or loaded from a file, validated on demand."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from dspex_celery.plan import Plan, build_plan
+from dspex_celery.runner import package_of
+from dspex_celery.spec import ProgramSpec, load_program_file, parse_program
+
+
+class Program:
+    """A DAG of modules. Build it with :meth:`add_module` or load it with :meth:`from_file`."""
+
+    def __init__(self, name: str, inputs: list[str] | tuple[str, ...] = (), **keys: Any) -> None:
+        self._data: dict[str, Any] = {"name": name, "inputs": list(inputs), "modules": {}, **keys}
+        self.source = name
+        self._spec: ProgramSpec | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "program") -> Program:
+        program = cls.__new__(cls)
+        program._data = copy.deepcopy(data)
+        program.source = source
+        program._spec = None
+        return program
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Program:
+        return cls.from_dict(load_program_file(path), source=str(path))
+
+    @classmethod
+    def coerce(cls, value: Program | ProgramSpec | dict[str, Any] | str | Path) -> Program:
+        """A Program from a Program, a spec, a mapping or a path to a program file."""
+        if isinstance(value, Program):
+            return value
+        if isinstance(value, ProgramSpec):
+            return cls.from_dict(value.to_dict(), source=value.name)
+        if isinstance(value, dict):
+            return cls.from_dict(value)
+        return cls.from_file(value)
+
+    def add_module(
+        self,
+        name: str,
+        uses: str,
+        *,
+        inputs: dict[str, Any] | None = None,
+        depends_on: list[str] | tuple[str, ...] = (),
+        resource: str | None = None,
+        **options: Any,
+    ) -> Program:
+        """Add a module (``options`` are other module keys: ``with_``, ``retry``, ``timeout_s``)."""
+        module: dict[str, Any] = {"uses": uses, "depends_on": list(depends_on)}
+        if inputs is not None:
+            module["inputs"] = inputs
+        if resource is not None:
+            module["resource"] = resource
+        if "with_" in options:
+            options["with"] = options.pop("with_")
+        module.update(options)
+        self._data.setdefault("modules", {})[name] = module
+        self._spec = None
+        return self
+
+    def set_outputs(self, outputs: dict[str, Any]) -> Program:
+        self._data["outputs"] = outputs
+        self._spec = None
+        return self
+
+    @property
+    def name(self) -> str:
+        return str(self._data.get("name", self.source))
+
+    @property
+    def spec(self) -> ProgramSpec:
+        """The validated schema model (raises ProgramError listing every problem)."""
+        if self._spec is None:
+            self._spec = parse_program(self._data, self.source)
+        return self._spec
+
+    def plan(self, *, resolve: bool = True, **hints: Any) -> Plan:
+        """Validate the program completely and flatten it into a plan."""
+        return build_plan(self.spec, source=self.source, resolve=resolve, **hints)
+
+    def packages(self) -> set[str]:
+        """The Python packages whose modules this program calls."""
+        return {package_of(module.uses) for module in self.spec.modules.values()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.spec.to_dict()

@@ -1,0 +1,134 @@
+"""Running one module in-process: allow-list check, loading, input resolution, output checks."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from dspex_celery.errors import ModuleImportError, ModuleInputError, ModuleNotAllowed, ModuleOutputError
+from dspex_celery.graph import resolve_uses
+from dspex_celery.plan import ModulePlan
+from dspex_celery.spec import parse_ref, unescape
+
+_instances: dict[str, Callable[..., Any]] = {}
+_instances_lock = threading.Lock()
+
+
+def package_of(uses: str) -> str:
+    """The dotted Python module a ``uses`` string imports from."""
+    return uses.partition(":")[0]
+
+
+def is_allowed(uses: str, allowed: tuple[str, ...]) -> bool:
+    """True when ``uses`` lives in one of the allow-listed packages (or below one)."""
+    module = package_of(uses)
+    return any(module == package or module.startswith(package + ".") for package in allowed)
+
+
+def check_allowed(module: ModulePlan, allowed: tuple[str, ...]) -> None:
+    if not is_allowed(module.uses, allowed):
+        listed = ", ".join(allowed) or "none"
+        raise ModuleNotAllowed(
+            f"module '{module.name}': '{module.uses}' is not allowed on this worker "
+            f"(allow-listed packages: {listed}); start the worker with --modules "
+            f"{package_of(module.uses).split('.')[0]}"
+        )
+
+
+def load_callable(module: ModulePlan) -> Callable[..., Any]:
+    """The callable for a module: classes are instantiated once per process with ``with:``."""
+    cache_key = json.dumps([module.uses, module.with_, module.state], sort_keys=True)
+    with _instances_lock:
+        if cache_key not in _instances:
+            _instances[cache_key] = _instantiate(module)
+        return _instances[cache_key]
+
+
+def _instantiate(module: ModulePlan) -> Callable[..., Any]:
+    try:
+        target = resolve_uses(module.uses)
+    except ImportError as exc:
+        raise ModuleImportError(f"module '{module.name}': {exc}") from exc
+    if inspect.isclass(target):
+        instance = target(**module.with_)
+        if module.state is not None:
+            instance.load(module.state)
+        return instance
+    return functools.partial(target, **module.with_) if module.with_ else target
+
+
+def resolve_inputs(
+    module: ModulePlan,
+    program_inputs: Mapping[str, Any],
+    upstream: Mapping[str, Mapping[str, Any]],
+) -> dict[str, Any]:
+    """The keyword arguments for a module call, from program inputs and upstream outputs."""
+    if module.inputs is None:
+        merged = dict(program_inputs)
+        for parent in module.depends_on:
+            merged.update(upstream.get(parent, {}))
+        return merged
+    return {key: _resolve(module, key, value, program_inputs, upstream) for key, value in module.inputs.items()}
+
+
+def _resolve(
+    module: ModulePlan,
+    key: str,
+    value: Any,
+    program_inputs: Mapping[str, Any],
+    upstream: Mapping[str, Mapping[str, Any]],
+) -> Any:
+    if isinstance(value, list):
+        return [_resolve(module, key, item, program_inputs, upstream) for item in value]
+    if isinstance(value, dict):
+        return {k: _resolve(module, key, item, program_inputs, upstream) for k, item in value.items()}
+    if not isinstance(value, str):
+        return value
+    ref = parse_ref(value)
+    if ref is None:
+        return unescape(value)
+    source = program_inputs if ref.is_input else upstream.get(ref.source)
+    if source is None:
+        raise ModuleInputError(f"module '{module.name}' input '{key}': {ref.source} produced no output")
+    if ref.field is None:
+        return dict(source)
+    if ref.field not in source:
+        fields = ", ".join(sorted(source)) or "none"
+        raise ModuleInputError(
+            f"module '{module.name}' input '{key}' refers to {ref}, but '{ref.source}' returned "
+            f"no field '{ref.field}' (fields: {fields})"
+        )
+    return source[ref.field]
+
+
+def normalize_output(module: ModulePlan, result: Any) -> dict[str, Any]:
+    """A module's return value as a JSON-able dict, or a clear :class:`ModuleOutputError`."""
+    output = _as_mapping(result)
+    if output is None:
+        raise ModuleOutputError(
+            f"module '{module.name}' returned {type(result).__name__}; "
+            "return a mapping of output names to values (dict, pydantic model or Prediction)"
+        )
+    for field, value in output.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise ModuleOutputError(
+                f"module '{module.name}' output '{field}' is not JSON-serialisable "
+                f"({type(value).__name__}): return JSON types (str, number, bool, list, dict, None)"
+            ) from exc
+    return output
+
+
+def _as_mapping(result: Any) -> dict[str, Any] | None:
+    if isinstance(result, Mapping):
+        return {str(key): value for key, value in result.items()}
+    if hasattr(result, "model_dump"):
+        return dict(result.model_dump(mode="json"))
+    if hasattr(result, "toDict"):
+        return dict(result.toDict())
+    return None

@@ -1,0 +1,73 @@
+"""Settings: command-line flags, then ``DSPEX_*`` environment variables, then the config file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from dspex_celery import defaults
+
+
+def config_file() -> Path:
+    """The YAML config file in force: ``DSPEX_CONFIG`` or ``config/dspex.yaml`` in the cwd."""
+    return Path(os.environ.get("DSPEX_CONFIG", defaults.CONFIG_FILE))
+
+
+class Settings(BaseSettings):
+    """Deployment settings shared by clients, workers and the listener."""
+
+    model_config = SettingsConfigDict(env_prefix="DSPEX_", extra="ignore", frozen=True)
+
+    broker_url: str | None = Field(default=None, description="Celery broker; none = embedded.")
+    result_backend: str | None = Field(default=None, description="Redis URL of results + state.")
+    modules: str = Field(default="", description="Comma-separated allow-listed packages.")
+    namespace: str = defaults.NAMESPACE
+    state_ttl_s: int = defaults.STATE_TTL_S
+    visibility_timeout_s: int = defaults.VISIBILITY_TIMEOUT_S
+    embedded_concurrency: int = defaults.EMBEDDED_CONCURRENCY
+    history_url: str | None = None
+    resources: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_source = YamlConfigSettingsSource(settings_cls, yaml_file=config_file())
+        return init_settings, env_settings, yaml_source
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured: run everything in this process."""
+        return not self.broker_url
+
+    @property
+    def state_url(self) -> str | None:
+        """Redis URL of the execution state store (the result backend, else a Redis broker)."""
+        if self.result_backend:
+            return self.result_backend
+        if self.broker_url and self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return None
+
+    @property
+    def allowed_packages(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.modules.split(",") if name.strip())
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings with the given flag values on top (``None`` flags are ignored)."""
+    return Settings(**{key: value for key, value in overrides.items() if value is not None})

@@ -1,0 +1,242 @@
+"""The program file: pydantic models for its public keys, loading from YAML/JSON, and references.
+
+A reference is a string value in a module's ``inputs`` (or the program's ``outputs``):
+``$inputs.NAME`` (a program input), ``$MODULE.FIELD`` (one field of a module's output), ``$MODULE``
+(the whole output mapping). ``$$`` escapes a leading ``$``. References may sit inside lists and
+mappings; anything else is a literal.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dspex_celery.errors import ProgramError
+
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+USES_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+RESERVED_NAMES = frozenset({"inputs"})
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class RetryPolicy(_Frozen):
+    """``retry:`` — how often and how patiently a module is retried on transient errors."""
+
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    backoff_s: float = Field(default=0.5, ge=0)
+    max_backoff_s: float = Field(default=30.0, ge=0)
+    jitter: bool = True
+    on: tuple[Annotated[str, Field(pattern=USES_PATTERN)], ...] = ()
+
+
+class BreakerPolicy(_Frozen):
+    """``circuit_breaker:`` — open after ``failures`` consecutive failures for ``reset_s`` seconds."""
+
+    failures: int = Field(default=5, ge=1)
+    reset_s: float = Field(default=30.0, gt=0)
+    enabled: bool = True
+
+
+class ModuleDefaults(_Frozen):
+    """Program ``defaults:`` applied to every module that does not set the key itself."""
+
+    retry: RetryPolicy | None = None
+    timeout_s: float | None = Field(default=None, gt=0)
+    circuit_breaker: BreakerPolicy | None = None
+    resource: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+
+
+class Threshold(_Frozen):
+    """``failure_tolerance: {threshold: N}`` — tolerant up to N failed modules, then strict."""
+
+    threshold: int = Field(ge=0)
+
+
+FailureTolerance = Literal["strict", "tolerant"] | Threshold
+
+
+class ModuleSpec(_Frozen):
+    """One module of the program: what to call, with which inputs, on which resource class."""
+
+    uses: Annotated[str, Field(pattern=USES_PATTERN)]
+    inputs: dict[str, Any] | None = None
+    depends_on: tuple[Name, ...] = ()
+    resource: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+    state: str | None = None
+    timeout_s: float | None = Field(default=None, gt=0)
+    retry: RetryPolicy | None = None
+    circuit_breaker: BreakerPolicy | None = None
+
+
+class ProgramSpec(_Frozen):
+    """A whole program file."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.-]*$")]
+    inputs: tuple[Name, ...] = ()
+    modules: dict[str, ModuleSpec]
+    outputs: dict[str, Any] | None = None
+    defaults: ModuleDefaults = ModuleDefaults()
+    failure_tolerance: FailureTolerance = "strict"
+    description: str | None = None
+
+    @field_validator("modules")
+    @classmethod
+    def _modules_not_empty(cls, modules: dict[str, ModuleSpec]) -> dict[str, ModuleSpec]:
+        if not modules:
+            raise ValueError("a program needs at least one module")
+        return modules
+
+    def to_dict(self) -> dict[str, Any]:
+        """The program as a plain mapping, in program-file keys."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# --- references ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """A reference found in a value: ``source`` is ``"inputs"`` or a module name."""
+
+    source: str
+    field: str | None
+
+    @property
+    def is_input(self) -> bool:
+        return self.source == "inputs"
+
+    def __str__(self) -> str:
+        return f"${self.source}" + (f".{self.field}" if self.field is not None else "")
+
+
+def parse_ref(text: str) -> Ref | None:
+    """The reference a string stands for, or None when it is a literal."""
+    if not text.startswith("$") or text.startswith("$$"):
+        return None
+    source, _, field = text[1:].partition(".")
+    return Ref(source, field or None)
+
+
+def iter_refs(value: Any) -> Iterator[Ref]:
+    """Every reference inside a value (strings, lists and mappings, recursively)."""
+    if isinstance(value, str):
+        ref = parse_ref(value)
+        if ref is not None:
+            yield ref
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from iter_refs(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from iter_refs(item)
+
+
+def unescape(text: str) -> str:
+    """A literal string as the module sees it (``$$x`` becomes ``$x``)."""
+    return text[1:] if text.startswith("$$") else text
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that rejects duplicate keys instead of silently keeping the last one."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise ProgramError(
+                [f"duplicate key '{key}' at line {key_node.start_mark.line + 1}: names must be unique"]
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise ProgramError([f"duplicate key '{duplicates[0]}': names must be unique"])
+    return dict(pairs)
+
+
+def load_program_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON program file into a mapping (no validation beyond syntax)."""
+    file = Path(path)
+    source = str(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProgramError(["file not found: check the path"], source) from None
+    except OSError as exc:
+        raise ProgramError([f"cannot read file ({exc.strerror})"], source) from None
+    try:
+        data = _parse_text(text, json_first=file.suffix.lower() == ".json")
+    except ProgramError as exc:
+        raise ProgramError(exc.problems, source) from None
+    if not isinstance(data, dict):
+        raise ProgramError(["a program file must be a mapping with 'name' and 'modules'"], source)
+    return data
+
+
+def _parse_text(text: str, *, json_first: bool) -> Any:
+    if json_first:
+        try:
+            return json.loads(text, object_pairs_hook=_unique_json_object)
+        except json.JSONDecodeError as exc:
+            raise ProgramError([f"invalid JSON at line {exc.lineno}: {exc.msg}"]) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ProgramError([f"invalid YAML{where}: {exc.problem}"]) from None
+    except yaml.YAMLError as exc:
+        raise ProgramError([f"invalid YAML: {exc}"]) from None
+
+
+def parse_program(data: dict[str, Any], source: str = "program") -> ProgramSpec:
+    """Validate a mapping against the program-file schema; every problem becomes one line."""
+    try:
+        return ProgramSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ProgramError([_describe(error) for error in exc.errors()], source) from None
+
+
+def _describe(error: Any) -> str:
+    location = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent, _, key = location.rpartition(".")
+        return f"{parent or 'program'}: unknown key '{key}'"
+    if kind == "missing":
+        return f"{location}: required key is missing"
+    if kind == "string_pattern_mismatch":
+        return f"{location}: invalid value {error['input']!r} ({_pattern_hint(location)})"
+    return f"{location}: {error['msg']}"
+
+
+def _pattern_hint(location: str) -> str:
+    if location.endswith("uses") or ".on." in location:
+        return "expected 'package.module:attribute'"
+    return "expected a name of letters, digits and '_' not starting with a digit"
