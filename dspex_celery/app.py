@@ -15,7 +15,7 @@ from dspex_celery.settings import Settings
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for a deployment (or for the in-process embedded worker)."""
     config: dict[str, Any] = {
-        "broker_url": settings.broker_url or "memory://",
+        "broker_url": settings.broker_url or "memory://localhost/",
         "result_backend": _result_backend(settings),
         "task_serializer": "json",
         "result_serializer": "json",

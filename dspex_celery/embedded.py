@@ -65,7 +65,9 @@ class EmbeddedWorker:
                     self.controller.consumer.add_task_queue(queue)
                     self.queues.add(queue)
 
-    def stop(self) -> None:
+    def stop(self, join: bool = False) -> None:
+        """Stop consuming; ``join`` waits for the consumer loop to end (up to its 2 s poll)."""
         if self.thread.is_alive():
             self.controller.stop(in_sighandler=False)
-            self.thread.join(timeout=5)
+            if join:
+                self.thread.join(timeout=5)

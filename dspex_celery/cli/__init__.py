@@ -1,1 +1,54 @@
-def main(): pass
+"""The ``dspex-celery`` command line: a click group; each command family lives in its own module."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from dspex_celery.errors import DspexError, ProgramError
+
+
+class DspexGroup(click.Group):
+    """A click group that turns errors of the dspex tree into one line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DspexError as exc:
+            lines = exc.lines() if isinstance(exc, ProgramError) else [str(exc)]
+            for line in lines:
+                click.echo(f"error: {line}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--broker`` and ``--result-backend``, falling back to DSPEX_* env and config/."""
+    command = click.option(
+        "--result-backend", metavar="URL", default=None, help="Redis URL for results and execution state."
+    )(command)
+    return click.option(
+        "--broker", metavar="URL", default=None, help="Celery broker URL (none: run in-process)."
+    )(command)
+
+
+@click.group(cls=DspexGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dspex-celery")
+def cli() -> None:
+    """Run DSPy-style programs (DAGs of modules) on a Celery cluster."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="dspex-celery")
+
+
+# Command families register themselves on ``cli``.
+from dspex_celery.cli import programs, worker  # noqa: E402,F401
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

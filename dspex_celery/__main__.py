@@ -1,0 +1,3 @@
+from dspex_celery.cli import main
+
+main()

@@ -1,0 +1,112 @@
+"""``run``, ``validate`` and ``plan``: the commands that take a program file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dspex_celery.cli import cli, connection_options
+from dspex_celery.cli.render import print_json, print_result
+from dspex_celery.client import choose_strategy, submit_program
+from dspex_celery.errors import InputError
+from dspex_celery.plan import STRATEGIES
+from dspex_celery.program import Program
+from dspex_celery.runtime import create_runtime
+from dspex_celery.settings import load_settings
+
+program_argument = click.argument("program_file", metavar="PROGRAM", type=click.Path(dir_okay=False))
+strategy_option = click.option(
+    "--strategy", type=click.Choice(STRATEGIES), default=None, help="Execution strategy (default: levels)."
+)
+
+
+def parse_value(text: str) -> Any:
+    """A ``-i`` value: JSON when it parses as JSON, else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def collect_inputs(pairs: tuple[str, ...], inputs_file: str | None) -> dict[str, Any]:
+    """Inputs from ``--inputs FILE.json`` overlaid with ``-i NAME=VALUE`` pairs."""
+    values: dict[str, Any] = _read_inputs_file(inputs_file) if inputs_file else {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise InputError(f"-i expects NAME=VALUE, got '{pair}'")
+        values[name] = parse_value(text)
+    return values
+
+
+def _read_inputs_file(path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"inputs file {path} not found: check the path") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"inputs file {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"inputs file {path} must hold a JSON object of input names to values")
+    return data
+
+
+@cli.command()
+@program_argument
+@click.option("-i", "--input", "pairs", multiple=True, metavar="NAME=VALUE", help="A program input (repeatable).")
+@click.option("--inputs", "inputs_file", metavar="FILE.json", default=None, help="Program inputs as a JSON object.")
+@connection_options
+@strategy_option
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Fail the execution after SECONDS.")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object (the execution result).")
+def run(
+    program_file: str,
+    pairs: tuple[str, ...],
+    inputs_file: str | None,
+    broker: str | None,
+    result_backend: str | None,
+    strategy: str | None,
+    timeout: float | None,
+    as_json: bool,
+) -> None:
+    """Run PROGRAM and print its outputs (in-process when no broker is configured)."""
+    program = Program.from_file(program_file)
+    program.plan()
+    inputs = collect_inputs(pairs, inputs_file)
+    runtime = create_runtime(load_settings(broker_url=broker, result_backend=result_backend))
+    handle = submit_program(program, inputs, strategy=strategy, app=runtime.app, timeout=timeout)
+    result = handle.get()
+    if as_json:
+        print_json(result.to_json_dict())
+    else:
+        print_result(result)
+    raise SystemExit(0 if result.succeeded else 1)
+
+
+@cli.command()
+@program_argument
+def validate(program_file: str) -> None:
+    """Check PROGRAM: schema, references, cycles and that every module imports."""
+    plan = Program.from_file(program_file).plan()
+    click.echo(f"{program_file}: ok ({len(plan.modules)} modules, {len(plan.levels)} levels)")
+
+
+@cli.command()
+@program_argument
+@strategy_option
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(program_file: str, strategy: str | None, as_json: bool) -> None:
+    """Show how PROGRAM would run: levels, width, critical path."""
+    program_plan = Program.from_file(program_file).plan()
+    described = program_plan.describe(choose_strategy(program_plan, strategy))
+    if as_json:
+        print_json(described)
+        return
+    click.echo(f"program {described['program']}: {described['modules']} modules, "
+               f"{described['depth']} levels, width {described['width']}, strategy {described['strategy']}")
+    for index, level in enumerate(described["levels"]):
+        click.echo(f"  level {index}: {', '.join(level)}")
+    click.echo(f"  critical path: {' -> '.join(described['critical_path'])}")

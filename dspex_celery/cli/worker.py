@@ -1,0 +1,89 @@
+"""``dspex-celery worker``: a Celery worker for some resource classes and allow-listed packages."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from dspex_celery import defaults
+from dspex_celery.cli import cli, connection_options
+from dspex_celery.errors import ConfigError
+from dspex_celery.routing import worker_queues
+from dspex_celery.runtime import create_runtime
+from dspex_celery.settings import Settings, load_settings
+
+
+def import_allowed(packages: tuple[str, ...]) -> None:
+    """Import every allow-listed package now, so a typo fails at start and not per module."""
+    if not packages:
+        raise ConfigError(
+            "no allow-listed module packages: pass --modules PKG (repeatable) or set DSPEX_MODULES"
+        )
+    for package in packages:
+        try:
+            importlib.import_module(package)
+        except ImportError as exc:
+            raise ConfigError(f"cannot import allow-listed package '{package}' ({exc}): fix --modules") from None
+
+
+def node_name(resources: tuple[str, ...], name: str | None) -> str:
+    """A node name that tells workers apart: resource classes, pid and host."""
+    return name or f"dspex-{'+'.join(resources)}-{os.getpid()}@%h"
+
+
+def worker_argv(settings: Settings, resources: tuple[str, ...], concurrency: int | None, pool: str,
+                name: str | None, loglevel: str) -> list[str]:
+    """Arguments for Celery's own worker command."""
+    argv = [
+        "worker",
+        "--queues", ",".join(worker_queues(settings.namespace, list(resources))),
+        "--pool", pool,
+        "--hostname", node_name(resources, name),
+        "--loglevel", loglevel,
+        "--task-events",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if concurrency is not None:
+        argv += ["--concurrency", str(concurrency)]
+    return argv
+
+
+@cli.command()
+@click.option("--resource", "resources", multiple=True, metavar="CLASS", envvar="DSPEX_WORKER_RESOURCES",
+              help=f"Resource class to serve (repeatable; default {defaults.RESOURCE}).")
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), default=None, envvar="DSPEX_WORKER_CONCURRENCY",
+              help="Processes or threads.")
+@click.option("-P", "--pool", type=click.Choice(["prefork", "threads", "solo"]), default="prefork",
+              envvar="DSPEX_WORKER_POOL",
+              show_default=True, help="Execution pool (time limits need prefork).")
+@click.option("-m", "--modules", multiple=True, metavar="PKG",
+              help="Allow-listed package whose modules this worker may run (repeatable; or DSPEX_MODULES).")
+@connection_options
+@click.option("-n", "--name", default=None, help="Node name (default: dspex-CLASSES-PID@HOST).")
+@click.option("-l", "--loglevel", default="INFO", show_default=True)
+def worker(
+    resources: tuple[str, ...],
+    concurrency: int | None,
+    pool: str,
+    modules: tuple[str, ...],
+    broker: str | None,
+    result_backend: str | None,
+    name: str | None,
+    loglevel: str,
+) -> None:
+    """Start a worker consuming the queues of its resource classes."""
+    resources = resources or (defaults.RESOURCE,)
+    settings = load_settings(broker_url=broker, result_backend=result_backend,
+                             modules=",".join(modules) if modules else None)
+    if settings.embedded:
+        raise ConfigError("a worker needs a broker: pass --broker URL or set DSPEX_BROKER_URL")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like the celery command: project modules import from cwd
+    import_allowed(settings.allowed_packages)
+    runtime = create_runtime(settings)
+    runtime.check_reachable()
+    runtime.app.worker_main(worker_argv(settings, resources, concurrency, pool, name, loglevel))

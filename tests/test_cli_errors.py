@@ -1,0 +1,139 @@
+"""Every error a user can cause: one line on stderr, no traceback, the right exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import CLI, ROOT
+
+
+def dspex(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DSPEX_")}
+    base["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([CLI, *args], cwd=ROOT, capture_output=True, text=True, env={**base, **(env or {})}, timeout=60)
+
+
+def write(tmp_path: Path, data: object, name: str = "program.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *fragments: str) -> None:
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines), result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+ADD = "tests.modules.basic:add"
+
+
+def test_missing_program_file() -> None:
+    result = dspex("run", "no/such/program.yaml")
+    assert_one_line_error(result, 2, "no/such/program.yaml", "file not found")
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    result = dspex("validate", write(tmp_path, "name: x\nmodules: [unclosed\n"))
+    assert_one_line_error(result, 2, "invalid YAML at line")
+
+
+def test_invalid_json(tmp_path: Path) -> None:
+    result = dspex("validate", write(tmp_path, '{"name": "x",', name="p.json"))
+    assert_one_line_error(result, 2, "invalid JSON at line 1")
+
+
+def test_duplicate_module_names(tmp_path: Path) -> None:
+    text = f"name: d\nmodules:\n  a: {{uses: '{ADD}'}}\n  a: {{uses: '{ADD}'}}\n"
+    result = dspex("validate", write(tmp_path, text))
+    assert_one_line_error(result, 2, "duplicate key 'a' at line 4")
+
+
+def test_cycle_one_line(tmp_path: Path) -> None:
+    program = {"name": "c", "modules": {"a": {"uses": ADD, "depends_on": ["b"]}, "b": {"uses": ADD, "depends_on": ["a"]}}}
+    result = dspex("run", write(tmp_path, program))
+    assert_one_line_error(result, 2, "cycle: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_module_reference_and_unresolvable_uses(tmp_path: Path) -> None:
+    program = {
+        "name": "u",
+        "modules": {"a": {"uses": "nope.mod:fn"}, "b": {"uses": ADD, "inputs": {"a": "$ghost.x", "b": 1}}},
+    }
+    result = dspex("validate", write(tmp_path, program))
+    assert_one_line_error(result, 2, "unknown module 'ghost'", "uses 'nope.mod:fn' cannot be resolved")
+    assert len(result.stderr.strip().splitlines()) == 2
+
+
+def test_missing_input() -> None:
+    result = dspex("run", "examples/rag.yaml")
+    assert_one_line_error(result, 2, "missing input question", "-i question=VALUE")
+
+
+def test_unknown_input() -> None:
+    result = dspex("run", "examples/rag.yaml", "-i", "question=x", "-i", "colour=red")
+    assert_one_line_error(result, 2, "unknown input colour", "takes question")
+
+
+def test_malformed_input_flag() -> None:
+    result = dspex("run", "examples/rag.yaml", "-i", "question")
+    assert_one_line_error(result, 2, "-i expects NAME=VALUE")
+
+
+def test_inputs_file_problems(tmp_path: Path) -> None:
+    bad = tmp_path / "inputs.json"
+    bad.write_text("[1, 2]")
+    assert_one_line_error(dspex("run", "examples/rag.yaml", "--inputs", str(bad)), 2, "must hold a JSON object")
+    assert_one_line_error(dspex("run", "examples/rag.yaml", "--inputs", str(tmp_path / "none.json")), 2, "not found")
+
+
+def test_unreachable_broker_leaves_nothing_behind() -> None:
+    result = dspex("run", "examples/rag.yaml", "-i", "question=x", "--broker", "redis://127.0.0.1:1/0")
+    assert_one_line_error(result, 2, "cannot reach", "127.0.0.1:1")
+
+
+def test_unknown_strategy_is_a_usage_error() -> None:
+    result = dspex("run", "examples/rag.yaml", "-i", "question=x", "--strategy", "fastest")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "fastest" in result.stderr
+
+
+def test_non_json_output_fails_the_execution(tmp_path: Path) -> None:
+    # Given a module whose output holds bytes
+    program = {"name": "nj", "modules": {"a": {"uses": "tests.modules.basic:not_json"}}}
+    # When it runs (embedded)
+    result = dspex("run", write(tmp_path, program), "--json")
+    # Then the execution fails with exit 1 and the record names the field and the fix
+    assert result.returncode == 1, result.stderr
+    data = json.loads(result.stdout)
+    assert data["status"] == "failed"
+    error = data["modules"]["a"]["error"]
+    assert "output 'blob' is not JSON-serialisable" in error and "return JSON types" in error
+
+
+def test_worker_without_broker_or_modules() -> None:
+    assert_one_line_error(dspex("worker"), 2, "a worker needs a broker")
+    result = dspex("worker", "--broker", "redis://127.0.0.1:6379/3", "--modules", "no_such_pkg_xyz")
+    assert_one_line_error(result, 2, "cannot import allow-listed package 'no_such_pkg_xyz'")
+
+
+@pytest.mark.parametrize("command", ["run", "validate", "plan", "worker"])
+def test_help_works(command: str) -> None:
+    result = dspex(command, "--help")
+    assert result.returncode == 0 and "Usage:" in result.stdout
+
+
+def test_module_entry_point() -> None:
+    result = subprocess.run([sys.executable, "-m", "dspex_celery", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "run" in result.stdout

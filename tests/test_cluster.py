@@ -1,0 +1,126 @@
+"""The distributed path: real `dspex-celery worker` subprocesses against real Redis (and RabbitMQ)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dspex_celery import ExecutionStatus, Program, Settings, create_runtime, submit_program
+from dspex_celery.examples import synthetic
+from dspex_celery.examples.rag import retrieve
+from tests.conftest import Cluster, program
+
+pytestmark = pytest.mark.integration
+
+DIAMOND = {
+    "name": "diamond",
+    "inputs": ["x"],
+    "modules": {
+        "top": {"uses": "tests.modules.basic:add", "inputs": {"a": "$inputs.x", "b": 1}, "resource": "io"},
+        "left": {"uses": "tests.modules.basic:mul", "inputs": {"a": "$top.sum", "b": 2}, "resource": "llm"},
+        "right": {"uses": "tests.modules.basic:add", "inputs": {"a": "$top.sum", "b": 10}},
+        "bottom": {"uses": "tests.modules.basic:add", "inputs": {"a": "$left.product", "b": "$right.sum"}, "resource": "llm"},
+    },
+    "outputs": {"result": "$bottom.sum", "top": "$top"},
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(make_cluster) -> Cluster:
+    """Two workers: one for `io` + `default`, one for `llm`."""
+    cluster = make_cluster()
+    cluster.start_worker("io", "default", concurrency=4)
+    cluster.start_worker("llm", concurrency=4, pool="threads")
+    return cluster
+
+
+def test_diamond_outputs_and_routing(cluster: Cluster) -> None:
+    # When the diamond runs on the cluster
+    result = cluster.run(Program.from_dict(DIAMOND), {"x": 4})
+    # Then outputs are right: top = 5, left = 10, right = 15, bottom = 25
+    assert result.status is ExecutionStatus.SUCCEEDED
+    assert result.outputs == {"result": 25, "top": {"sum": 5}}
+    # And each module ran on the worker serving its resource class
+    io_worker, llm_worker = cluster.workers
+    assert result.modules["top"].worker.startswith(io_worker.name + "@")
+    assert result.modules["right"].worker.startswith(io_worker.name + "@")  # "default"
+    assert result.modules["left"].worker.startswith(llm_worker.name + "@")
+    assert result.modules["bottom"].worker.startswith(llm_worker.name + "@")
+    assert io_worker.name != llm_worker.name
+
+
+def test_both_strategies_identical(cluster: Cluster) -> None:
+    data = synthetic.random_dag(60, seed=11)
+    levels = cluster.run(Program.from_dict(data), strategy="levels")
+    sequential = cluster.run(Program.from_dict(data), strategy="sequential")
+    expected = synthetic.expected_values(data)
+    assert levels.outputs == sequential.outputs
+    assert levels.outputs == {name: {"value": expected[name]} for name in levels.outputs}
+    assert levels.strategy == "levels" and sequential.strategy == "sequential"
+
+
+def test_300_module_layered_program(cluster: Cluster) -> None:
+    data = synthetic.layered(depth=60, width=5)
+    result = cluster.run(Program.from_dict(data), timeout=240)
+    expected = synthetic.expected_values(data)
+    assert result.status is ExecutionStatus.SUCCEEDED
+    assert len(result.modules) == 300
+    assert all(record.status.value == "succeeded" for record in result.modules.values())
+    assert result.outputs == {name: {"value": expected[name]} for name in result.outputs}
+    assert len(result.outputs) == 5
+
+
+def test_100_wide_fan_out(cluster: Cluster) -> None:
+    data = synthetic.fan_out(100)
+    result = cluster.run(Program.from_dict(data), timeout=120)
+    assert result.outputs == {"total": 1 + 100 * 2}
+    workers = {record.worker.split("@")[0] for record in result.modules.values()}
+    assert workers == {cluster.workers[0].name}  # every module is `default`: only that worker serves it
+
+
+def test_embedded_equals_cluster(cluster: Cluster) -> None:
+    data = synthetic.random_dag(30, seed=3)
+    embedded = create_runtime(Settings(namespace="embedded-vs-cluster")).app
+    local = submit_program(Program.from_dict(data), {}, app=embedded).get(timeout=60)
+    remote = cluster.run(Program.from_dict(data))
+    assert local.outputs == remote.outputs and local.status == remote.status
+
+
+def test_cli_run_against_cluster(cluster: Cluster) -> None:
+    question = "Which in-memory data store do people use?"
+    result = cluster.cli("run", "examples/rag.yaml", "-i", f"question={question}", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["outputs"]["sources"] == retrieve(question)["ids"] and data["outputs"]["sources"][0] == "redis"
+    assert data["modules"]["retrieve"]["worker"].startswith(cluster.workers[0].name + "@")
+
+
+def test_module_outside_allow_list_is_refused(cluster: Cluster) -> None:
+    # Given a module from a package the workers do not allow (json is importable everywhere)
+    prog = program("forbidden", {"dump": {"uses": "json:dumps", "inputs": {"obj": 1}}})
+    result = cluster.run(prog)
+    # Then the module fails with a clear "not allowed" error and nothing is called
+    assert result.status is ExecutionStatus.FAILED
+    error = result.modules["dump"].error
+    assert "'json:dumps' is not allowed on this worker" in error and "--modules json" in error
+
+
+def test_messages_do_not_grow_with_program_size(cluster: Cluster) -> None:
+    # The plan is in the state store; a task message carries only (execution id, module)
+    runtime = cluster.runtime
+    from dspex_celery.canvas import module_signature
+
+    small = Program.from_dict(synthetic.layered(2, 2)).plan()
+    large = Program.from_dict(synthetic.layered(200, 5)).plan()
+    size = lambda plan: len(json.dumps(module_signature(runtime.app, plan, "x" * 32, "m1_1", "ns")))  # noqa: E731
+    assert size(small) == size(large)
+
+
+def test_rabbitmq_broker(make_cluster, amqp_url: str, redis_url: str) -> None:
+    # Given a cluster on RabbitMQ with Redis as result backend
+    cluster = make_cluster(broker_url=amqp_url, result_backend=redis_url)
+    cluster.start_worker("io", "llm", "default", concurrency=2)
+    # Then the diamond gives the same outputs
+    result = cluster.run(Program.from_dict(DIAMOND), {"x": 4})
+    assert result.outputs == {"result": 25, "top": {"sum": 5}}

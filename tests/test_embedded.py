@@ -1,0 +1,121 @@
+"""The embedded default: no server, the same planner and canvas in-process."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from dspex_celery import ExecutionStatus, ModuleStatus, Program, Settings, create_runtime, submit_program
+from dspex_celery.examples import synthetic
+from tests.conftest import program
+from tests.test_cli_errors import dspex
+
+QUESTION = "What is a Celery chord?"
+
+
+@pytest.fixture(scope="module")
+def embedded_app():
+    return create_runtime(Settings(namespace="embedded-tests")).app
+
+
+def test_run_example_json_shape() -> None:
+    # When the README's first command runs
+    started = time.monotonic()
+    result = dspex("run", "examples/rag.yaml", "-i", f"question={QUESTION}", "--json")
+    elapsed = time.monotonic() - started
+    # Then stdout is exactly one JSON object with the documented keys
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert {"execution_id", "program", "strategy", "status", "outputs", "modules"} <= set(data)
+    assert data["status"] == "succeeded" and data["program"] == "rag" and data["strategy"] == "levels"
+    assert data["outputs"]["answer"].startswith("A Celery chord runs a group of tasks")
+    assert data["outputs"]["sources"][0] == "chord"
+    for record in data["modules"].values():
+        assert {"status", "attempts", "started_at", "finished_at", "duration_s", "worker", "error"} <= set(record)
+        assert record["status"] == "succeeded" and record["attempts"] == 1 and record["worker"]
+    assert elapsed < 10  # a loose bound on the whole process; the engine itself is measured in scripts/
+
+
+def test_run_human_output() -> None:
+    result = dspex("run", "examples/rag.yaml", "-i", f"question={QUESTION}")
+    assert result.returncode == 0
+    assert "succeeded" in result.stdout and "answer:" in result.stdout and "retrieve" in result.stdout
+
+
+def test_value_parsing_json_or_string(tmp_path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "name: p\ninputs: [a, b, s]\nmodules:\n  e: {uses: 'tests.modules.basic:echo', "
+        "inputs: {a: $inputs.a, b: $inputs.b, s: $inputs.s, lit: '$$inputs.a'}}\n"
+    )
+    result = dspex("run", str(path), "-i", "a=3", "-i", 'b={"k": [1]}', "-i", "s=hello world", "--json")
+    outputs = json.loads(result.stdout)["outputs"]["e"]
+    assert outputs == {"a": 3, "b": {"k": [1]}, "s": "hello world", "lit": "$inputs.a"}
+
+
+def test_plan_json() -> None:
+    result = dspex("plan", "examples/rag.yaml", "--json")
+    data = json.loads(result.stdout)
+    assert data["levels"] == [["retrieve"], ["generate"]]
+    assert data["critical_path"] == ["retrieve", "generate"] and data["width"] == 1
+
+
+def test_module_kinds(embedded_app) -> None:
+    # Given a class module with `with:`, a pydantic output, and omitted inputs (seed semantics)
+    prog = program(
+        "kinds",
+        {
+            "scale": {"uses": "tests.modules.basic:Scaler", "with": {"factor": 3}, "inputs": {"x": "$inputs.x"}},
+            "model": {"uses": "tests.modules.basic:as_model", "inputs": {"question": "$inputs.q"}},
+            "merged": {"uses": "tests.modules.basic:echo", "depends_on": ["scale", "model"]},
+        },
+        inputs=["x", "q"],
+    )
+    result = submit_program(prog, {"x": 2, "q": "hi"}, app=embedded_app).get(timeout=30)
+    assert result.status is ExecutionStatus.SUCCEEDED
+    merged = result.outputs["merged"]
+    assert merged["y"] == 6 and merged["text"] == "HI" and merged["score"] == 1.0
+    assert merged["x"] == 2 and merged["q"] == "hi"  # program inputs merged first
+
+
+def test_missing_output_field_is_clear(embedded_app) -> None:
+    prog = program(
+        "field",
+        {
+            "a": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 2}},
+            "b": {"uses": "tests.modules.basic:echo", "inputs": {"v": "$a.total"}},
+        },
+    )
+    result = submit_program(prog, {}, app=embedded_app).get(timeout=30)
+    assert result.status is ExecutionStatus.FAILED
+    assert result.modules["b"].status is ModuleStatus.FAILED
+    assert "refers to $a.total, but 'a' returned no field 'total' (fields: sum)" in result.modules["b"].error
+
+
+def test_not_a_mapping(embedded_app) -> None:
+    prog = program("nm", {"a": {"uses": "tests.modules.basic:not_mapping"}})
+    result = submit_program(prog, {}, app=embedded_app).get(timeout=30)
+    assert "returned list; return a mapping" in result.modules["a"].error
+
+
+@pytest.mark.parametrize("strategy", ["levels", "sequential"])
+def test_synthetic_outputs_embedded(embedded_app, strategy: str) -> None:
+    data = synthetic.random_dag(40, seed=7)
+    result = submit_program(Program.from_dict(data), {}, app=embedded_app, strategy=strategy).get(timeout=60)
+    expected = synthetic.expected_values(data)
+    sinks = {name: {"value": value} for name, value in expected.items() if name in result.outputs}
+    assert result.outputs == sinks and result.status is ExecutionStatus.SUCCEEDED
+
+
+def test_python_api_from_file(embedded_app) -> None:
+    handle = submit_program("examples/rag.yaml", {"question": QUESTION}, app=embedded_app)
+    result = handle.get(timeout=30)
+    assert handle.status() is ExecutionStatus.SUCCEEDED
+    assert result.outputs["sources"] == ["chord", "celery"]
+
+
+def test_successful_run_is_quiet_on_stderr() -> None:
+    run = dspex("run", "examples/rag.yaml", "-i", f"question={QUESTION}", "--json")
+    assert run.stderr == ""
