@@ -20,7 +20,7 @@ from dspex_celery.results import ExecutionResult, ExecutionStatus, ModuleRecord,
 from dspex_celery.routing import worker_queues
 from dspex_celery.runtime import Runtime, default_runtime, runtime_of
 from dspex_celery.spec import ProgramSpec
-from dspex_celery.tasks import advance_execution
+from dspex_celery.strategies import get_strategy
 
 ProgramLike = Program | ProgramSpec | dict[str, Any] | str | Path
 
@@ -95,7 +95,7 @@ def submit_program(
     prepare_runtime(runtime, program, plan)
     execution_id = uuid.uuid4().hex
     runtime.store.create(execution_id, plan, _meta(plan, chosen, values))
-    advance_execution(runtime, execution_id, chosen, 0)
+    get_strategy(chosen).start(runtime, execution_id)
     return ExecutionHandle(runtime, execution_id, timeout)
 
 

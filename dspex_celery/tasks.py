@@ -10,15 +10,9 @@ from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Celery, Task
 from celery.utils.time import get_exponential_backoff_interval
 
-from dspex_celery.canvas import ADVANCE, RUN_MODULE, stage_signature, stages
+from dspex_celery.canvas import ADVANCE, RUN_MODULE
 from dspex_celery.errors import ModuleTimeout, TransientError
-from dspex_celery.execution import (
-    blocked_by,
-    failure_budget_exceeded,
-    finish,
-    skip,
-    write_record,
-)
+from dspex_celery.execution import failure_budget_exceeded, finish, write_record
 from dspex_celery.graph import resolve_uses
 from dspex_celery.hooks import ModuleContext
 from dspex_celery.plan import ModulePlan, Plan
@@ -40,6 +34,8 @@ def register_tasks(app: Celery) -> None:
 
     @app.task(name=ADVANCE, bind=True, shared=False, acks_late=True, reject_on_worker_lost=True)
     def advance(self: Task, execution_id: str, strategy: str, stage: int) -> None:
+        from dspex_celery.strategies.levels import advance_execution
+
         advance_execution(runtime_of(self.app), execution_id, strategy, stage)
 
 
@@ -113,6 +109,7 @@ class ModuleRun:
         record = self._finished_record(ctx, status=ModuleStatus.SUCCEEDED)
         write_record(self.runtime, self.execution_id, self.name, record)
         self.runtime.hooks.after_success(ctx, output)
+        self._notify_strategy(record.status)
         return {"module": self.name, "status": record.status.value}
 
     def _failed(self, ctx: ModuleContext, error: Exception) -> dict[str, Any]:
@@ -126,7 +123,14 @@ class ModuleRun:
         if will_retry:
             raise self.task.retry(countdown=self._backoff(ctx), exc=error, max_retries=None)
         self._fail_execution_if_over_budget(ctx.plan)
+        self._notify_strategy(record.status)
         return {"module": self.name, "status": record.status.value}
+
+    def _notify_strategy(self, status: ModuleStatus) -> None:
+        from dspex_celery.strategies import get_strategy
+
+        strategy = self.store.meta(self.execution_id).get("strategy", "levels")
+        get_strategy(strategy).module_finished(self.runtime, self.execution_id, self.name, status)
 
     def _backoff(self, ctx: ModuleContext) -> float:
         """Exponential backoff with full jitter, never beyond the broker's visibility timeout."""
@@ -168,41 +172,3 @@ def _error_class(path: str) -> type[BaseException] | None:
         log.warning("retry.on names %s, which cannot be imported; ignoring it", path)
         return None
     return target if isinstance(target, type) and issubclass(target, BaseException) else None
-
-
-def advance_execution(runtime: Runtime, execution_id: str, strategy: str, stage: int) -> None:
-    """Dispatch the next stage that has runnable modules, or finish the execution."""
-    store = runtime.store
-    plan = store.plan(execution_id)
-    if plan is None or store.is_finished(execution_id):
-        return
-    records = store.records(execution_id)
-    if failure_budget_exceeded(plan, records):
-        finish(runtime, execution_id, ExecutionStatus.FAILED)
-        return
-    all_stages = stages(plan, strategy)
-    while stage < len(all_stages):
-        runnable = _runnable(runtime, execution_id, plan, all_stages[stage], records)
-        if runnable:
-            namespace = runtime.settings.namespace
-            stage_signature(runtime.app, plan, execution_id, strategy, stage, runnable, namespace).apply_async()
-            return
-        stage += 1
-    finish(runtime, execution_id, ExecutionStatus.SUCCEEDED)
-
-
-def _runnable(
-    runtime: Runtime, execution_id: str, plan: Plan, names: list[str], records: dict[str, ModuleRecord]
-) -> list[str]:
-    """Modules of a stage to dispatch; those behind a failed parent are skipped on the way."""
-    runnable = []
-    for name in names:
-        if name in records and records[name].status is ModuleStatus.SUCCEEDED:
-            continue  # reused from an earlier execution
-        parent = blocked_by(plan, name, records)
-        if parent is not None:
-            skip(runtime, execution_id, name, parent, records[parent].status.value)
-            records[name] = runtime.store.record(execution_id, name)
-        else:
-            runnable.append(name)
-    return runnable
