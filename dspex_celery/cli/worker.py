@@ -29,6 +29,15 @@ def import_allowed(packages: tuple[str, ...]) -> None:
             raise ConfigError(f"cannot import allow-listed package '{package}' ({exc}): fix --modules") from None
 
 
+def import_includes(modules: tuple[str, ...]) -> None:
+    """Import extra task modules; call after the app exists so their ``@shared_task``s bind to it."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"cannot import task module '{module}' ({exc}): fix --include") from None
+
+
 def node_name(resources: tuple[str, ...], name: str | None) -> str:
     """A node name that tells workers apart: resource classes, pid and host."""
     return name or f"dspex-{'+'.join(resources)}-{os.getpid()}@%h"
@@ -62,6 +71,8 @@ def worker_argv(settings: Settings, resources: tuple[str, ...], concurrency: int
               show_default=True, help="Execution pool (time limits need prefork).")
 @click.option("-m", "--modules", multiple=True, metavar="PKG",
               help="Allow-listed package whose modules this worker may run (repeatable; or DSPEX_MODULES).")
+@click.option("-I", "--include", "includes", multiple=True, metavar="MODULE",
+              help="Extra Celery task module to import at start (repeatable), e.g. plain @shared_task tasks.")
 @connection_options
 @click.option("-n", "--name", default=None, help="Node name (default: dspex-CLASSES-PID@HOST).")
 @click.option("-l", "--loglevel", default="INFO", show_default=True)
@@ -70,6 +81,7 @@ def worker(
     concurrency: int | None,
     pool: str,
     modules: tuple[str, ...],
+    includes: tuple[str, ...],
     broker: str | None,
     result_backend: str | None,
     name: str | None,
@@ -85,5 +97,6 @@ def worker(
         sys.path.insert(0, os.getcwd())  # like the celery command: project modules import from cwd
     import_allowed(settings.allowed_packages)
     runtime = create_runtime(settings)
+    import_includes(includes)
     runtime.check_reachable()
     runtime.app.worker_main(worker_argv(settings, resources, concurrency, pool, name, loglevel))

@@ -1,0 +1,24 @@
+"""``dspex-celery worker --include MODULE`` makes plain Celery tasks of MODULE run on a dspex worker."""
+
+from __future__ import annotations
+
+import pytest
+
+from dspex_celery.routing import queue_name
+from tests.conftest import Cluster
+from tests.modules.raw_tasks import PID
+
+pytestmark = pytest.mark.integration
+
+
+def test_included_shared_task_runs_on_dspex_worker(make_cluster) -> None:
+    # Given a dspex worker started with --include tests.modules.raw_tasks
+    cluster: Cluster = make_cluster()
+    worker = cluster.start_worker("default", concurrency=1, extra_args=("--include", "tests.modules.raw_tasks"))
+    # When a plain Celery task of that module is sent, by name, to the worker's queue
+    queue = queue_name(cluster.settings.namespace, "default")
+    result = cluster.runtime.app.signature(PID, args=(7,), queue=queue).apply_async()
+    # Then its result comes back, computed in one of that worker's pool processes
+    output = result.get(timeout=30)
+    assert output["value"] == 7
+    assert output["pid"] in worker.pool_pids()
