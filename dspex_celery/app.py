@@ -8,7 +8,7 @@ from celery import Celery
 
 from dspex_celery import defaults
 from dspex_celery.errors import ConfigError
-from dspex_celery.routing import control_queue
+from dspex_celery.routing import PRIORITY_LEVELS, control_queue
 from dspex_celery.settings import Settings
 
 
@@ -32,7 +32,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_expires": settings.state_ttl_s,
         "result_extended": True,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Redis: one list per priority, the most urgent (0) consumed first.
+            "priority_steps": list(range(PRIORITY_LEVELS)),
+        },
+        # AMQP: declare queues with priorities (higher first).
+        "task_queue_max_priority": PRIORITY_LEVELS - 1,
+        "task_default_priority": PRIORITY_LEVELS // 2,
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
         "worker_hijack_root_logger": False,
         "enable_utc": True,

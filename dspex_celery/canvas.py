@@ -12,7 +12,7 @@ from celery import Celery, chord
 from celery.canvas import Signature
 
 from dspex_celery.plan import Plan
-from dspex_celery.routing import control_queue, queue_name
+from dspex_celery.routing import control_queue, message_priority, queue_name
 
 RUN_MODULE = "dspex.run_module"
 ADVANCE = "dspex.advance"
@@ -37,6 +37,7 @@ def module_signature(app: Celery, plan: Plan, execution_id: str, name: str, name
         "queue": queue_name(namespace, module.resource),
         "task_id": task_id(execution_id, name),
         "shadow": f"dspex.module:{plan.program}.{name}",
+        "priority": message_priority(plan.urgency(name), str(app.conf.broker_url)),
     }
     if module.timeout_s:
         from dspex_celery.defaults import HARD_TIMEOUT_GRACE_S
@@ -55,7 +56,11 @@ def module_signature(app: Celery, plan: Plan, execution_id: str, name: str, name
 def advance_signature(app: Celery, execution_id: str, strategy: str, stage: int, namespace: str) -> Signature:
     """The small control task that moves an execution on to ``stage``."""
     return app.signature(
-        ADVANCE, args=(execution_id, strategy, stage), immutable=True, queue=control_queue(namespace)
+        ADVANCE,
+        args=(execution_id, strategy, stage),
+        immutable=True,
+        queue=control_queue(namespace),
+        priority=message_priority(1.0, str(app.conf.broker_url)),  # bookkeeping goes first
     )
 
 

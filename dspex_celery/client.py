@@ -20,7 +20,7 @@ from dspex_celery.results import ExecutionResult, ExecutionStatus, ModuleRecord,
 from dspex_celery.routing import worker_queues
 from dspex_celery.runtime import Runtime, default_runtime, runtime_of
 from dspex_celery.spec import ProgramSpec
-from dspex_celery.strategies import get_strategy
+from dspex_celery.strategies import get_strategy, recommend_strategy
 
 ProgramLike = Program | ProgramSpec | dict[str, Any] | str | Path
 
@@ -128,9 +128,9 @@ def check_inputs(plan: Plan, inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def choose_strategy(plan: Plan, requested: str | None) -> str:
-    """The strategy to run with: the requested one, else ``levels``."""
+    """The strategy to run with: the requested one, else the recommended one."""
     if requested is None:
-        return "levels"
+        return recommend_strategy(plan)[0]
     if requested not in STRATEGIES:
         raise UsageError(f"unknown strategy '{requested}': choose one of {', '.join(STRATEGIES)}")
     return requested

@@ -60,6 +60,7 @@ class Plan:
     outputs: dict[str, Any]
     critical_path: list[str]
     failure_tolerance: str | int
+    max_priority: float = 1.0
 
     @property
     def width(self) -> int:
@@ -71,6 +72,10 @@ class Plan:
 
     def topological_order(self) -> list[str]:
         return [name for level in self.levels for name in level]
+
+    def urgency(self, name: str) -> float:
+        """0..1: the module's longest remaining path relative to the program's longest."""
+        return self.modules[name].priority / self.max_priority
 
     def max_failures(self) -> int | None:
         """How many failed modules are tolerated before the execution fails (None: unlimited)."""
@@ -146,6 +151,7 @@ def build_plan(
         outputs=_outputs(spec, graph),
         critical_path=critical_path(graph, weights),
         failure_tolerance=_tolerance(spec),
+        max_priority=max(priorities.values(), default=1.0) or 1.0,
     )
 
 

@@ -19,3 +19,15 @@ def worker_queues(namespace: str, resources: list[str]) -> list[str]:
     """Queues a worker of these resource classes consumes, control queue included."""
     names = [queue_name(namespace, resource) for resource in resources]
     return list(dict.fromkeys([*names, control_queue(namespace)]))
+
+
+#: Message priorities 0..9. Redis consumes the lowest number first; AMQP the highest.
+PRIORITY_LEVELS = 10
+
+
+def message_priority(urgency: float, broker_url: str) -> int:
+    """The broker message priority for an urgency in 0..1 (1 = on the longest remaining path)."""
+    level = round(max(0.0, min(1.0, urgency)) * (PRIORITY_LEVELS - 1))
+    if broker_url.startswith(("redis", "rediss", "memory")):
+        return PRIORITY_LEVELS - 1 - level
+    return level

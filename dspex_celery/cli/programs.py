@@ -14,6 +14,7 @@ from dspex_celery.client import choose_strategy, submit_program
 from dspex_celery.errors import InputError
 from dspex_celery.plan import STRATEGIES
 from dspex_celery.program import Program
+from dspex_celery.strategies import recommend_strategy
 from dspex_celery.runtime import create_runtime
 from dspex_celery.settings import load_settings
 
@@ -102,11 +103,15 @@ def plan(program_file: str, strategy: str | None, as_json: bool) -> None:
     """Show how PROGRAM would run: levels, width, critical path."""
     program_plan = Program.from_file(program_file).plan()
     described = program_plan.describe(choose_strategy(program_plan, strategy))
+    described["strategy_reason"] = (
+        "requested with --strategy" if strategy else recommend_strategy(program_plan)[1]
+    )
     if as_json:
         print_json(described)
         return
     click.echo(f"program {described['program']}: {described['modules']} modules, "
-               f"{described['depth']} levels, width {described['width']}, strategy {described['strategy']}")
+               f"{described['depth']} levels, width {described['width']}, strategy {described['strategy']} "
+               f"({described['strategy_reason']})")
     for index, level in enumerate(described["levels"]):
         click.echo(f"  level {index}: {', '.join(level)}")
     click.echo(f"  critical path: {' -> '.join(described['critical_path'])}")

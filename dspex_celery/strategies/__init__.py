@@ -7,8 +7,16 @@ are done.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dspex_celery.results import ModuleStatus
 from dspex_celery.runtime import Runtime
+
+if TYPE_CHECKING:
+    from dspex_celery.plan import Plan
+
+#: Within one level, durations differing by more than this factor make level barriers costly.
+DURATION_SPREAD = 1.5
 
 
 class Strategy:
@@ -39,3 +47,22 @@ def get_strategy(name: str) -> Strategy:
     else:
         registry["dag"] = DagStrategy()
     return registry[name]
+
+
+def recommend_strategy(plan: Plan, durations: dict[str, float] | None = None) -> tuple[str, str]:
+    """The strategy to use when none is asked for, and why.
+
+    ``levels`` when every level barrier is free: each module needs all of the level above it (and
+    known durations within a level are alike). Otherwise ``dag``, which never makes a module wait
+    for modules it does not depend on.
+    """
+    for upper, lower in zip(plan.levels, plan.levels[1:], strict=False):
+        needs_all = set(upper)
+        for name in lower:
+            if set(plan.modules[name].parents) != needs_all:
+                return "dag", f"unbalanced levels: '{name}' does not need every module of the level above"
+    for level in plan.levels if durations else []:
+        known = [durations[name] for name in level if durations and name in durations]
+        if len(known) > 1 and max(known) > DURATION_SPREAD * max(min(known), 1e-6):
+            return "dag", "unbalanced levels: observed durations within a level differ widely"
+    return "levels", "balanced levels: every module needs the whole level above it"

@@ -1,0 +1,178 @@
+"""The `dag` strategy on real workers: same outputs as `levels`, no double runs, no barriers."""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from dspex_celery import ExecutionStatus, ModuleStatus, Program
+from dspex_celery.examples import synthetic
+from dspex_celery.plan import build_plan
+from dspex_celery.results import parse_time
+from dspex_celery.strategies import recommend_strategy
+from tests.conftest import Cluster, program
+from tests.modules import dag_mods
+
+pytestmark = pytest.mark.integration
+
+COUNTED = "tests.modules.dag_mods:counted"
+
+
+@pytest.fixture(scope="module")
+def cluster(make_cluster) -> Cluster:
+    cluster = make_cluster()
+    cluster.start_worker("default", "io", concurrency=4, pool="threads")
+    cluster.start_worker("default", "llm", concurrency=4, pool="threads")
+    return cluster
+
+
+def expected_sinks(data: dict, outputs: dict) -> dict:
+    expected = synthetic.expected_values(data)
+    return {name: {"value": expected[name]} for name in outputs}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        synthetic.fan_out(40),
+        synthetic.chain(30),
+        synthetic.layered(6, 4),
+        synthetic.random_dag(80, seed=5),
+        synthetic.random_dag(80, seed=6, max_parents=5),
+    ],
+    ids=["fan-out-in", "deep-chain", "layered", "random-5", "random-6"],
+)
+def test_dag_gives_the_same_outputs_as_levels(cluster: Cluster, data: dict) -> None:
+    dag = cluster.run(Program.from_dict(data), strategy="dag")
+    levels = cluster.run(Program.from_dict(data), strategy="levels")
+    assert dag.status is ExecutionStatus.SUCCEEDED and dag.strategy == "dag"
+    assert dag.outputs == levels.outputs
+    if "outputs" not in data:
+        assert dag.outputs == expected_sinks(data, dag.outputs)
+    assert all(record.attempts == 1 for record in dag.modules.values())
+
+
+def test_diamond_with_resource_classes(cluster: Cluster) -> None:
+    # A child of an `io` module may run on an `llm` worker
+    data = {
+        "name": "diamond",
+        "inputs": ["x"],
+        "modules": {
+            "top": {"uses": "tests.modules.basic:add", "inputs": {"a": "$inputs.x", "b": 1}, "resource": "io"},
+            "left": {"uses": "tests.modules.basic:mul", "inputs": {"a": "$top.sum", "b": 2}, "resource": "llm"},
+            "right": {"uses": "tests.modules.basic:add", "inputs": {"a": "$top.sum", "b": 10}},
+            "bottom": {"uses": "tests.modules.basic:add", "inputs": {"a": "$left.product", "b": "$right.sum"}},
+        },
+        "outputs": {"result": "$bottom.sum"},
+    }
+    result = cluster.run(Program.from_dict(data), {"x": 4}, strategy="dag")
+    assert result.outputs == {"result": 25}
+    io_worker, llm_worker = cluster.workers
+    assert result.modules["top"].worker.startswith(io_worker.name + "@")
+    assert result.modules["left"].worker.startswith(llm_worker.name + "@")
+
+
+def race_program(diamonds: int, token: str) -> Program:
+    """Many diamonds whose two parents take the same time, so they finish together."""
+    modules = {}
+    for i in range(diamonds):
+        modules[f"top{i}"] = {"uses": COUNTED, "inputs": {"key": f"{token}:top{i}"}}
+        for side in ("l", "r"):
+            modules[f"{side}{i}"] = {"uses": COUNTED, "inputs": {"key": f"{token}:{side}{i}", "ms": 5, "x": f"$top{i}.value"}}
+        modules[f"join{i}"] = {
+            "uses": COUNTED,
+            "inputs": {"key": f"{token}:join{i}", "a": f"$l{i}.value", "b": f"$r{i}.value"},
+        }
+    return Program.from_dict({"name": "race", "modules": modules})
+
+
+def test_parent_pair_race_never_double_runs_or_loses_a_join(cluster: Cluster) -> None:
+    token = uuid.uuid4().hex
+    results = [cluster.submit(race_program(25, f"{token}-{n}"), strategy="dag") for n in range(4)]
+    for n, handle in enumerate(results):
+        result = handle.get(timeout=120)
+        assert result.status is ExecutionStatus.SUCCEEDED
+        for i in range(25):
+            assert result.outputs[f"join{i}"] == {"value": 5}  # 1 + (2 + 2)
+            for module in ("top", "l", "r", "join"):
+                assert dag_mods.calls(f"{token}-{n}:{module}{i}") == 1
+
+
+def test_100_concurrent_executions_keep_their_own_outputs(cluster: Cluster) -> None:
+    data = {
+        "name": "three",
+        "inputs": ["x"],
+        "modules": {
+            "a": {"uses": "tests.modules.basic:add", "inputs": {"a": "$inputs.x", "b": 1}},
+            "b": {"uses": "tests.modules.basic:mul", "inputs": {"a": "$a.sum", "b": 3}},
+            "c": {"uses": "tests.modules.basic:add", "inputs": {"a": "$b.product", "b": "$inputs.x"}},
+        },
+        "outputs": {"c": "$c.sum"},
+    }
+    prog = Program.from_dict(data)
+    with ThreadPoolExecutor(8) as pool:
+        handles = list(pool.map(lambda x: cluster.submit(prog, {"x": x}, strategy="dag"), range(100)))
+    for x, handle in enumerate(handles):
+        assert handle.get(timeout=120).outputs == {"c": (x + 1) * 3 + x}
+
+
+def test_fast_branch_child_starts_before_slow_sibling_finishes(cluster: Cluster) -> None:
+    # Given two branches from one root: a slow module, and a fast module with a child
+    data = {
+        "name": "branches",
+        "modules": {
+            "root": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 1}},
+            "slow": {"uses": "tests.modules.basic:sleep", "inputs": {"seconds": 1.0, "value": "$root.sum"}},
+            "fast": {"uses": "tests.modules.basic:sleep", "inputs": {"seconds": 0.01, "value": "$root.sum"}},
+            "after_fast": {"uses": "tests.modules.basic:echo", "inputs": {"v": "$fast.value"}},
+        },
+    }
+    dag = cluster.run(Program.from_dict(data), strategy="dag").modules
+    levels = cluster.run(Program.from_dict(data), strategy="levels").modules
+    # Then under dag the fast branch's child starts before the slow sibling finishes
+    assert parse_time(dag["after_fast"].started_at) < parse_time(dag["slow"].finished_at)
+    # while the level barrier makes it wait under levels
+    assert parse_time(levels["after_fast"].started_at) >= parse_time(levels["slow"].finished_at)
+
+
+def failing_program(tolerance: object) -> Program:
+    return program(
+        "failing",
+        {
+            "ok": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 2}},
+            "bad": {"uses": "tests.modules.basic:fail", "inputs": {"message": "no"}},
+            "after_bad": {"uses": "tests.modules.basic:echo", "inputs": {"v": "$bad"}},
+            "after_after": {"uses": "tests.modules.basic:echo", "inputs": {"v": "$after_bad"}},
+            "after_ok": {"uses": "tests.modules.basic:echo", "inputs": {"v": "$ok.sum"}},
+        },
+        failure_tolerance=tolerance,
+    )
+
+
+def test_dag_strict_failure_fails_fast(cluster: Cluster) -> None:
+    result = cluster.run(failing_program("strict"), strategy="dag", timeout=60)
+    assert result.status is ExecutionStatus.FAILED
+    assert result.modules["bad"].status is ModuleStatus.FAILED and result.modules["bad"].attempts == 1
+    assert "ValueError: no" in result.error
+    assert result.modules["after_after"].status in (ModuleStatus.CANCELLED, ModuleStatus.SKIPPED)
+
+
+def test_dag_tolerant_failure_skips_dependents(cluster: Cluster) -> None:
+    result = cluster.run(failing_program("tolerant"), strategy="dag", timeout=60)
+    assert result.status is ExecutionStatus.SUCCEEDED and result.failed_modules == ["bad"]
+    assert result.modules["after_bad"].status is ModuleStatus.SKIPPED
+    assert result.modules["after_after"].status is ModuleStatus.SKIPPED
+    assert "upstream module 'bad' failed" in result.modules["after_bad"].error
+    assert result.outputs["after_ok"] == {"v": 3}
+
+
+def test_default_strategy_choice() -> None:
+    balanced = build_plan(Program.from_dict(synthetic.fan_out(5)).spec)
+    unbalanced = build_plan(Program.from_dict(synthetic.random_dag(30, seed=2)).spec)
+    assert recommend_strategy(balanced)[0] == "levels"
+    strategy, reason = recommend_strategy(unbalanced)
+    assert strategy == "dag" and "unbalanced" in reason
+    # durations observed within a level that differ widely also make dag the choice
+    assert recommend_strategy(balanced, {"w0": 1.0, "w1": 0.01})[0] == "dag"
