@@ -124,6 +124,18 @@ class StateStore:
         raw = self.client.hget(self.key(execution_id, "rec"), module)
         return ModuleRecord() if raw is None else ModuleRecord.model_validate_json(raw)
 
+    def records_of(self, execution_id: str, modules: Iterable[str]) -> dict[str, ModuleRecord]:
+        """Records of the given modules (modules without a record are left out)."""
+        names = list(dict.fromkeys(modules))
+        if not names:
+            return {}
+        values = self.client.hmget(self.key(execution_id, "rec"), names)
+        return {
+            name: ModuleRecord.model_validate_json(value)
+            for name, value in zip(names, values, strict=True)
+            if value is not None
+        }
+
     def records(self, execution_id: str) -> dict[str, ModuleRecord]:
         raw = self.client.hgetall(self.key(execution_id, "rec"))
         return {name: ModuleRecord.model_validate_json(value) for name, value in raw.items()}

@@ -176,3 +176,10 @@ def test_default_strategy_choice() -> None:
     assert strategy == "dag" and "unbalanced" in reason
     # durations observed within a level that differ widely also make dag the choice
     assert recommend_strategy(balanced, {"w0": 1.0, "w1": 0.01})[0] == "dag"
+
+
+def test_1000_module_program(cluster: Cluster) -> None:
+    data = synthetic.random_dag(1000, seed=9)
+    result = cluster.run(Program.from_dict(data), strategy="dag", timeout=300)
+    assert result.status is ExecutionStatus.SUCCEEDED and len(result.modules) == 1000
+    assert result.outputs == expected_sinks(data, result.outputs)

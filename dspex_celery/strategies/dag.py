@@ -98,7 +98,8 @@ class DagStrategy(Strategy):
         """Send ready modules, most urgent (longest remaining path) first; skip blocked ones."""
         if not ready:
             return
-        records = runtime.store.records(execution_id)
+        parents = [parent for name in ready for parent in plan.modules[name].parents]
+        records = runtime.store.records_of(execution_id, parents)
         namespace = runtime.settings.namespace
         for name in sorted(ready, key=lambda n: (-plan.modules[n].priority, n)):
             parent = blocked_by(plan, name, records)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dspex_celery.canvas import stage_signature, stages
-from dspex_celery.execution import blocked_by, failure_budget_exceeded, finish, skip
+from dspex_celery.execution import blocked_by, finish, skip
 from dspex_celery.plan import Plan
 from dspex_celery.results import ExecutionStatus, ModuleRecord, ModuleStatus
 from dspex_celery.runtime import Runtime
@@ -26,13 +26,13 @@ def advance_execution(runtime: Runtime, execution_id: str, strategy: str, stage:
     plan = store.plan(execution_id)
     if plan is None or store.is_finished(execution_id):
         return
-    records = store.records(execution_id)
-    if failure_budget_exceeded(plan, records):
-        finish(runtime, execution_id, ExecutionStatus.FAILED)
-        return
+    # A failure beyond the budget already finished the execution (the failing module checks it).
     all_stages = stages(plan, strategy)
     while stage < len(all_stages):
-        runnable = _runnable(runtime, execution_id, plan, all_stages[stage], records)
+        names = all_stages[stage]
+        parents = [parent for name in names for parent in plan.modules[name].parents]
+        records = store.records_of(execution_id, [*names, *parents])
+        runnable = _runnable(runtime, execution_id, plan, names, records)
         if runnable:
             namespace = runtime.settings.namespace
             stage_signature(runtime.app, plan, execution_id, strategy, stage, runnable, namespace).apply_async()
