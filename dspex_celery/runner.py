@@ -7,7 +7,7 @@ import inspect
 import json
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from dspex_celery.errors import ModuleImportError, ModuleInputError, ModuleNotAllowed, ModuleOutputError
 from dspex_celery.graph import resolve_uses
@@ -54,10 +54,10 @@ def _instantiate(module: ModulePlan) -> Callable[..., Any]:
     except ImportError as exc:
         raise ModuleImportError(f"module '{module.name}': {exc}") from exc
     if inspect.isclass(target):
-        instance = target(**module.with_)
+        instance: Any = target(**module.with_)
         if module.state is not None:
             instance.load(module.state)
-        return instance
+        return cast(Callable[..., Any], instance)
     return functools.partial(target, **module.with_) if module.with_ else target
 
 

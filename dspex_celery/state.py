@@ -24,7 +24,8 @@ class StateStore:
     """Keys under ``{namespace}:x:{execution_id}:*``, each expiring after ``ttl_s``."""
 
     def __init__(self, client: redis.Redis, namespace: str, ttl_s: int) -> None:
-        self.client = client
+        # decode_responses=True: every reply is str (redis-py's stubs cannot express that)
+        self.client: Any = client
         self.namespace = namespace
         self.ttl_s = ttl_s
         self._plans: OrderedDict[str, Plan] = OrderedDict()

@@ -69,7 +69,7 @@ class DagStrategy(Strategy):
 
     def _init_counters(self, runtime: Runtime, execution_id: str, plan: Plan, done: set[str]) -> None:
         deps_key, done_key, open_key = self._keys(runtime, execution_id)
-        counts = {
+        counts: dict[str | bytes, int] = {
             name: sum(parent not in done for parent in module.parents)
             for name, module in plan.modules.items()
         }
