@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -124,3 +125,19 @@ def test_rabbitmq_broker(make_cluster, amqp_url: str, redis_url: str) -> None:
     # Then the diamond gives the same outputs
     result = cluster.run(Program.from_dict(DIAMOND), {"x": 4})
     assert result.outputs == {"result": 25, "top": {"sum": 5}}
+
+
+def test_pickle_messages_are_refused(cluster: Cluster) -> None:
+    # Given a pickled message sent to a worker's queue
+    from dspex_celery.routing import queue_name
+
+    runtime = cluster.runtime
+    queue = queue_name(runtime.settings.namespace, "default")
+    runtime.app.send_task("dspex.run_module", args=("pickled-exec", "m"), serializer="pickle", queue=queue)
+    # Then the worker refuses to deserialize it and runs nothing
+    worker = cluster.workers[0]
+    deadline = time.monotonic() + 20
+    while "Refusing to deserialize untrusted content of type pickle" not in worker.log.read_text():
+        assert time.monotonic() < deadline, worker.log.read_text()[-2000:]
+        time.sleep(0.1)
+    assert runtime.store.records("pickled-exec") == {}
