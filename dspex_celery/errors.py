@@ -86,6 +86,10 @@ class CircuitOpen(ModuleError):
     """The module's circuit breaker is open: the call was not made."""
 
 
+class ResourceWaitAborted(ModuleError):
+    """The execution ended while the module waited for a slot of its resource class."""
+
+
 # --- an execution as a whole ------------------------------------------------------------------
 
 

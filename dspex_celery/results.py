@@ -52,6 +52,8 @@ class ModuleRecord(BaseModel):
     error: str | None = None
     resource: str | None = None
     reused: bool = False
+    waited_s: float | None = None  # waited for a resource-class slot; started_at is after the wait
+    waiting_for: str | None = None  # resource class whose slot the module is waiting for now
 
 
 class ExecutionResult(BaseModel):

@@ -70,7 +70,10 @@ def create_runtime(settings: Settings | None = None) -> Runtime:
 
 def default_hooks(settings: Settings) -> HookChain:
     """The hooks every runtime installs (extended by later features)."""
-    return HookChain()
+    from dspex_celery.report import AttemptLog
+    from dspex_celery.resources import limiter_hooks
+
+    return HookChain([*limiter_hooks(settings.resources), AttemptLog()])
 
 
 def runtime_of(app: Celery) -> Runtime:

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from dspex_celery.cli import cli, connection_options
+from dspex_celery.cli.progress import follow, show_progress
 from dspex_celery.cli.render import print_json, print_result
 from dspex_celery.client import choose_strategy, submit_program
 from dspex_celery.errors import InputError
@@ -63,6 +64,7 @@ def _read_inputs_file(path: str) -> dict[str, Any]:
 @strategy_option
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Fail the execution after SECONDS.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object (the execution result).")
+@click.option("-q", "--quiet", is_flag=True, help="No live progress display (there is none when not a terminal).")
 def run(
     program_file: str,
     pairs: tuple[str, ...],
@@ -72,6 +74,7 @@ def run(
     strategy: str | None,
     timeout: float | None,
     as_json: bool,
+    quiet: bool,
 ) -> None:
     """Run PROGRAM and print its outputs (in-process when no broker is configured)."""
     program = Program.from_file(program_file)
@@ -79,7 +82,7 @@ def run(
     inputs = collect_inputs(pairs, inputs_file)
     runtime = create_runtime(load_settings(broker_url=broker, result_backend=result_backend))
     handle = submit_program(program, inputs, strategy=strategy, app=runtime.app, timeout=timeout)
-    result = handle.get()
+    result = follow(handle) if show_progress(as_json, quiet) else handle.get()
     if as_json:
         print_json(result.to_json_dict())
     else:

@@ -1,0 +1,122 @@
+"""Operating a cluster: ``flower``, ``resources`` and ``report``."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from dspex_celery.cli import cli, connection_options
+from dspex_celery.cli.render import print_json
+from dspex_celery.errors import ConfigError, UsageError
+from dspex_celery.report import load_report, render_html
+from dspex_celery.resources import parse_limits, snapshot
+from dspex_celery.runtime import Runtime, create_runtime
+from dspex_celery.settings import load_settings
+
+
+def cluster_runtime(broker: str | None, result_backend: str | None, command: str) -> Runtime:
+    """A reachable runtime of a cluster (these commands mean nothing in-process)."""
+    settings = load_settings(broker_url=broker, result_backend=result_backend)
+    if settings.embedded:
+        raise ConfigError(f"{command} needs a cluster: pass --broker URL or set DSPEX_BROKER_URL")
+    runtime = create_runtime(settings)
+    runtime.check_reachable()
+    return runtime
+
+
+def is_loopback(address: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_flower_access(address: str, basic_auth: str | None) -> None:
+    """Refuse to expose Flower beyond this machine without credentials; check their shape."""
+    if basic_auth:
+        for pair in basic_auth.split(","):
+            user, sep, password = pair.partition(":")
+            if not (sep and user and password):
+                raise UsageError("--basic-auth expects USER:PASSWORD (comma-separated for several users)")
+    elif not is_loopback(address):
+        raise UsageError(
+            f"refusing to serve Flower on {address} without authentication: pass --basic-auth USER:PASSWORD "
+            "(or set DSPEX_FLOWER_BASIC_AUTH), or listen on 127.0.0.1"
+        )
+
+
+def flower_argv(port: int, address: str, basic_auth: str | None) -> list[str]:
+    """Arguments for Flower's own command, run on the project's Celery app."""
+    argv = ["flower", f"--port={port}", f"--address={address}"]
+    return argv + [f"--basic-auth={basic_auth}"] if basic_auth else argv
+
+
+@cli.command()
+@click.option("--port", type=click.IntRange(1, 65535), default=5555, show_default=True, help="HTTP port.")
+@click.option("--address", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--basic-auth", metavar="USER:PASSWORD", envvar="DSPEX_FLOWER_BASIC_AUTH", default=None,
+              help="Require HTTP basic auth (or DSPEX_FLOWER_BASIC_AUTH); needed off loopback.")
+@connection_options
+def flower(port: int, address: str, basic_auth: str | None, broker: str | None, result_backend: str | None) -> None:
+    """Start the Flower monitoring UI (and its /api and /metrics) on this cluster."""
+    check_flower_access(address, basic_auth)
+    runtime = cluster_runtime(broker, result_backend, "flower")
+    raise SystemExit(runtime.app.start(flower_argv(port, address, basic_auth)) or 0)
+
+
+@cli.command()
+@connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print the classes as one JSON object.")
+def resources(broker: str | None, result_backend: str | None, as_json: bool) -> None:
+    """Show resource-class limits, who holds a slot now, and utilization."""
+    runtime = cluster_runtime(broker, result_backend, "resources")
+    classes = snapshot(runtime.store, parse_limits(runtime.settings.resources))
+    if as_json:
+        print_json({"resources": classes})
+        return
+    if not classes:
+        click.echo("no resource limits configured (set resources: in the config file or DSPEX_RESOURCES)")
+        return
+    Console(highlight=False).print(resource_table(classes))
+
+
+def resource_table(classes: list[dict[str, object]]) -> Table:
+    table = Table(show_edge=False, box=None, pad_edge=False)
+    for column in ("resource", "max", "rate", "in use", "utilization", "holders"):
+        table.add_column(column)
+    for row in classes:
+        holders = "\n".join(
+            f"{holder.get('execution_id')}.{holder.get('module')} on {holder.get('worker')} "
+            f"(lease {holder['expires_in_s']}s)"
+            for holder in row["holders"]  # type: ignore[attr-defined]
+        )
+        utilization = row["utilization"]
+        table.add_row(
+            str(row["resource"]),
+            str(row["max_concurrent"] or "-"),
+            str(row["rate"] or "-"),
+            str(row["in_use"]),
+            f"{utilization:.0%}" if isinstance(utilization, float) else "-",
+            holders or "-",
+        )
+    return table
+
+
+@cli.command()
+@click.argument("execution_id")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="HTML file to write (default: report-EXECUTION_ID.html).")
+@connection_options
+def report(execution_id: str, output: str | None, broker: str | None, result_backend: str | None) -> None:
+    """Write a self-contained HTML report of an execution: timeline, critical path, durations."""
+    runtime = cluster_runtime(broker, result_backend, "report")
+    path = Path(output or f"report-{execution_id}.html")
+    path.write_text(render_html(load_report(runtime, execution_id)), encoding="utf-8")
+    click.echo(str(path))

@@ -1,0 +1,325 @@
+"""Cluster-wide resource limits: a concurrency cap and a rate per resource class, in Redis.
+
+Config (``resources:`` in the config file, or ``DSPEX_RESOURCES`` as JSON)::
+
+    resources:
+      llm: {max_concurrent: 8, rate: "60/m"}
+
+Every module of a limited class takes a *lease* before it runs and gives it back after its
+record is written. Leases expire unless their holder renews them (a background thread of each
+worker process does, every third of ``lease_ttl_s``), so the slot of a killed worker comes back
+after at most ``lease_ttl_s``. A module waiting for a slot blocks its worker slot (it is not an
+error and not an attempt); its record then says ``waiting_for`` while it waits, and ``waited_s``
+with ``started_at`` set to when it got the slot. The wait counts towards the module's
+``timeout_s`` (Celery's time limits start when the task does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from dspex_celery.errors import ConfigError, ResourceWaitAborted
+from dspex_celery.hooks import Hook, ModuleContext
+from dspex_celery.results import isoformat, utcnow
+from dspex_celery.state import StateStore
+
+log = logging.getLogger(__name__)
+
+#: Lease lifetime: how long the slot of a killed worker stays taken. Renewed every third of it.
+LEASE_TTL_S = 30.0
+#: Longest pause between two tries for a slot (first tries come faster, with jitter).
+MAX_POLL_S = 0.25
+#: Seconds per rate unit.
+RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*([smh])\s*$")
+
+# Returns 0 (acquired), -1 (no free slot) or the milliseconds until the rate allows a start.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+if #dead > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  redis.call('HDEL', KEYS[2], unpack(dead))
+end
+local max = tonumber(ARGV[2])
+if max > 0 and redis.call('ZCARD', KEYS[1]) >= max then return -1 end
+local rate_n = tonumber(ARGV[4])
+if rate_n > 0 then
+  local window = tonumber(ARGV[5])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - window)
+  if redis.call('ZCARD', KEYS[3]) >= rate_n then
+    local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+    return math.max(1, tonumber(oldest[2]) + window - now)
+  end
+  redis.call('ZADD', KEYS[3], now, ARGV[1])
+  redis.call('PEXPIRE', KEYS[3], window)
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[6])
+return 0
+"""
+
+# Pushes the expiry of a live lease; returns 0 when the lease is gone (expired and reclaimed).
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not expiry or tonumber(expiry) < now then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return 1
+"""
+
+
+class ResourceLimit(BaseModel):
+    """Limits of one resource class, the same on every worker."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_concurrent: int | None = Field(default=None, ge=1, description="Modules running at once, cluster-wide.")
+    rate: str | None = Field(default=None, description='Starts per unit, e.g. "60/m" (units s, m, h).')
+    lease_ttl_s: float = Field(default=LEASE_TTL_S, gt=0, description="Lease lifetime without renewal.")
+
+    @field_validator("rate")
+    @classmethod
+    def _check_rate(cls, value: str | None) -> str | None:
+        if value is not None and not _RATE.match(value):
+            raise ValueError(f"rate '{value}' is not COUNT/UNIT with UNIT s, m or h (e.g. \"60/m\")")
+        return value
+
+    @property
+    def rate_window(self) -> tuple[int, float]:
+        """(starts allowed, window in seconds); (0, 0) without a rate."""
+        match = _RATE.match(self.rate or "")
+        return (int(match[1]), RATE_UNITS[match[2]]) if match else (0, 0.0)
+
+
+_LIMITS = TypeAdapter(dict[str, ResourceLimit])
+
+
+def parse_limits(raw: Mapping[str, Any]) -> dict[str, ResourceLimit]:
+    """Validated limits from ``Settings.resources``; one clear line when they are invalid."""
+    try:
+        return _LIMITS.validate_python(dict(raw))
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise ConfigError(
+            f"resources.{where}: {error['msg']}: fix `resources:` in the config file or DSPEX_RESOURCES"
+        ) from None
+
+
+def lease_keys(store: StateStore, resource: str) -> tuple[str, str, str]:
+    """Redis keys of a class: leases (zset holder -> expiry ms), holders (hash), starts (zset)."""
+    base = store.global_key(f"res:{resource}")
+    return f"{base}:leases", f"{base}:holders", f"{base}:starts"
+
+
+# --- leases ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lease:
+    resource: str
+    holder: str
+    ttl_s: float
+
+
+class LeaseKeeper:
+    """Lease scripts of one store, and a thread per process that renews the leases it holds."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self.leases: dict[str, Lease] = {}
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.pid = 0
+        self.renew = store.client.register_script(_RENEW)
+        self.acquire = store.client.register_script(_ACQUIRE)
+
+    def track(self, lease: Lease) -> None:
+        with self.lock:
+            self.leases[lease.holder] = lease
+            if self.thread is None or self.pid != os.getpid() or not self.thread.is_alive():
+                self.pid = os.getpid()  # a forked pool process starts its own thread
+                self.thread = threading.Thread(target=self._loop, name="dspex-lease-keeper", daemon=True)
+                self.thread.start()
+        self.wake.set()
+
+    def untrack(self, holder: str) -> None:
+        with self.lock:
+            self.leases.pop(holder, None)
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                leases = list(self.leases.values())
+            interval = min((lease.ttl_s for lease in leases), default=LEASE_TTL_S) / 3
+            self.wake.wait(interval)
+            self.wake.clear()
+            for lease in leases:
+                self._renew(lease)
+
+    def _renew(self, lease: Lease) -> None:
+        with self.lock:
+            if lease.holder not in self.leases:
+                return
+        leases_key = lease_keys(self.store, lease.resource)[0]
+        try:
+            alive = self.renew(keys=[leases_key], args=[lease.holder, int(lease.ttl_s * 1000)])
+        except Exception:  # Redis hiccup: the next round tries again, before the lease expires
+            log.warning("could not renew the %s lease %s", lease.resource, lease.holder, exc_info=True)
+            return
+        if not alive:
+            log.warning("the %s lease %s expired before it was renewed", lease.resource, lease.holder)
+            self.untrack(lease.holder)
+
+
+# --- the hook --------------------------------------------------------------------------------
+
+
+class ResourceLimiter(Hook):
+    """Takes a lease of the module's resource class before it runs; gives it back after."""
+
+    def __init__(self, limits: Mapping[str, ResourceLimit]) -> None:
+        self.limits = dict(limits)
+        self._keepers: dict[int, LeaseKeeper] = {}
+        self._lock = threading.Lock()
+
+    def keeper(self, store: StateStore) -> LeaseKeeper:
+        """The lease keeper of ``store`` (one per runtime)."""
+        with self._lock:
+            if id(store) not in self._keepers:
+                self._keepers[id(store)] = LeaseKeeper(store)
+            return self._keepers[id(store)]
+
+    def before_module(self, ctx: ModuleContext) -> None:
+        limit = self.limits.get(ctx.module.resource)
+        if limit is None:
+            return
+        lease = Lease(ctx.module.resource, uuid.uuid4().hex, limit.lease_ttl_s)
+        waited = self._wait_for_slot(ctx, lease, limit)
+        ctx.extras["resource_lease"] = lease
+        self.keeper(ctx.runtime.store).track(lease)
+        got_it = utcnow()
+        ctx.record.waited_s = round((got_it - ctx.started_at).total_seconds(), 6)
+        ctx.record.waiting_for = None
+        ctx.record.started_at = isoformat(got_it)
+        ctx.started_at = got_it  # the module's duration starts now; the wait is in waited_s
+        if waited:
+            self._write(ctx)
+
+    def after_module(self, ctx: ModuleContext) -> None:
+        # On success the record is written after this: stop renewing, release in after_success
+        # (if that never comes, the lease expires).
+        lease = ctx.extras.get("resource_lease")
+        if lease is not None:
+            self.keeper(ctx.runtime.store).untrack(lease.holder)
+
+    def after_success(self, ctx: ModuleContext, output: dict[str, Any]) -> None:
+        self._release(ctx)
+
+    def after_failure(self, ctx: ModuleContext, error: BaseException, will_retry: bool) -> None:
+        self._release(ctx)
+
+    def _wait_for_slot(self, ctx: ModuleContext, lease: Lease, limit: ResourceLimit) -> bool:
+        """Block until the lease is taken; True when it had to wait."""
+        store = ctx.runtime.store
+        keeper = self.keeper(store)
+        keys = lease_keys(store, lease.resource)
+        rate_n, window_s = limit.rate_window
+        info = json.dumps({"execution_id": ctx.execution_id, "module": ctx.module.name, "attempt": ctx.attempt,
+                           "worker": ctx.worker, "pid": os.getpid(), "since": isoformat(utcnow())})
+        args = [lease.holder, limit.max_concurrent or 0, int(lease.ttl_s * 1000), rate_n, int(window_s * 1000), info]
+        pause = 0.02
+        for tries in range(1_000_000_000):
+            hint = int(keeper.acquire(keys=keys, args=args))
+            if hint == 0:
+                return tries > 0
+            if tries == 0:
+                ctx.record.waiting_for = lease.resource
+                self._write(ctx)
+            elif store.is_finished(ctx.execution_id):
+                raise ResourceWaitAborted(
+                    f"module '{ctx.module.name}': the execution ended while it waited for a '{lease.resource}' slot"
+                )
+            pause = min(pause * 1.5, MAX_POLL_S)
+            time.sleep(hint / 1000 if hint > 0 else pause * random.uniform(0.5, 1.0))
+        return True  # pragma: no cover - the loop only ends by returning or raising
+
+    def _release(self, ctx: ModuleContext) -> None:
+        lease = ctx.extras.pop("resource_lease", None)
+        if lease is None:
+            return
+        store = ctx.runtime.store
+        self.keeper(store).untrack(lease.holder)
+        leases_key, holders_key, _ = lease_keys(store, lease.resource)
+        pipe = store.client.pipeline()
+        pipe.zrem(leases_key, lease.holder)
+        pipe.hdel(holders_key, lease.holder)
+        pipe.execute()
+
+    def _write(self, ctx: ModuleContext) -> None:
+        from dspex_celery.execution import write_record
+
+        write_record(ctx.runtime, ctx.execution_id, ctx.module.name, ctx.record)
+
+
+def limiter_hooks(raw: Mapping[str, Any]) -> list[Hook]:
+    """The limiter hook when any class is limited (validating the config either way)."""
+    limits = parse_limits(raw)
+    return [ResourceLimiter(limits)] if limits else []
+
+
+# --- what `dspex-celery resources` shows -------------------------------------------------------
+
+
+def snapshot(store: StateStore, limits: Mapping[str, ResourceLimit]) -> list[dict[str, Any]]:
+    """Per class (configured here, or holding leases in Redis): limits, holders, utilization."""
+    seconds, micros = store.client.time()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    return [_class_snapshot(store, name, limits.get(name), now_ms) for name in sorted({*limits, *_seen(store)})]
+
+
+def _seen(store: StateStore) -> set[str]:
+    prefix, suffix = store.global_key("res:"), ":leases"
+    keys = store.client.scan_iter(match=f"{prefix}*{suffix}", count=500)
+    return {key[len(prefix) : -len(suffix)] for key in keys}
+
+
+def _class_snapshot(store: StateStore, name: str, limit: ResourceLimit | None, now_ms: int) -> dict[str, Any]:
+    leases_key, holders_key, starts_key = lease_keys(store, name)
+    expiries = dict(store.client.zrangebyscore(leases_key, now_ms, "+inf", withscores=True))
+    infos = store.client.hmget(holders_key, list(expiries)) if expiries else []
+    holders = [
+        {**json.loads(info or "{}"), "lease": holder, "expires_in_s": round((expiry - now_ms) / 1000, 3)}
+        for (holder, expiry), info in zip(expiries.items(), infos, strict=True)
+    ]
+    configured = limit is not None
+    limit = limit or ResourceLimit()
+    rate_n, window_s = limit.rate_window
+    starts = store.client.zcount(starts_key, now_ms - window_s * 1000, "+inf") if rate_n else None
+    return {
+        "resource": name,
+        "configured": configured,
+        "max_concurrent": limit.max_concurrent,
+        "rate": limit.rate,
+        "lease_ttl_s": limit.lease_ttl_s,
+        "in_use": len(holders),
+        "utilization": round(len(holders) / limit.max_concurrent, 3) if limit.max_concurrent else None,
+        "starts_in_window": starts,
+        "holders": sorted(holders, key=lambda holder: holder.get("since", "")),
+    }
