@@ -51,6 +51,10 @@ class UnknownExecution(UsageError):
     """No execution with that id is known to the state store (unknown or expired)."""
 
 
+class DspyMissing(UsageError):
+    """The program needs ``dspy``, which is not installed (``pip install 'dspex-celery[dspy]'``)."""
+
+
 # --- a module failed while running on a worker ------------------------------------------------
 
 
@@ -72,6 +76,14 @@ class ModuleOutputError(ModuleError):
 
 class ModuleInputError(ModuleError):
     """A module input refers to a field its upstream module did not return."""
+
+
+class ModuleStateError(ModuleError):
+    """A module's ``state:`` file is missing on the worker or cannot be loaded."""
+
+
+class LMFactoryError(ModuleError):
+    """A ``dspy: {lm: ...}`` (or adapter) factory cannot be imported, failed, or built no LM."""
 
 
 class TransientError(ModuleError):

@@ -9,12 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import networkx as nx
 
 from dspex_celery import defaults
+from dspex_celery.errors import ProgramError
 from dspex_celery.graph import critical_path, levels, remaining_path_lengths, validate
+from dspex_celery.integrations.dspy import dspy_plan_problems, with_dspy_and_state, with_dspy_hint
 from dspex_celery.spec import BreakerPolicy, ModuleSpec, ProgramSpec, RetryPolicy, Threshold
 
 STRATEGIES = ("levels", "sequential", "dag")
@@ -38,6 +41,7 @@ class ModulePlan:
     timeout_s: float | None = None
     retry: dict[str, Any] = field(default_factory=dict)
     circuit_breaker: dict[str, Any] = field(default_factory=dict)
+    dspy: dict[str, str] = field(default_factory=dict)
 
     @property
     def retry_policy(self) -> RetryPolicy:
@@ -127,13 +131,18 @@ def build_plan(
     resolve: bool = True,
     weights: dict[str, float] | None = None,
     learned_timeouts: dict[str, float] | None = None,
+    base_dir: Path | None = None,
 ) -> Plan:
     """Validate ``spec`` and flatten it into a :class:`Plan`.
 
     ``weights`` (observed seconds per module) make priorities and the critical path
-    duration-based; ``learned_timeouts`` fill ``timeout_s`` where the program sets none.
+    duration-based; ``learned_timeouts`` fill ``timeout_s`` where the program sets none;
+    relative ``state:`` paths are made absolute against ``base_dir`` (the program file's folder).
     """
-    graph = validate(spec, source, resolve=resolve)
+    try:
+        graph = validate(spec, source, resolve=resolve)
+    except ProgramError as exc:
+        raise with_dspy_hint(exc, spec) from None
     module_levels = levels(graph)
     level_of = {name: index for index, level in enumerate(module_levels) for name in level}
     priorities = remaining_path_lengths(graph, weights)
@@ -142,6 +151,9 @@ def build_plan(
         name: _module_plan(spec, name, module, graph, level_of[name], priorities[name], learned.get(name))
         for name, module in spec.modules.items()
     }
+    modules = {name: with_dspy_and_state(spec, module, base_dir) for name, module in modules.items()}
+    if resolve and (problems := dspy_plan_problems(modules)):
+        raise ProgramError(problems, source)
     return Plan(
         program=spec.name,
         fingerprint=fingerprint(spec),

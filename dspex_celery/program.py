@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
+from dspex_celery.integrations.dspy import spec_factories
 from dspex_celery.plan import Plan, build_plan
 from dspex_celery.runner import package_of
 from dspex_celery.spec import ProgramSpec, load_program_file, parse_program
@@ -13,6 +16,11 @@ from dspex_celery.spec import ProgramSpec, load_program_file, parse_program
 
 class Program:
     """A DAG of modules. Build it with :meth:`add_module` or load it with :meth:`from_file`."""
+
+    #: Folder that relative ``state:`` paths are resolved against: the program file's, else the cwd.
+    base_dir: Path | None = None
+    #: ``submit_program`` keywords used by :meth:`forward` (set with :meth:`using`).
+    run_options: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(self, name: str, inputs: list[str] | tuple[str, ...] = (), **keys: Any) -> None:
         self._data: dict[str, Any] = {"name": name, "inputs": list(inputs), "modules": {}, **keys}
@@ -29,7 +37,9 @@ class Program:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Program:
-        return cls.from_dict(load_program_file(path), source=str(path))
+        program = cls.from_dict(load_program_file(path), source=str(path))
+        program.base_dir = Path(path).resolve().parent
+        return program
 
     @classmethod
     def coerce(cls, value: Program | ProgramSpec | dict[str, Any] | str | Path) -> Program:
@@ -45,14 +55,22 @@ class Program:
     def add_module(
         self,
         name: str,
-        uses: str,
+        uses: str | Any,
         *,
         inputs: dict[str, Any] | None = None,
         depends_on: list[str] | tuple[str, ...] = (),
         resource: str | None = None,
         **options: Any,
     ) -> Program:
-        """Add a module (``options`` are other module keys: ``with_``, ``retry``, ``timeout_s``)."""
+        """Add a module (``options`` are other module keys: ``with_``, ``retry``, ``timeout_s``).
+
+        ``uses`` may be a ``dspy.Module`` instance of an importable class: its state is saved as
+        JSON under ``state_dir=`` (default ``.dspex/state``) and workers rebuild it with ``with_``.
+        """
+        if not isinstance(uses, str):
+            from dspex_celery.integrations.dspy import module_reference
+
+            uses, options = module_reference(name, uses, options)
         module: dict[str, Any] = {"uses": uses, "depends_on": list(depends_on)}
         if inputs is not None:
             module["inputs"] = inputs
@@ -83,11 +101,30 @@ class Program:
 
     def plan(self, *, resolve: bool = True, **hints: Any) -> Plan:
         """Validate the program completely and flatten it into a plan."""
-        return build_plan(self.spec, source=self.source, resolve=resolve, **hints)
+        return build_plan(self.spec, source=self.source, resolve=resolve, base_dir=self.base_dir, **hints)
 
     def packages(self) -> set[str]:
-        """The Python packages whose modules this program calls."""
-        return {package_of(module.uses) for module in self.spec.modules.values()}
+        """The Python packages whose modules (and DSPy LM/adapter factories) this program calls."""
+        uses = [module.uses for module in self.spec.modules.values()] + spec_factories(self.spec)
+        return {package_of(path) for path in uses}
+
+    def using(self, **options: Any) -> Program:
+        """How :meth:`forward` runs: ``submit_program`` keywords (``app``, ``strategy``, ``timeout``)."""
+        self.run_options = MappingProxyType({**self.run_options, **options})
+        return self
+
+    def forward(self, **inputs: Any) -> Any:
+        """Run the program like a DSPy module and return a ``dspy.Prediction`` of its outputs.
+
+        Embedded (in-process) unless :meth:`using` or ``DSPEX_*`` settings name a cluster; a failed
+        execution raises :class:`~dspex_celery.errors.ExecutionFailed`.
+        """
+        from dspex_celery.integrations.dspy import run_program
+
+        return run_program(self, inputs, self.run_options)
+
+    def __call__(self, **inputs: Any) -> Any:
+        return self.forward(**inputs)
 
     def to_dict(self) -> dict[str, Any]:
         return self.spec.to_dict()

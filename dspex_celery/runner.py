@@ -11,6 +11,7 @@ from typing import Any, cast
 
 from dspex_celery.errors import ModuleImportError, ModuleInputError, ModuleNotAllowed, ModuleOutputError
 from dspex_celery.graph import resolve_uses
+from dspex_celery.integrations.dspy import dspy_factories, load_state, state_version, wrap_dspy
 from dspex_celery.plan import ModulePlan
 from dspex_celery.spec import parse_ref, unescape
 
@@ -30,21 +31,22 @@ def is_allowed(uses: str, allowed: tuple[str, ...]) -> bool:
 
 
 def check_allowed(module: ModulePlan, allowed: tuple[str, ...]) -> None:
-    if not is_allowed(module.uses, allowed):
-        listed = ", ".join(allowed) or "none"
-        raise ModuleNotAllowed(
-            f"module '{module.name}': '{module.uses}' is not allowed on this worker "
-            f"(allow-listed packages: {listed}); start the worker with --modules "
-            f"{package_of(module.uses).split('.')[0]}"
-        )
+    for uses in (module.uses, *dspy_factories(module.dspy)):
+        if not is_allowed(uses, allowed):
+            listed = ", ".join(allowed) or "none"
+            raise ModuleNotAllowed(
+                f"module '{module.name}': '{uses}' is not allowed on this worker "
+                f"(allow-listed packages: {listed}); start the worker with --modules "
+                f"{package_of(uses).split('.')[0]}"
+            )
 
 
 def load_callable(module: ModulePlan) -> Callable[..., Any]:
     """The callable for a module: classes are instantiated once per process with ``with:``."""
-    cache_key = json.dumps([module.uses, module.with_, module.state], sort_keys=True)
+    cache_key = json.dumps([module.uses, module.with_, state_version(module.state), module.dspy], sort_keys=True)
     with _instances_lock:
         if cache_key not in _instances:
-            _instances[cache_key] = _instantiate(module)
+            _instances[cache_key] = wrap_dspy(module, _instantiate(module))
         return _instances[cache_key]
 
 
@@ -56,7 +58,7 @@ def _instantiate(module: ModulePlan) -> Callable[..., Any]:
     if inspect.isclass(target):
         instance: Any = target(**module.with_)
         if module.state is not None:
-            instance.load(module.state)
+            load_state(module, instance)
         return cast(Callable[..., Any], instance)
     return functools.partial(target, **module.with_) if module.with_ else target
 

@@ -66,6 +66,14 @@ class Threshold(_Frozen):
 FailureTolerance = Literal["strict", "tolerant"] | Threshold
 
 
+class DspySettings(_Frozen):
+    """``dspy:`` — factories (``package.module:callable``) the worker calls to build the LM and adapter
+    that DSPy modules run with (inside ``dspy.context``)."""
+
+    lm: Annotated[str, Field(pattern=USES_PATTERN)] | None = None
+    adapter: Annotated[str, Field(pattern=USES_PATTERN)] | None = None
+
+
 class ModuleSpec(_Frozen):
     """One module of the program: what to call, with which inputs, on which resource class."""
 
@@ -78,6 +86,7 @@ class ModuleSpec(_Frozen):
     timeout_s: float | None = Field(default=None, gt=0)
     retry: RetryPolicy | None = None
     circuit_breaker: BreakerPolicy | None = None
+    dspy: DspySettings | None = None
 
 
 class ProgramSpec(_Frozen):
@@ -90,6 +99,7 @@ class ProgramSpec(_Frozen):
     defaults: ModuleDefaults = ModuleDefaults()
     failure_tolerance: FailureTolerance = "strict"
     description: str | None = None
+    dspy: DspySettings | None = None
 
     @field_validator("modules")
     @classmethod
@@ -237,6 +247,6 @@ def _describe(error: Any) -> str:
 
 
 def _pattern_hint(location: str) -> str:
-    if location.endswith("uses") or ".on." in location:
+    if location.endswith(("uses", "dspy.lm", "dspy.adapter")) or ".on." in location:
         return "expected 'package.module:attribute'"
     return "expected a name of letters, digits and '_' not starting with a digit"

@@ -15,6 +15,7 @@ from dspex_celery.errors import ModuleTimeout, TransientError
 from dspex_celery.execution import failure_budget_exceeded, finish, write_record
 from dspex_celery.graph import resolve_uses
 from dspex_celery.hooks import ModuleContext
+from dspex_celery.integrations.dspy import is_lm_transient
 from dspex_celery.plan import ModulePlan, Plan
 from dspex_celery.results import ExecutionStatus, ModuleRecord, ModuleStatus, isoformat, utcnow
 from dspex_celery.runner import check_allowed, load_callable, normalize_output, resolve_inputs
@@ -162,7 +163,9 @@ def _as_timeout(error: Exception) -> Exception:
 def is_transient(error: BaseException, module: ModulePlan) -> bool:
     """Transient errors are retried: built-in ones and the classes named in ``retry.on``."""
     extra = tuple(_error_class(path) for path in module.retry_policy.on)
-    return isinstance(error, BUILTIN_TRANSIENT + tuple(cls for cls in extra if cls is not None))
+    if isinstance(error, BUILTIN_TRANSIENT + tuple(cls for cls in extra if cls is not None)):
+        return True
+    return is_lm_transient(error)  # DSPy integration: LM rate limits, overload, connection errors
 
 
 def _error_class(path: str) -> type[BaseException] | None:
