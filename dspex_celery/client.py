@@ -85,11 +85,19 @@ def submit_program(
     strategy: str | None = None,
     app: Celery | None = None,
     timeout: float | None = None,
+    use_profile: bool = True,
 ) -> ExecutionHandle:
-    """Validate ``program``, store its plan and dispatch it; returns at once with a handle."""
+    """Validate ``program``, store its plan and dispatch it; returns at once with a handle.
+
+    ``use_profile``: plan with the optimizer's profile of this program version, if history has one.
+    """
     runtime = runtime_of(app) if app is not None else default_runtime()
     program = Program.coerce(program)
     plan = program.plan()
+    if use_profile:
+        from dspex_celery.optimizer import apply_profile
+
+        plan = apply_profile(runtime.settings, program, plan)
     values = check_inputs(plan, inputs or {})
     chosen = choose_strategy(plan, strategy)
     prepare_runtime(runtime, program, plan)

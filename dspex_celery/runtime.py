@@ -70,10 +70,11 @@ def create_runtime(settings: Settings | None = None) -> Runtime:
 
 def default_hooks(settings: Settings) -> HookChain:
     """The hooks every runtime installs (extended by later features)."""
+    from dspex_celery.history.hooks import history_hooks
     from dspex_celery.report import AttemptLog
     from dspex_celery.resources import limiter_hooks
 
-    return HookChain([*limiter_hooks(settings.resources), AttemptLog()])
+    return HookChain([*limiter_hooks(settings.resources), AttemptLog(), *history_hooks(settings)])
 
 
 def runtime_of(app: Celery) -> Runtime:

@@ -65,6 +65,7 @@ def _read_inputs_file(path: str) -> dict[str, Any]:
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Fail the execution after SECONDS.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object (the execution result).")
 @click.option("-q", "--quiet", is_flag=True, help="No live progress display (there is none when not a terminal).")
+@click.option("--no-profile", is_flag=True, help="Ignore the optimizer's profile (learned priorities and timeouts).")
 def run(
     program_file: str,
     pairs: tuple[str, ...],
@@ -75,13 +76,15 @@ def run(
     timeout: float | None,
     as_json: bool,
     quiet: bool,
+    no_profile: bool,
 ) -> None:
     """Run PROGRAM and print its outputs (in-process when no broker is configured)."""
     program = Program.from_file(program_file)
     program.plan()
     inputs = collect_inputs(pairs, inputs_file)
     runtime = create_runtime(load_settings(broker_url=broker, result_backend=result_backend))
-    handle = submit_program(program, inputs, strategy=strategy, app=runtime.app, timeout=timeout)
+    handle = submit_program(program, inputs, strategy=strategy, app=runtime.app, timeout=timeout,
+                            use_profile=not no_profile)
     result = follow(handle) if show_progress(as_json, quiet) else handle.get()
     if as_json:
         print_json(result.to_json_dict())

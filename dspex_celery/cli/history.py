@@ -1,0 +1,253 @@
+"""``listener``, ``history``, ``show``, ``optimize`` and ``status``: execution history and the live cluster."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from dspex_celery.cli import cli, connection_options
+from dspex_celery.cli.render import print_json, print_result
+from dspex_celery.errors import ConfigError
+from dspex_celery.history.models import ExecutionRow
+from dspex_celery.history.store import HistoryStore, history_url, open_history, optional_iso
+from dspex_celery.optimizer import Report, optimize
+from dspex_celery.results import isoformat, utcnow
+from dspex_celery.routing import CONTROL, queue_name
+from dspex_celery.runtime import Runtime, create_runtime
+from dspex_celery.settings import Settings, load_settings
+
+
+def history_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--history-url", "history_db", metavar="URL", default=None,
+        help="History database (default: DSPEX_HISTORY_URL, else a SQLite file in the user data directory).",
+    )(command)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def open_store(settings: Settings, *, create: bool = False) -> HistoryStore:
+    url = history_url(settings)
+    if url is None:
+        raise ConfigError("history is off (DSPEX_HISTORY_URL=off): set DSPEX_HISTORY_URL or pass --history-url URL")
+    return open_history(url, create=create)
+
+
+def cluster_runtime(settings: Settings, command: str) -> Runtime:
+    if settings.embedded:
+        raise ConfigError(f"{command} needs the cluster's broker and Redis: pass --broker URL or set DSPEX_BROKER_URL")
+    runtime = create_runtime(settings)
+    runtime.check_reachable()
+    return runtime
+
+
+# --- listener ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@connection_options
+@history_option
+@click.option("--consumer", default=None, help="Consumer name in the stream's group (default: listener@HOST).")
+def listener(broker: str | None, result_backend: str | None, history_db: str | None, consumer: str | None) -> None:
+    """Write execution history from the cluster's history stream (restart-safe, idempotent)."""
+    from dspex_celery.history.listener import Listener
+
+    settings = load_settings(broker_url=broker, result_backend=result_backend, history_url=history_db)
+    runtime = cluster_runtime(settings, "the listener")
+    store = open_store(settings, create=True)
+    worker = Listener(runtime, store, consumer)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    reconciled = worker.start()
+    click.echo(
+        f"listener ready: namespace {settings.namespace}, consumer {worker.consumer}, history {store.display_url}, "
+        f"reconciled {reconciled} execution(s)",
+        err=True,
+    )
+    worker.run(stop)
+
+
+# --- history and show ---------------------------------------------------------------------------
+
+
+@cli.command("history")
+@click.option("--program", default=None, help="Only executions of this program.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@json_option
+@history_option
+def history_command(program: str | None, limit: int, as_json: bool, history_db: str | None) -> None:
+    """List recorded executions, most recent first."""
+    rows = open_store(load_settings(history_url=history_db)).executions(program, limit)
+    summaries = [execution_summary(row) for row in rows]
+    if as_json:
+        print_json(summaries)
+        return
+    table = Table(show_edge=False, box=None, pad_edge=False)
+    for column in ("execution", "program", "status", "strategy", "submitted", "seconds", "failed"):
+        table.add_column(column)
+    for item in summaries:
+        seconds = f"{item['duration_s']:.3f}" if item["duration_s"] is not None else "-"
+        table.add_row(item["execution_id"], item["program"] or "?", item["status"], item["strategy"] or "-",
+                      item["submitted_at"] or "-", seconds, ", ".join(item["failed_modules"]))
+    Console(highlight=False).print(table)
+
+
+def execution_summary(row: ExecutionRow) -> dict[str, Any]:
+    """One execution as ``history --json`` prints it."""
+    return {
+        "execution_id": row.id,
+        "program": row.program,
+        "fingerprint": row.fingerprint,
+        "strategy": row.strategy,
+        "status": row.status,
+        "submitted_at": optional_iso(row.submitted_at),
+        "started_at": optional_iso(row.started_at),
+        "finished_at": optional_iso(row.finished_at),
+        "duration_s": _seconds(row.submitted_at, row.finished_at),
+        "failed_modules": row.failed_modules or [],
+        "error": row.error,
+        "resumed_from": row.resumed_from,
+    }
+
+
+@cli.command()
+@click.argument("execution_id")
+@json_option
+@history_option
+def show(execution_id: str, as_json: bool, history_db: str | None) -> None:
+    """Show a recorded execution (the same JSON as ``run --json``)."""
+    result = open_store(load_settings(history_url=history_db)).result(execution_id)
+    if as_json:
+        print_json(result.to_json_dict())
+    else:
+        print_result(result)
+
+
+# --- optimize -----------------------------------------------------------------------------------
+
+
+@cli.command("optimize")
+@click.argument("program")
+@click.option("--fingerprint", default=None, help="Program version to analyse (default: the latest run).")
+@json_option
+@history_option
+def optimize_command(program: str, fingerprint: str | None, as_json: bool, history_db: str | None) -> None:
+    """Analyse PROGRAM's history; save the profile its next runs use."""
+    report = optimize(open_store(load_settings(history_url=history_db)), program, fingerprint)
+    if as_json:
+        print_json(report.to_json_dict())
+    else:
+        print_report(report)
+
+
+def print_report(report: Report) -> None:
+    console = Console(highlight=False)
+    console.print(f"[bold]{report.program}[/bold] {report.fingerprint}: {report.executions} finished execution(s)")
+    table = Table(show_edge=False, box=None, pad_edge=False)
+    for column in ("module", "runs", "p50 s", "p95 s", "fail", "retry", "timeout_s", "retry.max_attempts"):
+        table.add_column(column)
+    for name, stats in report.modules.items():
+        retry = stats.recommended_retry["max_attempts"] if stats.recommended_retry else "-"
+        table.add_row(name, str(stats.runs), _num(stats.p50_s), _num(stats.p95_s), f"{stats.failure_rate:.0%}",
+                      f"{stats.retry_rate:.0%}", _num(stats.recommended_timeout_s, 1), str(retry))
+    console.print(table)
+    console.print(f"critical path ({report.critical_path_s:.3f} s): {' -> '.join(report.critical_path)}")
+    for item in report.bottlenecks:
+        console.print(f"  bottleneck {item.module}: p50 {item.p50_s:.3f} s, path {item.saving_s:.3f} s shorter if instant")
+    console.print(f"strategy: {report.strategy.recommended} ({report.strategy.reason})")
+    console.print("profile saved: later runs of this version use its priorities and timeouts (--no-profile to skip)")
+
+
+# --- status -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@connection_options
+@json_option
+def status(broker: str | None, result_backend: str | None, as_json: bool) -> None:
+    """Live executions and queue depths per resource class."""
+    runtime = cluster_runtime(load_settings(broker_url=broker, result_backend=result_backend), "status")
+    data = {"live": live_executions(runtime), "queues": queue_depths(runtime, known_resources(runtime))}
+    if as_json:
+        print_json(data)
+        return
+    console = Console(highlight=False)
+    console.print(f"[bold]{len(data['live'])} live execution(s)[/bold]")
+    for item in data["live"]:
+        counts = ", ".join(f"{count} {state}" for state, count in item["modules"].items())
+        console.print(f"  {item['execution_id']} {item['program']} {item['age_s']:.1f} s: {counts}")
+    console.print("[bold]queue depths[/bold]")
+    for resource, depth in data["queues"].items():
+        console.print(f"  {resource}: {depth}")
+
+
+def live_executions(runtime: Runtime) -> list[dict[str, Any]]:
+    """Executions in the ``{ns}:live`` set, with module counts per state."""
+    store = runtime.store
+    now = utcnow().timestamp()
+    entries = store.client.zrange(store.global_key("live"), 0, -1, withscores=True)
+    live = []
+    for execution_id, score in entries:
+        plan = store.plan(execution_id)
+        records = store.records(execution_id)
+        counts = Counter(record.status.value for record in records.values())
+        if plan is not None:
+            counts["pending"] += len(plan.modules) - len(records)
+        live.append({
+            "execution_id": execution_id,
+            "program": plan.program if plan else None,
+            "submitted_at": isoformat(datetime.fromtimestamp(score).astimezone()),
+            "age_s": round(now - score, 3),
+            "modules": dict(sorted(counts.items())),
+        })
+    return live
+
+
+def known_resources(runtime: Runtime) -> list[str]:
+    """Resource classes of configured limits, live plans and (Redis brokers) existing queues."""
+    names = {"default", CONTROL, *runtime.settings.resources}
+    for execution_id in runtime.store.live_executions():
+        plan = runtime.store.plan(execution_id)
+        if plan is not None:
+            names.update(module.resource for module in plan.modules.values())
+    broker = runtime.settings.broker_url or ""
+    if broker.startswith(("redis://", "rediss://")):
+        import redis
+
+        prefix = queue_name(runtime.settings.namespace, "")
+        client = redis.Redis.from_url(broker, decode_responses=True)
+        for key in client.scan_iter(match=f"{prefix}*", count=1000, _type="list"):
+            names.add(key[len(prefix):].split("\x06\x16")[0])
+    return sorted(names)
+
+
+def queue_depths(runtime: Runtime, resources: list[str]) -> dict[str, int]:
+    """Messages waiting in each resource class's queue (0 when the queue does not exist)."""
+    depths = {}
+    with runtime.app.connection_for_read() as connection:
+        for resource in resources:
+            try:
+                with connection.channel() as channel:
+                    declared = channel.queue_declare(queue=queue_name(runtime.settings.namespace, resource), passive=True)
+                depths[resource] = int(declared.message_count)
+            except Exception:  # kombu: NOT_FOUND when nothing was ever queued there
+                depths[resource] = 0
+    return depths
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    return None if start is None or end is None else round((end - start).total_seconds(), 6)
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

@@ -1,0 +1,152 @@
+"""Where history events come from: hooks on every record write and every finished execution.
+
+Cluster processes (workers, clients that finish a timed-out execution) publish to a Redis stream
+per namespace, ``{ns}:history``, which ``dspex-celery listener`` consumes. The listener reconciles
+from the state store too (module records, plus every finished attempt kept by ``report.AttemptLog``).
+Embedded runs write history in-process, from a background thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import threading
+import time
+
+from dspex_celery.history.events import (
+    Event,
+    FinishedEvent,
+    describe,
+    encode,
+    finished_result,
+    record_event,
+)
+from dspex_celery.hooks import Hook
+from dspex_celery.results import ExecutionResult, ModuleRecord
+from dspex_celery.settings import Settings
+from dspex_celery.state import StateStore
+
+log = logging.getLogger(__name__)
+
+#: Approximate length cap of the history stream: what a listener that is down can catch up on
+#: from the stream; older events are still reconciled from the state store.
+STREAM_MAXLEN = 100_000
+
+#: Events written per transaction by the embedded recorder.
+BATCH = 500
+
+
+def stream_key(namespace: str) -> str:
+    return f"{namespace}:history"
+
+
+def history_hooks(settings: Settings) -> list[Hook]:
+    """The history hook of a runtime: publish (cluster) or record in-process (embedded)."""
+    if not settings.embedded:
+        return [StreamPublisher(settings)]
+    from dspex_celery.history.store import history_url  # SQLAlchemy only where history is written
+
+    url = history_url(settings)
+    return [] if url is None else [EmbeddedRecorder(settings, url)]
+
+
+class StreamPublisher(Hook):
+    """Appends every record change and finished execution to the namespace's history stream."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._store: StateStore | None = None
+
+    @property
+    def store(self) -> StateStore:
+        if self._store is None:  # created lazily: after fork, in the process that publishes
+            assert self.settings.state_url is not None
+            self._store = StateStore.from_url(self.settings.state_url, self.settings.namespace, self.settings.state_ttl_s)
+        return self._store
+
+    def on_record(self, execution_id: str, module: str, record: ModuleRecord) -> None:
+        self._publish(record_event(self.settings.namespace, execution_id, module, record))
+
+    def on_execution_finished(self, result: ExecutionResult) -> None:
+        self._publish(FinishedEvent(result))
+
+    def _publish(self, item: Event) -> None:
+        self.store.client.xadd(stream_key(self.settings.namespace), encode(item), maxlen=STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
+
+
+class EmbeddedRecorder(Hook):
+    """Writes history from a background thread of this process (embedded mode)."""
+
+    def __init__(self, settings: Settings, url: str) -> None:
+        self.settings = settings
+        self.url = url
+        self.events: queue.Queue[Event | None] = queue.Queue()
+        self.seen: set[str] = set()
+        self.finished: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def store(self) -> StateStore:
+        return StateStore.in_memory(self.settings.namespace, self.settings.state_ttl_s)
+
+    def on_record(self, execution_id: str, module: str, record: ModuleRecord) -> None:
+        self._put(record_event(self.settings.namespace, execution_id, module, record))
+
+    def on_execution_finished(self, result: ExecutionResult) -> None:
+        self._put(FinishedEvent(result))
+
+    def _put(self, item: Event) -> None:
+        self._start()
+        self.events.put(item)
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="dspex-history", daemon=True)
+                self._thread.start()
+                atexit.register(self.close)
+
+    def _loop(self) -> None:
+        store = self.store
+        while True:
+            batch = [self.events.get()]
+            while len(batch) < BATCH and not self.events.empty():
+                batch.append(self.events.get())
+            items = [item for item in batch if item is not None]
+            self._write(items, store)
+            for _ in batch:
+                self.events.task_done()
+            if None in batch:
+                return
+
+    def _write(self, items: list[Event], store: StateStore) -> None:
+        from dspex_celery.history.store import open_history
+
+        try:
+            open_history(self.url).apply(items, lambda execution_id: describe(store, execution_id))
+        except Exception:  # history must never break a run
+            log.exception("could not write execution history to %s", self.url)
+        self.seen.update(item.execution_id for item in items)
+        self.finished.update(item.execution_id for item in items if isinstance(item, FinishedEvent))
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every event queued so far is written."""
+        deadline = time.monotonic() + timeout
+        while self.events.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        """At exit: write what is queued, and finish executions whose finish event is still on its way."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        self.flush()
+        store = self.store
+        for execution_id in self.seen - self.finished:
+            result = finished_result(store, execution_id)
+            if result is not None:
+                self.events.put(FinishedEvent(result))
+        self.events.put(None)
+        self._thread.join(timeout=10)
+

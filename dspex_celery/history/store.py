@@ -1,0 +1,401 @@
+"""The history database: open it (``create_all`` + schema version check), write events, query it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, Select, create_engine, event, func, inspect, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, aliased
+
+from dspex_celery.errors import ConfigError, UnknownExecution
+from dspex_celery.history.events import (
+    ATTEMPT_RANK,
+    FINAL_RANK,
+    LOST,
+    RUNNING_RANK,
+    Event,
+    ExecutionInfo,
+    FinishedEvent,
+    RecordEvent,
+)
+from dspex_celery.history.models import (
+    SCHEMA_VERSION,
+    AttemptRow,
+    Base,
+    ExecutionRow,
+    ProfileRow,
+    ProgramPlanRow,
+    SchemaVersion,
+)
+from dspex_celery.plan import Plan
+from dspex_celery.results import ExecutionResult, ExecutionStatus, ModuleRecord, isoformat, parse_time, utcnow
+from dspex_celery.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: ``DSPEX_HISTORY_URL`` values that turn history off.
+DISABLED = ("off", "none", "")
+
+Describe = Callable[[str], ExecutionInfo]
+
+
+def data_dir() -> Path:
+    """The per-user data directory (XDG_DATA_HOME, else ~/.local/share; LOCALAPPDATA on Windows)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.environ.get("LOCALAPPDATA")
+    return (Path(base) if base else Path.home() / ".local" / "share") / "dspex-celery"
+
+
+def history_url(settings: Settings) -> str | None:
+    """The history database URL in force: ``DSPEX_HISTORY_URL``, else a SQLite file; None = off."""
+    url = settings.history_url
+    if url is None:
+        return f"sqlite:///{data_dir() / 'history.db'}"
+    return None if url.strip().lower() in DISABLED else url
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL (None for other databases and in-memory SQLite)."""
+    if not url.startswith("sqlite:///") or url in ("sqlite://", "sqlite:///:memory:"):
+        return None
+    return Path(url.removeprefix("sqlite:///").split("?")[0])
+
+
+class HistoryStore:
+    """One history database (SQLite or PostgreSQL) and the operations on it."""
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        self.url = url
+        self.engine = _engine(url, create)
+        self.check_schema(create)
+        self.created = create
+
+    @property
+    def display_url(self) -> str:
+        """The URL without its password."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    # --- schema -----------------------------------------------------------------------------
+
+    def check_schema(self, create: bool) -> None:
+        """Create missing tables (when ``create``) and refuse a database of another schema version."""
+        try:
+            if create:
+                Base.metadata.create_all(self.engine)
+            elif not inspect(self.engine).has_table(SchemaVersion.__tablename__):
+                raise ConfigError(f"no history database at {self.display_url}: run a program or start the listener first")
+            with Session(self.engine) as session, session.begin():
+                row = session.get(SchemaVersion, "history")
+                if row is None:
+                    session.add(SchemaVersion(name="history", version=SCHEMA_VERSION))
+                elif row.version != SCHEMA_VERSION:
+                    raise ConfigError(
+                        f"history database {self.display_url} has schema version {row.version}, this dspex-celery "
+                        f"uses {SCHEMA_VERSION}: point DSPEX_HISTORY_URL at a new database"
+                    )
+        except SQLAlchemyError as exc:
+            raise ConfigError(f"cannot open the history database {self.display_url} ({_reason(exc)}): check DSPEX_HISTORY_URL") from None
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    # --- writing events ---------------------------------------------------------------------
+
+    def apply(self, events: Sequence[Event], describe: Describe) -> None:
+        """Write events in one transaction; safe to repeat and in any order."""
+        if not events:
+            return
+        ids = list(dict.fromkeys(event.execution_id for event in events))
+        with self.session() as session, session.begin():
+            self._ensure_executions(session, ids, describe)
+            for item in events:
+                if isinstance(item, RecordEvent):
+                    self._upsert_attempt(session, item)
+                else:
+                    self._finish(session, item)
+            self._mark_lost(session, ids)
+            self._set_started(session, ids)
+
+    def _ensure_executions(self, session: Session, ids: list[str], describe: Describe) -> None:
+        known = set(session.scalars(select(ExecutionRow.id).where(ExecutionRow.id.in_(ids))))
+        for execution_id in ids:
+            if execution_id not in known:
+                self._insert_execution(session, describe(execution_id))
+
+    def _insert_execution(self, session: Session, info: ExecutionInfo) -> None:
+        final = ExecutionStatus(info.status).final
+        values = {
+            "id": info.execution_id,
+            "program": info.program,
+            "fingerprint": info.fingerprint,
+            "strategy": info.strategy,
+            "status": ExecutionStatus.RUNNING.value if final else info.status,
+            "rank": RUNNING_RANK,
+            "inputs_digest": info.inputs_digest,
+            "submitted_at": _time(info.submitted_at),
+            "resumed_from": info.resumed_from,
+        }
+        session.execute(self._insert(ExecutionRow, values).on_conflict_do_nothing(index_elements=["id"]))
+        if info.plan is not None:
+            self.save_plan(session, info.plan)
+
+    def save_plan(self, session: Session, plan: Plan) -> None:
+        values = {"fingerprint": plan.fingerprint, "program": plan.program, "plan": plan.to_json(), "first_seen": utcnow()}
+        session.execute(self._insert(ProgramPlanRow, values).on_conflict_do_nothing(index_elements=["fingerprint"]))
+
+    def _upsert_attempt(self, session: Session, item: RecordEvent) -> None:
+        values = attempt_values(item)
+        statement = self._insert(AttemptRow, values)
+        keys = ("execution_id", "module", "attempt")
+        statement = statement.on_conflict_do_update(
+            index_elements=list(keys),
+            set_={name: statement.excluded[name] for name in values if name not in keys},
+            where=AttemptRow.rank <= statement.excluded.rank,
+        )
+        session.execute(statement)
+
+    def _finish(self, session: Session, item: FinishedEvent) -> None:
+        result = item.result
+        session.execute(
+            update(ExecutionRow)
+            .where(ExecutionRow.id == result.execution_id, ExecutionRow.rank <= FINAL_RANK)
+            .values(
+                program=result.program,
+                strategy=result.strategy,
+                status=result.status.value,
+                rank=FINAL_RANK,
+                outputs=result.outputs,
+                failed_modules=result.failed_modules,
+                error=result.error,
+                submitted_at=_time(result.submitted_at),
+                finished_at=_time(result.finished_at),
+                resumed_from=result.resumed_from,
+            )
+        )
+        for module, record in result.modules.items():
+            self._upsert_attempt(session, RecordEvent(result.execution_id, module, record))
+
+    def _mark_lost(self, session: Session, ids: list[str]) -> None:
+        """Attempts still 'running' below a module's latest attempt: their worker died."""
+        later = aliased(AttemptRow)
+        newest = (
+            select(func.max(later.attempt))
+            .where(later.execution_id == AttemptRow.execution_id, later.module == AttemptRow.module)
+            .scalar_subquery()
+        )
+        session.execute(
+            update(AttemptRow)
+            .where(AttemptRow.execution_id.in_(ids), AttemptRow.rank <= RUNNING_RANK, AttemptRow.attempt < newest)
+            .values(status=LOST, rank=ATTEMPT_RANK[LOST], error_type="WorkerLost",
+                    error_message="the worker running this attempt was lost")
+            .execution_options(synchronize_session=False)
+        )
+
+    def _set_started(self, session: Session, ids: list[str]) -> None:
+        first = (
+            select(func.min(AttemptRow.started_at))
+            .where(AttemptRow.execution_id == ExecutionRow.id)
+            .scalar_subquery()
+        )
+        session.execute(
+            update(ExecutionRow).where(ExecutionRow.id.in_(ids)).values(started_at=first)
+            .execution_options(synchronize_session=False)
+        )
+
+    def _insert(self, model: type[Base], values: dict[str, Any]) -> Any:
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        return dialect.insert(model).values(**values)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def executions(self, program: str | None = None, limit: int = 20) -> list[ExecutionRow]:
+        """Most recent executions first."""
+        query: Select[tuple[ExecutionRow]] = select(ExecutionRow)
+        if program is not None:
+            query = query.where(ExecutionRow.program == program)
+        query = query.order_by(ExecutionRow.submitted_at.desc().nulls_last(), ExecutionRow.id).limit(limit)
+        with self.session() as session:
+            return list(session.scalars(query))
+
+    def final_ids(self, ids: Iterable[str]) -> set[str]:
+        """Those of ``ids`` whose execution is recorded as finished."""
+        wanted = list(ids)
+        with self.session() as session:
+            query = select(ExecutionRow.id).where(ExecutionRow.id.in_(wanted), ExecutionRow.rank >= FINAL_RANK)
+            return set(session.scalars(query))
+
+    def attempts(self, execution_ids: Sequence[str]) -> list[AttemptRow]:
+        """Attempt rows of these executions, by execution, module and attempt."""
+        query = (
+            select(AttemptRow)
+            .where(AttemptRow.execution_id.in_(list(execution_ids)))
+            .order_by(AttemptRow.execution_id, AttemptRow.module, AttemptRow.attempt)
+        )
+        with self.session() as session:
+            return list(session.scalars(query))
+
+    def plan(self, fingerprint: str) -> Plan | None:
+        with self.session() as session:
+            row = session.get(ProgramPlanRow, fingerprint)
+            return None if row is None else Plan.from_json(row.plan)
+
+    def result(self, execution_id: str) -> ExecutionResult:
+        """The execution as history recorded it, in the ``run --json`` shape."""
+        with self.session() as session:
+            row = session.get(ExecutionRow, execution_id)
+        if row is None:
+            raise UnknownExecution(
+                f"no execution '{execution_id}' in the history at {self.display_url}: list them with `dspex-celery history`"
+            )
+        plan = self.plan(row.fingerprint) if row.fingerprint else None
+        modules = latest_records(self.attempts([execution_id]))
+        if plan is not None:
+            modules = {name: modules.get(name, ModuleRecord(resource=module.resource)) for name, module in plan.modules.items()}
+        return ExecutionResult(
+            execution_id=row.id,
+            program=row.program or "",
+            strategy=row.strategy or "",
+            status=ExecutionStatus(row.status),
+            outputs=row.outputs or {},
+            modules=modules,
+            failed_modules=row.failed_modules or [name for name, rec in modules.items() if rec.status == "failed"],
+            error=row.error,
+            submitted_at=optional_iso(row.submitted_at),
+            finished_at=optional_iso(row.finished_at),
+            resumed_from=row.resumed_from,
+        )
+
+    def finished_executions(self, fingerprint: str) -> list[ExecutionRow]:
+        query = select(ExecutionRow).where(ExecutionRow.fingerprint == fingerprint, ExecutionRow.rank >= FINAL_RANK)
+        with self.session() as session:
+            return list(session.scalars(query.order_by(ExecutionRow.submitted_at)))
+
+    def latest_fingerprint(self, program: str) -> str | None:
+        """The fingerprint of the program's most recently submitted execution."""
+        rows = [row for row in self.executions(program, limit=1) if row.fingerprint]
+        return rows[0].fingerprint if rows else None
+
+    # --- profiles -----------------------------------------------------------------------------
+
+    def save_profile(self, fingerprint: str, program: str, executions: int, profile: dict[str, Any]) -> None:
+        values = {"fingerprint": fingerprint, "program": program, "created_at": utcnow(),
+                  "executions": executions, "profile": profile}
+        with self.session() as session, session.begin():
+            statement = self._insert(ProfileRow, values)
+            session.execute(statement.on_conflict_do_update(
+                index_elements=["fingerprint"], set_={k: statement.excluded[k] for k in values if k != "fingerprint"}
+            ))
+
+    def profile(self, fingerprint: str) -> dict[str, Any] | None:
+        with self.session() as session:
+            row = session.get(ProfileRow, fingerprint)
+            return None if row is None else row.profile
+
+
+def attempt_values(item: RecordEvent) -> dict[str, Any]:
+    """Column values of an attempt row for a record event."""
+    record = item.record
+    error_type, error_message = split_error(record)
+    return {
+        "execution_id": item.execution_id,
+        "module": item.module,
+        "attempt": record.attempts,
+        "status": record.status.value,
+        "rank": ATTEMPT_RANK[record.status],
+        "resource": record.resource,
+        "queue": item.queue,
+        "worker": record.worker,
+        "started_at": _time(record.started_at),
+        "finished_at": _time(record.finished_at),
+        "duration_s": record.duration_s,
+        "error_type": error_type,
+        "error_message": error_message,
+        "reused": record.reused,
+        "record": record.model_dump(mode="json"),
+    }
+
+
+def split_error(record: ModuleRecord) -> tuple[str | None, str | None]:
+    """``("ValueError", "boom")`` from a worker's ``"ValueError: boom"``; skips and cancels have no type."""
+    if record.error is None:
+        return None, None
+    kind, sep, message = record.error.partition(": ")
+    if record.status in ("failed", "retrying") and sep and kind.isidentifier():
+        return kind, message
+    return None, record.error
+
+
+def latest_records(rows: Iterable[AttemptRow]) -> dict[str, ModuleRecord]:
+    """Each module's record from its highest attempt (rows of one execution)."""
+    latest: dict[str, AttemptRow] = {}
+    for row in rows:
+        if row.module not in latest or row.attempt > latest[row.module].attempt:
+            latest[row.module] = row
+    return {name: ModuleRecord.model_validate(row.record) for name, row in latest.items()}
+
+
+def _time(text: str | None) -> datetime | None:
+    return None if text is None else parse_time(text)
+
+
+def optional_iso(moment: datetime | None) -> str | None:
+    return None if moment is None else isoformat(moment)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+_stores: dict[str, HistoryStore] = {}
+_stores_lock = threading.Lock()
+
+
+def open_history(url: str, *, create: bool = True) -> HistoryStore:
+    """The process's store for ``url``; ``create=False`` never creates a database or tables."""
+    with _stores_lock:
+        store = _stores.get(url)
+        if store is None or (create and not store.created):
+            if store is not None:
+                store.engine.dispose()
+            store = _stores[url] = HistoryStore(url, create=create)
+        return store
+
+
+def _engine(url: str, create: bool) -> Engine:
+    """An engine for ``url``; SQLite gets its directory, WAL and a generous busy timeout."""
+    path = sqlite_path(url)
+    if path is not None:
+        if not create and not path.exists():
+            raise ConfigError(f"no history database at {path}: run a program or start the listener first")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        engine = create_engine(url, pool_pre_ping=True, **_engine_options(url))
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        raise ConfigError(f"invalid history database URL {url} ({_reason(exc)}): fix DSPEX_HISTORY_URL") from None
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _engine_options(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 30, "check_same_thread": False}}
+    return {}
+
+
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

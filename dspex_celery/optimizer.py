@@ -1,0 +1,278 @@
+"""The optimizer: per-module statistics from history, the critical path by observed durations,
+bottlenecks, learned timeouts and retries, a strategy advice, and a profile later runs use.
+
+Numbers are over the finished executions of one program fingerprint, counting only attempts
+that really ran (``reused`` ones from a resume are left out). Durations are those of successful
+attempts. Percentiles interpolate linearly between closest ranks (numpy's default method).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import networkx as nx
+
+from dspex_celery.errors import UsageError
+from dspex_celery.graph import critical_path, remaining_path_lengths
+from dspex_celery.history.models import AttemptRow
+from dspex_celery.history.store import HistoryStore, history_url, open_history, sqlite_path
+from dspex_celery.plan import STRATEGIES, Plan
+from dspex_celery.settings import Settings
+
+if TYPE_CHECKING:
+    from dspex_celery.program import Program
+
+log = logging.getLogger(__name__)
+
+#: Successful samples a module needs before a timeout is learned for it (fewer say little about p99).
+MIN_TIMEOUT_SAMPLES = 3
+#: Learned timeout = max(p99 x factor, p99 + floor): room for slow days, and for scheduling jitter
+#: on modules that take milliseconds.
+TIMEOUT_FACTOR = 1.5
+TIMEOUT_FLOOR_S = 1.0
+#: Never recommend more attempts than this.
+MAX_RECOMMENDED_ATTEMPTS = 10
+#: ``dag`` is advised when level barriers would lengthen the run by more than this share.
+DAG_ADVICE_THRESHOLD = 0.10
+#: Bottlenecks listed.
+TOP_BOTTLENECKS = 5
+#: How long a history database that failed to open is not asked again for profiles.
+PROFILE_RETRY_S = 60.0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100), linear interpolation between closest ranks."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("percentile of no values")
+    position = (len(ordered) - 1) * q / 100.0
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass(frozen=True)
+class ModuleStats:
+    """What history says about one module."""
+
+    runs: int
+    attempts: int
+    p50_s: float | None
+    p95_s: float | None
+    p99_s: float | None
+    failure_rate: float
+    retry_rate: float
+    recommended_timeout_s: float | None
+    recommended_retry: dict[str, int] | None
+
+
+@dataclass(frozen=True)
+class Bottleneck:
+    """A module on the critical path and how much shorter the path gets if it took no time."""
+
+    module: str
+    p50_s: float
+    saving_s: float
+
+
+@dataclass(frozen=True)
+class StrategyAdvice:
+    recommended: str
+    levels_estimate_s: float
+    critical_path_s: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Report:
+    """The optimizer's findings for one program fingerprint."""
+
+    program: str
+    fingerprint: str
+    executions: int
+    modules: dict[str, ModuleStats]
+    critical_path: list[str]
+    critical_path_s: float
+    bottlenecks: list[Bottleneck]
+    strategy: StrategyAdvice
+    profile: dict[str, Any] = field(default_factory=dict)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- analysis (pure) ------------------------------------------------------------------------------
+
+
+def analyze(plan: Plan, attempts: Iterable[AttemptRow], executions: int) -> Report:
+    """The report for ``plan`` from its attempt rows (of ``executions`` finished executions)."""
+    by_module: dict[str, list[AttemptRow]] = defaultdict(list)
+    for row in attempts:
+        if row.attempt >= 1 and not row.reused and row.module in plan.modules:
+            by_module[row.module].append(row)
+    modules = {name: module_stats(plan, name, by_module.get(name, [])) for name in plan.modules}
+    weights = {name: stats.p50_s for name, stats in modules.items() if stats.p50_s is not None}
+    graph = plan_graph(plan)
+    path = critical_path(graph, weights)
+    length = path_length(graph, weights)
+    profile = {
+        "weights": weights,
+        "timeouts": {n: s.recommended_timeout_s for n, s in modules.items() if s.recommended_timeout_s is not None},
+        "critical_path": path,
+    }
+    advice = advise_strategy(plan, weights, length)
+    profile["strategy"] = advice.recommended
+    return Report(
+        program=plan.program,
+        fingerprint=plan.fingerprint,
+        executions=executions,
+        modules=modules,
+        critical_path=path,
+        critical_path_s=length,
+        bottlenecks=bottlenecks(graph, weights, path),
+        strategy=advice,
+        profile=profile,
+    )
+
+
+def module_stats(plan: Plan, name: str, rows: list[AttemptRow]) -> ModuleStats:
+    runs: dict[str, list[AttemptRow]] = defaultdict(list)
+    for row in rows:
+        runs[row.execution_id].append(row)
+    durations = [row.duration_s for row in rows if row.status == "succeeded" and row.duration_s is not None]
+    finals = [max(run, key=lambda row: row.attempt) for run in runs.values()]
+    count = len(runs)
+    p99 = percentile(durations, 99) if durations else None
+    return ModuleStats(
+        runs=count,
+        attempts=len(rows),
+        p50_s=percentile(durations, 50) if durations else None,
+        p95_s=percentile(durations, 95) if durations else None,
+        p99_s=p99,
+        failure_rate=_share(sum(row.status == "failed" for row in finals), count),
+        retry_rate=_share(sum(len(run) > 1 for run in runs.values()), count),
+        recommended_timeout_s=learned_timeout(p99) if len(durations) >= MIN_TIMEOUT_SAMPLES else None,
+        recommended_retry=recommended_retry(plan, name, list(runs.values())),
+    )
+
+
+def learned_timeout(p99: float | None) -> float | None:
+    """``timeout_s`` from an observed p99, with headroom, rounded up to 0.1 s."""
+    if p99 is None:
+        return None
+    return math.ceil(max(p99 * TIMEOUT_FACTOR, p99 + TIMEOUT_FLOOR_S) * 10) / 10
+
+
+def recommended_retry(plan: Plan, name: str, runs: list[list[AttemptRow]]) -> dict[str, int] | None:
+    """More attempts than any run needed (one spare), when retries happened at all; else None."""
+    needed = max((len(run) for run in runs), default=0)
+    if needed <= 1:
+        return None
+    current = int(plan.modules[name].retry.get("max_attempts", 1))
+    exhausted = any(len(run) >= current and max(run, key=lambda r: r.attempt).status == "failed" for run in runs)
+    attempts = max(needed + 1, current + 1 if exhausted else current)
+    return {"max_attempts": min(MAX_RECOMMENDED_ATTEMPTS, attempts)}
+
+
+def plan_graph(plan: Plan) -> nx.DiGraph:
+    graph = nx.DiGraph()
+    graph.add_nodes_from(plan.modules)
+    graph.add_edges_from((parent, name) for name, module in plan.modules.items() for parent in module.parents)
+    return graph
+
+
+def path_length(graph: nx.DiGraph, weights: Mapping[str, float]) -> float:
+    """Length of the longest path by ``weights`` (modules without a weight count 0)."""
+    return max(remaining_path_lengths(graph, weights).values(), default=0.0)
+
+
+def bottlenecks(graph: nx.DiGraph, weights: Mapping[str, float], path: list[str]) -> list[Bottleneck]:
+    """Critical-path modules ranked by how much the longest path shrinks if each took no time."""
+    length = path_length(graph, weights)
+    found = []
+    for name in path:
+        saving = length - path_length(graph, {**weights, name: 0.0})
+        if saving > 0:
+            found.append(Bottleneck(name, weights.get(name, 0.0), saving))
+    found.sort(key=lambda item: (-item.saving_s, item.module))
+    return found[:TOP_BOTTLENECKS]
+
+
+def advise_strategy(plan: Plan, weights: Mapping[str, float], path_s: float) -> StrategyAdvice:
+    """``dag`` when level barriers would add more than 10 % to the critical path, else ``levels``."""
+    levels_s = sum(max((weights.get(name, 0.0) for name in level), default=0.0) for level in plan.levels)
+    extra = levels_s - path_s
+    if "dag" in STRATEGIES and path_s > 0 and extra > DAG_ADVICE_THRESHOLD * path_s:
+        reason = f"level barriers add {extra:.3f} s ({extra / path_s:.0%}) to the {path_s:.3f} s critical path"
+        return StrategyAdvice("dag", levels_s, path_s, reason)
+    reason = f"level barriers add {max(extra, 0.0):.3f} s to the {path_s:.3f} s critical path"
+    return StrategyAdvice("levels", levels_s, path_s, reason)
+
+
+def _share(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
+# --- with a history database ----------------------------------------------------------------------
+
+
+def optimize(history: HistoryStore, program: str, fingerprint: str | None = None, *, save: bool = True) -> Report:
+    """Analyse the finished executions of ``program`` (its latest fingerprint) and save the profile."""
+    fingerprint = fingerprint or history.latest_fingerprint(program)
+    if fingerprint is None:
+        raise UsageError(f"no executions of program '{program}' in the history at {history.display_url}: run it first")
+    plan = history.plan(fingerprint)
+    executions = history.finished_executions(fingerprint)
+    if plan is None or not executions:
+        raise UsageError(
+            f"no finished executions of program '{program}' (fingerprint {fingerprint}) in the history at "
+            f"{history.display_url}: wait for one to finish"
+        )
+    report = analyze(plan, history.attempts([row.id for row in executions]), len(executions))
+    if save:
+        history.save_profile(fingerprint, plan.program, len(executions), report.profile)
+    return report
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a submission learns from history: weights (seconds per module) and timeouts."""
+
+    weights: dict[str, float]
+    timeouts: dict[str, float]
+
+
+_unavailable: dict[str, float] = {}
+
+
+def load_profile(settings: Settings, fingerprint: str) -> Profile | None:
+    """The saved profile of ``fingerprint``; None when there is none or history cannot be read."""
+    url = history_url(settings)
+    if url is None or time.monotonic() < _unavailable.get(url, 0.0):
+        return None
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        return None
+    try:
+        data = open_history(url, create=False).profile(fingerprint)
+    except Exception as exc:  # a history outage must not stop submissions
+        log.warning("cannot read profiles from %s (%s); submitting without one", url, exc)
+        _unavailable[url] = time.monotonic() + PROFILE_RETRY_S
+        return None
+    if data is None:
+        return None
+    return Profile(dict(data.get("weights", {})), dict(data.get("timeouts", {})))
+
+
+def apply_profile(settings: Settings, program: Program, plan: Plan) -> Plan:
+    """``plan`` re-planned with its fingerprint's profile (priorities, learned timeouts), if any."""
+    profile = load_profile(settings, plan.fingerprint)
+    if profile is None:
+        return plan
+    return program.plan(weights=profile.weights, learned_timeouts=profile.timeouts)
