@@ -73,6 +73,17 @@ def random_dag(
     return {"name": name, "modules": modules}
 
 
+def dense_dag(size: int, seed: int, name: str = "dense", parents: int = 5, window: int = 50) -> dict[str, Any]:
+    """A seeded DAG with ``parents`` parents per module (fewer only for the first ones), drawn
+    from the ``window`` modules before it: ~``parents`` x ``size`` edges (planner benchmarks)."""
+    rng = random.Random(seed)
+    modules: dict[str, Any] = {}
+    for index in range(size):
+        candidates = [f"d{j}" for j in range(max(0, index - window), index)]
+        modules[f"d{index}"] = _module(sorted(rng.sample(candidates, k=min(parents, len(candidates)))))
+    return {"name": name, "modules": modules}
+
+
 def _heavy_tailed(rng: random.Random, low: float, high: float) -> float:
     return min(high, low * rng.paretovariate(1.2))
 
