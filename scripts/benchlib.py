@@ -1,0 +1,321 @@
+"""Reusable benchmark harness: real worker subprocesses, timed runs, interleaved medians, docs sections.
+
+Used by the ``bench_*.py`` scripts next to it (run them from the repository root with the venv's
+python). Every cluster gets its own namespace on real Redis and is cleaned up on exit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import celery
+import redis
+from rich.console import Console
+from rich.table import Table
+
+from dspex_celery import ExecutionStatus, Program, submit_program
+from dspex_celery.runtime import Runtime, create_runtime
+from dspex_celery.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+CLI = str(Path(sys.executable).with_name("dspex-celery"))
+REDIS_URL = os.environ.get("DSPEX_BENCH_REDIS_URL", "redis://127.0.0.1:6379/4")
+BENCH_MODULES = "dspex_celery.examples"
+BENCH_TTL_S = 900  # state and results of benchmark runs expire quickly
+BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
+
+console = Console(width=max(150, shutil.get_terminal_size((150, 40)).columns))
+
+
+# --- workers ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """How to start one `dspex-celery worker`."""
+
+    resources: tuple[str, ...] = ("default",)
+    concurrency: int = 4
+    pool: str = "prefork"
+    includes: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        extra = f", --include {' '.join(self.includes)}" if self.includes else ""
+        return f"resources {'+'.join(self.resources)}, --pool {self.pool} --concurrency {self.concurrency}{extra}"
+
+
+@dataclass
+class Worker:
+    """A running worker subprocess and its log file."""
+
+    spec: WorkerSpec
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Wait for Celery's " ready." log line."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log.read_text(errors="replace") if self.log.exists() else ""
+            if " ready." in text:
+                return
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{text[-3000:]}")
+            time.sleep(0.1)
+        raise RuntimeError(f"worker not ready after {timeout}s:\n{self.log.read_text(errors='replace')[-3000:]}")
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM (warm shutdown), then SIGKILL of the worker's process group if it hangs."""
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+
+@dataclass
+class BenchCluster:
+    """Workers in a fresh namespace on real Redis, plus the client runtime that talks to them."""
+
+    specs: Sequence[WorkerSpec]
+    redis_url: str = REDIS_URL
+    namespace: str = field(default_factory=lambda: f"bench{uuid.uuid4().hex[:8]}")
+    workers: list[Worker] = field(default_factory=list)
+    logdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dspex-bench-")))
+    _runtime: Runtime | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(broker_url=self.redis_url, namespace=self.namespace, modules=BENCH_MODULES,
+                        state_ttl_s=BENCH_TTL_S)
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            self._runtime = create_runtime(self.settings)
+        return self._runtime
+
+    def env(self) -> dict[str, str]:
+        """Environment of a worker subprocess (the scripts directory importable for --include)."""
+        env = {key: value for key, value in os.environ.items() if not key.startswith("DSPEX_")}
+        env.update({
+            "DSPEX_BROKER_URL": self.redis_url,
+            "DSPEX_NAMESPACE": self.namespace,
+            "DSPEX_MODULES": BENCH_MODULES,
+            "DSPEX_STATE_TTL_S": str(BENCH_TTL_S),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(SCRIPTS)]),
+            "PYTHONUNBUFFERED": "1",
+        })
+        return env
+
+    def start(self) -> None:
+        """Start every worker, then wait until all are ready."""
+        for index, spec in enumerate(self.specs):
+            args = [CLI, "worker", "--concurrency", str(spec.concurrency), "--pool", spec.pool,
+                    "--loglevel", "INFO"]
+            args += [arg for resource in spec.resources for arg in ("--resource", resource)]
+            args += [arg for module in spec.includes for arg in ("--include", module)]
+            log = self.logdir / f"worker-{index}-{len(self.workers)}.log"
+            with log.open("wb") as handle:
+                process = subprocess.Popen(args, cwd=ROOT, env=self.env(), stdout=handle,
+                                           stderr=subprocess.STDOUT, start_new_session=True)
+            self.workers.append(Worker(spec, process, log))
+        for worker in self.workers:
+            worker.wait_ready()
+
+    def stop(self) -> None:
+        """Stop the workers and delete this namespace's queues and state keys."""
+        for worker in self.workers:
+            worker.stop()
+        self.workers.clear()
+        purge_namespace(redis.Redis.from_url(self.redis_url), self.namespace)
+
+    def restart(self) -> None:
+        """Fresh workers and empty queues: used after a run timed out and left work behind."""
+        self.stop()
+        self.start()
+
+    def run(self, program: dict[str, Any], strategy: str, timeout: float) -> float:
+        """Submit ``program`` and wait for it; wall seconds from submit to result (raises if it failed)."""
+        start = time.perf_counter()
+        handle = submit_program(Program.from_dict(program), {}, strategy=strategy, app=self.runtime.app)
+        result = handle.get(timeout=timeout)
+        wall = time.perf_counter() - start
+        if result.status is not ExecutionStatus.SUCCEEDED:
+            raise RuntimeError(f"{program['name']} ({strategy}) {result.status.value}: {result.error}")
+        return wall
+
+
+@contextmanager
+def cluster(specs: Sequence[WorkerSpec]) -> Iterator[BenchCluster]:
+    """A started :class:`BenchCluster`, stopped and purged on exit (also on Ctrl-C)."""
+    bench = BenchCluster(specs)
+    try:
+        bench.start()
+        yield bench
+    finally:
+        bench.stop()
+
+
+def purge_namespace(client: redis.Redis, namespace: str) -> None:
+    """Delete every key of ``namespace`` (state store keys and queues)."""
+    for pattern in (f"{namespace}:*", f"{namespace}.*", namespace):
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start : start + 500])
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+
+class Timeout(Exception):
+    """A case ran past its time budget."""
+
+
+@dataclass
+class Samples:
+    """Seconds measured for one case; ``failure`` once it timed out or failed (no more runs)."""
+
+    values: list[float] = field(default_factory=list)
+    failure: str | None = None
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.values) if self.values else None
+
+
+def time_calls(function: Callable[[], Any], repeats: int, warmup: int = 1) -> Samples:
+    """Seconds of ``repeats`` calls of ``function`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        function()
+    samples = Samples()
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        samples.values.append(time.perf_counter() - start)
+    return samples
+
+
+def interleaved(
+    cases: dict[str, Callable[[], float]],
+    repeats: int,
+    on_failure: Callable[[str, BaseException], None] | None = None,
+) -> dict[str, Samples]:
+    """Run every case once per round, ``repeats`` rounds, rotating the order each round.
+
+    A case returns its measured seconds. A case that raises is not run again; ``on_failure``
+    (e.g. restart the workers) is called so the other cases start clean.
+    """
+    samples = {name: Samples() for name in cases}
+    names = list(cases)
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            if samples[name].failure is not None:
+                continue
+            try:
+                samples[name].values.append(cases[name]())
+            except Exception as exc:  # a timed-out or failed case is reported, not fatal
+                samples[name].failure = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+                console.print(f"[yellow]{name}: {samples[name].failure}[/yellow]")
+                if on_failure is not None:
+                    on_failure(name, exc)
+            else:
+                console.print(f"  {name}: {samples[name].values[-1]:.3f} s", style="dim")
+    return samples
+
+
+# --- reporting --------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """The CPU model name (from /proc/cpuinfo where there is one)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_lines(specs: Sequence[WorkerSpec], broker: str = REDIS_URL) -> list[str]:
+    """Where and how a benchmark ran: one markdown bullet per fact."""
+    workers = "; ".join(f"{count}× ({spec.describe()})" for spec, count in _count(specs))
+    return [
+        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- CPU: {cpu_model()}, {os.cpu_count()} cores (shared with other jobs: numbers are noisy)",
+        f"- Python {platform.python_version()}, Celery {celery.__version__}, broker + result backend: "
+        f"Redis ({_redact(broker)})",
+        f"- workers: {workers}",
+    ]
+
+
+def _count(specs: Sequence[WorkerSpec]) -> list[tuple[WorkerSpec, int]]:
+    counts: dict[WorkerSpec, int] = {}
+    for spec in specs:
+        counts[spec] = counts.get(spec, 0) + 1
+    return list(counts.items())
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//[^@/]*@", "//", url)
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """The table on the terminal."""
+    table = Table(title=title, show_lines=False)
+    for index, header in enumerate(headers):
+        table.add_column(header, justify="left" if index < 2 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """The same table as GitHub markdown."""
+    lines = ["| " + " | ".join(headers) + " |",
+             "| " + " | ".join("---" if i < 2 else "---:" for i in range(len(headers))) + " |"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(heading: str, body: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace the ``## heading`` section of ``path`` (up to the next ``## ``), or append it."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = f"## {heading}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    """A number for a table cell, or an em dash."""
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if numerator is None or not denominator else numerator / denominator
