@@ -57,14 +57,18 @@ def cluster_runtime(settings: Settings, command: str) -> Runtime:
 @connection_options
 @history_option
 @click.option("--consumer", default=None, help="Consumer name in the stream's group (default: listener@HOST).")
-def listener(broker: str | None, result_backend: str | None, history_db: str | None, consumer: str | None) -> None:
+@click.option("--group", default="history", show_default=True,
+              help="Consumer group: one per history database (listeners of one database share it).")
+def listener(
+    broker: str | None, result_backend: str | None, history_db: str | None, consumer: str | None, group: str
+) -> None:
     """Write execution history from the cluster's history stream (restart-safe, idempotent)."""
     from dspex_celery.history.listener import Listener
 
     settings = load_settings(broker_url=broker, result_backend=result_backend, history_url=history_db)
     runtime = cluster_runtime(settings, "the listener")
     store = open_store(settings, create=True)
-    worker = Listener(runtime, store, consumer)
+    worker = Listener(runtime, store, consumer, group=group)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -93,12 +97,13 @@ def history_command(program: str | None, limit: int, as_json: bool, history_db: 
         print_json(summaries)
         return
     table = Table(show_edge=False, box=None, pad_edge=False)
-    for column in ("execution", "program", "status", "strategy", "submitted", "seconds", "failed"):
-        table.add_column(column)
+    for column in ("execution", "program", "status", "submitted", "seconds", "failed"):
+        table.add_column(column, no_wrap=column in ("execution", "submitted"))
     for item in summaries:
         seconds = f"{item['duration_s']:.3f}" if item["duration_s"] is not None else "-"
-        table.add_row(item["execution_id"], item["program"] or "?", item["status"], item["strategy"] or "-",
-                      item["submitted_at"] or "-", seconds, ", ".join(item["failed_modules"]))
+        submitted = (item["submitted_at"] or "-")[:19].replace("T", " ")
+        table.add_row(item["execution_id"], item["program"] or "?", item["status"], submitted, seconds,
+                      ", ".join(item["failed_modules"]))
     Console(highlight=False).print(table)
 
 

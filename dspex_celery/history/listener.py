@@ -23,6 +23,7 @@ from dspex_celery.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+#: Default consumer group: listeners writing the same database share it (each event is written once).
 GROUP = "history"
 #: Pending events of another consumer idle this long are taken over (that listener is gone).
 CLAIM_IDLE_MS = 60_000
@@ -37,14 +38,15 @@ class Listener:
     """One consumer of a namespace's history stream."""
 
     def __init__(
-        self, runtime: Runtime, history: HistoryStore, consumer: str | None = None, *, batch: int = 500,
-        block_ms: int = 1000,
+        self, runtime: Runtime, history: HistoryStore, consumer: str | None = None, *, group: str = GROUP,
+        batch: int = 500, block_ms: int = 1000,
     ) -> None:
         self.runtime = runtime
         self.store = runtime.store
         self.client: redis.Redis = runtime.store.client
         self.history = history
         self.consumer = consumer or default_consumer()
+        self.group = group
         self.stream = stream_key(runtime.settings.namespace)
         self.batch = batch
         self.block_ms = block_ms
@@ -52,11 +54,11 @@ class Listener:
     def start(self) -> int:
         """Join the consumer group, take over abandoned events, reconcile; returns executions reconciled."""
         try:
-            self.client.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+            self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        self.client.xautoclaim(self.stream, GROUP, self.consumer, CLAIM_IDLE_MS, justid=True)
+        self.client.xautoclaim(self.stream, self.group, self.consumer, CLAIM_IDLE_MS, justid=True)
         return self.reconcile()
 
     def run(self, stop: threading.Event) -> None:
@@ -76,12 +78,12 @@ class Listener:
     def poll(self, start: str) -> int:
         """Read, write and acknowledge one batch; returns how many stream entries it handled."""
         block = None if start == "0" else self.block_ms
-        reply = self.client.xreadgroup(GROUP, self.consumer, {self.stream: start}, count=self.batch, block=block)
+        reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: start}, count=self.batch, block=block)
         entries: list[tuple[str, dict[str, str] | None]] = reply[0][1] if reply else []
         if not entries:
             return 0
         self.write(_decoded(entries))
-        self.client.xack(self.stream, GROUP, *[entry_id for entry_id, _ in entries])
+        self.client.xack(self.stream, self.group, *[entry_id for entry_id, _ in entries])
         return len(entries)
 
     def write(self, events: list[Event]) -> None:

@@ -1,0 +1,166 @@
+"""The optimizer on a synthetic history: exact percentiles, critical path, bottlenecks, advice, profiles."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from dspex_celery import ExecutionResult, ExecutionStatus, ModuleRecord, ModuleStatus, Settings
+from dspex_celery.history.events import Event, ExecutionInfo, FinishedEvent, RecordEvent
+from dspex_celery.history.store import HistoryStore
+from dspex_celery.optimizer import analyze, apply_profile, learned_timeout, optimize, percentile
+from dspex_celery.program import Program
+from dspex_celery.results import isoformat, utcnow
+from tests.conftest import program
+
+NOOP = "tests.modules.basic:echo"
+T0 = utcnow()
+
+#  s --> a --> t
+#   \--> b --/      b retries in two runs; t fails in the last run
+DIAMOND = program(
+    "diamond",
+    {
+        "s": {"uses": NOOP},
+        "a": {"uses": NOOP, "depends_on": ["s"]},
+        "b": {"uses": NOOP, "depends_on": ["s"], "retry": {"max_attempts": 2}},
+        "t": {"uses": NOOP, "depends_on": ["a", "b"], "timeout_s": 9.0},
+    },
+)
+DURATIONS = {  # seconds of the successful attempt, per execution
+    "s": [0.1, 0.2, 0.3, 0.4, 0.5],
+    "a": [5.0, 1.0, 4.0, 2.0, 3.0],
+    "b": [2.0, 2.0, 2.0, 2.0, 2.0],
+    "t": [0.5, 0.5, 0.5, 0.5, None],  # None: failed
+}
+RETRIED_B = {1, 3}
+
+
+def attempt(name: str, number: int, status: ModuleStatus, seconds: float) -> ModuleRecord:
+    start = T0 + timedelta(seconds=number)
+    return ModuleRecord(status=status, attempts=number, started_at=isoformat(start),
+                        finished_at=isoformat(start + timedelta(seconds=seconds)), duration_s=seconds)
+
+
+def execution_events(index: int, prog: Program) -> list[Event]:
+    execution_id = f"{prog.name}-{index}"
+    events: list[Event] = []
+    final: dict[str, ModuleRecord] = {}
+    for name, durations in DURATIONS.items():
+        number = 1
+        if name == "b" and index in RETRIED_B:
+            events.append(RecordEvent(execution_id, name, attempt(name, 1, ModuleStatus.RETRYING, 0.05)))
+            number = 2
+        seconds = durations[index]
+        status = ModuleStatus.FAILED if seconds is None else ModuleStatus.SUCCEEDED
+        final[name] = attempt(name, number, status, 0.01 if seconds is None else seconds)
+        events.append(RecordEvent(execution_id, name, final[name]))
+    status = ExecutionStatus.FAILED if "t" in final and final["t"].status is ModuleStatus.FAILED else ExecutionStatus.SUCCEEDED
+    result = ExecutionResult(execution_id=execution_id, program=prog.name, strategy="levels", status=status,
+                             outputs={}, modules=final, submitted_at=isoformat(T0 + timedelta(minutes=index)))
+    return [*events, FinishedEvent(result)]
+
+
+def record_history(history: HistoryStore, prog: Program) -> None:
+    plan = prog.plan()
+    for index in range(5):
+        info = ExecutionInfo(f"{prog.name}-{index}", prog.name, plan.fingerprint, "levels",
+                             submitted_at=isoformat(T0 + timedelta(minutes=index)), plan=plan)
+        history.apply(execution_events(index, prog), lambda _id, info=info: info)
+
+
+@pytest.fixture
+def history(tmp_path) -> HistoryStore:  # noqa: ANN001
+    store = HistoryStore(f"sqlite:///{tmp_path / 'history.db'}")
+    record_history(store, DIAMOND)
+    return store
+
+
+def test_percentiles_interpolate_between_closest_ranks() -> None:
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 95) == pytest.approx(4.8, abs=1e-12)
+    assert percentile(values, 99) == pytest.approx(4.96, abs=1e-12)
+    assert percentile(values, 0) == 1.0 and percentile(values, 100) == 5.0
+    assert percentile([7.0], 95) == 7.0
+
+
+def test_module_statistics_are_exact(history: HistoryStore) -> None:
+    report = optimize(history, "diamond")
+    a, b, s, t = (report.modules[name] for name in "abst")
+    assert report.executions == 5
+    assert (a.runs, a.attempts, a.p50_s) == (5, 5, 3.0)
+    assert a.p95_s == pytest.approx(4.8, abs=1e-12) and a.p99_s == pytest.approx(4.96, abs=1e-12)
+    assert s.p50_s == pytest.approx(0.3) and s.p95_s == pytest.approx(0.48)
+    # b: retried in 2 of 5 runs (retry durations are not the module's duration)
+    assert (b.runs, b.attempts, b.p50_s, b.retry_rate, b.failure_rate) == (5, 7, 2.0, 0.4, 0.0)
+    # t: failed in 1 of 5 runs; durations from its 4 successes
+    assert (t.runs, t.failure_rate, t.p50_s) == (5, 0.2, 0.5)
+
+
+def test_critical_path_and_bottlenecks_by_observed_duration(history: HistoryStore) -> None:
+    report = optimize(history, "diamond")
+    # weights are p50s: s 0.3, a 3.0, b 2.0, t 0.5 -> s, a, t = 3.8 s
+    assert report.critical_path == ["s", "a", "t"]
+    assert report.critical_path_s == pytest.approx(3.8)
+    # a instant -> s, b, t = 2.8 (saves 1.0); t instant saves 0.5; s instant saves 0.3
+    ranking = [(item.module, round(item.saving_s, 9)) for item in report.bottlenecks]
+    assert ranking == [("a", 1.0), ("t", 0.5), ("s", 0.3)]
+
+
+def test_recommendations(history: HistoryStore) -> None:
+    report = optimize(history, "diamond")
+    # timeout = max(p99 x 1.5, p99 + 1 s), rounded up to 0.1 s
+    assert report.modules["a"].recommended_timeout_s == 7.5  # 4.96 x 1.5 = 7.44
+    assert report.modules["s"].recommended_timeout_s == 1.5  # 0.496 + 1
+    assert learned_timeout(10.0) == 15.0
+    # b needed 2 attempts with max_attempts 2: one spare
+    assert report.modules["b"].recommended_retry == {"max_attempts": 3}
+    assert report.modules["a"].recommended_retry is None
+    # one module per level on the long path: level barriers cost nothing
+    assert report.strategy.recommended == "levels"
+    assert report.strategy.levels_estimate_s == pytest.approx(3.8)
+
+
+def test_dag_is_advised_when_level_barriers_cost_time() -> None:
+    # x1 (1.0) -> x2 (0.1) and y1 (0.1) -> y2 (1.0): levels take 2.0 s, the critical path 1.1 s
+    prog = program("crossed", {
+        "x1": {"uses": NOOP}, "y1": {"uses": NOOP},
+        "x2": {"uses": NOOP, "depends_on": ["x1"]}, "y2": {"uses": NOOP, "depends_on": ["y1"]},
+    })
+    plan = prog.plan()
+    from dspex_celery.history.models import AttemptRow
+
+    seconds = {"x1": 1.0, "x2": 0.1, "y1": 0.1, "y2": 1.0}
+    rows = [AttemptRow(execution_id="e", module=name, attempt=1, status="succeeded", duration_s=value, reused=False)
+            for name, value in seconds.items()]
+    report = analyze(plan, rows, 1)
+    assert report.strategy.recommended == "dag"
+    assert (report.strategy.levels_estimate_s, report.strategy.critical_path_s) == pytest.approx((2.0, 1.1))
+
+
+def test_profile_is_used_for_that_program_version_only(history: HistoryStore, tmp_path) -> None:  # noqa: ANN001
+    optimize(history, "diamond")
+    settings = Settings(history_url=history.url)
+    plan = apply_profile(settings, DIAMOND, DIAMOND.plan())
+    # priorities: longest remaining path by observed seconds (s: 3.8, a: 3.5, b: 2.5, t: 0.5)
+    assert {name: module.priority for name, module in plan.modules.items()} == pytest.approx(
+        {"s": 3.8, "a": 3.5, "b": 2.5, "t": 0.5})
+    assert plan.critical_path == ["s", "a", "t"]
+    # learned timeouts fill in where the program sets none; t keeps its own 9 s
+    assert plan.modules["a"].timeout_s == 7.5 and plan.modules["t"].timeout_s == 9.0
+    # A changed program (new fingerprint) does not reuse the stale profile
+    changed = program("diamond", {**DIAMOND.to_dict()["modules"], "u": {"uses": NOOP, "depends_on": ["t"]}})
+    fresh = apply_profile(settings, changed, changed.plan())
+    assert fresh.fingerprint != plan.fingerprint
+    assert fresh.modules["a"].timeout_s is None and fresh.modules["s"].priority == 4.0  # module counts
+    # And history turned off means no profile
+    assert apply_profile(Settings(history_url="off"), DIAMOND, DIAMOND.plan()).modules["a"].timeout_s is None
+
+
+def test_optimize_without_history_is_a_clear_error(history: HistoryStore) -> None:
+    from dspex_celery.errors import UsageError
+
+    with pytest.raises(UsageError, match="no executions of program 'nothing' in the history"):
+        optimize(history, "nothing")
