@@ -6,6 +6,8 @@ import ipaddress
 from pathlib import Path
 
 import click
+from celery import states
+from celery.events.state import Task
 from rich.console import Console
 from rich.table import Table
 
@@ -52,6 +54,16 @@ def check_flower_access(address: str, basic_auth: str | None) -> None:
         )
 
 
+def keep_shadow_names() -> None:
+    """Let a late ``task-sent`` event not rename a module run back to ``dspex.run_module``.
+
+    Celery publishes ``task-sent`` after the message and with the real task name, so it can reach
+    Flower after the worker's events (which carry the ``dspex.module:PROGRAM.MODULE`` name); its
+    state-merge rules then apply all its fields. Keep only its routing fields in that case.
+    """
+    Task.merge_rules = {**Task.merge_rules, states.PENDING: ("queue", "exchange", "routing_key")}
+
+
 def flower_argv(port: int, address: str, basic_auth: str | None) -> list[str]:
     """Arguments for Flower's own command, run on the project's Celery app."""
     argv = ["flower", f"--port={port}", f"--address={address}"]
@@ -68,6 +80,7 @@ def flower(port: int, address: str, basic_auth: str | None, broker: str | None, 
     """Start the Flower monitoring UI (and its /api and /metrics) on this cluster."""
     check_flower_access(address, basic_auth)
     runtime = cluster_runtime(broker, result_backend, "flower")
+    keep_shadow_names()
     raise SystemExit(runtime.app.start(flower_argv(port, address, basic_auth)) or 0)
 
 

@@ -1,0 +1,150 @@
+"""Flower on the project's app: every module run of an execution is found through its HTTP API."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from dspex_celery import ExecutionStatus
+from tests.conftest import CLI, ROOT, Cluster, program
+
+pytestmark = pytest.mark.integration
+
+AUTH = "ops:s3cret"
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def get(url: str, auth: str | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with NO_PROXY.open(request, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+    except urllib.error.URLError:
+        return 0, ""  # not listening (yet)
+
+
+@pytest.fixture(scope="module")
+def cluster(make_cluster) -> Cluster:
+    cluster = make_cluster()
+    cluster.start_worker("default", "io", concurrency=2, pool="threads")
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def flower(cluster: Cluster) -> Iterator[str]:
+    """`dspex-celery flower` on a free loopback port with basic auth; yields its base URL."""
+    port = free_port()
+    log = cluster.tmp / "flower.log"
+    with log.open("wb") as handle:
+        process = subprocess.Popen(
+            [CLI, "flower", "--port", str(port), "--address", "127.0.0.1", "--basic-auth", AUTH],
+            cwd=ROOT, env=cluster.env(), stdout=handle, stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while get(f"{base}/healthcheck")[0] != 200:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"flower did not answer:\n{log.read_text()}"
+            time.sleep(0.2)
+        wait_until_flower_sees_events(cluster, base)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def wait_until_flower_sees_events(cluster: Cluster, base: str, timeout: float = 30) -> None:
+    """Its event receiver connects after the HTTP server: run a probe until Flower lists it."""
+    probe = program("probe", {"one": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 1}}})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        execution_id = cluster.submit(probe).execution_id
+        for _ in range(10):
+            status, body = get(f"{base}/api/tasks?search={execution_id}", AUTH)
+            if status == 200 and json.loads(body):
+                return
+            time.sleep(0.2)
+    raise AssertionError("flower saw no task events")
+
+
+def test_every_module_run_is_in_flower(cluster: Cluster, flower: str, tmp_path) -> None:
+    # Given a program whose `flaky` module fails once (transient) and is retried
+    prog = program("watched", {
+        "first": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 2}},
+        "flaky": {"uses": "tests.modules.ops_mods:flaky", "resource": "io",
+                  "inputs": {"marker_dir": str(tmp_path), "key": "k"}, "retry": {"max_attempts": 2, "backoff_s": 0}},
+        "last": {"uses": "tests.modules.basic:add", "inputs": {"a": "$first.sum", "b": "$flaky.calls"}},
+    })
+    handle = cluster.submit(prog)
+    assert handle.get(timeout=60).status is ExecutionStatus.SUCCEEDED
+    # Then Flower's API lists each module run: id EXEC.MODULE, name dspex.module:PROGRAM.MODULE
+    tasks = wait_for_tasks(flower, handle.execution_id, {"first", "flaky", "last"})
+    for module in ("first", "flaky", "last"):
+        task = tasks[f"{handle.execution_id}.{module}"]
+        assert task["name"] == f"dspex.module:watched.{module}"
+        assert task["state"] == "SUCCESS"
+        assert handle.execution_id in task["args"] and module in task["args"] and "watched" in task["kwargs"]
+    # And the attempt shows: the retried module's second attempt has retries == 1
+    assert tasks[f"{handle.execution_id}.flaky"]["retries"] == 1
+    assert tasks[f"{handle.execution_id}.first"]["retries"] == 0
+
+
+def test_api_needs_credentials(flower: str) -> None:
+    assert get(f"{flower}/api/tasks")[0] == 401
+    assert get(f"{flower}/api/tasks", "ops:wrong")[0] == 401
+    assert get(f"{flower}/api/tasks", AUTH)[0] == 200
+
+
+def test_prometheus_metrics_name_modules(cluster: Cluster, flower: str) -> None:
+    cluster.run(program("metered", {"one": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 1}}}))
+    deadline = time.monotonic() + 20
+    while 'task="dspex.module:metered.one"' not in (text := get(f"{flower}/metrics")[1]):
+        assert time.monotonic() < deadline, text[-2000:]
+        time.sleep(0.3)
+    assert "flower_events_total" in text
+
+
+def wait_for_tasks(base: str, execution_id: str, modules: set[str], timeout: float = 30) -> dict[str, dict]:
+    wanted = {f"{execution_id}.{module}" for module in modules}
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = get(f"{base}/api/tasks?search={execution_id}", AUTH)
+        tasks = json.loads(body) if status == 200 else {}
+        done = {tid for tid, task in tasks.items() if tid in wanted and task.get("state") == "SUCCESS"}
+        if done == wanted:
+            return tasks
+        assert time.monotonic() < deadline, f"flower has {sorted(tasks)} ({status}), wanted {sorted(wanted)}"
+        time.sleep(0.3)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--address", "0.0.0.0"], "error: refusing to serve Flower on 0.0.0.0 without authentication: "
+         "pass --basic-auth USER:PASSWORD (or set DSPEX_FLOWER_BASIC_AUTH), or listen on 127.0.0.1"),
+        (["--basic-auth", "nopassword"], "error: --basic-auth expects USER:PASSWORD (comma-separated for several users)"),
+    ],
+)
+def test_flower_refuses_unsafe_options(cluster: Cluster, args: list[str], message: str) -> None:
+    result = cluster.cli("flower", *args)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [message]
