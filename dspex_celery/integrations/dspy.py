@@ -103,13 +103,26 @@ def state_path(state: str | None, base_dir: Path | None) -> str | None:
 
 
 def with_dspy_and_state(spec: ProgramSpec, module: ModulePlan, base_dir: Path | None) -> ModulePlan:
-    """``module`` with its merged ``dspy`` settings (module keys win) and an absolute ``state``."""
+    """``module`` with its ``dspy`` settings and an absolute ``state``.
+
+    Its own ``dspy:`` keys win over the program's; the program's apply only to ``dspy.Module``
+    classes (a plain function module runs as it is unless it sets ``dspy:`` itself).
+    """
     own = spec.modules[module.name].dspy
-    settings = {
-        **(spec.dspy.model_dump(exclude_none=True) if spec.dspy else {}),
-        **(own.model_dump(exclude_none=True) if own else {}),
-    }
+    settings = own.model_dump(exclude_none=True) if own else {}
+    if spec.dspy is not None and (own is not None or is_dspy_module(module.uses)):
+        settings = {**spec.dspy.model_dump(exclude_none=True), **settings}
     return dataclasses.replace(module, dspy=settings, state=state_path(module.state, base_dir))
+
+
+def is_dspy_module(uses: str) -> bool:
+    """True when ``uses`` names a ``dspy.Module`` subclass (or cannot be imported here to tell)."""
+    try:
+        target = resolve_uses(uses)
+    except ImportError:
+        return True
+    dspy = sys.modules.get("dspy")  # importing a dspy.Module subclass imported dspy
+    return dspy is not None and isinstance(target, type) and issubclass(target, dspy.Module)
 
 
 def with_dspy_hint(error: ProgramError, spec: ProgramSpec) -> ProgramError:
