@@ -128,8 +128,10 @@ class ProgressView:
         counts.append(f"elapsed {time.monotonic() - self.started:.1f}s")
         if self.durations:
             counts.append(f"  ETA ~{eta_seconds(self.plan, self.records, self.durations, utcnow()):.0f}s")
-        bar = ProgressBar(total=total, completed=finished, width=min(60, self.console.width))
-        return Group(counts, bar)
+        header = Table.grid()
+        header.add_row(counts)
+        header.add_row(ProgressBar(total=total, completed=finished, width=min(60, self.console.width)))
+        return header
 
     def _table(self, states: dict[str, str]) -> RenderableType:
         room = max(self.console.height - 5, 5)
