@@ -1,0 +1,129 @@
+"""`dspex-celery report`: one self-contained, escaped HTML file of a real execution."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from dspex_celery import ExecutionResult, ExecutionStatus, ModuleRecord, ModuleStatus
+from dspex_celery.report import ReportData, render_html, store_attempts
+from dspex_celery.results import isoformat
+from tests.conftest import Cluster, program
+
+pytestmark = pytest.mark.integration
+
+HOSTILE_ERROR = "<script>alert('pwned')</script>"
+
+
+def parse(html: str) -> ET.Element:
+    """The report is well-formed (XHTML-compatible) HTML: parse it strictly."""
+    assert html.startswith("<!DOCTYPE html>\n")
+    return ET.fromstring(html.split("\n", 1)[1])
+
+
+def assert_self_contained(html: str) -> None:
+    """No element that loads or runs anything, no attribute that points anywhere, no URL."""
+    assert not re.search(r"(https?:)?//[\w.-]", html), "external URL"
+    assert "@import" not in html and not re.search(r"url\((?!#)", html)
+    for element in parse(html).iter():
+        assert element.tag.lower() not in {"script", "link", "iframe", "img", "object", "embed"}, element.tag
+        assert not {name.lower().rsplit("}", 1)[-1] for name in element.attrib} & {"src", "href"}, element.attrib
+        assert not any(name.lower().startswith("on") for name in element.attrib), element.attrib
+
+
+@pytest.fixture(scope="module")
+def cluster(make_cluster) -> Cluster:
+    cluster = make_cluster()
+    cluster.start_worker("default", "io", concurrency=3, pool="threads")
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def executed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A real execution with a retried module and a failure with a hostile message; its report."""
+    markers = tmp_path_factory.mktemp("markers")
+    prog = program("reported", {
+        "fetch": {"uses": "tests.modules.ops_mods:hold", "inputs": {"seconds": 0.2}, "resource": "io"},
+        "flaky": {"uses": "tests.modules.ops_mods:flaky", "inputs": {"marker_dir": str(markers), "key": "r"},
+                  "retry": {"max_attempts": 2, "backoff_s": 0}},
+        "bad": {"uses": "tests.modules.ops_mods:hostile", "depends_on": ["fetch"]},
+        "join": {"uses": "tests.modules.basic:add", "inputs": {"a": "$fetch.started", "b": "$flaky.calls"}},
+    }, failure_tolerance="tolerant")
+    handle = cluster.submit(prog)
+    handle.get(timeout=60)
+    out = markers / "report.html"
+    result = cluster.cli("report", handle.execution_id, "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    return handle.execution_id, out.read_text(encoding="utf-8")
+
+
+def test_report_shows_every_module_and_attempt(executed: tuple[str, str]) -> None:
+    execution_id, html = executed
+    root = parse(html)
+    rows = [row.findall("td") for row in root.iter("tr") if row.findall("td")]
+    assert [cells[0].text for cells in rows] == ["fetch", "flaky", "bad", "join"]  # plan order
+    assert {cells[0].text: cells[1].text for cells in rows} == {
+        "fetch": "succeeded", "flaky": "succeeded", "bad": "failed", "join": "succeeded"}
+    assert {cells[0].text: cells[2].text for cells in rows}["flaky"] == "2"
+    # The timeline: one bar per attempt, the retried attempt and the failure marked
+    statuses = sorted(g.get("data-status") for g in root.iter("g") if g.get("class") == "attempt")
+    assert statuses == ["failed", "retrying", "succeeded", "succeeded", "succeeded"]
+    critical = [rect for rect in root.iter("rect") if "critical" in (rect.get("class") or "").split()]
+    assert critical, "no attempt on the critical path is highlighted"
+    assert execution_id in html
+
+
+def test_report_is_self_contained_and_escaped(executed: tuple[str, str]) -> None:
+    _, html = executed
+    assert_self_contained(html)
+    assert HOSTILE_ERROR not in html and "&lt;script&gt;alert(&#39;pwned&#39;)&lt;/script&gt;" in html
+
+
+def test_report_renders_in_headless_chromium(executed: tuple[str, str], tmp_path: Path) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian package `chromium`)")
+    page = tmp_path / "report.html"
+    page.write_text(executed[1], encoding="utf-8")
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={shot}", "--window-size=1200,700", page.as_uri()],
+                   capture_output=True, timeout=90, check=True)
+    data = shot.read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 20_000  # a blank page is a few kB
+
+
+def test_unknown_execution_is_one_line(cluster: Cluster) -> None:
+    result = cluster.cli("report", "nope", "-o", "/dev/null")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: unknown or expired execution 'nope' in the state store at redis://")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_hostile_names_are_escaped() -> None:
+    # Names that validation would refuse, to check the renderer itself escapes everything
+    hostile = '<img src=x onerror="alert(1)">'
+    base = program("p", {"ok": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 1}}}).plan()
+    plan = replace(base, program="<b>prog</b>", modules={hostile: replace(base.modules["ok"], name=hostile)},
+                   levels=[[hostile]], critical_path=[hostile])
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    record = ModuleRecord(status=ModuleStatus.FAILED, attempts=1, started_at=isoformat(start),
+                          finished_at=isoformat(start + timedelta(seconds=1)), worker='w<&>"',
+                          error='</td></tr></table><script>alert("x")</script>')
+    result = ExecutionResult(execution_id='e"><script>', program=plan.program, strategy="levels",
+                             status=ExecutionStatus.FAILED, outputs={}, modules={hostile: record},
+                             error=record.error, submitted_at=isoformat(start))
+    html = render_html(ReportData(result, plan, store_attempts([], result.modules), [hostile], "test"))
+    parse(html)
+    assert_self_contained(html)
+    for raw in (hostile, "<b>prog</b>", 'w<&>"', "<script>", 'e"><script>'):
+        assert raw not in html
+    assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in html and "w&lt;&amp;&gt;&#34;" in html
