@@ -40,10 +40,8 @@ def module_signature(app: Celery, plan: Plan, execution_id: str, name: str, name
         "priority": message_priority(plan.urgency(name), str(app.conf.broker_url)),
     }
     if module.timeout_s:
-        from dspex_celery.defaults import HARD_TIMEOUT_GRACE_S
-
         options["soft_time_limit"] = module.timeout_s
-        options["time_limit"] = module.timeout_s + HARD_TIMEOUT_GRACE_S
+        options["time_limit"] = hard_time_limit(module.timeout_s)
     return app.signature(
         RUN_MODULE,
         args=(execution_id, name),
@@ -51,6 +49,13 @@ def module_signature(app: Celery, plan: Plan, execution_id: str, name: str, name
         immutable=True,
         **options,
     )
+
+
+def hard_time_limit(timeout_s: float) -> float:
+    """When the pool process is killed: ``timeout_s`` plus a grace of ``timeout_s`` (1 to 5 s)."""
+    from dspex_celery.defaults import HARD_TIMEOUT_GRACE_S
+
+    return timeout_s + min(HARD_TIMEOUT_GRACE_S, max(1.0, timeout_s))
 
 
 def advance_signature(app: Celery, execution_id: str, strategy: str, stage: int, namespace: str) -> Signature:
@@ -70,4 +75,7 @@ def stage_signature(
     """A chord of the stage's modules whose body advances to the next stage."""
     header = [module_signature(app, plan, execution_id, name, namespace) for name in names]
     body = advance_signature(app, execution_id, strategy, stage + 1, namespace)
+    # A header task that fails instead of returning (hard time limit, revoked, crashed) makes Celery
+    # skip the body and call its errbacks: advancing from there too means no chord is left hanging.
+    body.on_error(advance_signature(app, execution_id, strategy, stage + 1, namespace))
     return chord(header, body, app=app)

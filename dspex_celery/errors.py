@@ -98,6 +98,10 @@ class CircuitOpen(ModuleError):
     """The module's circuit breaker is open: the call was not made."""
 
 
+class WorkerLost(ModuleError):
+    """The worker process running the module died (killed, out of memory) more often than allowed."""
+
+
 class ResourceWaitAborted(ModuleError):
     """The execution ended while the module waited for a slot of its resource class."""
 

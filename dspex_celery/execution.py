@@ -7,8 +7,10 @@ idempotent, so whoever gets there first publishes the one result.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+from billiard.exceptions import TimeLimitExceeded
 from celery import states
 
 from dspex_celery.plan import Plan
@@ -18,6 +20,7 @@ from dspex_celery.results import (
     ModuleRecord,
     ModuleStatus,
     isoformat,
+    parse_time,
     utcnow,
 )
 from dspex_celery.runtime import Runtime
@@ -56,6 +59,92 @@ def skip(runtime: Runtime, execution_id: str, name: str, parent: str, parent_sta
         resource=runtime.store.plan(execution_id).modules[name].resource,  # type: ignore[union-attr]
     )
     write_record(runtime, execution_id, name, record)
+
+
+def notify_strategy(runtime: Runtime, execution_id: str, name: str, status: ModuleStatus) -> None:
+    """Tell the execution's strategy that ``name`` reached a final status."""
+    from dspex_celery.strategies import get_strategy
+
+    strategy = runtime.store.meta(execution_id).get("strategy", "levels")
+    get_strategy(strategy).module_finished(runtime, execution_id, name, status)
+
+
+def fail_module(runtime: Runtime, execution_id: str, name: str, record: ModuleRecord) -> None:
+    """Write a final ``failed`` record, then :func:`module_failed`."""
+    write_record(runtime, execution_id, name, record)
+    module_failed(runtime, execution_id, name)
+
+
+def module_failed(runtime: Runtime, execution_id: str, name: str) -> None:
+    """After a module's final ``failed`` record: fail the execution when that is one failure too
+    many for its ``failure_tolerance``, and tell the strategy."""
+    plan = runtime.store.plan(execution_id)
+    if plan is not None and _over_budget(runtime, execution_id, plan):
+        finish(runtime, execution_id, ExecutionStatus.FAILED)
+    notify_strategy(runtime, execution_id, name, ModuleStatus.FAILED)
+
+
+def _over_budget(runtime: Runtime, execution_id: str, plan: Plan) -> bool:
+    limit = plan.max_failures()
+    if limit is None or limit == 0:  # tolerant: never; strict: this failure is one too many
+        return limit == 0
+    return failure_budget_exceeded(plan, runtime.store.records(execution_id))
+
+
+def settle_lost(runtime: Runtime, execution_id: str, name: str, error: str) -> bool:
+    """Fail a module whose task ended without a final record (hard time limit, crash).
+
+    Idempotent: a module that is already final, or an execution that already ended, is left alone.
+    """
+    store = runtime.store
+    record = store.record(execution_id, name)
+    if record.status.final or store.is_finished(execution_id) or store.plan(execution_id) is None:
+        return False
+    now = utcnow()
+    duration = (now - parse_time(record.started_at)).total_seconds() if record.started_at else None
+    failed = record.model_copy(update={
+        "status": ModuleStatus.FAILED,
+        "error": error,
+        "finished_at": isoformat(now),
+        "duration_s": round(duration, 6) if duration is not None else None,
+    })
+    fail_module(runtime, execution_id, name, failed)
+    return True
+
+
+def settle_stage(runtime: Runtime, execution_id: str, names: list[str]) -> None:
+    """After a stage's chord returned: fail its modules that never wrote a final record."""
+    from dspex_celery.canvas import task_id
+
+    records = runtime.store.records_of(execution_id, names)
+    for name in names:
+        record = records.get(name)
+        if record is not None and not record.status.final:
+            outcome = runtime.app.AsyncResult(task_id(execution_id, name)).result
+            settle_lost(runtime, execution_id, name, lost_reason(outcome))
+
+
+def lost_reason(error: object) -> str:
+    """The record error of a task that failed outside the module call."""
+    if isinstance(error, TimeLimitExceeded):
+        return f"ModuleTimeout: killed by the hard time limit ({error.args[0] if error.args else '?'} s)"
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {error} (the task failed outside the module call)"
+    return "the task ended without recording an outcome (its process was killed?)"
+
+
+def deadline_passed(runtime: Runtime, execution_id: str, meta: dict[str, Any] | None = None) -> bool:
+    """End the execution as failed when its ``timeout`` (submit_program / ``--timeout``) is over."""
+    meta = runtime.store.meta(execution_id) if meta is None else meta
+    deadline = meta.get("deadline")
+    if deadline is None or time.time() < deadline:
+        return False
+    finish(runtime, execution_id, ExecutionStatus.FAILED, timeout_message(meta.get("timeout_s")))
+    return True
+
+
+def timeout_message(timeout_s: float | None) -> str:
+    return f"timed out: the execution did not finish within its timeout of {timeout_s or 0:g} s"
 
 
 def finish(runtime: Runtime, execution_id: str, status: ExecutionStatus, error: str | None = None) -> bool:

@@ -54,6 +54,7 @@ class ModuleRecord(BaseModel):
     reused: bool = False
     waited_s: float | None = None  # waited for a resource-class slot; started_at is after the wait
     waiting_for: str | None = None  # resource class whose slot the module is waiting for now
+    lost_attempts: int = 0  # attempts whose worker process died (killed, out of memory); re-run
 
 
 class ExecutionResult(BaseModel):

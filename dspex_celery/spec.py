@@ -38,6 +38,7 @@ class RetryPolicy(_Frozen):
     max_backoff_s: float = Field(default=30.0, ge=0)
     jitter: bool = True
     on: tuple[Annotated[str, Field(pattern=USES_PATTERN)], ...] = ()
+    timeouts: bool = True  # retry a module that ran past its timeout_s (false: a timeout fails it)
 
 
 class BreakerPolicy(_Frozen):

@@ -3,41 +3,96 @@
 from __future__ import annotations
 
 import logging
-import time
+import threading
+from collections.abc import Callable
 from typing import Any
 
+import redis
 from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Celery, Task
+from celery.signals import worker_process_init
 from celery.utils.time import get_exponential_backoff_interval
 
-from dspex_celery.canvas import ADVANCE, RUN_MODULE
-from dspex_celery.errors import ModuleTimeout, TransientError
-from dspex_celery.execution import failure_budget_exceeded, finish, write_record
+from dspex_celery.canvas import ADVANCE, RUN_MODULE, stages
+from dspex_celery.errors import ModuleError, ModuleTimeout, TransientError, WorkerLost
+from dspex_celery.execution import (
+    deadline_passed,
+    fail_module,
+    lost_reason,
+    module_failed,
+    notify_strategy,
+    settle_lost,
+    settle_stage,
+    write_record,
+)
 from dspex_celery.graph import resolve_uses
 from dspex_celery.hooks import ModuleContext
 from dspex_celery.integrations.dspy import is_lm_transient
 from dspex_celery.plan import ModulePlan, Plan
-from dspex_celery.results import ExecutionStatus, ModuleRecord, ModuleStatus, isoformat, utcnow
+from dspex_celery.results import ModuleRecord, ModuleStatus, isoformat, utcnow
 from dspex_celery.runner import check_allowed, load_callable, normalize_output, resolve_inputs
 from dspex_celery.runtime import Runtime, runtime_of
+from dspex_celery.spec import RetryPolicy
 
 log = logging.getLogger(__name__)
 
 BUILTIN_TRANSIENT: tuple[type[BaseException], ...] = (TransientError, ConnectionError, TimeoutError)
 
+#: A module whose worker process died this many times (kill -9, out of memory) fails with
+#: ``WorkerLost`` instead of being re-delivered again: a module that kills its process every time
+#: must not take down worker processes forever.
+MAX_LOST_ATTEMPTS = 3
+
+#: Errors of the state store or broker on which ``advance`` is retried.
+INFRA_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+_pool_child = threading.Event()
+
+
+@worker_process_init.connect(weak=False)
+def _mark_pool_child(**_: Any) -> None:
+    """Prefork pool children enforce ``timeout_s`` with Celery's time limits; others cannot."""
+    _pool_child.set()
+
+
+class ModuleTask(Task):  # type: ignore[misc]
+    """``dspex.run_module``: when the task itself fails (hard time limit, crash outside the module
+    call), the module still gets a final ``failed`` record and its strategy hears of it."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   einfo: Any) -> None:
+        execution_id, name = args[0], args[1]
+        try:
+            settle_lost(runtime_of(self.app), execution_id, name, lost_reason(exc))
+        except Exception:  # the store may be what failed; the stage's advance settles it then
+            log.exception("could not record the failure of %s in %s", name, execution_id)
+
 
 def register_tasks(app: Celery) -> None:
     """Register the engine's tasks on ``app``."""
 
-    @app.task(name=RUN_MODULE, bind=True, shared=False, max_retries=None, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name=RUN_MODULE, base=ModuleTask, bind=True, shared=False, max_retries=None, acks_late=True,
+              reject_on_worker_lost=True)
     def run_module(self: Task, execution_id: str, module: str, program: str | None = None) -> dict[str, Any]:
         return ModuleRun(self, runtime_of(self.app), execution_id, module).run()
 
-    @app.task(name=ADVANCE, bind=True, shared=False, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name=ADVANCE, bind=True, shared=False, acks_late=True, reject_on_worker_lost=True,
+              autoretry_for=INFRA_ERRORS, retry_backoff=True, max_retries=5)
     def advance(self: Task, execution_id: str, strategy: str, stage: int) -> None:
-        from dspex_celery.strategies.levels import advance_execution
+        advance_stage(runtime_of(self.app), execution_id, strategy, stage)
 
-        advance_execution(runtime_of(self.app), execution_id, strategy, stage)
+
+def advance_stage(runtime: Runtime, execution_id: str, strategy: str, stage: int) -> None:
+    """After a stage's chord (or its errback): settle that stage, check the deadline, go on."""
+    from dspex_celery.strategies.levels import advance_execution
+
+    plan = runtime.store.plan(execution_id)
+    if plan is None or runtime.store.is_finished(execution_id):
+        return
+    if stage > 0:
+        settle_stage(runtime, execution_id, stages(plan, strategy)[stage - 1])
+    if not deadline_passed(runtime, execution_id):
+        advance_execution(runtime, execution_id, strategy, stage)
 
 
 class ModuleRun:
@@ -57,18 +112,39 @@ class ModuleRun:
             return {"module": self.name, "status": "expired"}
         previous = self.store.record(self.execution_id, self.name)
         if previous.status.final:
+            # Re-delivered after its worker died: the strategy may not have heard (idempotent).
+            self._notify_strategy(previous.status)
             return {"module": self.name, "status": previous.status.value}
-        if self.store.is_finished(self.execution_id):
+        meta = self.store.meta(self.execution_id)
+        if self.store.is_finished(self.execution_id) or deadline_passed(self.runtime, self.execution_id, meta):
             return {"module": self.name, "status": ModuleStatus.CANCELLED.value}
+        if previous.status is ModuleStatus.RUNNING:
+            previous = self._lost(previous)
+            if previous.status.final:
+                return {"module": self.name, "status": previous.status.value}
         ctx = self._start(plan, previous)
         try:
             self.runtime.hooks.before_module(ctx)
-            output = self._call(ctx.module, plan)
+            output = self._call(ctx, meta)
         except Exception as exc:  # a module may raise anything; each becomes a record
             return self._failed(ctx, _as_timeout(exc))
         finally:
             self.runtime.hooks.after_module(ctx)
         return self._succeeded(ctx, output)
+
+    def _lost(self, previous: ModuleRecord) -> ModuleRecord:
+        """The last attempt never finished: its worker process died. Count it; give up after a few."""
+        lost = previous.model_copy(update={"lost_attempts": previous.lost_attempts + 1})
+        if lost.lost_attempts < MAX_LOST_ATTEMPTS:
+            log.warning("%s of %s: re-running after its worker was lost (attempt %d)",
+                        self.name, self.execution_id, previous.attempts)
+            return lost
+        error = WorkerLost(f"module '{self.name}': its worker process died {lost.lost_attempts} times "
+                           "(killed or out of memory); not re-running it again")
+        failed = lost.model_copy(update={"status": ModuleStatus.FAILED, "error": f"WorkerLost: {error}",
+                                         "finished_at": isoformat(utcnow())})
+        fail_module(self.runtime, self.execution_id, self.name, failed)
+        return failed
 
     def _start(self, plan: Plan, previous: ModuleRecord) -> ModuleContext:
         started = utcnow()
@@ -78,6 +154,7 @@ class ModuleRun:
             started_at=isoformat(started),
             worker=self.task.request.hostname,
             resource=plan.modules[self.name].resource,
+            lost_attempts=previous.lost_attempts,
         )
         write_record(self.runtime, self.execution_id, self.name, record)
         return ModuleContext(
@@ -91,12 +168,14 @@ class ModuleRun:
             record=record,
         )
 
-    def _call(self, module: ModulePlan, plan: Plan) -> dict[str, Any]:
+    def _call(self, ctx: ModuleContext, meta: dict[str, Any]) -> dict[str, Any]:
+        module = ctx.module
         check_allowed(module, self.runtime.allowed_packages)
         function = load_callable(module)
-        program_inputs = self.store.meta(self.execution_id).get("inputs", {})
         upstream = self.store.outputs(self.execution_id, module.parents)
-        return normalize_output(module, function(**resolve_inputs(module, program_inputs, upstream)))
+        kwargs = resolve_inputs(module, meta.get("inputs", {}), upstream)
+        ctx.extras["called"] = True  # hooks (the circuit breaker) count only failures of real calls
+        return normalize_output(module, call_module(module, function, kwargs))
 
     def _finished_record(self, ctx: ModuleContext, **changes: Any) -> ModuleRecord:
         finished = utcnow()
@@ -106,6 +185,8 @@ class ModuleRun:
         )
 
     def _succeeded(self, ctx: ModuleContext, output: dict[str, Any]) -> dict[str, Any]:
+        if self.store.is_finished(self.execution_id):
+            return self._too_late(ctx, lambda: self.runtime.hooks.after_success(ctx, output))
         self.store.put_output(self.execution_id, self.name, output)
         record = self._finished_record(ctx, status=ModuleStatus.SUCCEEDED)
         write_record(self.runtime, self.execution_id, self.name, record)
@@ -114,6 +195,8 @@ class ModuleRun:
         return {"module": self.name, "status": record.status.value}
 
     def _failed(self, ctx: ModuleContext, error: Exception) -> dict[str, Any]:
+        if self.store.is_finished(self.execution_id):
+            return self._too_late(ctx, lambda: self.runtime.hooks.after_failure(ctx, error, False))
         policy = ctx.module.retry_policy
         message = f"{type(error).__name__}: {error}"
         will_retry = is_transient(error, ctx.module) and ctx.attempt < policy.max_attempts
@@ -123,35 +206,80 @@ class ModuleRun:
         self.runtime.hooks.after_failure(ctx, error, will_retry)
         if will_retry:
             raise self.task.retry(countdown=self._backoff(ctx), exc=error, max_retries=None)
-        self._fail_execution_if_over_budget(ctx.plan)
-        self._notify_strategy(record.status)
+        module_failed(self.runtime, self.execution_id, self.name)
         return {"module": self.name, "status": record.status.value}
 
-    def _notify_strategy(self, status: ModuleStatus) -> None:
-        from dspex_celery.strategies import get_strategy
+    def _too_late(self, ctx: ModuleContext, after: Callable[[], None]) -> dict[str, Any]:
+        """The execution ended (cancel, timeout, strict failure) during the call: its published
+        records stay as they are; the hooks still run so that they release what they hold."""
+        after()
+        return {"module": self.name, "status": ModuleStatus.CANCELLED.value}
 
-        strategy = self.store.meta(self.execution_id).get("strategy", "levels")
-        get_strategy(strategy).module_finished(self.runtime, self.execution_id, self.name, status)
+    def _notify_strategy(self, status: ModuleStatus) -> None:
+        notify_strategy(self.runtime, self.execution_id, self.name, status)
 
     def _backoff(self, ctx: ModuleContext) -> float:
-        """Exponential backoff with full jitter, never beyond the broker's visibility timeout."""
-        policy = ctx.module.retry_policy
-        ceiling = min(policy.max_backoff_s, self.runtime.settings.visibility_timeout_s / 2)
-        if policy.backoff_s <= 0:
-            return 0.0
-        # Celery's helper works in whole-ish seconds; scale so sub-second factors keep precision.
-        scale = 1000.0
-        delay = get_exponential_backoff_interval(
-            factor=policy.backoff_s * scale,
-            retries=ctx.attempt - 1,
-            maximum=ceiling * scale,
-            full_jitter=policy.jitter,
-        )
-        return float(delay) / scale
+        return backoff_delay(ctx.module.retry_policy, ctx.attempt, self.runtime.settings.visibility_timeout_s)
 
-    def _fail_execution_if_over_budget(self, plan: Plan) -> None:
-        if failure_budget_exceeded(plan, self.store.records(self.execution_id)):
-            finish(self.runtime, self.execution_id, ExecutionStatus.FAILED)
+
+def backoff_delay(policy: RetryPolicy, attempt: int, visibility_timeout_s: float) -> float:
+    """Seconds before the attempt after ``attempt``: ``backoff_s * 2**(attempt-1)``, at most
+    ``max_backoff_s`` and half the broker's visibility timeout (a longer countdown would be
+    re-delivered while it waits: Celery #3270), with full jitter (uniform in 0..that) if asked."""
+    if policy.backoff_s <= 0:
+        return 0.0
+    ceiling = min(policy.max_backoff_s, visibility_timeout_s / 2)
+    delay_ms = get_exponential_backoff_interval(  # Celery's helper works in whole units: milliseconds
+        factor=round(policy.backoff_s * 1000), retries=attempt - 1, maximum=round(ceiling * 1000),
+        full_jitter=policy.jitter,
+    )
+    return float(delay_ms) / 1000
+
+
+def call_module(module: ModulePlan, function: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    """Call a module. Outside a prefork pool child (threads/solo pools, embedded), where Celery's
+    time limits do nothing, ``timeout_s`` is enforced by waiting for the call in a thread."""
+    if module.timeout_s is None or _pool_child.is_set():
+        return _guarded(module, function, kwargs)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = _guarded(module, function, kwargs)
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"dspex-module-{module.name}", daemon=True)
+    thread.start()
+    thread.join(module.timeout_s)
+    if thread.is_alive():
+        raise ModuleTimeout(
+            f"module '{module.name}' ran longer than its timeout_s ({module.timeout_s:g} s); this worker "
+            "pool cannot stop a call, so it was abandoned (use the prefork pool to have it killed)"
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _guarded(module: ModulePlan, function: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    """A module calling ``sys.exit()`` fails its run; it neither kills nor loops the worker."""
+    try:
+        return function(**kwargs)
+    except (SystemExit, KeyboardInterrupt) as exc:
+        if _shutting_down():
+            raise
+        raise ModuleError(f"module '{module.name}' raised {type(exc).__name__}({exc}); "
+                          "return or raise an exception instead of exiting") from None
+
+
+def _shutting_down() -> bool:
+    """True when this pool process got its terminate signal (the SystemExit is the worker's)."""
+    try:
+        from billiard.common import terminate_handler_fired
+    except ImportError:  # older billiard
+        return False
+    return bool(terminate_handler_fired())
 
 
 def _as_timeout(error: Exception) -> Exception:
@@ -161,7 +289,10 @@ def _as_timeout(error: Exception) -> Exception:
 
 
 def is_transient(error: BaseException, module: ModulePlan) -> bool:
-    """Transient errors are retried: built-in ones and the classes named in ``retry.on``."""
+    """Transient errors are retried: built-in ones and the classes named in ``retry.on``;
+    ``ModuleTimeout`` only while ``retry.timeouts`` is true."""
+    if isinstance(error, ModuleTimeout) and not module.retry_policy.timeouts:
+        return False
     extra = tuple(_error_class(path) for path in module.retry_policy.on)
     if isinstance(error, BUILTIN_TRANSIENT + tuple(cls for cls in extra if cls is not None)):
         return True

@@ -47,7 +47,7 @@ def main() -> None:
 
 
 # Command families register themselves on ``cli``.
-from dspex_celery.cli import history, monitor, programs, worker  # noqa: E402,F401
+from dspex_celery.cli import history, monitor, ops, programs, worker  # noqa: E402,F401
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,98 @@
+"""Recovering executions: ``cancel``, ``resume`` and ``breakers``."""
+
+from __future__ import annotations
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from dspex_celery.breaker import circuits, reset_circuit
+from dspex_celery.cli import cli, connection_options
+from dspex_celery.cli.monitor import cluster_runtime
+from dspex_celery.cli.progress import follow, show_progress
+from dspex_celery.cli.render import print_json, print_result
+from dspex_celery.client import ExecutionHandle, resume_execution
+from dspex_celery.plan import STRATEGIES
+from dspex_celery.results import ModuleStatus
+
+execution_argument = click.argument("execution_id", metavar="EXECUTION_ID")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object.")
+
+
+@cli.command()
+@execution_argument
+@connection_options
+@json_option
+def cancel(execution_id: str, broker: str | None, result_backend: str | None, as_json: bool) -> None:
+    """Cancel an execution: revoke its pending modules, terminate the running ones."""
+    runtime = cluster_runtime(broker, result_backend, "cancel")
+    handle = ExecutionHandle(runtime, execution_id)
+    was_running = not handle.status().final
+    result = handle.cancel()
+    if as_json:
+        print_json(result.to_json_dict())
+        return
+    if not was_running:
+        click.echo(f"execution {execution_id} had already ended: {result.status.value}")
+        return
+    cancelled = sum(record.status is ModuleStatus.CANCELLED for record in result.modules.values())
+    click.echo(f"execution {execution_id} {result.status.value}: {cancelled} module(s) cancelled")
+
+
+@cli.command()
+@execution_argument
+@connection_options
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=None, help="Default: the original's.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Fail the new execution after SECONDS.")
+@json_option
+@click.option("-q", "--quiet", is_flag=True, help="No live progress display.")
+def resume(execution_id: str, broker: str | None, result_backend: str | None, strategy: str | None,
+           timeout: float | None, as_json: bool, quiet: bool) -> None:
+    """Run an ended execution again, reusing the outputs of its succeeded modules."""
+    runtime = cluster_runtime(broker, result_backend, "resume")
+    handle = resume_execution(execution_id, app=runtime.app, strategy=strategy, timeout=timeout)
+    result = follow(handle) if show_progress(as_json, quiet) else handle.get()
+    if as_json:
+        print_json(result.to_json_dict())
+    else:
+        print_result(result)
+    raise SystemExit(0 if result.succeeded else 1)
+
+
+@cli.group(invoke_without_command=True)
+@connection_options
+@json_option
+@click.pass_context
+def breakers(ctx: click.Context, broker: str | None, result_backend: str | None, as_json: bool) -> None:
+    """Show the circuit breakers (named PROGRAM.MODULE) that are open or have counted failures."""
+    ctx.obj = (broker, result_backend)
+    if ctx.invoked_subcommand is not None:
+        return
+    found = circuits(cluster_runtime(broker, result_backend, "breakers").store)
+    if as_json:
+        print_json(found)
+        return
+    if not found:
+        click.echo("every circuit is closed")
+        return
+    table = Table(show_edge=False, box=None, pad_edge=False)
+    for column in ("circuit", "state", "failures", "retry in s"):
+        table.add_column(column)
+    for circuit in found:
+        retry_in = circuit["retry_in_s"]
+        table.add_row(circuit["name"], circuit["state"], f"{circuit['failures']}/{circuit['threshold'] or '?'}",
+                      f"{retry_in:.1f}" if retry_in else "-")
+    Console(highlight=False).print(table)
+
+
+@breakers.command("reset")
+@click.argument("name", metavar="PROGRAM.MODULE")
+@connection_options
+@click.pass_context
+def reset_breaker(ctx: click.Context, name: str, broker: str | None, result_backend: str | None) -> None:
+    """Close the circuit NAME (forget its failures)."""
+    group_broker, group_backend = ctx.obj
+    runtime = cluster_runtime(broker or group_broker, result_backend or group_backend, "breakers reset")
+    reset_circuit(runtime.store, name)
+    click.echo(f"circuit {name} closed")
