@@ -8,21 +8,28 @@ last one), and the module records fill in what the log lacks.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
-import networkx as nx
 
-from dspex_celery.errors import UnknownExecution
+from dspex_celery.errors import ConfigError, UnknownExecution
 from dspex_celery.graph import critical_path
 from dspex_celery.hooks import Hook, ModuleContext
+from dspex_celery.optimizer import plan_graph
 from dspex_celery.plan import Plan
 from dspex_celery.results import ExecutionResult, ModuleRecord, parse_time, utcnow
 from dspex_celery.runtime import Runtime
+from dspex_celery.settings import Settings
 from dspex_celery.state import StateStore
+
+if TYPE_CHECKING:
+    from dspex_celery.history.store import HistoryStore
+
+log = logging.getLogger(__name__)
 
 ATTEMPTS = "attempts"
 
@@ -79,7 +86,30 @@ class ReportData:
 
 
 def load_report(runtime: Runtime, execution_id: str) -> ReportData:
-    """Everything the report shows, from the state store (and history, when it has attempts)."""
+    """Everything the report shows: history's attempts when it has them all, else the store's.
+
+    An execution the state store no longer knows (expired) comes from history alone.
+    """
+    history = open_history(runtime.settings)
+    try:
+        result, plan = _from_store(runtime, execution_id)
+    except UnknownExecution as unknown:
+        if history is None:
+            raise
+        try:
+            result, plan = _from_history(history, execution_id)
+        except UnknownExecution:
+            raise UnknownExecution(f"{unknown}; history at {history.display_url} does not have it either") from None
+        attempts, source = [], "history"
+    else:
+        attempts, source = store_attempts(logged_attempts(runtime.store, execution_id), result.modules), "state store"
+    recorded = history_attempts(history, execution_id) if history is not None else []
+    if recorded and len(recorded) >= len(attempts):  # the listener may lag behind a fresh execution
+        attempts, source = recorded, "history"
+    return ReportData(result, plan, attempts, observed_critical_path(plan, attempts), source)
+
+
+def _from_store(runtime: Runtime, execution_id: str) -> tuple[ExecutionResult, Plan]:
     from dspex_celery.client import ExecutionHandle
 
     try:
@@ -91,8 +121,40 @@ def load_report(runtime: Runtime, execution_id: str) -> ReportData:
         ) from None
     plan = runtime.store.plan(execution_id)
     assert plan is not None  # current() checked it
-    attempts = store_attempts(logged_attempts(runtime.store, execution_id), result.modules)
-    return ReportData(result, plan, attempts, observed_critical_path(plan, attempts), "state store")
+    return result, plan
+
+
+def open_history(settings: Settings) -> HistoryStore | None:
+    """The history database when one is configured and exists (never created here)."""
+    from dspex_celery.history.store import HistoryStore, history_url
+
+    url = history_url(settings)
+    if url is None:
+        return None
+    try:
+        return HistoryStore(url, create=False)
+    except ConfigError as exc:
+        log.info("no history for the report: %s", exc)
+        return None
+
+
+def _from_history(history: HistoryStore, execution_id: str) -> tuple[ExecutionResult, Plan]:
+    from dspex_celery.history.models import ExecutionRow
+
+    result = history.result(execution_id)  # UnknownExecution (one line) when history lacks it too
+    with history.session() as session:
+        row = session.get(ExecutionRow, execution_id)
+    plan = history.plan(row.fingerprint) if row is not None and row.fingerprint else None
+    if plan is None:
+        raise UnknownExecution(f"history has execution '{execution_id}' but not its plan: no report possible")
+    return result, plan
+
+
+def history_attempts(history: HistoryStore, execution_id: str) -> list[Attempt]:
+    """Every recorded attempt of the execution (attempt 0, never started, is left out)."""
+    rows = history.attempts([execution_id])
+    found = [_attempt(row.module, row.attempt, ModuleRecord.model_validate(row.record)) for row in rows if row.attempt]
+    return _in_order(found)
 
 
 def store_attempts(logged: list[dict[str, Any]], modules: dict[str, ModuleRecord]) -> list[Attempt]:
@@ -101,6 +163,10 @@ def store_attempts(logged: list[dict[str, Any]], modules: dict[str, ModuleRecord
     seen = {(attempt.module, attempt.attempt) for attempt in found if attempt}
     found += [_attempt(name, record.attempts, record) for name, record in modules.items()
               if (name, record.attempts) not in seen]
+    return _in_order(found)
+
+
+def _in_order(found: list[Attempt | None]) -> list[Attempt]:
     return sorted((attempt for attempt in found if attempt), key=lambda attempt: (attempt.start, attempt.module))
 
 
@@ -117,13 +183,6 @@ def _attempt(module: str, number: int, record: ModuleRecord) -> Attempt | None:
         waited_s=record.waited_s or 0.0,
         error=record.error,
     )
-
-
-def plan_graph(plan: Plan) -> nx.DiGraph:
-    graph = nx.DiGraph()
-    graph.add_nodes_from(plan.modules)
-    graph.add_edges_from((parent, name) for name, module in plan.modules.items() for parent in module.parents)
-    return graph
 
 
 def module_spans(attempts: list[Attempt], now: datetime) -> dict[str, float]:

@@ -105,6 +105,7 @@ def test_unknown_execution_is_one_line(cluster: Cluster) -> None:
     result = cluster.cli("report", "nope", "-o", "/dev/null")
     assert result.returncode == 2
     assert result.stderr.startswith("error: unknown or expired execution 'nope' in the state store at redis://")
+    assert "pass --result-backend URL of the cluster that ran it" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
@@ -127,3 +128,34 @@ def test_hostile_names_are_escaped() -> None:
     for raw in (hostile, "<b>prog</b>", 'w<&>"', "<script>", 'e"><script>'):
         assert raw not in html
     assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in html and "w&lt;&amp;&gt;&#34;" in html
+
+
+def test_report_prefers_history_and_outlives_the_state_store(tmp_path: Path) -> None:
+    # Given an in-process run that records history (SQLite) with a retried module
+    from dspex_celery import Settings, create_runtime, submit_program
+    from dspex_celery.history.hooks import EmbeddedRecorder
+    from dspex_celery.report import load_report
+
+    runtime = create_runtime(Settings(namespace=f"rep-{tmp_path.name}", history_url=f"sqlite:///{tmp_path}/h.db"))
+    prog = program("remembered", {
+        "flaky": {"uses": "tests.modules.ops_mods:flaky", "inputs": {"marker_dir": str(tmp_path), "key": "h"},
+                  "retry": {"max_attempts": 2, "backoff_s": 0}},
+        "after": {"uses": "tests.modules.basic:add", "inputs": {"a": "$flaky.calls", "b": 1}},
+    })
+    handle = submit_program(prog, {}, app=runtime.app)
+    assert handle.get(timeout=30).succeeded
+    for hook in runtime.hooks.hooks:
+        if isinstance(hook, EmbeddedRecorder):
+            hook.flush()
+    # Then the report takes its attempts from history
+    data = load_report(runtime, handle.execution_id)
+    assert data.source == "history"
+    assert [(a.module, a.attempt, a.status) for a in data.attempts] == [
+        ("flaky", 1, "retrying"), ("flaky", 2, "succeeded"), ("after", 1, "succeeded")]
+    # And once the state store forgot the execution, the report still comes from history
+    store = runtime.store
+    store.client.delete(*store.client.keys(store.key(handle.execution_id, "*")))
+    again = load_report(runtime, handle.execution_id)
+    assert again.source == "history" and again.result.modules["after"].status is ModuleStatus.SUCCEEDED
+    assert [(a.module, a.attempt) for a in again.attempts] == [("flaky", 1), ("flaky", 2), ("after", 1)]
+    assert "after" in render_html(again)
