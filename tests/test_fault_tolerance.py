@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from dspex_celery import ExecutionStatus, ModuleStatus, UsageError
+from dspex_celery import ExecutionStatus, ModuleStatus, UsageError, submit_program
 from dspex_celery.errors import UnknownExecution
 from dspex_celery.report import logged_attempts
 from dspex_celery.results import ExecutionResult, parse_time
@@ -381,3 +381,14 @@ def test_cli_cancel(cluster: Cluster) -> None:
     assert again.returncode == 0 and "already ended: cancelled" in again.stdout
     unknown = cluster.cli("cancel", "nope")
     assert unknown.returncode == 2 and unknown.stderr.strip() == "error: unknown or expired execution 'nope'"
+
+
+def test_timeout_reaching_the_visibility_timeout_is_refused(redis_url: str) -> None:
+    # A module allowed to run past the visibility timeout would be re-delivered and run twice
+    from dspex_celery import Settings, create_runtime
+    from dspex_celery.errors import ConfigError
+
+    app = create_runtime(Settings(broker_url=redis_url, visibility_timeout_s=60, namespace="vt-check")).app
+    prog = program("vt", {"long": {"uses": f"{BASIC}:sleep", "timeout_s": 58}})
+    with pytest.raises(ConfigError, match="module 'long': timeout_s 58 s .* visibility timeout \\(60 s\\)"):
+        submit_program(prog, {}, app=app)
