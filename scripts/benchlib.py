@@ -267,6 +267,7 @@ def machine_lines(specs: Sequence[WorkerSpec], broker: str = REDIS_URL) -> list[
         f"- Python {platform.python_version()}, Celery {celery.__version__}, broker + result backend: "
         f"Redis ({_redact(broker)})",
         f"- workers: {workers}",
+        f"- load average (1/5/15 min) when written: {' / '.join(f'{load:.1f}' for load in os.getloadavg())}",
     ]
 
 
