@@ -12,8 +12,10 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from click.testing import CliRunner
 
 from dspex_celery import ExecutionStatus
+from dspex_celery.cli import cli
 from tests.conftest import CLI, ROOT, Cluster, program
 
 pytestmark = pytest.mark.integration
@@ -145,6 +147,6 @@ def wait_for_tasks(base: str, execution_id: str, modules: set[str], timeout: flo
     ],
 )
 def test_flower_refuses_unsafe_options(cluster: Cluster, args: list[str], message: str) -> None:
-    result = cluster.cli("flower", *args)
-    assert result.returncode == 2
+    result = CliRunner().invoke(cli, ["flower", *args], env=cluster.env())
+    assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [message]

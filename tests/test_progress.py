@@ -37,12 +37,22 @@ def embedded_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40", **extra}
 
 
-def run_in_pty(args: list[str], env: dict[str, str], timeout: float = 60) -> tuple[int, str]:
-    """Run with a pseudo-terminal as stdin/stdout/stderr; everything it wrote, decoded."""
+def start_in_pty(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+    """Start with a 120x40 pseudo-terminal as stdin/stdout/stderr; the process and the pty's master."""
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     process = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env, close_fds=True)
     os.close(slave)
+    return process, master
+
+
+def run_in_pty(args: list[str], env: dict[str, str], timeout: float = 60) -> tuple[int, str]:
+    """Run in a pseudo-terminal; everything it wrote, decoded."""
+    return collect(*start_in_pty(args, env), timeout=timeout)
+
+
+def collect(process: subprocess.Popen[bytes], master: int, timeout: float = 60) -> tuple[int, str]:
+    """Read the pty until the process closes it; its exit code and output."""
     chunks: list[bytes] = []
     deadline = time.monotonic() + timeout
     try:
@@ -78,21 +88,18 @@ def test_progress_display_on_a_terminal(tmp_path: Path) -> None:
     assert "progress" in output and "succeeded" in output
 
 
-@pytest.mark.parametrize("flag", ["--quiet", "--json"])
-def test_no_display_with_quiet_or_json(tmp_path: Path, flag: str) -> None:
-    code, output = run_in_pty([CLI, "run", write_program(tmp_path, 0.1), flag], embedded_env())
-    assert code == 0, output
-    assert "elapsed" not in output and "pending" not in output
-    if flag == "--json":
-        assert json.loads(output)["status"] == "succeeded"  # exactly one JSON document
-
-
-def test_no_display_when_piped(tmp_path: Path) -> None:
-    result = subprocess.run([CLI, "run", write_program(tmp_path, 0.1)], cwd=ROOT, env=embedded_env(),
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert "elapsed" not in result.stdout and ESC not in result.stdout
-    assert "succeeded" in result.stdout and result.stderr == ""
+def test_no_display_with_quiet_json_or_a_pipe(tmp_path: Path) -> None:
+    # Three runs at once (each is mostly interpreter start-up): --quiet and --json on a terminal, and piped
+    command = [CLI, "run", write_program(tmp_path, 0.1)]
+    quiet, as_json = (start_in_pty([*command, flag], embedded_env()) for flag in ("--quiet", "--json"))
+    piped = subprocess.run(command, cwd=ROOT, env=embedded_env(), capture_output=True, text=True, timeout=60)
+    for code, output in (collect(*quiet), collect(*as_json)):
+        assert code == 0, output
+        assert "elapsed" not in output and "pending" not in output
+    assert json.loads(output)["status"] == "succeeded"  # --json: exactly one JSON document
+    assert piped.returncode == 0, piped.stderr
+    assert "elapsed" not in piped.stdout and ESC not in piped.stdout
+    assert "succeeded" in piped.stdout and piped.stderr == ""
 
 
 # --- ETA ----------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from dspex_celery import ExecutionResult, ExecutionStatus, ModuleRecord, ModuleStatus
+from dspex_celery.cli import cli
 from dspex_celery.report import ReportData, render_html, store_attempts
 from dspex_celery.results import isoformat
 from tests.conftest import Cluster, program
@@ -59,8 +61,8 @@ def executed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> tupl
     handle = cluster.submit(prog)
     handle.get(timeout=60)
     out = markers / "report.html"
-    result = cluster.cli("report", handle.execution_id, "-o", str(out))
-    assert result.returncode == 0, result.stderr
+    result = CliRunner().invoke(cli, ["report", handle.execution_id, "-o", str(out)], env=cluster.env())
+    assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out)
     return handle.execution_id, out.read_text(encoding="utf-8")
 
@@ -102,8 +104,8 @@ def test_report_renders_in_headless_chromium(executed: tuple[str, str], tmp_path
 
 
 def test_unknown_execution_is_one_line(cluster: Cluster) -> None:
-    result = cluster.cli("report", "nope", "-o", "/dev/null")
-    assert result.returncode == 2
+    result = CliRunner().invoke(cli, ["report", "nope", "-o", "/dev/null"], env=cluster.env())
+    assert result.exit_code == 2
     assert result.stderr.startswith("error: unknown or expired execution 'nope' in the state store at redis://")
     assert "pass --result-backend URL of the cluster that ran it" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

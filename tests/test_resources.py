@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from datetime import timedelta
 
 import pytest
+from click.testing import CliRunner, Result
 
 from dspex_celery import ExecutionStatus
+from dspex_celery.cli import cli
 from dspex_celery.errors import ConfigError
 from dspex_celery.resources import parse_limits, snapshot
 from dspex_celery.results import ModuleRecord, parse_time
-from tests.conftest import Cluster, program
+from dspex_celery.routing import queue_name
+from tests.conftest import Cluster, WorkerProcess, program
 
 LIMITS = {
     "llm": {"max_concurrent": 2},
@@ -44,11 +48,19 @@ def parallel(name: str, count: int, resource: str, seconds: float) -> object:
 
 @pytest.fixture(scope="module")
 def cluster(make_cluster) -> Cluster:
-    """Two workers of concurrency 4 serving `llm` and `api`, limits from DSPEX_RESOURCES."""
+    """Two workers of concurrency 4 serving `llm` and `api`, and one prefork worker for `gpu`."""
     cluster = make_cluster(resources=LIMITS)
     for _ in range(2):
-        cluster.start_worker("llm", "api", concurrency=4, pool="threads", env=LIMITS_ENV)
+        cluster.start_worker("llm", "api", concurrency=4, pool="threads", env=LIMITS_ENV, wait=False)
+    cluster.start_worker("gpu", concurrency=1, pool="prefork", env=LIMITS_ENV, wait=False)
+    for worker in cluster.workers:  # started together, so they boot in parallel
+        worker.wait_ready()
     return cluster
+
+
+def invoke(cluster: Cluster, *args: str, **env: str) -> Result:
+    """The CLI in this process (same command code, no interpreter start-up)."""
+    return CliRunner().invoke(cli, list(args), env=cluster.env(**env))
 
 
 def test_concurrency_limit_holds_across_workers(cluster: Cluster) -> None:
@@ -77,22 +89,28 @@ def test_rate_limit_spaces_starts(cluster: Cluster) -> None:
 
 def test_killed_worker_slot_comes_back(cluster: Cluster) -> None:
     # Given a prefork worker holding the only `gpu` slot (lease TTL 1.5 s) with a long module
-    holder = cluster.start_worker("gpu", concurrency=1, pool="prefork", env=LIMITS_ENV)
+    holder, other = cluster.workers[2], cluster.workers[0]
     hog = cluster.submit(program("hog", {"hog": {"uses": HOLD, "inputs": {"seconds": 120}, "resource": "gpu"}}))
     gpu = wait_for_holder(cluster, "gpu")
     assert gpu["holders"][0]["execution_id"] == hog.execution_id and gpu["holders"][0]["module"] == "hog"
-    shown = json.loads(cluster.cli("resources", "--json", env=LIMITS_ENV).stdout)
+    shown = json.loads(invoke(cluster, "resources", "--json", **LIMITS_ENV).stdout)
     assert [row["in_use"] for row in shown["resources"] if row["resource"] == "gpu"] == [1]
     # When the whole worker (main process and pool) is killed
     for pid in [*holder.pool_pids(), holder.process.pid]:
         os.kill(pid, signal.SIGKILL)
     holder.process.wait(timeout=10)
     # Then another worker gets the slot once the lease expires, and the next gpu module runs
-    cluster.start_worker("gpu", concurrency=1, pool="threads", env=LIMITS_ENV)
+    queue = queue_name(cluster.settings.namespace, "gpu")
+    replies = cluster.runtime.app.control.add_consumer(queue, destination=[worker_hostname(other)], reply=True)
+    assert replies and "ok" in json.dumps(replies), replies
     result = cluster.run(program("after_kill", {"next": {"uses": HOLD, "inputs": {"seconds": 0.1}, "resource": "gpu"}}),
                          timeout=30)
     assert result.status is ExecutionStatus.SUCCEEDED
     assert [row["in_use"] for row in gpu_rows(cluster)] == [0]
+
+
+def worker_hostname(worker: WorkerProcess) -> str:
+    return f"{worker.name}@{socket.gethostname()}"
 
 
 def gpu_rows(cluster: Cluster) -> list[dict]:
@@ -132,8 +150,8 @@ def test_limits_parse_rates() -> None:
 
 
 def test_cli_rejects_invalid_limits_in_one_line(cluster: Cluster) -> None:
-    result = cluster.cli("resources", env={"DSPEX_RESOURCES": json.dumps({"llm": {"rate": "1/week"}})})
-    assert result.returncode == 2
+    result = invoke(cluster, "resources", DSPEX_RESOURCES=json.dumps({"llm": {"rate": "1/week"}}))
+    assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
         "error: resources.llm.rate: Value error, rate '1/week' is not COUNT/UNIT with UNIT s, m or h "
         "(e.g. \"60/m\"): fix `resources:` in the config file or DSPEX_RESOURCES"
