@@ -1,5 +1,6 @@
 """dspex-celery: run DSPy-style programs (DAGs of modules) on a Celery cluster."""
 
+from dspex_celery.batch import BatchResult, BatchRun, submit_batch
 from dspex_celery.client import ExecutionHandle, submit_program
 from dspex_celery.errors import (
     CircuitOpen,
@@ -21,6 +22,9 @@ __all__ = [
     # programs and running them
     "Program",
     "submit_program",
+    "submit_batch",
+    "BatchRun",
+    "BatchResult",
     "ExecutionHandle",
     "ExecutionResult",
     "ExecutionStatus",

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from dspex_celery.cli import cli, connection_options
+from dspex_celery.cli.batch import batch_options
 from dspex_celery.cli.progress import follow, show_progress
 from dspex_celery.cli.render import print_json, print_result
 from dspex_celery.client import choose_strategy, submit_program
@@ -57,6 +58,7 @@ def _read_inputs_file(path: str) -> dict[str, Any]:
 
 
 @cli.command()
+@batch_options  # --inputs-file data.jsonl [--output] [--max-in-flight] [--metric]: dspex_celery/cli/batch.py
 @program_argument
 @click.option("-i", "--input", "pairs", multiple=True, metavar="NAME=VALUE", help="A program input (repeatable).")
 @click.option("--inputs", "inputs_file", metavar="FILE.json", default=None, help="Program inputs as a JSON object.")

@@ -1,0 +1,362 @@
+"""Batch runs: one execution per input line across the cluster, bounded in flight, resumable.
+
+Each input is a mapping: keys that are program inputs are the execution's inputs, the other keys
+are the line's *labels* (what a metric compares the outputs with, like ``dspy.Example`` labels).
+A batch yields one :class:`BatchLine` per input; :meth:`BatchRun.get` returns them in input order.
+Lines of an earlier run (``previous=``) are reused when they succeeded on the same input, and
+re-attached (not submitted again) when their execution was still running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import states
+
+from dspex_celery.client import ProgramLike, choose_strategy, launch
+from dspex_celery.errors import UsageError
+from dspex_celery.execution import finish
+from dspex_celery.graph import resolve_uses
+from dspex_celery.integrations.dspy import describe_failure, make_example, make_prediction
+from dspex_celery.plan import Plan
+from dspex_celery.program import Program
+from dspex_celery.results import ExecutionResult, ExecutionStatus
+from dspex_celery.runtime import Runtime, default_runtime, runtime_of
+
+#: Executions submitted and not yet finished, at most (the cluster's queue depth for this batch).
+DEFAULT_MAX_IN_FLIGHT = 16
+#: Seconds between two checks of the in-flight executions' results (one MGET each time).
+POLL_S = 0.02
+
+SUCCEEDED, FAILED, INVALID, SUBMITTED = "succeeded", "failed", "invalid", "submitted"
+Metric = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One input line: the program inputs, the labels, a content key, or why it cannot run."""
+
+    index: int
+    inputs: dict[str, Any]
+    labels: dict[str, Any]
+    key: str
+    error: str | None = None
+
+
+@dataclass
+class BatchLine:
+    """The outcome of one input line (one line of the output file)."""
+
+    index: int
+    key: str
+    status: str
+    outputs: dict[str, Any] | None = None
+    error: str | None = None
+    execution_id: str | None = None
+    score: float | None = None
+    metric_error: str | None = None
+    reused: bool = field(default=False, compare=False)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == SUCCEEDED
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "index": self.index,
+            "status": self.status,
+            "outputs": self.outputs,
+            "error": self.error,
+            "execution_id": self.execution_id,
+            "key": self.key,
+        }
+        if self.score is not None:
+            data["score"] = self.score
+        if self.metric_error is not None:
+            data["metric_error"] = self.metric_error
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> BatchLine | None:
+        """A line read back from an output or journal file; None when it is not one."""
+        if not isinstance(data, dict) or not isinstance(data.get("index"), int) or "status" not in data:
+            return None
+        return cls(
+            index=data["index"], key=str(data.get("key", "")), status=str(data["status"]),
+            outputs=data.get("outputs"), error=data.get("error"), execution_id=data.get("execution_id"),
+        )
+
+
+@dataclass
+class BatchResult:
+    """A finished batch: its lines in input order, counts, time and the mean metric score."""
+
+    lines: list[BatchLine]
+    elapsed_s: float
+    ran: int
+    reattached: int
+    reused: int
+    metric: str | None = None
+
+    def count(self, status: str) -> int:
+        return sum(line.status == status for line in self.lines)
+
+    @property
+    def score(self) -> float | None:
+        """Mean metric score in percent (failed lines score 0), as ``dspy.Evaluate`` reports it."""
+        if self.metric is None or not self.lines:
+            return None
+        return round(100 * self.metric_total / len(self.lines), 2)
+
+    @property
+    def metric_total(self) -> float:
+        return sum(line.score or 0.0 for line in self.lines)
+
+    @property
+    def lines_per_s(self) -> float:
+        """Lines that ran (submitted or re-attached) per second of this run."""
+        return (self.ran + self.reattached) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """The batch as ``run --inputs-file ... --json`` prints it."""
+        return {
+            "lines": len(self.lines),
+            "succeeded": self.count(SUCCEEDED),
+            "failed": self.count(FAILED),
+            "invalid": self.count(INVALID),
+            "ran": self.ran,
+            "reattached": self.reattached,
+            "reused": self.reused,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "lines_per_s": round(self.lines_per_s, 2),
+            "metric": None if self.metric is None else {
+                "name": self.metric, "total": round(self.metric_total, 4), "score": self.score,
+            },
+        }
+
+
+# --- input lines ----------------------------------------------------------------------------------
+
+
+def line_key(data: Mapping[str, Any]) -> str:
+    """A short content hash of an input line: a re-run reuses a result only for the same input."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_item(
+    index: int, data: Any, plan: Plan, base: Mapping[str, Any] | None = None, line: int | None = None
+) -> BatchItem:
+    """Split one input mapping into program inputs and labels (on top of ``base`` inputs).
+
+    ``line`` (default ``index + 1``) is the line number that error messages name.
+    """
+    where = f"line {line or index + 1}"
+    if not isinstance(data, Mapping):
+        return BatchItem(index, {}, {}, line_key({"line": data}), f"{where}: expected a JSON object")
+    merged = {**(base or {}), **data}
+    inputs = {name: value for name, value in merged.items() if name in plan.inputs}
+    labels = {name: value for name, value in merged.items() if name not in plan.inputs}
+    missing = [name for name in plan.inputs if name not in inputs]
+    error = None
+    if missing:
+        error = (f"{where}: missing input {', '.join(missing)} "
+                 f"(program '{plan.program}' takes {', '.join(plan.inputs)})")
+    elif not _is_json(inputs):
+        error = f"{where}: inputs must be JSON values"
+    return BatchItem(index, inputs, labels, line_key(merged), error)
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def resolve_metric(path: str) -> Metric:
+    """The metric function named ``package.module:function`` (called as ``metric(example, prediction)``)."""
+    try:
+        return resolve_uses(path)
+    except ImportError as exc:
+        raise UsageError(f"metric '{path}' cannot be imported ({exc}): pass --metric package.module:function") from None
+
+
+def metric_name(metric: Metric | None) -> str | None:
+    return None if metric is None else getattr(metric, "__name__", type(metric).__name__)
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+class BatchRun:
+    """A batch being run: iterate :meth:`as_completed` or call :meth:`get` to drive it."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        program: Program,
+        inputs: Iterable[Mapping[str, Any] | BatchItem],
+        *,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        strategy: str | None = None,
+        timeout: float | None = None,
+        metric: Metric | None = None,
+        previous: Mapping[int, BatchLine] | None = None,
+        on_submit: Callable[[BatchLine], None] | None = None,
+    ) -> None:
+        if max_in_flight < 1:
+            raise UsageError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        from dspex_celery.optimizer import apply_profile  # as submit_program does: history is optional
+        self.runtime = runtime
+        self.program = program
+        self.plan = apply_profile(runtime.settings, program, program.plan())  # planned once, as submit does
+        self.packages = program.packages()
+        self.max_in_flight = max_in_flight
+        self.strategy = choose_strategy(self.plan, strategy)
+        self.timeout = timeout
+        self.metric = metric
+        self.previous = dict(previous or {})
+        self.on_submit = on_submit
+        self._items = self._as_items(inputs)
+        self._pending: dict[str, tuple[BatchItem, float]] = {}
+        self._started = time.monotonic()
+        self.ran = 0
+        self.reattached = 0
+        self.reused = 0
+
+    def _as_items(self, inputs: Iterable[Mapping[str, Any] | BatchItem]) -> Iterator[BatchItem]:
+        for index, data in enumerate(inputs):
+            yield data if isinstance(data, BatchItem) else make_item(index, data, self.plan)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def as_completed(self) -> Iterator[BatchLine]:
+        """Every line, in completion order, keeping at most ``max_in_flight`` executions running."""
+        for item in self._items:
+            ready = self._without_running(item)
+            if ready is not None:
+                yield self._scored(ready, item)
+                continue
+            while len(self._pending) >= self.max_in_flight:
+                yield from self._collect(wait=True)
+            self._start(item)
+            yield from self._collect(wait=False)
+        while self._pending:
+            yield from self._collect(wait=True)
+
+    def get(self) -> BatchResult:
+        """Run to the end; the lines in input order."""
+        lines = sorted(self.as_completed(), key=lambda line: line.index)
+        elapsed = time.monotonic() - self._started
+        return BatchResult(lines, elapsed, self.ran, self.reattached, self.reused, metric_name(self.metric))
+
+    # --- one line ---
+
+    def _without_running(self, item: BatchItem) -> BatchLine | None:
+        """The line's outcome when it needs no new execution: invalid, or reused from ``previous``."""
+        if item.error is not None:
+            return BatchLine(item.index, item.key, INVALID, error=item.error)
+        earlier = self.previous.get(item.index)
+        if earlier is not None and earlier.key == item.key and earlier.succeeded:
+            self.reused += 1
+            return BatchLine(item.index, item.key, SUCCEEDED, earlier.outputs, None, earlier.execution_id,
+                             reused=True)
+        return None
+
+    def _start(self, item: BatchItem) -> None:
+        execution_id = self._reattachable(item)
+        if execution_id is None:
+            handle = launch(self.runtime, self.plan, self.packages, item.inputs, self.strategy, self.timeout)
+            execution_id = handle.execution_id
+            self.ran += 1
+        else:
+            self.reattached += 1
+        self._pending[execution_id] = (item, time.monotonic())
+        if self.on_submit is not None:
+            self.on_submit(BatchLine(item.index, item.key, SUBMITTED, execution_id=execution_id))
+
+    def _reattachable(self, item: BatchItem) -> str | None:
+        """The execution an interrupted run submitted for this same line, if the store still has it."""
+        earlier = self.previous.get(item.index)
+        if earlier is None or earlier.key != item.key or earlier.status != SUBMITTED or not earlier.execution_id:
+            return None
+        return earlier.execution_id if self.runtime.store.meta(earlier.execution_id) else None
+
+    def _collect(self, *, wait: bool) -> Iterator[BatchLine]:
+        """Finished executions' lines; with ``wait``, polls until at least one finished."""
+        while self._pending:
+            self._end_overdue()
+            found = list(self.runtime.app.backend.get_many(
+                list(self._pending), interval=POLL_S if wait else 0, max_iterations=1,
+            ))
+            for execution_id, meta in found:
+                item, _ = self._pending.pop(execution_id)
+                yield self._scored(_line_from_meta(item, execution_id, meta), item)
+            if found or not wait:
+                return
+
+    def _end_overdue(self) -> None:
+        if self.timeout is None:
+            return
+        now = time.monotonic()
+        for execution_id, (_, started) in self._pending.items():
+            if now - started > self.timeout:
+                finish(self.runtime, execution_id, ExecutionStatus.FAILED, f"timed out after {self.timeout:g} s")
+
+    def _scored(self, line: BatchLine, item: BatchItem) -> BatchLine:
+        """``line`` with its metric score: failed lines score 0, like ``dspy.Evaluate``."""
+        if self.metric is None:
+            return line
+        if not line.succeeded:
+            line.score = 0.0
+            return line
+        try:
+            line.score = float(self.metric(make_example(item.inputs, item.labels), make_prediction(line.outputs or {})))
+        except Exception as exc:  # a user metric may raise anything; the line scores 0
+            line.score, line.metric_error = 0.0, f"{type(exc).__name__}: {exc}"
+        return line
+
+
+def _line_from_meta(item: BatchItem, execution_id: str, meta: Mapping[str, Any]) -> BatchLine:
+    if meta.get("status") != states.SUCCESS:
+        return BatchLine(item.index, item.key, FAILED, error=f"execution ended with {meta.get('status')}",
+                         execution_id=execution_id)
+    result = ExecutionResult.model_validate(meta["result"])
+    if result.succeeded:
+        return BatchLine(item.index, item.key, SUCCEEDED, result.outputs, None, execution_id)
+    return BatchLine(item.index, item.key, FAILED, result.outputs or None, describe_failure(result), execution_id)
+
+
+def submit_batch(
+    program: ProgramLike,
+    inputs: Iterable[Mapping[str, Any] | BatchItem],
+    *,
+    app: Any = None,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    strategy: str | None = None,
+    timeout: float | None = None,
+    metric: Metric | str | None = None,
+    previous: Mapping[int, BatchLine] | None = None,
+    on_submit: Callable[[BatchLine], None] | None = None,
+) -> BatchRun:
+    """Run ``program`` once per input mapping across the cluster (embedded when none is configured).
+
+    Nothing runs until the returned :class:`BatchRun` is iterated (``as_completed()``) or
+    ``get()`` is called; at most ``max_in_flight`` executions are submitted and unfinished at once.
+    ``timeout`` bounds each execution (seconds); ``metric`` (a callable or ``"pkg.mod:fn"``) scores
+    each succeeded line as ``metric(example, prediction)``.
+    """
+    runtime = runtime_of(app) if app is not None else default_runtime()
+    chosen = resolve_metric(metric) if isinstance(metric, str) else metric
+    return BatchRun(
+        runtime, Program.coerce(program), inputs, max_in_flight=max_in_flight, strategy=strategy,
+        timeout=timeout, metric=chosen, previous=previous, on_submit=on_submit,
+    )

@@ -1,0 +1,261 @@
+"""``run PROGRAM --inputs-file data.jsonl --output results.jsonl``: one execution per input line.
+
+While it runs, every submission and result is appended to ``OUTPUT.partial`` (a journal); at the
+end the output is written in input order and the journal removed. Running the same command again
+reuses the lines that succeeded on the same input, waits for executions an interrupted run left
+running, and runs only the missing or failed lines.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import click
+from click.core import ParameterSource
+
+from dspex_celery.batch import (
+    DEFAULT_MAX_IN_FLIGHT,
+    FAILED,
+    INVALID,
+    SUCCEEDED,
+    BatchItem,
+    BatchLine,
+    BatchResult,
+    line_key,
+    make_item,
+    metric_name,
+    resolve_metric,
+    submit_batch,
+)
+from dspex_celery.errors import InputError, UsageError
+from dspex_celery.plan import Plan
+from dspex_celery.program import Program
+from dspex_celery.runtime import create_runtime
+from dspex_celery.settings import load_settings
+
+BATCH_PARAMS = ("batch_file", "output", "max_in_flight", "metric")
+#: ``run`` parameters a batch uses; any other one given on the command line is refused.
+SHARED_PARAMS = ("program_file", "pairs", "inputs_file", "broker", "result_backend", "strategy", "timeout", "as_json")
+ACCEPTED_PARAMS = (*SHARED_PARAMS, "quiet")
+
+
+def batch_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``run`` the batch options; with ``--inputs-file`` it runs :func:`run_batch` instead."""
+
+    @functools.wraps(command)
+    def run_or_batch(**kwargs: Any) -> Any:
+        batch = {name: kwargs.pop(name) for name in BATCH_PARAMS}
+        if batch["batch_file"] is None:
+            given = [name for name in BATCH_PARAMS if _given(name)]
+            if given:
+                raise UsageError(f"--{given[0].replace('_', '-')} needs --inputs-file FILE.jsonl")
+            return command(**kwargs)
+        refused = [name for name in kwargs if name not in ACCEPTED_PARAMS and _given(name)]
+        if refused:
+            raise UsageError(f"--{refused[0].replace('_', '-')} cannot be combined with --inputs-file")
+        return run_batch(**batch, **{name: kwargs[name] for name in SHARED_PARAMS}, quiet=kwargs.get("quiet", False))
+
+    options = [
+        click.option("--inputs-file", "batch_file", metavar="FILE.jsonl", default=None,
+                     help="Batch: one execution per JSON line (keys that are not program inputs are labels)."),
+        click.option("--output", "output", metavar="FILE.jsonl", default=None,
+                     help="Batch results, one line per input in input order (default: INPUTS.results.jsonl)."),
+        click.option("--max-in-flight", type=click.IntRange(min=1), default=None,
+                     help=f"Batch: executions submitted and unfinished at once (default {DEFAULT_MAX_IN_FLIGHT})."),
+        click.option("--metric", metavar="PKG.MOD:FN", default=None,
+                     help="Batch: score each output with FN(example, prediction) and print the mean."),
+    ]
+    for option in reversed(options):
+        run_or_batch = option(run_or_batch)
+    params = run_or_batch.__click_params__  # type: ignore[attr-defined]
+    run_or_batch.__click_params__ = params[-len(options):] + params[:-len(options)]  # type: ignore[attr-defined]
+    return run_or_batch  # (click lists the params in reverse: the batch options come last in --help)
+
+
+def _given(name: str) -> bool:
+    return click.get_current_context().get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+
+
+def run_batch(
+    *,
+    batch_file: str,
+    output: str | None,
+    max_in_flight: int | None,
+    metric: str | None,
+    program_file: str,
+    pairs: tuple[str, ...],
+    inputs_file: str | None,
+    broker: str | None,
+    result_backend: str | None,
+    strategy: str | None,
+    timeout: float | None,
+    as_json: bool,
+    quiet: bool = False,
+) -> None:
+    """Run PROGRAM once per line of ``batch_file``; exit 0 when every line succeeded, else 1."""
+    from dspex_celery.cli.programs import collect_inputs
+
+    program = Program.from_file(program_file)
+    plan = program.plan()
+    base = collect_inputs(pairs, inputs_file)
+    source = Path(batch_file)
+    target = Path(output) if output else source.with_name(f"{source.stem}.results.jsonl")
+    journal = target.with_name(target.name + ".partial")
+    metric_fn = resolve_metric(metric) if metric else None
+    total = count_lines(source)
+    runtime = create_runtime(load_settings(broker_url=broker, result_backend=result_backend))
+    started = time.monotonic()
+    with journal.open("a", encoding="utf-8") as log:
+        run = submit_batch(
+            program, read_items(source, plan, base), app=runtime.app, strategy=strategy, timeout=timeout,
+            max_in_flight=max_in_flight or DEFAULT_MAX_IN_FLIGHT, metric=metric_fn,
+            previous=read_previous(target, journal), on_submit=lambda line: append_line(log, line),
+        )
+        lines = collect(run.as_completed(), log, Progress(total, run, enabled=sys.stderr.isatty() and not quiet))
+    result = BatchResult(sorted(lines.values(), key=lambda line: line.index), time.monotonic() - started,
+                         run.ran, run.reattached, run.reused, metric_name(metric_fn))
+    write_output(target, result.lines)
+    journal.unlink(missing_ok=True)
+    report(program.name, target, result, as_json)
+    raise SystemExit(0 if result.count(SUCCEEDED) == len(result.lines) else 1)
+
+
+def collect(lines: Iterator[BatchLine], log: IO[str], progress: Progress) -> dict[int, BatchLine]:
+    """Every finished line, journaled as it comes; Ctrl-C leaves the journal for a re-run."""
+    done: dict[int, BatchLine] = {}
+    try:
+        for line in lines:
+            done[line.index] = line
+            if not line.reused:
+                append_line(log, line)
+            progress.update(done)
+    except KeyboardInterrupt:
+        progress.close()
+        raise UsageError(
+            f"interrupted after {len(done)} of {progress.total} lines: re-run the same command to resume"
+        ) from None
+    progress.close()
+    return done
+
+
+# --- files ----------------------------------------------------------------------------------------
+
+
+def count_lines(path: Path) -> int:
+    """Non-blank lines of the inputs file (the batch's size, for progress)."""
+    try:
+        with path.open(encoding="utf-8") as file:
+            return sum(1 for text in file if text.strip())
+    except FileNotFoundError:
+        raise InputError(f"inputs file {path} not found: check the path") from None
+    except OSError as exc:
+        raise InputError(f"cannot read inputs file {path} ({exc.strerror})") from None
+
+
+def read_items(path: Path, plan: Plan, base: dict[str, Any]) -> Iterator[BatchItem]:
+    """One item per non-blank line; a line that is not a JSON object becomes an invalid item."""
+    index = 0
+    with path.open(encoding="utf-8") as file:
+        for number, text in enumerate(file, start=1):
+            if not text.strip():
+                continue
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield BatchItem(index, {}, {}, line_key({"text": text}), f"line {number}: invalid JSON ({exc.msg})")
+            else:
+                yield make_item(index, data, plan, base, line=number)
+            index += 1
+
+
+def read_previous(output: Path, journal: Path) -> dict[int, BatchLine]:
+    """Lines of an earlier run: the output file, then the journal (a later record wins, except
+    that a ``submitted`` record never hides a succeeded one)."""
+    lines: dict[int, BatchLine] = {}
+    for path in (output, journal):
+        for line in _read_lines(path):
+            known = lines.get(line.index)
+            if not (known is not None and known.succeeded and known.key == line.key and not line.succeeded):
+                lines[line.index] = line
+    return lines
+
+
+def _read_lines(path: Path) -> Iterator[BatchLine]:
+    if not path.exists():
+        return
+    with path.open(encoding="utf-8") as file:
+        for text in file:
+            try:
+                line = BatchLine.from_json(json.loads(text))
+            except json.JSONDecodeError:
+                continue  # e.g. the last line of a journal cut by a kill
+            if line is not None:
+                yield line
+
+
+def append_line(log: IO[str], line: BatchLine) -> None:
+    log.write(json.dumps(line.to_json(), ensure_ascii=False) + "\n")
+    log.flush()
+
+
+def write_output(path: Path, lines: list[BatchLine]) -> None:
+    """The output file, one line per input in input order, replaced atomically."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with partial.open("w", encoding="utf-8") as file:
+        for line in lines:
+            file.write(json.dumps(line.to_json(), ensure_ascii=False) + "\n")
+    partial.replace(path)
+
+
+# --- terminal -------------------------------------------------------------------------------------
+
+
+class Progress:
+    """One self-rewriting status line on stderr (only on a terminal)."""
+
+    def __init__(self, total: int, run: Any, *, enabled: bool) -> None:
+        self.total = total
+        self.run = run
+        self.enabled = enabled
+        self.started = time.monotonic()
+        self.shown = 0.0
+
+    def update(self, done: dict[int, BatchLine]) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.shown < 0.1 and len(done) < self.total):
+            return
+        self.shown = now
+        failed = sum(not line.succeeded for line in done.values())
+        rate = (self.run.ran + self.run.reattached) / max(now - self.started, 1e-9)
+        sys.stderr.write(f"\r\x1b[Kbatch {len(done)}/{self.total} · {failed} failed · "
+                         f"{self.run.in_flight} in flight · {rate:.1f} lines/s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def report(program: str, output: Path, result: BatchResult, as_json: bool) -> None:
+    """The batch summary: one JSON object, or two or three readable lines."""
+    if as_json:
+        click.echo(json.dumps({"program": program, "output": str(output), **result.summary()}, indent=2))
+        return
+    click.echo(
+        f"{program}: {len(result.lines)} lines -> {output}: {result.count(SUCCEEDED)} succeeded, "
+        f"{result.count(FAILED)} failed, {result.count(INVALID)} invalid (ran {result.ran}, "
+        f"re-attached {result.reattached}, reused {result.reused}) in {result.elapsed_s:.2f} s"
+    )
+    if result.metric is not None:
+        click.echo(f"Average Metric: {result.metric_total:.2f} / {len(result.lines)} ({result.score:.1f}%)")
+    unfinished = len(result.lines) - result.count(SUCCEEDED)
+    if unfinished:
+        click.echo(f"{unfinished} lines did not succeed: fix the cause and re-run the same command to retry them")

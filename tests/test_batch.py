@@ -1,0 +1,212 @@
+"""Batch runs over datasets on real workers: order, bounded in-flight, kill + resume, metric."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from click.testing import CliRunner
+
+from dspex_celery import Program, Settings, create_runtime, submit_batch
+from dspex_celery.batch import BatchItem
+from dspex_celery.cli import cli
+from tests.conftest import CLI, ROOT, Cluster
+from tests.modules.dspy_mods import ANSWERS, rag_program
+
+pytestmark = pytest.mark.integration
+
+TOPICS = ("redis", "celery", "dspy", "chord")
+
+
+@pytest.fixture(scope="module")
+def cluster(make_cluster) -> Cluster:
+    """Two workers serving the same queue: a prefork one and a threads one."""
+    cluster = make_cluster()
+    cluster.start_worker("default", concurrency=3)
+    cluster.start_worker("default", concurrency=3, pool="threads")
+    return cluster
+
+
+def counter(cluster: Cluster, name: str) -> tuple[str, str]:
+    return cluster.settings.broker_url or "", f"{cluster.settings.namespace}:calls:{name}"
+
+
+def calls(cluster: Cluster, name: str) -> dict[str, int]:
+    """How often Retrieve ran, per question (the Redis side channel)."""
+    url, key = counter(cluster, name)
+    return {field.decode(): int(value) for field, value in redis.Redis.from_url(url).hgetall(key).items()}
+
+
+def dataset(count: int, *, fail_once: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+    """Lines `{question, answer}`: distinct questions, the gold answer is DummyLM's for the topic."""
+    lines = []
+    for index in range(count):
+        topic = TOPICS[index % len(TOPICS)]
+        marker = " FAIL-ONCE" if index in fail_once else ""
+        gold = ANSWERS.get(topic, ANSWERS["[[ ## question ## ]]"])["answer"]
+        lines.append({"question": f"line {index}{marker}: what is {topic}?", "answer": gold})
+    return lines
+
+
+def write_inputs(path: Path, lines: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def write_program(cluster: Cluster, folder: Path, name: str) -> Path:
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(rag_program(name, counter=counter(cluster, name))))
+    return path
+
+
+def read_output(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(text) for text in path.read_text().splitlines()]
+
+
+def test_submit_batch_in_input_order_with_bounded_in_flight(cluster: Cluster) -> None:
+    lines = dataset(40)
+    program = Program.from_dict(rag_program("api", counter=counter(cluster, "api")))
+    # When 40 lines run across both workers with at most 6 executions in flight
+    run = submit_batch(program, lines, app=cluster.runtime.app, max_in_flight=6)
+    peak = 0
+    completed = []
+    for line in run.as_completed():
+        peak = max(peak, run.in_flight)
+        completed.append(line)
+    # Then every line is present once, with its own outputs, and never more than 6 were in flight
+    result = sorted(completed, key=lambda line: line.index)
+    assert [line.index for line in result] == list(range(40))
+    assert all(line.succeeded for line in result)
+    assert [line.outputs["query"] for line in result] == [line["question"] for line in lines]
+    assert [line.outputs["answer"] for line in result] == [line["answer"] for line in lines]
+    assert 1 <= peak <= 6
+    # And each line ran exactly once, spread over both workers
+    assert sorted(calls(cluster, "api").values()) == [1] * 40
+    workers = {record.worker.split("@")[0] for line in result
+               for record in cluster.runtime.store.records(line.execution_id).values()}
+    assert workers == {worker.name for worker in cluster.workers}
+
+
+def test_kill_the_client_half_way_then_rerun_runs_only_missing_lines(cluster: Cluster, tmp_path: Path) -> None:
+    lines = dataset(200)
+    program = write_program(cluster, tmp_path, "killed")
+    inputs = write_inputs(tmp_path / "data.jsonl", lines)
+    output = tmp_path / "out.jsonl"
+    journal = tmp_path / "out.jsonl.partial"
+    args = [CLI, "run", str(program), "--inputs-file", str(inputs), "--output", str(output), "--max-in-flight", "8"]
+    # Given a batch client killed (SIGKILL) once about half of the lines are done
+    client = subprocess.Popen(args, cwd=ROOT, env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while finished_in(journal) < 100 and client.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    client.send_signal(signal.SIGKILL)
+    client.wait(timeout=10)
+    done_before = finished_in(journal)
+    assert 100 <= done_before < 200, "the client was not killed half-way"
+    assert not output.exists()
+    # When the same command runs again
+    rerun = cluster.cli(*args[1:], "--json")
+    # Then the output has every line, in input order, each with its own outputs
+    assert rerun.returncode == 0, rerun.stderr
+    result = read_output(output)
+    assert [line["index"] for line in result] == list(range(200))
+    assert [line["outputs"]["query"] for line in result] == [line["question"] for line in lines]
+    assert not journal.exists()
+    # And no line ran twice: finished lines were reused, the killed run's in-flight ones re-attached
+    assert sorted(calls(cluster, "killed").values()) == [1] * 200
+    summary = json.loads(rerun.stdout)
+    assert summary["reused"] >= done_before and summary["ran"] + summary["reattached"] + summary["reused"] == 200
+
+
+def finished_in(journal: Path) -> int:
+    """Lines with a final status in a batch journal."""
+    if not journal.exists():
+        return 0
+    found = set()
+    for text in journal.read_text().splitlines():
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if line["status"] != "submitted":
+            found.add(line["index"])
+    return len(found)
+
+
+def test_rerun_retries_failed_lines_and_metric_is_the_mean(cluster: Cluster, tmp_path: Path) -> None:
+    lines = dataset(20, fail_once=(3, 9, 14))
+    lines[0]["answer"] = "a wrong gold answer"
+    program = write_program(cluster, tmp_path, "flaky")
+    inputs = write_inputs(tmp_path / "data.jsonl", lines)
+    metric = "tests.modules.dspy_mods:exact_match"
+    # When a batch with a metric runs: three lines fail on their first call
+    first = cluster.cli("run", str(program), "--inputs-file", str(inputs), "--metric", metric)
+    assert first.returncode == 1
+    output = tmp_path / "data.results.jsonl"  # default output: beside the inputs
+    failed = [line["index"] for line in read_output(output) if line["status"] == "failed"]
+    assert failed == [3, 9, 14]
+    assert "ValueError: first call fails" in read_output(output)[3]["error"]
+    # Then the mean counts failed and wrong lines as 0, like dspy.Evaluate
+    assert "Average Metric: 16.00 / 20 (80.0%)" in first.stdout.splitlines()
+    # When it runs again, only the failed lines run (and now succeed)
+    second = cluster.cli("run", str(program), "--inputs-file", str(inputs), "--metric", metric, "--json")
+    assert second.returncode == 0, second.stderr
+    summary = json.loads(second.stdout)
+    assert (summary["ran"], summary["reused"], summary["succeeded"]) == (3, 17, 20)
+    assert summary["metric"] == {"name": "exact_match", "total": 19.0, "score": 95.0}
+    counts = calls(cluster, "flaky")
+    assert sorted(index for index, line in enumerate(lines) if counts[line["question"]] == 2) == [3, 9, 14]
+    assert [line["score"] for line in read_output(output)][:2] == [0.0, 1.0]
+
+
+def test_progress_only_on_a_terminal(tmp_path: Path) -> None:
+    inputs = write_inputs(tmp_path / "data.jsonl", [{"question": "What is Redis?"}] * 3 + [{"q": 1}])
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DSPEX_")}, "PYTHONPATH": str(ROOT)}
+    args = [CLI, "run", "examples/dspy_rag.yaml", "--inputs-file", str(inputs)]
+    # On a terminal: a progress line on stderr; the invalid line is reported, exit 1
+    leader, follower = pty.openpty()
+    done = subprocess.run(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=follower, timeout=90)
+    os.close(follower)
+    progress = os.read(leader, 65536).decode(errors="replace")
+    os.close(leader)
+    assert done.returncode == 1 and "batch 4/4" in progress
+    assert json.loads((tmp_path / "data.results.jsonl").read_text().splitlines()[3])["error"] == (
+        "line 4: missing input question (program 'dspy_rag' takes question)"
+    )
+    # Not on a terminal (click's runner): no progress on stderr
+    quiet = CliRunner().invoke(cli, args[1:])
+    assert quiet.exit_code == 1 and quiet.stderr == ""
+    assert "3 succeeded, 0 failed, 1 invalid (ran 0, re-attached 0, reused 3)" in quiet.stdout
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--inputs-file", "missing.jsonl"], "error: inputs file missing.jsonl not found: check the path"),
+    (["--output", "x.jsonl", "-i", "question=q"], "error: --output needs --inputs-file FILE.jsonl"),
+    (["--inputs-file", "x.jsonl", "--metric", "tests.modules.dspy_mods:nope"],
+     "error: metric 'tests.modules.dspy_mods:nope' cannot be imported ('tests.modules.dspy_mods' has no "
+     "attribute 'nope'): pass --metric package.module:function"),
+    (["--inputs-file", "x.jsonl", "--no-profile"], "error: --no-profile cannot be combined with --inputs-file"),
+])
+def test_batch_usage_errors_are_one_line(extra: list[str], message: str) -> None:
+    bad = CliRunner().invoke(cli, ["run", "examples/dspy_rag.yaml", *extra])
+    assert (bad.exit_code, bad.stderr.strip()) == (2, message)
+
+
+def test_submit_batch_embedded_with_labels_metric_and_invalid_items() -> None:
+    app = create_runtime(Settings(namespace="batch-embedded")).app
+    items: list[Any] = [*dataset(6), {"question": b"bytes"}]
+    result = submit_batch(rag_program(), items, app=app, max_in_flight=3,
+                          metric="tests.modules.dspy_mods:exact_match").get()
+    assert [line.status for line in result.lines] == ["succeeded"] * 6 + ["invalid"]
+    assert result.score == round(100 * 6 / 7, 2) and result.ran == 6
+    # Items can be given ready-made (how the CLI passes lines it could not parse)
+    broken = BatchItem(0, {}, {}, "k", "line 1: invalid JSON")
+    assert submit_batch(rag_program(), [broken], app=app).get().lines[0].error == "line 1: invalid JSON"
