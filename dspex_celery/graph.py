@@ -16,7 +16,7 @@ _NAME = re.compile(NAME_PATTERN)
 
 def module_refs(module: ModuleSpec) -> list[Ref]:
     """The references of a module's inputs, in order."""
-    return list(iter_refs(module.inputs or {}))
+    return [ref for refs in module.input_refs.values() for ref in refs]
 
 
 def module_parents(module: ModuleSpec) -> list[str]:
@@ -26,11 +26,15 @@ def module_parents(module: ModuleSpec) -> list[str]:
 
 
 def build_graph(spec: ProgramSpec) -> nx.DiGraph:
-    """A DiGraph with an edge parent -> child for every dependency (unknown names included)."""
+    """A DiGraph with an edge parent -> child for every dependency between known modules."""
     graph = nx.DiGraph()
     graph.add_nodes_from(spec.modules)
-    for name, module in spec.modules.items():
-        graph.add_edges_from((parent, name) for parent in module_parents(module))
+    graph.add_edges_from(
+        (parent, name)
+        for name, module in spec.modules.items()
+        for parent in module_parents(module)
+        if parent in spec.modules
+    )
     return graph
 
 
@@ -44,7 +48,7 @@ def validate(spec: ProgramSpec, source: str = "program", *, resolve: bool = True
         *_reference_problems(spec),
     ]
     graph = build_graph(spec)
-    problems += _cycle_problems(graph.subgraph(spec.modules))
+    problems += _cycle_problems(graph)
     if resolve:
         problems += _uses_problems(spec.modules)
     if problems:
@@ -69,8 +73,8 @@ def _name_problems(spec: ProgramSpec) -> list[str]:
 def _reference_problems(spec: ProgramSpec) -> list[str]:
     problems: list[str] = []
     for name, module in spec.modules.items():
-        for key, value in (module.inputs or {}).items():
-            problems += _check_refs(spec, iter_refs(value), f"module '{name}' input '{key}'")
+        for key, refs in module.input_refs.items():
+            problems += _check_refs(spec, refs, f"module '{name}' input '{key}'")
         for parent in module.depends_on:
             if parent not in spec.modules:
                 problems.append(f"module '{name}' depends_on unknown module '{parent}'{_known(spec)}")
@@ -98,6 +102,8 @@ def _known(spec: ProgramSpec) -> str:
 
 
 def _cycle_problems(graph: nx.DiGraph) -> list[str]:
+    if nx.is_directed_acyclic_graph(graph):
+        return []
     problems = []
     for component in nx.strongly_connected_components(graph):
         sub = graph.subgraph(component)
@@ -108,13 +114,17 @@ def _cycle_problems(graph: nx.DiGraph) -> list[str]:
 
 
 def _uses_problems(modules: Mapping[str, ModuleSpec]) -> list[str]:
-    problems = []
-    for name, module in modules.items():
+    failures: dict[str, str] = {}
+    for uses in {module.uses for module in modules.values()}:
         try:
-            resolve_uses(module.uses)
+            resolve_uses(uses)
         except ImportError as exc:
-            problems.append(f"module '{name}': uses '{module.uses}' cannot be resolved ({exc})")
-    return problems
+            failures[uses] = str(exc)
+    return [
+        f"module '{name}': uses '{module.uses}' cannot be resolved ({failures[module.uses]})"
+        for name, module in modules.items()
+        if module.uses in failures
+    ]
 
 
 def resolve_uses(uses: str) -> Callable[..., object]:
@@ -144,18 +154,20 @@ def levels(graph: nx.DiGraph) -> list[list[str]]:
 
 def critical_path(graph: nx.DiGraph, weights: Mapping[str, float] | None = None) -> list[str]:
     """The longest chain of modules, by module count or by ``weights`` (e.g. observed seconds)."""
-    if weights is None:
-        return list(nx.dag_longest_path(graph, default_weight=1, topo_order=None))
-    weighted = nx.DiGraph()
-    weighted.add_nodes_from(graph)
-    source, sink = "\0source", "\0sink"
-    for node in graph:
-        weighted.add_edge(source, node, weight=0.0)
-        weighted.add_edge(node, sink, weight=float(weights.get(node, 0.0)))
-    for parent, child in graph.edges:
-        weighted.add_edge(parent, child, weight=float(weights.get(parent, 0.0)))
-    path = nx.dag_longest_path(weighted, weight="weight")
-    return [node for node in path if node not in (source, sink)]
+    return path_from_lengths(graph, remaining_path_lengths(graph, weights))
+
+
+def path_from_lengths(graph: nx.DiGraph, lengths: Mapping[str, float]) -> list[str]:
+    """Follow the longest remaining path from the best start (ties broken by name)."""
+    starts = [node for node in graph if graph.in_degree(node) == 0]
+    if not starts:
+        return []
+    node = min(starts, key=lambda n: (-lengths[n], n))
+    path = [node]
+    while children := list(graph.successors(node)):
+        node = min(children, key=lambda n: (-lengths[n], n))
+        path.append(node)
+    return path
 
 
 def remaining_path_lengths(graph: nx.DiGraph, weights: Mapping[str, float] | None = None) -> dict[str, float]:

@@ -16,7 +16,7 @@ import networkx as nx
 
 from dspex_celery import defaults
 from dspex_celery.errors import ProgramError
-from dspex_celery.graph import critical_path, levels, remaining_path_lengths, validate
+from dspex_celery.graph import levels, path_from_lengths, remaining_path_lengths, validate
 from dspex_celery.integrations.dspy import dspy_plan_problems, with_dspy_and_state, with_dspy_hint
 from dspex_celery.spec import BreakerPolicy, ModuleSpec, ProgramSpec, RetryPolicy, Threshold
 
@@ -147,8 +147,9 @@ def build_plan(
     level_of = {name: index for index, level in enumerate(module_levels) for name in level}
     priorities = remaining_path_lengths(graph, weights)
     learned = learned_timeouts or {}
+    policies = _default_policies(spec)
     modules = {
-        name: _module_plan(spec, name, module, graph, level_of[name], priorities[name], learned.get(name))
+        name: _module_plan(spec, name, module, graph, level_of[name], priorities[name], learned.get(name), policies)
         for name, module in spec.modules.items()
     }
     modules = {name: with_dspy_and_state(spec, module, base_dir) for name, module in modules.items()}
@@ -161,7 +162,7 @@ def build_plan(
         modules=modules,
         levels=module_levels,
         outputs=_outputs(spec, graph),
-        critical_path=critical_path(graph, weights),
+        critical_path=path_from_lengths(graph, priorities),
         failure_tolerance=_tolerance(spec),
         max_priority=max(priorities.values(), default=1.0) or 1.0,
     )
@@ -175,10 +176,11 @@ def _module_plan(
     level: int,
     priority: float,
     learned_timeout: float | None,
+    policies: tuple[dict[str, Any], dict[str, Any]],
 ) -> ModulePlan:
     chosen = spec.defaults
-    retry = module.retry or chosen.retry or RetryPolicy()
-    breaker = module.circuit_breaker or chosen.circuit_breaker or BreakerPolicy()
+    retry = module.retry.model_dump(mode="json") if module.retry else policies[0]
+    breaker = module.circuit_breaker.model_dump(mode="json") if module.circuit_breaker else policies[1]
     return ModulePlan(
         name=name,
         uses=module.uses,
@@ -192,9 +194,16 @@ def _module_plan(
         with_=dict(module.with_),
         state=module.state,
         timeout_s=module.timeout_s or chosen.timeout_s or learned_timeout,
-        retry=retry.model_dump(mode="json"),
-        circuit_breaker=breaker.model_dump(mode="json"),
+        retry=retry,
+        circuit_breaker=breaker,
     )
+
+
+def _default_policies(spec: ProgramSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The program-wide retry and breaker policies, dumped once for every module to share."""
+    retry = spec.defaults.retry or RetryPolicy()
+    breaker = spec.defaults.circuit_breaker or BreakerPolicy()
+    return retry.model_dump(mode="json"), breaker.model_dump(mode="json")
 
 
 def _outputs(spec: ProgramSpec, graph: nx.DiGraph) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -88,6 +89,11 @@ class ModuleSpec(_Frozen):
     retry: RetryPolicy | None = None
     circuit_breaker: BreakerPolicy | None = None
     dspy: DspySettings | None = None
+
+    @cached_property
+    def input_refs(self) -> dict[str, tuple[Ref, ...]]:
+        """The references in each input, parsed once."""
+        return {key: tuple(iter_refs(value)) for key, value in (self.inputs or {}).items()}
 
 
 class ProgramSpec(_Frozen):
