@@ -16,6 +16,7 @@ with ``started_at`` set to when it got the slot. The wait counts towards the mod
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -39,8 +40,10 @@ log = logging.getLogger(__name__)
 
 #: Lease lifetime: how long the slot of a killed worker stays taken. Renewed every third of it.
 LEASE_TTL_S = 30.0
-#: Longest pause between two tries for a slot (first tries come faster, with jitter).
-MAX_POLL_S = 0.25
+#: Longest pause between two tries for a slot; a release wakes one waiter at once.
+MAX_POLL_S = 1.0
+#: Wake-up tokens kept for waiters that have not yet blocked (a stale one costs one extra try).
+WAKE_TOKENS = 32
 #: Seconds per rate unit.
 RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*([smh])\s*$")
@@ -125,6 +128,11 @@ def lease_keys(store: StateStore, resource: str) -> tuple[str, str, str]:
     """Redis keys of a class: leases (zset holder -> expiry ms), holders (hash), starts (zset)."""
     base = store.global_key(f"res:{resource}")
     return f"{base}:leases", f"{base}:holders", f"{base}:starts"
+
+
+def wake_key(store: StateStore, resource: str) -> str:
+    """A list a release pushes a token to; a waiter blocks on it (BLPOP) between tries."""
+    return store.global_key(f"res:{resource}:wake")
 
 
 # --- leases ----------------------------------------------------------------------------------
@@ -244,8 +252,8 @@ class ResourceLimiter(Hook):
         info = json.dumps({"execution_id": ctx.execution_id, "module": ctx.module.name, "attempt": ctx.attempt,
                            "worker": ctx.worker, "pid": os.getpid(), "since": isoformat(utcnow())})
         args = [lease.holder, limit.max_concurrent or 0, int(lease.ttl_s * 1000), rate_n, int(window_s * 1000), info]
-        pause = 0.02
-        for tries in range(1_000_000_000):
+        pause = 0.05
+        for tries in itertools.count():
             hint = int(keeper.acquire(keys=keys, args=args))
             if hint == 0:
                 return tries > 0
@@ -257,8 +265,11 @@ class ResourceLimiter(Hook):
                     f"module '{ctx.module.name}': the execution ended while it waited for a '{lease.resource}' slot"
                 )
             pause = min(pause * 1.5, MAX_POLL_S)
-            time.sleep(hint / 1000 if hint > 0 else pause * random.uniform(0.5, 1.0))
-        return True  # pragma: no cover - the loop only ends by returning or raising
+            if hint > 0:  # the rate allows the next start in `hint` ms
+                time.sleep(hint / 1000 * random.uniform(1.0, 1.1))
+            else:
+                store.client.blpop([wake_key(store, lease.resource)], timeout=pause * random.uniform(0.5, 1.0))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _release(self, ctx: ModuleContext) -> None:
         lease = ctx.extras.pop("resource_lease", None)
@@ -270,6 +281,10 @@ class ResourceLimiter(Hook):
         pipe = store.client.pipeline()
         pipe.zrem(leases_key, lease.holder)
         pipe.hdel(holders_key, lease.holder)
+        wake = wake_key(store, lease.resource)
+        pipe.rpush(wake, "1")
+        pipe.ltrim(wake, -WAKE_TOKENS, -1)
+        pipe.expire(wake, 60)
         pipe.execute()
 
     def _write(self, ctx: ModuleContext) -> None:
