@@ -126,10 +126,11 @@ def _from_store(runtime: Runtime, execution_id: str) -> tuple[ExecutionResult, P
 
 def open_history(settings: Settings) -> HistoryStore | None:
     """The history database when one is configured and exists (never created here)."""
-    from dspex_celery.history.store import HistoryStore, history_url
+    from dspex_celery.history.store import HistoryStore, history_url, sqlite_path
 
     url = history_url(settings)
-    if url is None:
+    path = sqlite_path(url) if url is not None else None
+    if url is None or (path is not None and not path.exists()):  # opening SQLite would create the file
         return None
     try:
         return HistoryStore(url, create=False)
