@@ -73,7 +73,7 @@ def test_unknown_command_or_option_is_caught() -> None:
 
 def compose_cli() -> list[str] | None:
     docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True, check=False).returncode == 0:
         return [docker, "compose"]
     legacy = shutil.which("docker-compose")
     return [legacy] if legacy else None
@@ -85,9 +85,9 @@ def test_docker_compose_config_validates(tmp_path: Path) -> None:
         pytest.skip("neither the docker compose plugin nor docker-compose is installed")
     env = {key: value for key, value in os.environ.items() if key != "DSPEX_FLOWER_BASIC_AUTH"}
     ok = subprocess.run([*compose, "-f", str(COMPOSE), "config", "-q"], cwd=ROOT, capture_output=True, text=True,
-                        env={**env, "DSPEX_FLOWER_BASIC_AUTH": "admin:secret"}, timeout=60)
+                        env={**env, "DSPEX_FLOWER_BASIC_AUTH": "admin:secret"}, timeout=60, check=False)
     assert ok.returncode == 0, ok.stderr
     # Flower's credentials are mandatory: without them compose refuses, naming the variable
     missing = subprocess.run([*compose, "-f", str(COMPOSE), "config", "-q"], cwd=ROOT, capture_output=True,
-                             text=True, env=env, timeout=60)
+                             text=True, env=env, timeout=60, check=False)
     assert missing.returncode != 0 and "DSPEX_FLOWER_BASIC_AUTH" in missing.stderr

@@ -141,8 +141,9 @@ def wait_for_tasks(base: str, execution_id: str, modules: set[str], timeout: flo
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--address", "0.0.0.0"], "error: refusing to serve Flower on 0.0.0.0 without authentication: "
-         "pass --basic-auth USER:PASSWORD (or set DSPEX_FLOWER_BASIC_AUTH), or listen on 127.0.0.1"),
+        (["--address", "0.0.0.0"], ("error: refusing to serve Flower on 0.0.0.0 without authentication: "
+                                    "pass --basic-auth USER:PASSWORD (or set DSPEX_FLOWER_BASIC_AUTH), "
+                                    "or listen on 127.0.0.1")),
         (["--basic-auth", "nopassword"], "error: --basic-auth expects USER:PASSWORD (comma-separated for several users)"),
     ],
 )

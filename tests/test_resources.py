@@ -153,6 +153,6 @@ def test_cli_rejects_invalid_limits_in_one_line(cluster: Cluster) -> None:
     result = invoke(cluster, "resources", DSPEX_RESOURCES=json.dumps({"llm": {"rate": "1/week"}}))
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
-        "error: resources.llm.rate: Value error, rate '1/week' is not COUNT/UNIT with UNIT s, m or h "
-        "(e.g. \"60/m\"): fix `resources:` in the config file or DSPEX_RESOURCES"
+        ("error: resources.llm.rate: Value error, rate '1/week' is not COUNT/UNIT with UNIT s, m or h "
+         "(e.g. \"60/m\"): fix `resources:` in the config file or DSPEX_RESOURCES")
     ]

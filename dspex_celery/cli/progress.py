@@ -23,7 +23,13 @@ from rich.text import Text
 
 from dspex_celery.client import ExecutionHandle
 from dspex_celery.plan import Plan
-from dspex_celery.results import ExecutionResult, ModuleRecord, ModuleStatus, parse_time, utcnow
+from dspex_celery.results import (
+    ExecutionResult,
+    ModuleRecord,
+    ModuleStatus,
+    parse_time,
+    utcnow,
+)
 from dspex_celery.runtime import Runtime
 
 log = logging.getLogger(__name__)
