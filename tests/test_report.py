@@ -133,16 +133,21 @@ def test_hostile_names_are_escaped() -> None:
 
 
 def test_report_prefers_history_and_outlives_the_state_store(tmp_path: Path) -> None:
-    # Given an in-process run that records history (SQLite) with a retried module
+    # Given an in-process run that records history (SQLite) with a retried module, and `side`
+    # waiting for the one `io` slot that `first` holds
     from dspex_celery import Settings, create_runtime, submit_program
     from dspex_celery.history.hooks import EmbeddedRecorder
     from dspex_celery.report import load_report
 
-    runtime = create_runtime(Settings(namespace=f"rep-{tmp_path.name}", history_url=f"sqlite:///{tmp_path}/h.db"))
+    runtime = create_runtime(Settings(namespace=f"rep-{tmp_path.name}", history_url=f"sqlite:///{tmp_path}/h.db",
+                                      resources={"io": {"max_concurrent": 1}}))
     prog = program("remembered", {
         "flaky": {"uses": "tests.modules.ops_mods:flaky", "inputs": {"marker_dir": str(tmp_path), "key": "h"},
                   "retry": {"max_attempts": 2, "backoff_s": 0}},
         "after": {"uses": "tests.modules.basic:add", "inputs": {"a": "$flaky.calls", "b": 1}},
+        "first": {"uses": "tests.modules.ops_mods:hold", "inputs": {"seconds": 0.3}, "resource": "io"},
+        "side": {"uses": "tests.modules.ops_mods:hold", "inputs": {"seconds": 0.05}, "resource": "io",
+                 "depends_on": []},
     })
     handle = submit_program(prog, {}, app=runtime.app)
     assert handle.get(timeout=30).succeeded
@@ -152,12 +157,16 @@ def test_report_prefers_history_and_outlives_the_state_store(tmp_path: Path) -> 
     # Then the report takes its attempts from history
     data = load_report(runtime, handle.execution_id)
     assert data.source == "history"
-    assert [(a.module, a.attempt, a.status) for a in data.attempts] == [
-        ("flaky", 1, "retrying"), ("flaky", 2, "succeeded"), ("after", 1, "succeeded")]
+    assert sorted((a.module, a.attempt, a.status) for a in data.attempts) == [
+        ("after", 1, "succeeded"), ("first", 1, "succeeded"), ("flaky", 1, "retrying"), ("flaky", 2, "succeeded"),
+        ("side", 1, "succeeded")]
+    # And history kept the wait for the resource slot (one of the two io modules waited for the other)
+    assert max(a.waited_s for a in data.attempts if a.module in ("first", "side")) > 0.04
     # And once the state store forgot the execution, the report still comes from history
     store = runtime.store
     store.client.delete(*store.client.keys(store.key(handle.execution_id, "*")))
     again = load_report(runtime, handle.execution_id)
     assert again.source == "history" and again.result.modules["after"].status is ModuleStatus.SUCCEEDED
-    assert [(a.module, a.attempt) for a in again.attempts] == [("flaky", 1), ("flaky", 2), ("after", 1)]
+    assert sorted((a.module, a.attempt) for a in again.attempts) == [
+        ("after", 1), ("first", 1), ("flaky", 1), ("flaky", 2), ("side", 1)]
     assert "after" in render_html(again)
