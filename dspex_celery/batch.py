@@ -22,7 +22,11 @@ from dspex_celery.client import ProgramLike, choose_strategy, launch
 from dspex_celery.errors import UsageError
 from dspex_celery.execution import finish
 from dspex_celery.graph import resolve_uses
-from dspex_celery.integrations.dspy import describe_failure, make_example, make_prediction
+from dspex_celery.integrations.dspy import (
+    describe_failure,
+    make_example,
+    make_prediction,
+)
 from dspex_celery.plan import Plan
 from dspex_celery.program import Program
 from dspex_celery.results import ExecutionResult, ExecutionStatus
@@ -212,7 +216,9 @@ class BatchRun:
     ) -> None:
         if max_in_flight < 1:
             raise UsageError(f"max_in_flight must be at least 1, got {max_in_flight}")
-        from dspex_celery.optimizer import apply_profile  # as submit_program does: history is optional
+        # Imported here, as submit_program does (the optimizer's history is optional).
+        from dspex_celery.optimizer import apply_profile
+
         self.runtime = runtime
         self.program = program
         self.plan = apply_profile(runtime.settings, program, program.plan())  # planned once, as submit does

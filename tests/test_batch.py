@@ -173,7 +173,7 @@ def test_progress_only_on_a_terminal(tmp_path: Path) -> None:
     args = [CLI, "run", "examples/dspy_rag.yaml", "--inputs-file", str(inputs)]
     # On a terminal: a progress line on stderr; the invalid line is reported, exit 1
     leader, follower = pty.openpty()
-    done = subprocess.run(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=follower, timeout=90)
+    done = subprocess.run(args, check=False, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=follower, timeout=90)
     os.close(follower)
     progress = os.read(leader, 65536).decode(errors="replace")
     os.close(leader)
@@ -191,8 +191,8 @@ def test_progress_only_on_a_terminal(tmp_path: Path) -> None:
     (["--inputs-file", "missing.jsonl"], "error: inputs file missing.jsonl not found: check the path"),
     (["--output", "x.jsonl", "-i", "question=q"], "error: --output needs --inputs-file FILE.jsonl"),
     (["--inputs-file", "x.jsonl", "--metric", "tests.modules.dspy_mods:nope"],
-     "error: metric 'tests.modules.dspy_mods:nope' cannot be imported ('tests.modules.dspy_mods' has no "
-     "attribute 'nope'): pass --metric package.module:function"),
+     ("error: metric 'tests.modules.dspy_mods:nope' cannot be imported ('tests.modules.dspy_mods' has no "
+      "attribute 'nope'): pass --metric package.module:function")),
     (["--inputs-file", "x.jsonl", "--no-profile"], "error: --no-profile cannot be combined with --inputs-file"),
 ])
 def test_batch_usage_errors_are_one_line(extra: list[str], message: str) -> None:

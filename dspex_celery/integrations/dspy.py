@@ -74,10 +74,10 @@ def require_dspy(who: str) -> ModuleType:
 
 def dspy_available() -> bool:
     try:
-        import dspy  # noqa: F401
+        import dspy
     except ImportError:
         return False
-    return True
+    return dspy is not None
 
 
 # --- plan time ------------------------------------------------------------------------------------
@@ -279,11 +279,8 @@ class Outputs(dict[str, Any]):
         except KeyError:
             raise AttributeError(f"no output '{name}' (outputs: {', '.join(self) or 'none'})") from None
 
-    def toDict(self) -> dict[str, Any]:  # noqa: N802 - DSPy's spelling
+    def toDict(self) -> dict[str, Any]:
         return dict(self)
-
-    def inputs(self) -> Outputs:
-        return self
 
 
 def make_prediction(outputs: Mapping[str, Any]) -> Any:
