@@ -21,7 +21,12 @@ import networkx as nx
 from dspex_celery.errors import UsageError
 from dspex_celery.graph import critical_path, remaining_path_lengths
 from dspex_celery.history.models import AttemptRow
-from dspex_celery.history.store import HistoryStore, history_url, open_history, sqlite_path
+from dspex_celery.history.store import (
+    HistoryStore,
+    history_url,
+    open_history,
+    sqlite_path,
+)
 from dspex_celery.plan import STRATEGIES, Plan
 from dspex_celery.settings import Settings
 

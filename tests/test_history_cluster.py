@@ -20,11 +20,19 @@ from typing import Any
 
 import pytest
 
-from dspex_celery import ExecutionHandle, ExecutionResult, ExecutionStatus, Program, create_runtime, submit_program
+from dspex_celery import (
+    ExecutionHandle,
+    ExecutionResult,
+    ExecutionStatus,
+    Program,
+    create_runtime,
+    submit_program,
+)
 from dspex_celery.history.hooks import stream_key
 from dspex_celery.history.listener import Listener
 from dspex_celery.history.store import HistoryStore
 from tests.conftest import CLI, ROOT, Cluster, program
+from tests.test_history_store import postgres_admin, postgres_url  # noqa: F401  (fixtures used below)
 
 pytestmark = pytest.mark.integration
 
@@ -225,7 +233,7 @@ def test_history_survives_the_client_exiting_right_after_submit(hc: HistoryClust
         "os._exit(0)\n"
     )
     done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=hc.cluster.env(), capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     execution_id = done.stdout.split()[-1]
     # Then the execution is recorded to its end
@@ -304,11 +312,12 @@ def write_program(hc: HistoryCluster, modules: dict[str, Any]) -> Path:
     return path
 
 
-def test_history_on_postgresql(make_cluster, redis_url: str, postgres_url: str) -> None:
-    # The same listener and worker, writing to PostgreSQL
+def test_history_on_postgresql(make_cluster, redis_url: str, request: pytest.FixtureRequest) -> None:
+    # The same listener and worker, writing to PostgreSQL (a fresh schema of the test database)
+    url = request.getfixturevalue("postgres_url")
     cluster = make_cluster()
     cluster.start_worker("default", concurrency=2, pool="threads")
-    hcp = HistoryCluster(cluster, postgres_url, redis_url)
+    hcp = HistoryCluster(cluster, url, redis_url)
     hcp.start_listener()
     try:
         result = cluster.run(flaky_program(redis_url))
@@ -317,6 +326,3 @@ def test_history_on_postgresql(make_cluster, redis_url: str, postgres_url: str) 
     finally:
         hcp.stop()
         hcp.history.engine.dispose()
-
-
-from tests.test_history_store import postgres_admin, postgres_url  # noqa: E402,F401  (fixtures)

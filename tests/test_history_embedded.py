@@ -34,12 +34,12 @@ def test_cli_run_in_process_is_in_history_when_the_process_has_exited(tmp_path: 
         "c": {"uses": f"{MODS}:nap", "depends_on": ["b"]},
     }, "failure_tolerance": "tolerant"}))
     ran = subprocess.run([CLI, "run", str(path), "--json"], cwd=ROOT, env=embedded_env(url), capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, check=False)
     result = json.loads(ran.stdout)
     assert result["modules"]["c"]["status"] == "skipped"
     # Then another process finds it in history: `show --json` prints the same object
     shown = subprocess.run([CLI, "show", result["execution_id"], "--json"], cwd=ROOT, env=embedded_env(url),
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, check=False)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout) == result
     rows = HistoryStore(url).attempts([result["execution_id"]])

@@ -15,7 +15,6 @@ from dspex_celery import ExecutionResult, ExecutionStatus, ModuleRecord, ModuleS
 from dspex_celery.errors import ConfigError, UnknownExecution
 from dspex_celery.history.events import Event, ExecutionInfo, FinishedEvent, RecordEvent
 from dspex_celery.history.store import HistoryStore
-from dspex_celery.plan import Plan
 from dspex_celery.results import isoformat, utcnow
 from tests.conftest import CLI, POSTGRES_URL, ROOT, program, unavailable
 
@@ -50,7 +49,7 @@ def postgres_url(postgres_admin: sa.Engine) -> Iterator[str]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def history_url(request: pytest.FixtureRequest, tmp_path) -> str:  # noqa: ANN001
+def history_url(request: pytest.FixtureRequest, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'history.db'}"
     return request.getfixturevalue("postgres_url")
@@ -76,7 +75,7 @@ def at(seconds: float) -> str:
     return isoformat(T0 + timedelta(seconds=seconds))
 
 
-def rec(status: ModuleStatus, attempt: int, start: float | None = None, end: float | None = None, **extra) -> ModuleRecord:  # noqa: ANN003
+def rec(status: ModuleStatus, attempt: int, start: float | None = None, end: float | None = None, **extra) -> ModuleRecord:
     return ModuleRecord(
         status=status, attempts=attempt, resource="default", worker="w1@host",
         started_at=at(start) if start is not None else None, finished_at=at(end) if end is not None else None,
@@ -134,7 +133,7 @@ def test_events_in_order_give_one_row_per_attempt_and_the_run_result(history: Hi
     assert attempt_rows(history, "e-inorder") == EXPECTED_ROWS
     # `show` gives back exactly what `run --json` printed
     assert history.result("e-inorder").to_json_dict() == result.to_json_dict()
-    retried = [row for row in history.attempts(["e-inorder"]) if row.module == "flaky"][0]
+    retried = next(row for row in history.attempts(["e-inorder"]) if row.module == "flaky")
     assert (retried.error_type, retried.error_message, retried.queue) == ("TransientError", "rate limited", "dspex.default")
     assert retried.duration_s == pytest.approx(0.25)
     row = history.executions()[0]
@@ -195,14 +194,14 @@ def test_database_of_another_schema_version_is_refused(history_url: str, history
         HistoryStore(history_url)
 
 
-def test_cli_errors_are_one_line(tmp_path) -> None:  # noqa: ANN001
+def test_cli_errors_are_one_line(tmp_path) -> None:
     # Given a history database URL where there is no database yet
     env = {"DSPEX_HISTORY_URL": f"sqlite:///{tmp_path / 'none.db'}", "PATH": "/usr/bin:/bin"}
-    missing = subprocess.run([CLI, "history"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    missing = subprocess.run([CLI, "history"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [f"error: no history database at {tmp_path / 'none.db'}: run a program or start the listener first"]
     # And an unknown execution in an existing one
     HistoryStore(env["DSPEX_HISTORY_URL"])
-    unknown = subprocess.run([CLI, "show", "abc"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    unknown = subprocess.run([CLI, "show", "abc"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1
     assert "no execution 'abc' in the history" in unknown.stderr

@@ -6,10 +6,22 @@ from datetime import timedelta
 
 import pytest
 
-from dspex_celery import ExecutionResult, ExecutionStatus, ModuleRecord, ModuleStatus, Settings
+from dspex_celery import (
+    ExecutionResult,
+    ExecutionStatus,
+    ModuleRecord,
+    ModuleStatus,
+    Settings,
+)
 from dspex_celery.history.events import Event, ExecutionInfo, FinishedEvent, RecordEvent
 from dspex_celery.history.store import HistoryStore
-from dspex_celery.optimizer import analyze, apply_profile, learned_timeout, optimize, percentile
+from dspex_celery.optimizer import (
+    analyze,
+    apply_profile,
+    learned_timeout,
+    optimize,
+    percentile,
+)
 from dspex_celery.program import Program
 from dspex_celery.results import isoformat, utcnow
 from tests.conftest import program
@@ -71,7 +83,7 @@ def record_history(history: HistoryStore, prog: Program) -> None:
 
 
 @pytest.fixture
-def history(tmp_path) -> HistoryStore:  # noqa: ANN001
+def history(tmp_path) -> HistoryStore:
     store = HistoryStore(f"sqlite:///{tmp_path / 'history.db'}")
     record_history(store, DIAMOND)
     return store
@@ -140,7 +152,7 @@ def test_dag_is_advised_when_level_barriers_cost_time() -> None:
     assert (report.strategy.levels_estimate_s, report.strategy.critical_path_s) == pytest.approx((2.0, 1.1))
 
 
-def test_profile_is_used_for_that_program_version_only(history: HistoryStore, tmp_path) -> None:  # noqa: ANN001
+def test_profile_is_used_for_that_program_version_only(history: HistoryStore, tmp_path) -> None:
     optimize(history, "diamond")
     settings = Settings(history_url=history.url)
     plan = apply_profile(settings, DIAMOND, DIAMOND.plan())

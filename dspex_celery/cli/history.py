@@ -17,7 +17,12 @@ from dspex_celery.cli import cli, connection_options
 from dspex_celery.cli.render import print_json, print_result
 from dspex_celery.errors import ConfigError
 from dspex_celery.history.models import ExecutionRow
-from dspex_celery.history.store import HistoryStore, history_url, open_history, optional_iso
+from dspex_celery.history.store import (
+    HistoryStore,
+    history_url,
+    open_history,
+    optional_iso,
+)
 from dspex_celery.optimizer import Report, optimize
 from dspex_celery.results import isoformat, utcnow
 from dspex_celery.routing import CONTROL, queue_name
@@ -182,7 +187,7 @@ def print_report(report: Report) -> None:
 def status(broker: str | None, result_backend: str | None, as_json: bool) -> None:
     """Live executions and queue depths per resource class."""
     runtime = cluster_runtime(load_settings(broker_url=broker, result_backend=result_backend), "status")
-    data = {"live": live_executions(runtime), "queues": queue_depths(runtime, known_resources(runtime))}
+    data: dict[str, Any] = {"live": live_executions(runtime), "queues": queue_depths(runtime, known_resources(runtime))}
     if as_json:
         print_json(data)
         return

@@ -15,7 +15,12 @@ from typing import Any
 
 from dspex_celery.execution import assemble_result
 from dspex_celery.plan import Plan
-from dspex_celery.results import ExecutionResult, ExecutionStatus, ModuleRecord, ModuleStatus
+from dspex_celery.results import (
+    ExecutionResult,
+    ExecutionStatus,
+    ModuleRecord,
+    ModuleStatus,
+)
 from dspex_celery.routing import queue_name
 from dspex_celery.state import StateStore
 
@@ -133,7 +138,9 @@ def snapshot(store: StateStore, execution_id: str, published: dict[str, Any] | N
     ``published`` is the execution's published result (the Celery result), if known; otherwise a
     finished execution's result is rebuilt from the store.
     """
-    from dspex_celery.report import logged_attempts  # every finished attempt, kept by AttemptLog
+    from dspex_celery.report import (
+        logged_attempts,  # every finished attempt, kept by AttemptLog
+    )
 
     namespace = store.namespace
     events: list[Event] = []

@@ -45,7 +45,9 @@ def history_hooks(settings: Settings) -> list[Hook]:
     """The history hook of a runtime: publish (cluster) or record in-process (embedded)."""
     if not settings.embedded:
         return [StreamPublisher(settings)]
-    from dspex_celery.history.store import history_url  # SQLAlchemy only where history is written
+    from dspex_celery.history.store import (
+        history_url,  # SQLAlchemy only where history is written
+    )
 
     url = history_url(settings)
     return [] if url is None else [EmbeddedRecorder(settings, url)]

@@ -78,7 +78,7 @@ class Listener:
     def poll(self, start: str) -> int:
         """Read, write and acknowledge one batch; returns how many stream entries it handled."""
         block = None if start == "0" else self.block_ms
-        reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: start}, count=self.batch, block=block)
+        reply: Any = self.client.xreadgroup(self.group, self.consumer, {self.stream: start}, count=self.batch, block=block)
         entries: list[tuple[str, dict[str, str] | None]] = reply[0][1] if reply else []
         if not entries:
             return 0

@@ -5,13 +5,23 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Select, create_engine, event, func, inspect, select, update
+from sqlalchemy import (
+    Engine,
+    Select,
+    create_engine,
+    event,
+    func,
+    inspect,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, aliased
@@ -37,10 +47,20 @@ from dspex_celery.history.models import (
     SchemaVersion,
 )
 from dspex_celery.plan import Plan
-from dspex_celery.results import ExecutionResult, ExecutionStatus, ModuleRecord, isoformat, parse_time, utcnow
+from dspex_celery.results import (
+    ExecutionResult,
+    ExecutionStatus,
+    ModuleRecord,
+    isoformat,
+    parse_time,
+    utcnow,
+)
 from dspex_celery.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: Tries to create/check the schema: processes starting together race to create the tables.
+SCHEMA_TRIES = 5
 
 #: ``DSPEX_HISTORY_URL`` values that turn history off.
 DISABLED = ("off", "none", "")
@@ -87,22 +107,31 @@ class HistoryStore:
 
     def check_schema(self, create: bool) -> None:
         """Create missing tables (when ``create``) and refuse a database of another schema version."""
-        try:
-            if create:
-                Base.metadata.create_all(self.engine)
-            elif not inspect(self.engine).has_table(SchemaVersion.__tablename__):
-                raise ConfigError(f"no history database at {self.display_url}: run a program or start the listener first")
-            with Session(self.engine) as session, session.begin():
-                row = session.get(SchemaVersion, "history")
-                if row is None:
-                    session.add(SchemaVersion(name="history", version=SCHEMA_VERSION))
-                elif row.version != SCHEMA_VERSION:
+        for attempt in range(SCHEMA_TRIES):
+            try:
+                self._check_schema(create)
+                return
+            except SQLAlchemyError as exc:  # another process creating the schema at the same time
+                if attempt == SCHEMA_TRIES - 1:
                     raise ConfigError(
-                        f"history database {self.display_url} has schema version {row.version}, this dspex-celery "
-                        f"uses {SCHEMA_VERSION}: point DSPEX_HISTORY_URL at a new database"
-                    )
-        except SQLAlchemyError as exc:
-            raise ConfigError(f"cannot open the history database {self.display_url} ({_reason(exc)}): check DSPEX_HISTORY_URL") from None
+                        f"cannot open the history database {self.display_url} ({_reason(exc)}): check DSPEX_HISTORY_URL"
+                    ) from None
+                time.sleep(0.1 * (attempt + 1))
+
+    def _check_schema(self, create: bool) -> None:
+        if create:
+            Base.metadata.create_all(self.engine)
+        elif not inspect(self.engine).has_table(SchemaVersion.__tablename__):
+            raise ConfigError(f"no history database at {self.display_url}: run a program or start the listener first")
+        with Session(self.engine) as session, session.begin():
+            row = session.get(SchemaVersion, "history")
+            if row is None:
+                session.add(SchemaVersion(name="history", version=SCHEMA_VERSION))
+            elif row.version != SCHEMA_VERSION:
+                raise ConfigError(
+                    f"history database {self.display_url} has schema version {row.version}, this dspex-celery "
+                    f"uses {SCHEMA_VERSION}: point DSPEX_HISTORY_URL at a new database"
+                )
 
     @contextmanager
     def session(self) -> Iterator[Session]:
