@@ -12,9 +12,9 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import networkx as nx
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from dspex_celery.program import Program
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Successful samples a module needs before a timeout is learned for it (fewer say little about p99).
 MIN_TIMEOUT_SAMPLES = 3
@@ -49,6 +50,8 @@ DAG_ADVICE_THRESHOLD = 0.10
 TOP_BOTTLENECKS = 5
 #: How long a history database that failed to open is not asked again for profiles.
 PROFILE_RETRY_S = 60.0
+#: Finished executions that give expected durations (progress ETA) when no profile is saved.
+RECENT_EXECUTIONS = 20
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -256,8 +259,8 @@ class Profile:
 _unavailable: dict[str, float] = {}
 
 
-def load_profile(settings: Settings, fingerprint: str) -> Profile | None:
-    """The saved profile of ``fingerprint``; None when there is none or history cannot be read."""
+def read_history(settings: Settings, read: Callable[[HistoryStore], T]) -> T | None:
+    """``read(history)``, or None when history is off, absent or failing (never raises)."""
     url = history_url(settings)
     if url is None or time.monotonic() < _unavailable.get(url, 0.0):
         return None
@@ -265,14 +268,35 @@ def load_profile(settings: Settings, fingerprint: str) -> Profile | None:
     if path is not None and not path.exists():
         return None
     try:
-        data = open_history(url, create=False).profile(fingerprint)
+        return read(open_history(url, create=False))
     except Exception as exc:  # a history outage must not stop submissions
-        log.warning("cannot read profiles from %s (%s); submitting without one", url, exc)
+        log.warning("cannot read history from %s (%s); going on without it", url, exc)
         _unavailable[url] = time.monotonic() + PROFILE_RETRY_S
         return None
+
+
+def load_profile(settings: Settings, fingerprint: str) -> Profile | None:
+    """The saved profile of ``fingerprint``; None when there is none or history cannot be read."""
+    data = read_history(settings, lambda history: history.profile(fingerprint))
     if data is None:
         return None
     return Profile(dict(data.get("weights", {})), dict(data.get("timeouts", {})))
+
+
+def expected_durations(settings: Settings, plan: Plan) -> dict[str, float] | None:
+    """Seconds per module: the saved profile's, else p50s of the last recent runs (None: no history)."""
+    profile = load_profile(settings, plan.fingerprint)
+    if profile is not None:
+        return profile.weights
+    return read_history(settings, lambda history: _recent_weights(history, plan))
+
+
+def _recent_weights(history: HistoryStore, plan: Plan) -> dict[str, float] | None:
+    executions = history.finished_executions(plan.fingerprint)[-RECENT_EXECUTIONS:]
+    if not executions:
+        return None
+    weights = analyze(plan, history.attempts([row.id for row in executions]), len(executions)).profile["weights"]
+    return dict(weights)
 
 
 def apply_profile(settings: Settings, program: Program, plan: Plan) -> Plan:

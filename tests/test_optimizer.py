@@ -176,3 +176,16 @@ def test_optimize_without_history_is_a_clear_error(history: HistoryStore) -> Non
 
     with pytest.raises(UsageError, match="no executions of program 'nothing' in the history"):
         optimize(history, "nothing")
+
+
+def test_progress_eta_durations_come_from_history(history: HistoryStore) -> None:
+    import dspex_celery.cli  # noqa: F401  (registers history as the duration source of `run`'s progress)
+    from dspex_celery.cli.progress import expected_durations
+    from dspex_celery.runtime import create_runtime
+
+    runtime = create_runtime(Settings(namespace="eta-test", history_url=history.url))
+    # Before any profile is saved: p50s of the recent runs
+    assert expected_durations(runtime, DIAMOND.plan()) == pytest.approx({"s": 0.3, "a": 3.0, "b": 2.0, "t": 0.5})
+    # A program history has never seen: no durations, so no ETA
+    other = program("other", {"x": {"uses": NOOP}})
+    assert expected_durations(runtime, other.plan()) is None

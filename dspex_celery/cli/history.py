@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from dspex_celery.cli import cli, connection_options
+from dspex_celery.cli.monitor import cluster_runtime
+from dspex_celery.cli.progress import register_duration_source
 from dspex_celery.cli.render import print_json, print_result
 from dspex_celery.errors import ConfigError
 from dspex_celery.history.models import ExecutionRow
@@ -23,10 +25,10 @@ from dspex_celery.history.store import (
     open_history,
     optional_iso,
 )
-from dspex_celery.optimizer import Report, optimize
+from dspex_celery.optimizer import Report, expected_durations, optimize
 from dspex_celery.results import isoformat, utcnow
 from dspex_celery.routing import CONTROL, queue_name
-from dspex_celery.runtime import Runtime, create_runtime
+from dspex_celery.runtime import Runtime
 from dspex_celery.settings import Settings, load_settings
 
 
@@ -47,12 +49,8 @@ def open_store(settings: Settings, *, create: bool = False) -> HistoryStore:
     return open_history(url, create=create)
 
 
-def cluster_runtime(settings: Settings, command: str) -> Runtime:
-    if settings.embedded:
-        raise ConfigError(f"{command} needs the cluster's broker and Redis: pass --broker URL or set DSPEX_BROKER_URL")
-    runtime = create_runtime(settings)
-    runtime.check_reachable()
-    return runtime
+# The live progress of `run` shows an ETA from these durations.
+register_duration_source(lambda runtime, plan: expected_durations(runtime.settings, plan))
 
 
 # --- listener ------------------------------------------------------------------------------------
@@ -71,7 +69,7 @@ def listener(
     from dspex_celery.history.listener import Listener
 
     settings = load_settings(broker_url=broker, result_backend=result_backend, history_url=history_db)
-    runtime = cluster_runtime(settings, "the listener")
+    runtime = cluster_runtime(broker, result_backend, "the listener")
     store = open_store(settings, create=True)
     worker = Listener(runtime, store, consumer, group=group)
     stop = threading.Event()
@@ -186,7 +184,7 @@ def print_report(report: Report) -> None:
 @json_option
 def status(broker: str | None, result_backend: str | None, as_json: bool) -> None:
     """Live executions and queue depths per resource class."""
-    runtime = cluster_runtime(load_settings(broker_url=broker, result_backend=result_backend), "status")
+    runtime = cluster_runtime(broker, result_backend, "status")
     data: dict[str, Any] = {"live": live_executions(runtime), "queues": queue_depths(runtime, known_resources(runtime))}
     if as_json:
         print_json(data)
