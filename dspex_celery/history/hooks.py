@@ -42,15 +42,13 @@ def stream_key(namespace: str) -> str:
 
 
 def history_hooks(settings: Settings) -> list[Hook]:
-    """The history hook of a runtime: publish (cluster) or record in-process (embedded)."""
-    if not settings.embedded:
-        return [StreamPublisher(settings)]
-    from dspex_celery.history.store import (
-        history_url,  # SQLAlchemy only where history is written
-    )
+    """The history hook of a runtime: publish (cluster) or record in-process (embedded); none when off."""
+    from dspex_celery.history.store import history_url
 
     url = history_url(settings)
-    return [] if url is None else [EmbeddedRecorder(settings, url)]
+    if url is None:
+        return []
+    return [EmbeddedRecorder(settings, url)] if settings.embedded else [StreamPublisher(settings)]
 
 
 class StreamPublisher(Hook):
