@@ -111,7 +111,12 @@ class CircuitBreaker(Hook):
 
     def after_failure(self, ctx: ModuleContext, error: BaseException, will_retry: bool) -> None:
         ticket = ctx.extras.get("breaker")
-        if ticket is not None and ctx.extras.get("called"):
+        if ticket is None:
+            return
+        if not isinstance(error, Exception):  # the process is being terminated: no verdict
+            if ticket.trial:
+                self._report(ctx, ticket, "release")
+        elif ctx.extras.get("called"):
             self._report(ctx, ticket, "failure")
 
     def after_module(self, ctx: ModuleContext) -> None:

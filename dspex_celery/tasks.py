@@ -128,6 +128,9 @@ class ModuleRun:
             output = self._call(ctx, meta)
         except Exception as exc:  # a module may raise anything; each becomes a record
             return self._failed(ctx, _as_timeout(exc))
+        except BaseException as exc:  # terminated (cancel, shutdown): release what hooks hold, no record
+            self.runtime.hooks.after_failure(ctx, exc, False)
+            raise
         finally:
             self.runtime.hooks.after_module(ctx)
         return self._succeeded(ctx, output)

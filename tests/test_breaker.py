@@ -89,18 +89,24 @@ def test_breaker_opens_across_workers_fails_fast_and_half_opens(cluster: Cluster
     assert error(cluster.run(call(name, key, "r2"))) == "ValueError: dependency is down"
     assert error(cluster.run(call(name, key, "r1"))).startswith("CircuitOpen:")
     assert calls(key) == 4
-    # When the dependency is back and reset_s has passed again: exactly one trial at a time
-    side_channel().delete(f"{key}:down")
+    # A trial whose execution is cancelled (its process terminated) hands the trial back at once
     wait_for(lambda: circuit(cluster, circuit_name)["state"] == "half_open", what="the circuit to half-open")
-    trial = cluster.submit(call(name, key, "r1", seconds=2.0))
+    doomed = cluster.submit(call(name, key, "r1", seconds=30))
     wait_for(lambda: calls(key) == 5, what="the trial call to start")
+    assert circuit(cluster, circuit_name)["trial_running"]
+    doomed.cancel()
+    wait_for(lambda: not circuit(cluster, circuit_name)["trial_running"], what="the trial to be released")
+    # When the dependency is back: exactly one trial at a time
+    side_channel().delete(f"{key}:down")
+    trial = cluster.submit(call(name, key, "r1", seconds=2.0))
+    wait_for(lambda: calls(key) == 6, what="the trial call to start")
     concurrent = cluster.run(call(name, key, "r2"))
-    assert error(concurrent).startswith("CircuitOpen:") and calls(key) == 5
+    assert error(concurrent).startswith("CircuitOpen:") and calls(key) == 6
     assert trial.get(timeout=30).status is ExecutionStatus.SUCCEEDED
     # And the trial's success closed the circuit: calls go through on both workers again
     for resource in ("r2", "r1"):
         assert cluster.run(call(name, key, resource)).status is ExecutionStatus.SUCCEEDED
-    assert calls(key) == 7 and circuit(cluster, circuit_name) is None
+    assert calls(key) == 8 and circuit(cluster, circuit_name) is None
 
 
 def test_breakers_reset_closes_a_circuit(cluster: Cluster) -> None:
