@@ -392,3 +392,17 @@ def test_timeout_reaching_the_visibility_timeout_is_refused(redis_url: str) -> N
     prog = program("vt", {"long": {"uses": f"{BASIC}:sleep", "timeout_s": 58}})
     with pytest.raises(ConfigError, match="module 'long': timeout_s 58 s .* visibility timeout \\(60 s\\)"):
         submit_program(prog, {}, app=app)
+
+
+def test_timeout_outside_prefork_abandons_the_call() -> None:
+    # Embedded runs (threads pool, like `-P threads` workers) cannot kill a call: it is abandoned
+    from dspex_celery import Settings, create_runtime
+
+    app = create_runtime(Settings(namespace=f"embedded-timeout-{uuid.uuid4().hex[:6]}")).app
+    prog = program("embedded_timeout", {"s": {"uses": f"{BASIC}:sleep", "inputs": {"seconds": 10}, "timeout_s": 0.3,
+                                              "retry": {"max_attempts": 1}}})
+    started = time.monotonic()
+    result = submit_program(prog, {}, app=app).get(timeout=30)
+    assert result.status is ExecutionStatus.FAILED and time.monotonic() - started < 10
+    assert result.modules["s"].error.startswith("ModuleTimeout: module 's' ran longer than its timeout_s (0.3 s)")
+    assert "abandoned" in result.modules["s"].error
