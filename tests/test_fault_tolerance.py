@@ -86,7 +86,7 @@ def test_flaky_module_retries_with_growing_backoff(cluster: Cluster) -> None:
                       key=lambda a: a["attempt"])
     assert [a["status"] for a in attempts] == ["retrying", "retrying", "succeeded"]
     gaps = [(parse_time(b["started_at"]) - parse_time(a["finished_at"])).total_seconds()
-            for a, b in zip(attempts, attempts[1:])]
+            for a, b in zip(attempts, attempts[1:], strict=False)]
     assert gaps[0] >= 0.3 * 0.9 and gaps[1] > gaps[0], gaps
 
 
@@ -264,7 +264,7 @@ def test_killed_pool_process_module_is_rerun_every_time(cluster: Cluster) -> Non
             pid = int(wait_for(lambda key=key: side_channel().lindex(f"{key}:pids", 0), what="a slow module to start"))
             os.kill(pid, signal.SIGKILL)
             pids.append(pid)
-        for key, pid, handle in zip(keys, pids, handles):
+        for key, pid, handle in zip(keys, pids, handles, strict=True):
             result = handle.get(timeout=60)
             # Then the module ran again in another process, and the execution completed
             assert result.status is ExecutionStatus.SUCCEEDED, (batch, result.modules)
