@@ -205,3 +205,17 @@ def test_cli_errors_are_one_line(tmp_path) -> None:
     unknown = subprocess.run([CLI, "show", "abc"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1
     assert "no execution 'abc' in the history" in unknown.stderr
+
+
+def test_nul_characters_in_errors_and_outputs_are_stored(history: HistoryStore) -> None:
+    # A module's error message and outputs may hold any character; PostgreSQL text refuses NUL
+    failed = rec(ModuleStatus.FAILED, 1, 0.0, 0.5, error="ValueError: bad\x00byte")
+    result = ExecutionResult(
+        execution_id="e-nul", program="story", strategy="levels", status=ExecutionStatus.FAILED,
+        outputs={"raw": "a\x00b"}, modules={"fetch": failed}, failed_modules=["fetch"], error="ValueError: bad\x00byte",
+    )
+    history.apply([RecordEvent("e-nul", "fetch", failed), FinishedEvent(result)], describe)
+    row = history.attempts(["e-nul"])[0]
+    assert (row.error_type, row.error_message) == ("ValueError", "bad\ufffdbyte")
+    shown = history.result("e-nul")
+    assert shown.outputs == {"raw": "a\x00b"} and shown.modules["fetch"].error == "ValueError: bad\x00byte"

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis
+from sqlalchemy.exc import DataError, IntegrityError
 
 from dspex_celery.history.events import Event, decode, describe, snapshot
 from dspex_celery.history.hooks import stream_key
@@ -82,12 +83,26 @@ class Listener:
         entries: list[tuple[str, dict[str, str] | None]] = reply[0][1] if reply else []
         if not entries:
             return 0
-        self.write(_decoded(entries))
+        self.write_or_skip(_decoded(entries))
         self.client.xack(self.stream, self.group, *[entry_id for entry_id, _ in entries])
         return len(entries)
 
     def write(self, events: list[Event]) -> None:
         self.history.apply(events, lambda execution_id: describe(self.store, execution_id))
+
+    def write_or_skip(self, events: list[Event]) -> None:
+        """Write a batch; if the database rejects its data, write event by event and skip the bad ones.
+
+        Outages (connection errors) are raised: the batch stays pending and is read again.
+        """
+        try:
+            self.write(events)
+        except (DataError, IntegrityError):
+            for item in events:
+                try:
+                    self.write([item])
+                except (DataError, IntegrityError) as exc:
+                    log.error("history listener: skipping an event of execution %s (%s)", item.execution_id, exc)
 
     # --- reconciliation from the state store ------------------------------------------------------
 

@@ -48,7 +48,7 @@ class ExecutionRow(Base):
     __tablename__ = "dspex_executions"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    program: Mapped[str | None] = mapped_column(String(200), index=True)
+    program: Mapped[str | None] = mapped_column(Text, index=True)
     fingerprint: Mapped[str | None] = mapped_column(String(64), index=True)
     strategy: Mapped[str | None] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), default="running")
@@ -73,17 +73,17 @@ class AttemptRow(Base):
     execution_id: Mapped[str] = mapped_column(
         String(64), ForeignKey("dspex_executions.id", ondelete="CASCADE"), primary_key=True
     )
-    module: Mapped[str] = mapped_column(String(200), primary_key=True)
+    module: Mapped[str] = mapped_column(Text, primary_key=True)
     attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
     status: Mapped[str] = mapped_column(String(16))
     rank: Mapped[int] = mapped_column(Integer)
-    resource: Mapped[str | None] = mapped_column(String(100))
-    queue: Mapped[str | None] = mapped_column(String(200))
-    worker: Mapped[str | None] = mapped_column(String(200))
+    resource: Mapped[str | None] = mapped_column(Text)
+    queue: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     duration_s: Mapped[float | None] = mapped_column(Float)
-    error_type: Mapped[str | None] = mapped_column(String(200))
+    error_type: Mapped[str | None] = mapped_column(Text)
     error_message: Mapped[str | None] = mapped_column(Text)
     reused: Mapped[bool] = mapped_column(default=False)
     record: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -95,7 +95,7 @@ class ProgramPlanRow(Base):
     __tablename__ = "dspex_program_plans"
 
     fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
-    program: Mapped[str] = mapped_column(String(200))
+    program: Mapped[str] = mapped_column(Text)
     plan: Mapped[str] = mapped_column(Text)
     first_seen: Mapped[datetime]
 
@@ -106,7 +106,7 @@ class ProfileRow(Base):
     __tablename__ = "dspex_profiles"
 
     fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
-    program: Mapped[str] = mapped_column(String(200), index=True)
+    program: Mapped[str] = mapped_column(Text, index=True)
     created_at: Mapped[datetime]
     executions: Mapped[int] = mapped_column(Integer)
     profile: Mapped[dict[str, Any]] = mapped_column(JSON)

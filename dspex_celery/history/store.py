@@ -205,7 +205,7 @@ class HistoryStore:
                 rank=FINAL_RANK,
                 outputs=result.outputs,
                 failed_modules=result.failed_modules,
-                error=result.error,
+                error=None if result.error is None else text_column(result.error),
                 submitted_at=_time(result.submitted_at),
                 finished_at=_time(result.finished_at),
                 resumed_from=result.resumed_from,
@@ -358,10 +358,16 @@ def split_error(record: ModuleRecord) -> tuple[str | None, str | None]:
     """``("ValueError", "boom")`` from a worker's ``"ValueError: boom"``; skips and cancels have no type."""
     if record.error is None:
         return None, None
-    kind, sep, message = record.error.partition(": ")
+    error = text_column(record.error)
+    kind, sep, message = error.partition(": ")
     if record.status in ("failed", "retrying") and sep and kind.isidentifier():
         return kind, message
-    return None, record.error
+    return None, error
+
+
+def text_column(text: str) -> str:
+    """``text`` as every database stores it (PostgreSQL text refuses NUL characters)."""
+    return text.replace("\x00", "\ufffd")
 
 
 def latest_records(rows: Iterable[AttemptRow]) -> dict[str, ModuleRecord]:
