@@ -2,8 +2,8 @@
 
 The display polls the state store (``ExecutionHandle.records()``) while the main thread waits for
 the result. ETA needs expected module durations: a *duration source* (e.g. execution history)
-registered with :func:`register_duration_source`, by default the program's saved history profile
-(``dspex-celery optimize``); without durations no ETA is shown.
+registered with :func:`register_duration_source` (execution history registers one in
+``cli/history.py``: the saved profile, else medians of recent runs); without durations, no ETA.
 """
 
 from __future__ import annotations
@@ -68,17 +68,6 @@ def expected_durations(runtime: Runtime, plan: Plan) -> dict[str, float] | None:
         if durations:
             return dict(durations)
     return None
-
-
-def profile_durations(runtime: Runtime, plan: Plan) -> Mapping[str, float] | None:
-    """Median seconds per module from the program's saved profile (``dspex-celery optimize``)."""
-    from dspex_celery.optimizer import load_profile
-
-    profile = load_profile(runtime.settings, plan.fingerprint)
-    return profile.weights if profile is not None else None
-
-
-register_duration_source(profile_durations)
 
 
 def module_state(record: ModuleRecord | None) -> str:
