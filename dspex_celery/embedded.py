@@ -10,6 +10,7 @@ import atexit
 import threading
 
 from celery import Celery
+from celery._state import _set_task_join_will_block
 from celery.app import trace
 from celery.worker import WorkController
 
@@ -55,6 +56,9 @@ class EmbeddedWorker:
         self.thread.start()
         if not self.controller.ready.wait(START_TIMEOUT_S):
             raise ConfigError("the embedded worker did not start within 30 s")
+        # Starting a pool marks the whole process as "inside a worker", which would make every
+        # later result.get() of the caller refuse to block; the caller is not a task.
+        _set_task_join_will_block(False)
         atexit.register(self.stop)
 
     def consume(self, queues: list[str]) -> None:

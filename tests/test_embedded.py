@@ -119,3 +119,11 @@ def test_python_api_from_file(embedded_app) -> None:
 def test_successful_run_is_quiet_on_stderr() -> None:
     run = dspex("run", "examples/rag.yaml", "-i", f"question={QUESTION}", "--json")
     assert run.stderr == ""
+
+
+def test_embedded_worker_leaves_result_get_usable(embedded_app) -> None:
+    # A caller that used the embedded worker can still block on its own Celery results
+    from celery._state import task_join_will_block
+
+    submit_program("examples/rag.yaml", {"question": QUESTION}, app=embedded_app).get(timeout=30)
+    assert task_join_will_block() is False
