@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +39,8 @@ from dspex_celery.runtime import Runtime, default_runtime, runtime_of
 DEFAULT_MAX_IN_FLIGHT = 16
 #: Seconds between two checks of the in-flight executions' results (one MGET each time).
 POLL_S = 0.02
+#: Threads that submit lines: one submission is a few Redis round trips, mostly spent waiting.
+SUBMIT_THREADS = 4
 
 SUCCEEDED, FAILED, INVALID, SUBMITTED = "succeeded", "failed", "invalid", "submitted"
 Metric = Callable[..., Any]
@@ -213,6 +218,7 @@ class BatchRun:
         metric: Metric | None = None,
         previous: Mapping[int, BatchLine] | None = None,
         on_submit: Callable[[BatchLine], None] | None = None,
+        submit_threads: int = SUBMIT_THREADS,
     ) -> None:
         if max_in_flight < 1:
             raise UsageError(f"max_in_flight must be at least 1, got {max_in_flight}")
@@ -231,6 +237,9 @@ class BatchRun:
         self.on_submit = on_submit
         self._items = self._as_items(inputs)
         self._pending: dict[str, tuple[BatchItem, float]] = {}
+        self._submitting: dict[futures.Future[str], BatchItem] = {}
+        self._lock = threading.Lock()
+        self.submit_threads = submit_threads
         self._started = time.monotonic()
         self.ran = 0
         self.reattached = 0
@@ -242,21 +251,27 @@ class BatchRun:
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending)
+        """Executions submitted (or being submitted) whose result was not read yet."""
+        return len(self._pending) + len(self._submitting)
 
     def as_completed(self) -> Iterator[BatchLine]:
         """Every line, in completion order, keeping at most ``max_in_flight`` executions running."""
-        for item in self._items:
-            ready = self._without_running(item)
-            if ready is not None:
-                yield self._scored(ready, item)
-                continue
-            while len(self._pending) >= self.max_in_flight:
-                yield from self._collect(wait=True)
-            self._start(item)
-            yield from self._collect(wait=False)
-        while self._pending:
-            yield from self._collect(wait=True)
+        with ThreadPoolExecutor(self.submit_threads, thread_name_prefix="dspex-batch-submit") as pool:
+            try:
+                for item in self._items:
+                    ready = self._without_running(item)
+                    if ready is not None:
+                        yield self._scored(ready, item)
+                        continue
+                    while self.in_flight >= self.max_in_flight:
+                        yield from self._collect(wait=True)
+                    self._start(item, pool)
+                    yield from self._collect(wait=False)
+                while self.in_flight:
+                    yield from self._collect(wait=True)
+            finally:  # stopped early (Ctrl-C, consumer gone): submissions under way still get journaled
+                pool.shutdown(wait=True)
+                self._harvest(wait=False)
 
     def get(self) -> BatchResult:
         """Run to the end; the lines in input order."""
@@ -277,17 +292,31 @@ class BatchRun:
                              reused=True)
         return None
 
-    def _start(self, item: BatchItem) -> None:
+    def _start(self, item: BatchItem, pool: ThreadPoolExecutor) -> None:
+        """Re-attach to the line's earlier execution, or submit it (the first one inline, the others
+        from the pool: a submission is a few Redis round trips, mostly waiting)."""
         execution_id = self._reattachable(item)
-        if execution_id is None:
-            handle = launch(self.runtime, self.plan, self.packages, item.inputs, self.strategy, self.timeout)
-            execution_id = handle.execution_id
-            self.ran += 1
-        else:
+        if execution_id is not None:
             self.reattached += 1
-        self._pending[execution_id] = (item, time.monotonic())
+            self._journal(item, execution_id)
+            self._pending[execution_id] = (item, time.monotonic())
+        elif self.ran == 0 and not self._submitting:
+            self._pending[self._launch(item)] = (item, time.monotonic())
+        else:
+            self._submitting[pool.submit(self._launch, item)] = item
+
+    def _launch(self, item: BatchItem) -> str:
+        """Submit one line (in a pool thread) and journal its execution id at once."""
+        handle = launch(self.runtime, self.plan, self.packages, item.inputs, self.strategy, self.timeout)
+        self._journal(item, handle.execution_id)
+        with self._lock:
+            self.ran += 1
+        return handle.execution_id
+
+    def _journal(self, item: BatchItem, execution_id: str) -> None:
         if self.on_submit is not None:
-            self.on_submit(BatchLine(item.index, item.key, SUBMITTED, execution_id=execution_id))
+            with self._lock:
+                self.on_submit(BatchLine(item.index, item.key, SUBMITTED, execution_id=execution_id))
 
     def _reattachable(self, item: BatchItem) -> str | None:
         """The execution an interrupted run submitted for this same line, if the store still has it."""
@@ -296,9 +325,23 @@ class BatchRun:
             return None
         return earlier.execution_id if self.runtime.store.meta(earlier.execution_id) else None
 
+    def _harvest(self, *, wait: bool) -> None:
+        """Move finished submissions to the pending executions (a failed submission raises here)."""
+        if not self._submitting:
+            return
+        done, _ = futures.wait(self._submitting, timeout=POLL_S if wait else 0, return_when=futures.FIRST_COMPLETED)
+        for future in done:
+            item = self._submitting.pop(future)
+            self._pending[future.result()] = (item, time.monotonic())
+
     def _collect(self, *, wait: bool) -> Iterator[BatchLine]:
         """Finished executions' lines; with ``wait``, polls until at least one finished."""
-        while self._pending:
+        while self.in_flight:
+            self._harvest(wait=wait and not self._pending)
+            if not self._pending:
+                if wait:
+                    continue
+                return
             self._end_overdue()
             found = list(self.runtime.app.backend.get_many(
                 list(self._pending), interval=POLL_S if wait else 0, max_iterations=1,
@@ -352,17 +395,20 @@ def submit_batch(
     metric: Metric | str | None = None,
     previous: Mapping[int, BatchLine] | None = None,
     on_submit: Callable[[BatchLine], None] | None = None,
+    submit_threads: int = SUBMIT_THREADS,
 ) -> BatchRun:
     """Run ``program`` once per input mapping across the cluster (embedded when none is configured).
 
     Nothing runs until the returned :class:`BatchRun` is iterated (``as_completed()``) or
     ``get()`` is called; at most ``max_in_flight`` executions are submitted and unfinished at once.
     ``timeout`` bounds each execution (seconds); ``metric`` (a callable or ``"pkg.mod:fn"``) scores
-    each succeeded line as ``metric(example, prediction)``.
+    each succeeded line as ``metric(example, prediction)``; ``previous`` lines (of an interrupted
+    run) are reused or re-attached; ``on_submit`` is called (under a lock, maybe from a submitting
+    thread) with each line's execution id as soon as it is submitted.
     """
     runtime = runtime_of(app) if app is not None else default_runtime()
     chosen = resolve_metric(metric) if isinstance(metric, str) else metric
     return BatchRun(
         runtime, Program.coerce(program), inputs, max_in_flight=max_in_flight, strategy=strategy,
-        timeout=timeout, metric=chosen, previous=previous, on_submit=on_submit,
+        timeout=timeout, metric=chosen, previous=previous, on_submit=on_submit, submit_threads=submit_threads,
     )
