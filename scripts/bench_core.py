@@ -16,14 +16,15 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+import benchlib as bench
 import redis
+from bench_raw_tasks import NOOP
 from celery import chain, chord, group
 from celery.canvas import Signature
 
-import benchlib as bench
-from bench_raw_tasks import NOOP
 from dspex_celery import Program, Settings, create_runtime, submit_program
 from dspex_celery.canvas import stage_signature, stages
 from dspex_celery.examples import synthetic
@@ -85,15 +86,17 @@ def measure_planner(config: Config) -> list[list[str]]:
     """Rows: plan and full-compile milliseconds per generator, small and large."""
     app = create_runtime(Settings(broker_url=None, namespace="bench")).app
     rows: list[list[str]] = []
-    for measure, function in (("plan ms", plan_only), ("compile ms", lambda d: full_compile(d, app))):
+    measures: dict[str, Callable[[dict[str, Any]], object]] = {
+        "plan ms": plan_only, "compile ms": partial(full_compile, app=app)}
+    for measure, function in measures.items():
         for label, generator in GENERATORS.items():
             programs = {size: generator(size) for size in (config.small, config.large)}
-            samples = {size: bench.time_calls(lambda p=program: function(p), config.planner_repeats)
+            samples = {size: bench.time_calls(partial(function, program), config.planner_repeats)
                        for size, program in programs.items()}
             edges = sum(len(m.parents) for m in Program.from_dict(programs[config.large]).plan().modules.values())
             rows.append(scaling_row(measure, f"{label}, {edges / config.large:.1f} edges/module", samples, 1000.0))
             bench.console.print(f"  {measure} {label}: " + ", ".join(
-                f"{size}: {bench.fmt(s.median * 1000)}" for size, s in samples.items()), style="dim")
+                f"{size}: {bench.fmt(_median(s, 1000.0))}" for size, s in samples.items()), style="dim")
     return rows
 
 
@@ -124,11 +127,9 @@ def overhead_cases(cluster: bench.BenchCluster, config: Config) -> dict[str, Cal
         for size, (levels, width) in sizes.items():
             program = synthetic.layered(levels, width, name=f"{shape}{size}")
             for strategy in STRATEGIES[shape]:
-                if strategy == "raw":
-                    case = lambda l=levels, w=width: run_raw(cluster, l, w, config.raw_timeout_s)  # noqa: E731
-                else:
-                    case = lambda p=program, s=strategy: cluster.run(p, s, RUN_TIMEOUT_S)  # noqa: E731
-                cases[f"{shape}/{size}/{strategy}"] = case
+                cases[f"{shape}/{size}/{strategy}"] = (
+                    partial(run_raw, cluster, levels, width, config.raw_timeout_s) if strategy == "raw"
+                    else partial(cluster.run, program, strategy, RUN_TIMEOUT_S))
     return cases
 
 
@@ -191,7 +192,7 @@ def message_rows(config: Config) -> list[list[str]]:
         for strategy in ("levels", "raw"):
             values = {}
             for size, (levels, width) in sizes.items():
-                send = lambda namespace, l=levels, w=width: send_first(namespace, strategy, l, w)  # noqa: E731
+                send = partial(send_first, strategy=strategy, levels=levels, width=width)
                 values[size] = bench.Samples([float(largest_message(bench.REDIS_URL, send))])
             label = "raw canvas" if strategy == "raw" else strategy
             rows.append(scaling_row(f"max message bytes, {label}", f"{shape} {dims}", values, 1.0, digits=0))
@@ -272,17 +273,18 @@ def _verdict(change: float) -> str:
 
 def git_revision() -> str:
     """HEAD and whether the working tree had uncommitted changes (other engineers' work in progress)."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=bench.ROOT, capture_output=True, text=True)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=bench.ROOT, capture_output=True,
+                          text=True, check=False)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=bench.ROOT,
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, check=False)
     return head.stdout.strip() + (" + uncommitted changes in the working tree" if dirty.stdout.strip() else "")
 
 
 def docs_body(table: str, samples: dict[str, bench.Samples], config: Config, elapsed: float) -> str:
     return "\n".join([
-        "`.venv/bin/python scripts/bench_core.py` — one invocation, every case side by side on the same two "
-        f"worker processes; overhead cases run in {config.rounds} interleaved rounds (order rotated each "
-        f"round), planner cases {config.planner_repeats}× each after a warm-up. Cells: median [min–max].",
+        ("`.venv/bin/python scripts/bench_core.py` — one invocation, every case side by side on the same two "
+         f"worker processes; overhead cases run in {config.rounds} interleaved rounds (order rotated each "
+         f"round), planner cases {config.planner_repeats}× each after a warm-up. Cells: median [min–max]."),
         "",
         *bench.machine_lines(WORKERS),
         f"- code: {git_revision()}; whole run {elapsed:.0f} s",
@@ -290,27 +292,28 @@ def docs_body(table: str, samples: dict[str, bench.Samples], config: Config, ela
         table,
         "",
         "How to read it:",
-        "- *plan ms*: `Program.from_dict(d).plan()` (schema, references, cycles, imports, levels, "
-        "priorities, critical path). *compile ms*: the same plus the Celery signature of every `levels` "
-        "stage (`canvas.stage_signature`: chord of module tasks + `advance` body).",
-        "- *ms/module*: wall time from `submit_program` (planning included) to the result, divided by the "
-        "module count; modules are `synthetic.work` with `ms=0` (no-op), programs are `synthetic.layered` "
-        "(each module reads two of the level above). *raw canvas*: a hand-written chain of chords, "
-        "`chain(chord(group(noop.si() × width), noop.si()) × levels)` of a plain `@shared_task` (`scripts/bench_raw_tasks.py`, loaded with "
-        f"`dspex-celery worker --include`), run on the same workers; a run longer than "
-        f"{config.raw_timeout_s:.0f} s is stopped (workers restarted, queues purged), not repeated, and shown "
-        "as a lower bound (`--raw-timeout 300` measures it to the end, at the cost of a much longer run). "
-        "`sequential` is measured on `deep` only: it dispatches one module per stage whatever the shape.",
-        "- *× raw*: strategy wall / raw-canvas wall at the same size (< 1 = faster than raw; `< x` when the "
-        "raw run timed out).",
-        "- *max message bytes*: the biggest message on the broker right after the first dispatch (no worker "
-        "listening). dspex messages carry only `(execution_id, module)`; Celery's chain-of-chords carries the "
-        "rest of the chain in every header message (Celery #5000, #9202, #5286), which is why its per-module "
-        "cost grows with the program.",
+        ("- *plan ms*: `Program.from_dict(d).plan()` (schema, references, cycles, imports, levels, "
+         "priorities, critical path). *compile ms*: the same plus the Celery signature of every `levels` "
+         "stage (`canvas.stage_signature`: chord of module tasks + `advance` body)."),
+        ("- *ms/module*: wall time from `submit_program` (planning included) to the result, divided by the "
+         "module count; modules are `synthetic.work` with `ms=0` (no-op), programs are `synthetic.layered` "
+         "(each module reads two of the level above). *raw canvas*: a hand-written chain of chords, "
+         "`chain(chord(group(noop.si() × width), noop.si()) × levels)` of a plain `@shared_task` "
+         "(`scripts/bench_raw_tasks.py`, loaded with `dspex-celery worker --include`), run on the same "
+         f"workers; a run longer than "
+         f"{config.raw_timeout_s:.0f} s is stopped (workers restarted, queues purged), not repeated, and shown "
+         "as a lower bound (`--raw-timeout 300` measures it to the end, at the cost of a much longer run). "
+         "`sequential` is measured on `deep` only: it dispatches one module per stage whatever the shape."),
+        ("- *× raw*: strategy wall / raw-canvas wall at the same size (< 1 = faster than raw; `< x` when the "
+         "raw run timed out)."),
+        ("- *max message bytes*: the biggest message on the broker right after the first dispatch (no worker "
+         "listening). dspex messages carry only `(execution_id, module)`; Celery's chain-of-chords carries the "
+         "rest of the chain in every header message (Celery #5000, #9202, #5286), which is why its per-module "
+         "cost grows with the program."),
         "",
-        f"Goal of issue 2 — per-module cost flat within ±20 % from {config.small} to {config.large} modules "
-        "(medians of interleaved runs; with other jobs loading the CPUs the fastest run is the least "
-        "disturbed one, so its ratio is given too):",
+        (f"Goal of issue 2 — per-module cost flat within ±20 % from {config.small} to {config.large} modules "
+         "(medians of interleaved runs; with other jobs loading the CPUs the fastest run is the least "
+         "disturbed one, so its ratio is given too):"),
         *verdicts(samples, config),
     ])
 

@@ -235,7 +235,7 @@ def interleaved(
                 continue
             try:
                 samples[name].values.append(cases[name]())
-            except Exception as exc:  # a timed-out or failed case is reported, not fatal
+            except Exception as exc:  # noqa: BLE001 - a timed-out or failed case is reported, not fatal
                 samples[name].failure = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
                 console.print(f"[yellow]{name}: {samples[name].failure}[/yellow]")
                 if on_failure is not None:
@@ -264,8 +264,8 @@ def machine_lines(specs: Sequence[WorkerSpec], broker: str = REDIS_URL) -> list[
     return [
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- CPU: {cpu_model()}, {os.cpu_count()} cores (shared with other jobs: numbers are noisy)",
-        f"- Python {platform.python_version()}, Celery {celery.__version__}, broker + result backend: "
-        f"Redis ({_redact(broker)})",
+        (f"- Python {platform.python_version()}, Celery {celery.__version__}, broker + result backend: "
+         f"Redis ({_redact(broker)})"),
         f"- workers: {workers}",
         f"- load average (1/5/15 min) when written: {' / '.join(f'{load:.1f}' for load in os.getloadavg())}",
     ]
