@@ -33,6 +33,18 @@ CLI = str(Path(sys.executable).with_name("dspex-celery"))
 TEST_MODULES = "tests.modules"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _history_in_a_temp_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Embedded runs record history; keep the tests' history out of the user's data directory."""
+    if "DSPEX_HISTORY_URL" in os.environ:
+        yield
+        return
+    path = tmp_path_factory.mktemp("history") / "history.sqlite"
+    os.environ["DSPEX_HISTORY_URL"] = f"sqlite:///{path}"
+    yield
+    os.environ.pop("DSPEX_HISTORY_URL", None)
+
+
 def unavailable(service: str, reason: str) -> None:
     """Fail under CI, skip on a developer machine without the service."""
     message = f"{service} is not reachable ({reason})"
@@ -64,7 +76,7 @@ def amqp_url() -> str:
 
 def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
     """Environment for a `dspex-celery` subprocess using ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPEX_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPEX_") or k == "DSPEX_HISTORY_URL"}
     env.update(
         {
             "DSPEX_NAMESPACE": settings.namespace,

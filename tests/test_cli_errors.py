@@ -16,7 +16,7 @@ from tests.conftest import CLI, ROOT
 def dspex(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     import os
 
-    base = {k: v for k, v in os.environ.items() if not k.startswith("DSPEX_")}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DSPEX_") or k == "DSPEX_HISTORY_URL"}
     base["PYTHONPATH"] = str(ROOT)
     return subprocess.run([CLI, *args], cwd=ROOT, capture_output=True, text=True, env={**base, **(env or {})}, timeout=60)
 

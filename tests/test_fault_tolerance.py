@@ -353,6 +353,7 @@ def test_cancel_ends_quickly_and_leaves_nothing_running(cluster: Cluster) -> Non
     })
     handle = cluster.submit(prog, strategy="levels")
     pid = int(wait_for(lambda: side_channel().hget(key, "pid"), what="the long module to start"))
+    wait_for(lambda: statuses(handle.current()).get("quick") == "succeeded", what="the quick module to finish")
     # When the execution is cancelled
     started = time.monotonic()
     result = handle.cancel()
