@@ -74,26 +74,27 @@ def _reference_problems(spec: ProgramSpec) -> list[str]:
     problems: list[str] = []
     for name, module in spec.modules.items():
         for key, refs in module.input_refs.items():
-            problems += _check_refs(spec, refs, f"module '{name}' input '{key}'")
+            problems += _check_refs(spec, refs, "module '{}' input '{}'", name, key)
         for parent in module.depends_on:
             if parent not in spec.modules:
                 problems.append(f"module '{name}' depends_on unknown module '{parent}'{_known(spec)}")
     for key, value in (spec.outputs or {}).items():
-        problems += _check_refs(spec, iter_refs(value), f"output '{key}'")
+        problems += _check_refs(spec, iter_refs(value), "output '{}'", key)
     return problems
 
 
-def _check_refs(spec: ProgramSpec, refs: Iterable[Ref], where: str) -> list[str]:
+def _check_refs(spec: ProgramSpec, refs: Iterable[Ref], where: str, *names: str) -> list[str]:
+    """Problems of references (``where`` is formatted with ``names`` only when there is one)."""
     problems = []
     for ref in refs:
         if ref.is_input and ref.field not in spec.inputs:
             declared = ", ".join(spec.inputs) or "none"
             problems.append(
-                f"{where} refers to {ref}, but the program has no input '{ref.field}' "
+                f"{where.format(*names)} refers to {ref}, but the program has no input '{ref.field}' "
                 f"(declared inputs: {declared})"
             )
         elif not ref.is_input and ref.source not in spec.modules:
-            problems.append(f"{where} refers to unknown module '{ref.source}'{_known(spec)}")
+            problems.append(f"{where.format(*names)} refers to unknown module '{ref.source}'{_known(spec)}")
     return problems
 
 
