@@ -153,12 +153,18 @@ def overhead_rows(samples: dict[str, bench.Samples], config: Config) -> list[lis
             label = "raw canvas" if strategy == "raw" else strategy
             row = scaling_row(f"ms/module {label}", f"{shape} {dims}", per_module, 1.0)
             if strategy != "raw":
-                row += [bench.fmt(bench.ratio(samples[f"{shape}/{size}/{strategy}"].median, raw[size].median))
-                        if raw[size].failure is None else "< " + bench.fmt(bench.ratio(
-                            samples[f"{shape}/{size}/{strategy}"].median, config.raw_timeout_s))
+                row += [versus_raw(samples[f"{shape}/{size}/{strategy}"], raw[size], config.raw_timeout_s)
                         for size in sizes]
             rows.append(row)
     return rows
+
+
+def versus_raw(strategy: bench.Samples, raw: bench.Samples, raw_timeout_s: float) -> str:
+    """Strategy median / raw median; an upper bound (``< x``) when a raw run timed out."""
+    if raw.failure is None:
+        return bench.fmt(bench.ratio(strategy.median, raw.median))
+    raw_at_least = max(raw.median or 0.0, raw_timeout_s) if not raw.values else raw.median
+    return "< " + bench.fmt(bench.ratio(strategy.median, raw_at_least))
 
 
 def per_module_samples(samples: bench.Samples, size: int, timeout_s: float) -> bench.Samples:
@@ -216,8 +222,10 @@ def scaling_row(measure: str, shape: str, samples: dict[int, bench.Samples], sca
                 digits: int = 2) -> list[str]:
     """``measure, shape, small, large, large/small`` with medians [min–max] times ``scale``."""
     small, large = samples.values()
-    return [measure, shape, cell(small, scale, digits), cell(large, scale, digits),
-            bench.fmt(bench.ratio(_median(large, scale), _median(small, scale)))]
+    change = bench.fmt(bench.ratio(_median(large, scale), _median(small, scale)))
+    if large.failure is not None and large.values:
+        change = "> " + change  # the runs that failed would have taken longer
+    return [measure, shape, cell(small, scale, digits), cell(large, scale, digits), change]
 
 
 def cell(samples: bench.Samples, scale: float, digits: int) -> str:
@@ -227,6 +235,8 @@ def cell(samples: bench.Samples, scale: float, digits: int) -> str:
     text = bench.fmt(_median(samples, scale), digits)
     if len(values) > 1:
         text += f" [{bench.fmt(min(values), digits)}–{bench.fmt(max(values), digits)}]"
+    if samples.failure is not None:  # some runs finished, then one timed out or failed
+        text += f", {len(values)} run{'s' if len(values) > 1 else ''}; next: {samples.failure}"
     return text
 
 
