@@ -82,8 +82,10 @@ def main() -> None:
             "`.venv/bin/python scripts/bench_batch.py --write-docs` — `submit_batch` over the "
             "`examples/dspy_rag.yaml` program (Retrieve → ChainOfThought on the offline DummyLM; two "
             "modules, so two module tasks per line), one execution per line, distinct questions; "
-            f"rounds interleaved, median of {args.rounds}. Each line's wall time includes its submission "
-            "(plan stored, canvas sent), both module tasks and the result read; the client is one thread."
+            f"rounds interleaved, median of {args.rounds}. A batch's wall time includes every line's "
+            "submission (plan stored, canvas sent; 4 submitting threads), both module tasks and the result "
+            "read (one MGET of the in-flight results every 20 ms). Client, Redis and the 8 worker processes "
+            "share the machine's 2 cores with other jobs, so more in flight stops helping once they are busy."
         )
         body = "\n".join([
             intro,
