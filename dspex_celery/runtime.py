@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,10 @@ from dspex_celery.settings import Settings, load_settings
 from dspex_celery.state import StateStore
 
 
+#: Seconds a successful reachability check is trusted before the next submission checks again.
+REACHABLE_TTL_S = 10.0
+
+
 @dataclass
 class Runtime:
     """What every task and client call of one process shares."""
@@ -26,13 +31,24 @@ class Runtime:
     hooks: HookChain
     allowed: set[str] = field(default_factory=set)
     embedded_worker: Any = None
+    reachable_until: float = 0.0
 
     @property
     def allowed_packages(self) -> tuple[str, ...]:
         return tuple(sorted(self.allowed))
 
     def check_reachable(self) -> None:
-        """Fail with one clear line when the broker or the state store does not answer."""
+        """Fail with one clear line when the broker or the state store does not answer.
+
+        A success is trusted for :data:`REACHABLE_TTL_S`, so batches of submissions pay it once.
+        """
+        if time.monotonic() < self.reachable_until:
+            return
+        self._ping_backend()
+        self._ping_broker()
+        self.reachable_until = time.monotonic() + REACHABLE_TTL_S
+
+    def _ping_backend(self) -> None:
         try:
             self.store.client.ping()
         except redis.RedisError as exc:
@@ -40,6 +56,8 @@ class Runtime:
                 f"cannot reach the result backend at {self.settings.state_url} ({_reason(exc)}): "
                 "start Redis or pass --result-backend URL"
             ) from None
+
+    def _ping_broker(self) -> None:
         try:
             with self.app.connection_for_write() as connection:
                 connection.ensure_connection(max_retries=1, timeout=3)
