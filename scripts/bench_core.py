@@ -121,15 +121,19 @@ def run_raw(cluster: bench.BenchCluster, levels: int, width: int, timeout: float
 
 
 def overhead_cases(cluster: bench.BenchCluster, config: Config) -> dict[str, Callable[[], float]]:
-    """One case per (shape, size, strategy); each returns wall seconds of one run."""
+    """One case per (shape, strategy, size); each returns wall seconds of one run.
+
+    The small and large run of one strategy are neighbours in every round, so the load of other
+    jobs, which drifts over minutes, weighs on both sides of their ratio alike.
+    """
     cases: dict[str, Callable[[], float]] = {}
     for shape, sizes in config.shapes().items():
-        for size, (levels, width) in sizes.items():
-            program = synthetic.layered(levels, width, name=f"{shape}{size}")
-            for strategy in STRATEGIES[shape]:
+        for strategy in STRATEGIES[shape]:
+            for size, (levels, width) in sizes.items():
                 cases[f"{shape}/{size}/{strategy}"] = (
                     partial(run_raw, cluster, levels, width, config.raw_timeout_s) if strategy == "raw"
-                    else partial(cluster.run, program, strategy, RUN_TIMEOUT_S))
+                    else partial(cluster.run, synthetic.layered(levels, width, name=f"{shape}{size}"), strategy,
+                                 RUN_TIMEOUT_S))
     return cases
 
 
