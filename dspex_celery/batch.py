@@ -21,7 +21,7 @@ from typing import Any
 
 from celery import states
 
-from dspex_celery.client import ProgramLike, choose_strategy, launch
+from dspex_celery.client import ProgramLike, choose_strategy, launch, new_execution_id
 from dspex_celery.errors import UsageError
 from dspex_celery.execution import finish
 from dspex_celery.graph import resolve_uses
@@ -306,9 +306,14 @@ class BatchRun:
             self._submitting[pool.submit(self._launch, item)] = item
 
     def _launch(self, item: BatchItem) -> str:
-        """Submit one line (in a pool thread) and journal its execution id at once."""
-        handle = launch(self.runtime, self.plan, self.packages, item.inputs, self.strategy, self.timeout)
-        self._journal(item, handle.execution_id)
+        """Submit one line (in a pool thread), journaling its execution id before anything runs,
+        so a client killed mid-submission leaves an id a re-run can re-attach to."""
+        execution_id = new_execution_id()
+        self._journal(item, execution_id)
+        handle = launch(
+            self.runtime, self.plan, self.packages, item.inputs, self.strategy, self.timeout,
+            execution_id=execution_id,
+        )
         with self._lock:
             self.ran += 1
         return handle.execution_id

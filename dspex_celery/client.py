@@ -144,16 +144,25 @@ def launch(
     strategy: str,
     timeout: float | None,
     source: ResumeSource | None = None,
+    execution_id: str | None = None,
 ) -> ExecutionHandle:
-    """Store a new execution (reused outputs first) and start its strategy."""
+    """Store a new execution (reused outputs first) and start its strategy.
+
+    ``execution_id``: an id chosen (and journaled) by the caller beforehand; a fresh one otherwise.
+    """
     check_visibility_timeout(runtime, plan)
     prepare_runtime(runtime, packages, plan)
-    execution_id = uuid.uuid4().hex
+    execution_id = execution_id or new_execution_id()
     runtime.store.create(execution_id, plan, _meta(plan, strategy, inputs, timeout, source))
     if source is not None:
         source.copy_reusable(runtime, plan, execution_id)
     get_strategy(strategy).start(runtime, execution_id)
     return ExecutionHandle(runtime, execution_id, timeout)
+
+
+def new_execution_id() -> str:
+    """A fresh execution id (also the Celery task id its result is stored under)."""
+    return uuid.uuid4().hex
 
 
 def _meta(
