@@ -13,6 +13,7 @@ from dspex_celery.plan import build_plan
 from dspex_celery.results import parse_time
 from dspex_celery.strategies import recommend_strategy
 from tests.conftest import Cluster, program
+from tests.test_cluster import DIAMOND
 from tests.modules import dag_mods
 
 pytestmark = pytest.mark.integration
@@ -56,19 +57,9 @@ def test_dag_gives_the_same_outputs_as_levels(cluster: Cluster, data: dict) -> N
 
 def test_diamond_with_resource_classes(cluster: Cluster) -> None:
     # A child of an `io` module may run on an `llm` worker
-    data = {
-        "name": "diamond",
-        "inputs": ["x"],
-        "modules": {
-            "top": {"uses": "tests.modules.basic:add", "inputs": {"a": "$inputs.x", "b": 1}, "resource": "io"},
-            "left": {"uses": "tests.modules.basic:mul", "inputs": {"a": "$top.sum", "b": 2}, "resource": "llm"},
-            "right": {"uses": "tests.modules.basic:add", "inputs": {"a": "$top.sum", "b": 10}},
-            "bottom": {"uses": "tests.modules.basic:add", "inputs": {"a": "$left.product", "b": "$right.sum"}},
-        },
-        "outputs": {"result": "$bottom.sum"},
-    }
+    data = DIAMOND
     result = cluster.run(Program.from_dict(data), {"x": 4}, strategy="dag")
-    assert result.outputs == {"result": 25}
+    assert result.outputs == {"result": 25, "top": {"sum": 5}}
     io_worker, llm_worker = cluster.workers
     assert result.modules["top"].worker.startswith(io_worker.name + "@")
     assert result.modules["left"].worker.startswith(llm_worker.name + "@")

@@ -9,8 +9,8 @@ from rich.table import Table
 from dspex_celery.breaker import circuits, reset_circuit
 from dspex_celery.cli import cli, connection_options
 from dspex_celery.cli.monitor import cluster_runtime
-from dspex_celery.cli.progress import follow, show_progress
-from dspex_celery.cli.render import print_json, print_result
+from dspex_celery.cli.progress import wait_and_report
+from dspex_celery.cli.render import print_json
 from dspex_celery.client import ExecutionHandle, resume_execution
 from dspex_celery.plan import STRATEGIES
 from dspex_celery.results import ModuleStatus
@@ -52,12 +52,7 @@ def resume(execution_id: str, broker: str | None, result_backend: str | None, st
     """Run an ended execution again, reusing the outputs of its succeeded modules."""
     runtime = cluster_runtime(broker, result_backend, "resume")
     handle = resume_execution(execution_id, app=runtime.app, strategy=strategy, timeout=timeout)
-    result = follow(handle) if show_progress(as_json, quiet) else handle.get()
-    if as_json:
-        print_json(result.to_json_dict())
-    else:
-        print_result(result)
-    raise SystemExit(0 if result.succeeded else 1)
+    wait_and_report(handle, as_json, quiet)
 
 
 @cli.group(invoke_without_command=True)

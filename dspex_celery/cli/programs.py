@@ -10,8 +10,8 @@ import click
 
 from dspex_celery.cli import cli, connection_options
 from dspex_celery.cli.batch import batch_options
-from dspex_celery.cli.progress import follow, show_progress
-from dspex_celery.cli.render import print_json, print_result
+from dspex_celery.cli.progress import wait_and_report
+from dspex_celery.cli.render import print_json
 from dspex_celery.client import choose_strategy, submit_program
 from dspex_celery.errors import InputError
 from dspex_celery.plan import STRATEGIES
@@ -87,12 +87,7 @@ def run(
     runtime = create_runtime(load_settings(broker_url=broker, result_backend=result_backend))
     handle = submit_program(program, inputs, strategy=strategy, app=runtime.app, timeout=timeout,
                             use_profile=not no_profile)
-    result = follow(handle) if show_progress(as_json, quiet) else handle.get()
-    if as_json:
-        print_json(result.to_json_dict())
-    else:
-        print_result(result)
-    raise SystemExit(0 if result.succeeded else 1)
+    wait_and_report(handle, as_json, quiet)
 
 
 @cli.command()
