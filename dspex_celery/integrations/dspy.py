@@ -109,6 +109,8 @@ def with_dspy_and_state(spec: ProgramSpec, module: ModulePlan, base_dir: Path | 
     classes (a plain function module runs as it is unless it sets ``dspy:`` itself).
     """
     own = spec.modules[module.name].dspy
+    if own is None and spec.dspy is None and module.state is None:
+        return module  # nothing DSPy about it (the common case: no copy)
     settings = own.model_dump(exclude_none=True) if own else {}
     if spec.dspy is not None and (own is not None or is_dspy_module(module.uses)):
         settings = {**spec.dspy.model_dump(exclude_none=True), **settings}
