@@ -193,8 +193,8 @@ class ModuleRun:
         self.store.put_output(self.execution_id, self.name, output)
         record = self._finished_record(ctx, status=ModuleStatus.SUCCEEDED)
         write_record(self.runtime, self.execution_id, self.name, record)
+        self._notify_strategy(record.status)  # children first: they are on the critical path
         self.runtime.hooks.after_success(ctx, output)
-        self._notify_strategy(record.status)
         return {"module": self.name, "status": record.status.value}
 
     def _failed(self, ctx: ModuleContext, error: Exception) -> dict[str, Any]:
