@@ -21,7 +21,7 @@ from typing import Any
 
 from celery import states
 
-from dspex_celery.client import ProgramLike, choose_strategy, launch, new_execution_id
+from dspex_celery.client import ProgramLike, choose_strategy, launch, new_execution_id, start_execution
 from dspex_celery.errors import UsageError
 from dspex_celery.execution import finish
 from dspex_celery.graph import resolve_uses
@@ -306,8 +306,8 @@ class BatchRun:
             self._submitting[pool.submit(self._launch, item)] = item
 
     def _launch(self, item: BatchItem) -> str:
-        """Submit one line (in a pool thread), journaling its execution id before anything runs,
-        so a client killed mid-submission leaves an id a re-run can re-attach to."""
+        """Submit one line (in a pool thread), journaling its execution id before anything is
+        stored, so a re-run after a kill finds every execution this client may have created."""
         execution_id = new_execution_id()
         self._journal(item, execution_id)
         handle = launch(
@@ -328,7 +328,12 @@ class BatchRun:
         earlier = self.previous.get(item.index)
         if earlier is None or earlier.key != item.key or earlier.status != SUBMITTED or not earlier.execution_id:
             return None
-        return earlier.execution_id if self.runtime.store.meta(earlier.execution_id) else None
+        meta = self.runtime.store.meta(earlier.execution_id)
+        if not meta:
+            return None  # killed before it was stored: nothing ran
+        if not meta.get("started") and not self.runtime.store.is_finished(earlier.execution_id):
+            start_execution(self.runtime, earlier.execution_id, meta.get("strategy", self.strategy))
+        return earlier.execution_id
 
     def _harvest(self, *, wait: bool) -> None:
         """Move finished submissions to the pending executions (a failed submission raises here)."""

@@ -156,8 +156,18 @@ def launch(
     runtime.store.create(execution_id, plan, _meta(plan, strategy, inputs, timeout, source))
     if source is not None:
         source.copy_reusable(runtime, plan, execution_id)
-    get_strategy(strategy).start(runtime, execution_id)
+    start_execution(runtime, execution_id, strategy)
     return ExecutionHandle(runtime, execution_id, timeout)
+
+
+def start_execution(runtime: Runtime, execution_id: str, strategy: str) -> None:
+    """Dispatch a stored execution's first modules, then mark it ``started`` in its meta.
+
+    The mark lets a batch re-run tell an execution its killed client stored but never started
+    (start it) from one that runs (wait for it).
+    """
+    get_strategy(strategy).start(runtime, execution_id)
+    runtime.store.update_meta(execution_id, started=True)
 
 
 def new_execution_id() -> str:
