@@ -45,6 +45,20 @@ def _history_in_a_temp_file(tmp_path_factory: pytest.TempPathFactory) -> Iterato
     os.environ.pop("DSPEX_HISTORY_URL", None)
 
 
+def wait_for(predicate: Any, timeout: float = 20.0, what: Any = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); fail after ``timeout`` s.
+
+    ``what`` names the awaited thing in the failure (a string, or a callable giving one).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
+
+
 def unavailable(service: str, reason: str) -> None:
     """Fail under CI, skip on a developer machine without the service."""
     message = f"{service} is not reachable ({reason})"

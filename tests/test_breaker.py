@@ -13,9 +13,8 @@ from dspex_celery import ExecutionStatus, Settings, create_runtime, submit_progr
 from dspex_celery.breaker import circuits
 from dspex_celery.cli import cli as dspex_cli
 from dspex_celery.results import ExecutionResult
-from tests.conftest import Cluster, program
+from tests.conftest import Cluster, program, wait_for
 from tests.modules.faulty import side_channel
-from tests.test_fault_tolerance import wait_for
 
 pytestmark = pytest.mark.integration
 

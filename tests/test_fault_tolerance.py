@@ -18,7 +18,7 @@ from dspex_celery.report import logged_attempts
 from dspex_celery.results import ExecutionResult, parse_time
 from dspex_celery.spec import RetryPolicy
 from dspex_celery.tasks import backoff_delay
-from tests.conftest import Cluster, program
+from tests.conftest import Cluster, program, wait_for
 from tests.modules.faulty import side_channel
 
 pytestmark = pytest.mark.integration
@@ -48,16 +48,6 @@ def unique(name: str) -> str:
 
 def statuses(result: ExecutionResult) -> dict[str, str]:
     return {name: record.status.value for name, record in result.modules.items()}
-
-
-def wait_for(predicate: Any, timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def pid_gone(pid: int) -> bool:

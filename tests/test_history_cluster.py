@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from dspex_celery import (
 from dspex_celery.history.hooks import stream_key
 from dspex_celery.history.listener import Listener
 from dspex_celery.history.store import HistoryStore
-from tests.conftest import CLI, ROOT, Cluster, program
+from tests.conftest import CLI, ROOT, Cluster, program, wait_for
 from tests.test_history_store import postgres_admin, postgres_url  # noqa: F401  (fixtures used below)
 
 pytestmark = pytest.mark.integration
@@ -47,23 +47,13 @@ class ListenerProcess:
     log: Path
 
     def wait_ready(self, timeout: float = 30) -> None:
-        wait_until(lambda: "listener ready" in self.log.read_text(errors="replace"), timeout,
+        wait_for(lambda: "listener ready" in self.log.read_text(errors="replace"), timeout,
                    lambda: f"listener not ready:\n{self.log.read_text(errors='replace')[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:
             self.process.send_signal(sig)
             self.process.wait(timeout=15)
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 30, message: Callable[[], str] | str = "timed out") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(message() if callable(message) else message)
 
 
 class HistoryCluster:
@@ -92,7 +82,7 @@ class HistoryCluster:
 
     def recorded(self, execution_id: str, timeout: float = 30) -> ExecutionResult:
         """The execution's history once it is recorded as finished."""
-        wait_until(lambda: self.history.final_ids([execution_id]), timeout,
+        wait_for(lambda: self.history.final_ids([execution_id]), timeout,
                    lambda: f"execution {execution_id} not finished in history; listener logs:\n{self.logs()}")
         return self.history.result(execution_id)
 
@@ -178,7 +168,7 @@ def test_listener_killed_mid_execution_and_restarted_loses_nothing(hc: HistoryCl
     gate = f"history-gate:{uuid.uuid4().hex}"
     handle = hc.cluster.submit(gated_program(hc.redis_url, gate))
     # Given the listener has written the start of the execution
-    wait_until(lambda: ("wait", 1, "running") in hc.attempts(handle.execution_id), 30, "gate never started")
+    wait_for(lambda: ("wait", 1, "running") in hc.attempts(handle.execution_id), 30, "gate never started")
     # When it is killed (no clean shutdown) and the execution finishes meanwhile
     hc.listeners[-1].stop(signal.SIGKILL)
     open_gate(hc, gate)
@@ -261,7 +251,7 @@ def test_status_shows_live_executions_and_queue_depths(hc: HistoryCluster) -> No
         "queued": {"uses": f"{MODS}:nap", "resource": "nobody"},  # no worker serves `nobody`
     })
     handle = hc.cluster.submit(prog, timeout=60)
-    wait_until(lambda: handle.records().get("wait") and handle.records()["wait"].status.value == "running", 30)
+    wait_for(lambda: handle.records().get("wait") and handle.records()["wait"].status.value == "running", 30)
     shown = hc.cli("status", "--json")
     assert shown.returncode == 0, shown.stderr
     data = json.loads(shown.stdout)

@@ -11,8 +11,7 @@ import pytest
 
 from dspex_celery import ExecutionStatus, Settings, create_runtime, submit_program
 from dspex_celery.history.store import HistoryStore, data_dir, history_url
-from tests.conftest import CLI, ROOT, program
-from tests.test_history_cluster import wait_until
+from tests.conftest import CLI, ROOT, program, wait_for
 
 MODS = "tests.modules.history_mods"
 
@@ -57,7 +56,7 @@ def test_embedded_retries_are_recorded_in_process(redis_url: str, tmp_path: Path
     result = submit_program(prog, {}, app=runtime.app).get(timeout=60)
     assert result.status is ExecutionStatus.SUCCEEDED
     history = HistoryStore(url)
-    wait_until(lambda: history.final_ids([result.execution_id]), 10, "embedded history not written")
+    wait_for(lambda: history.final_ids([result.execution_id]), 10, "embedded history not written")
     assert [(row.attempt, row.status) for row in history.attempts([result.execution_id])] == [
         (1, "retrying"), (2, "succeeded")]
     assert history.result(result.execution_id).to_json_dict() == result.to_json_dict()
