@@ -7,6 +7,7 @@ are done.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import TYPE_CHECKING
 
 from dspex_celery.results import ModuleStatus
@@ -34,19 +35,20 @@ class Strategy:
 
 def get_strategy(name: str) -> Strategy:
     """The strategy called ``name`` (one of :data:`dspex_celery.plan.STRATEGIES`)."""
+    return _registry()[name]
+
+
+@cache
+def _registry() -> dict[str, Strategy]:
+    """Strategies are stateless: one instance of each per process (asked for on every module)."""
+    from dspex_celery.strategies.dag import DagStrategy
     from dspex_celery.strategies.levels import LevelsStrategy
 
-    registry: dict[str, Strategy] = {
+    return {
         "levels": LevelsStrategy("levels"),
         "sequential": LevelsStrategy("sequential"),
+        "dag": DagStrategy(),
     }
-    try:
-        from dspex_celery.strategies.dag import DagStrategy
-    except ImportError:  # pragma: no cover - dag is optional while it is being built
-        pass
-    else:
-        registry["dag"] = DagStrategy()
-    return registry[name]
 
 
 def recommend_strategy(plan: Plan, durations: dict[str, float] | None = None) -> tuple[str, str]:
