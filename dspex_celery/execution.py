@@ -65,7 +65,7 @@ def notify_strategy(runtime: Runtime, execution_id: str, name: str, status: Modu
     """Tell the execution's strategy that ``name`` reached a final status."""
     from dspex_celery.strategies import get_strategy
 
-    strategy = runtime.store.meta(execution_id).get("strategy", "levels")
+    strategy = runtime.store.meta_field(execution_id, "strategy", "levels")
     get_strategy(strategy).module_finished(runtime, execution_id, name, status)
 
 

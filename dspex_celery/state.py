@@ -78,6 +78,11 @@ class StateStore:
         raw = self.client.hgetall(self.key(execution_id, "meta"))
         return {key: json.loads(value) for key, value in raw.items()}
 
+    def meta_field(self, execution_id: str, field: str, default: Any = None) -> Any:
+        """One field of the execution's metadata (without reading its inputs)."""
+        raw = self.client.hget(self.key(execution_id, "meta"), field)
+        return default if raw is None else json.loads(raw)
+
     def update_meta(self, execution_id: str, **fields: Any) -> None:
         self.client.hset(self.key(execution_id, "meta"), mapping={k: json.dumps(v) for k, v in fields.items()})
 
