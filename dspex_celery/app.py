@@ -10,6 +10,7 @@ from dspex_celery import defaults
 from dspex_celery.errors import ConfigError
 from dspex_celery.routing import PRIORITY_LEVELS, control_queue
 from dspex_celery.settings import Settings
+from dspex_celery.transport import TRANSPORT
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -44,6 +45,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "enable_utc": True,
     }
+    if str(settings.broker_url).startswith(("redis://", "rediss://")):
+        config["broker_transport"] = TRANSPORT
     if settings.embedded:
         config["broker_transport_options"]["polling_interval"] = defaults.EMBEDDED_POLL_S
         config["result_chord_retry_interval"] = defaults.EMBEDDED_POLL_S

@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 BLOCKING = (ModuleStatus.FAILED, ModuleStatus.SKIPPED, ModuleStatus.CANCELLED)
 
 
-def write_record(runtime: Runtime, execution_id: str, module: str, record: ModuleRecord) -> None:
-    """Store a module record and tell the hooks."""
-    runtime.store.put_record(execution_id, module, record)
+def write_record(runtime: Runtime, execution_id: str, module: str, record: ModuleRecord,
+                 attempt: bool = False) -> None:
+    """Store a module record (``attempt``: it ends an attempt, which is logged) and tell the hooks."""
+    runtime.store.put_record(execution_id, module, record, attempt)
     runtime.hooks.on_record(execution_id, module, record)
 
 
@@ -61,27 +62,28 @@ def skip(runtime: Runtime, execution_id: str, name: str, parent: str, parent_sta
     write_record(runtime, execution_id, name, record)
 
 
-def notify_strategy(runtime: Runtime, execution_id: str, name: str, status: ModuleStatus) -> None:
-    """Tell the execution's strategy that ``name`` reached a final status."""
+def notify_strategy(runtime: Runtime, execution_id: str, name: str, status: ModuleStatus,
+                    strategy: str | None = None) -> None:
+    """Tell the execution's strategy (read from its meta unless given) that ``name`` reached a final status."""
     from dspex_celery.strategies import get_strategy
 
-    strategy = runtime.store.meta_field(execution_id, "strategy", "levels")
+    strategy = strategy or runtime.store.meta_field(execution_id, "strategy", "levels")
     get_strategy(strategy).module_finished(runtime, execution_id, name, status)
 
 
 def fail_module(runtime: Runtime, execution_id: str, name: str, record: ModuleRecord) -> None:
-    """Write a final ``failed`` record, then :func:`module_failed`."""
-    write_record(runtime, execution_id, name, record)
+    """Write a final ``failed`` record (ending an attempt), then :func:`module_failed`."""
+    write_record(runtime, execution_id, name, record, attempt=True)
     module_failed(runtime, execution_id, name)
 
 
-def module_failed(runtime: Runtime, execution_id: str, name: str) -> None:
+def module_failed(runtime: Runtime, execution_id: str, name: str, strategy: str | None = None) -> None:
     """After a module's final ``failed`` record: fail the execution when that is one failure too
     many for its ``failure_tolerance``, and tell the strategy."""
     plan = runtime.store.plan(execution_id)
     if plan is not None and _over_budget(runtime, execution_id, plan):
         finish(runtime, execution_id, ExecutionStatus.FAILED)
-    notify_strategy(runtime, execution_id, name, ModuleStatus.FAILED)
+    notify_strategy(runtime, execution_id, name, ModuleStatus.FAILED, strategy)
 
 
 def _over_budget(runtime: Runtime, execution_id: str, plan: Plan) -> bool:

@@ -1,13 +1,12 @@
 """Execution report: one self-contained HTML file (inline SVG Gantt by worker lane + duration table).
 
 Per-attempt data comes from the SQL history when it knows the execution, else from the state
-store: :class:`AttemptLog` keeps every finished attempt there (a module's record keeps only its
-last one), and the module records fill in what the log lacks.
+store: workers log every finished attempt there (``StateStore.attempts``; a module's record keeps
+only its last one), and the module records fill in what the log lacks.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -18,45 +17,16 @@ import jinja2
 
 from dspex_celery.errors import ConfigError, UnknownExecution
 from dspex_celery.graph import critical_path
-from dspex_celery.hooks import Hook, ModuleContext
 from dspex_celery.optimizer import plan_graph
 from dspex_celery.plan import Plan
 from dspex_celery.results import ExecutionResult, ModuleRecord, parse_time, utcnow
 from dspex_celery.runtime import Runtime
 from dspex_celery.settings import Settings
-from dspex_celery.state import StateStore
 
 if TYPE_CHECKING:
     from dspex_celery.history.store import HistoryStore
 
 log = logging.getLogger(__name__)
-
-ATTEMPTS = "attempts"
-
-
-class AttemptLog(Hook):
-    """Appends each finished attempt's record to ``{ns}:x:{exec}:attempts`` (same TTL as the rest)."""
-
-    def after_success(self, ctx: ModuleContext, output: dict[str, Any]) -> None:
-        self._log(ctx)
-
-    def after_failure(self, ctx: ModuleContext, error: BaseException, will_retry: bool) -> None:
-        self._log(ctx)
-
-    def _log(self, ctx: ModuleContext) -> None:
-        store = ctx.runtime.store
-        record = store.record(ctx.execution_id, ctx.module.name)  # the attempt's final record, just written
-        entry = {"module": ctx.module.name, "attempt": ctx.attempt, **record.model_dump(mode="json")}
-        key = store.key(ctx.execution_id, ATTEMPTS)
-        pipe = store.client.pipeline()
-        pipe.rpush(key, json.dumps(entry))
-        pipe.expire(key, store.ttl_s)
-        pipe.execute()
-
-
-def logged_attempts(store: StateStore, execution_id: str) -> list[dict[str, Any]]:
-    return [json.loads(item) for item in store.client.lrange(store.key(execution_id, ATTEMPTS), 0, -1)]
-
 
 # --- report data -------------------------------------------------------------------------------
 
@@ -102,7 +72,7 @@ def load_report(runtime: Runtime, execution_id: str) -> ReportData:
             raise UnknownExecution(f"{unknown}; history at {history.display_url} does not have it either") from None
         attempts, source = [], "history"
     else:
-        attempts, source = store_attempts(logged_attempts(runtime.store, execution_id), result.modules), "state store"
+        attempts, source = store_attempts(runtime.store.attempts(execution_id), result.modules), "state store"
     recorded = history_attempts(history, execution_id) if history is not None else []
     if recorded and len(recorded) >= len(attempts):  # the listener may lag behind a fresh execution
         attempts, source = recorded, "history"

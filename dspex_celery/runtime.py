@@ -90,11 +90,10 @@ def default_hooks(settings: Settings) -> HookChain:
     """The hooks every runtime installs (extended by later features)."""
     from dspex_celery.breaker import CircuitBreaker
     from dspex_celery.history.hooks import history_hooks
-    from dspex_celery.report import AttemptLog
     from dspex_celery.resources import limiter_hooks
 
     # The breaker first: an open circuit fails the attempt before it waits for a resource slot.
-    return HookChain([CircuitBreaker(), *limiter_hooks(settings.resources), AttemptLog(), *history_hooks(settings)])
+    return HookChain([CircuitBreaker(), *limiter_hooks(settings.resources), *history_hooks(settings)])
 
 
 def runtime_of(app: Celery) -> Runtime:

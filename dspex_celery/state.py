@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -18,6 +19,39 @@ from dspex_celery.plan import Plan
 from dspex_celery.results import ModuleRecord
 
 PLAN_CACHE_SIZE = 512
+
+#: The module's attempts, one JSON entry per finished attempt (``report`` and history read them).
+ATTEMPTS = "attempts"
+
+# KEYS: finished flag, outputs, records, attempts (then the keys of ``then``).
+# ARGV: ttl, module, output JSON, record JSON, attempt JSON (then the args of ``then``).
+# Returns {-2} when the execution already finished (nothing written), else what ``then`` returns.
+_SAVE_SUCCESS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {-2} end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[4])
+redis.call('RPUSH', KEYS[4], ARGV[5])
+for i = 2, 4 do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class LuaStep:
+    """Lua appended to a store script, with its own keys and args (numbered after the script's)."""
+
+    source: str
+    keys: Sequence[str] = ()
+    args: Sequence[Any] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleStart:
+    """What a worker reads before it runs a module, in one round trip."""
+
+    record: ModuleRecord
+    meta: dict[str, Any]
+    finished: bool
+    upstream: dict[str, dict[str, Any]]
 
 
 class StateStore:
@@ -30,6 +64,7 @@ class StateStore:
         self.ttl_s = ttl_s
         self._plans: OrderedDict[str, Plan] = OrderedDict()
         self._lock = threading.Lock()
+        self._scripts: dict[str, Any] = {}
 
     @classmethod
     def from_url(cls, url: str, namespace: str, ttl_s: int) -> StateStore:
@@ -40,6 +75,12 @@ class StateStore:
         import fakeredis
 
         return cls(fakeredis.FakeRedis(server=_shared_fake_server(), decode_responses=True), namespace, ttl_s)
+
+    def script(self, source: str) -> Any:
+        """A registered Lua script (EVALSHA, loaded on first use), one object per source."""
+        if source not in self._scripts:
+            self._scripts[source] = self.client.register_script(source)
+        return self._scripts[source]
 
     def key(self, execution_id: str, part: str) -> str:
         return f"{self.namespace}:x:{execution_id}:{part}"
@@ -119,12 +160,47 @@ class StateStore:
         values = self.client.hmget(self.key(execution_id, "out"), names)
         return {name: json.loads(value) for name, value in zip(names, values, strict=True) if value is not None}
 
-    def put_record(self, execution_id: str, module: str, record: ModuleRecord) -> None:
+    def put_record(self, execution_id: str, module: str, record: ModuleRecord, attempt: bool = False) -> None:
+        """Store a module record; ``attempt``: it ends an attempt, which is logged too."""
         key = self.key(execution_id, "rec")
         pipe = self.client.pipeline()
         pipe.hset(key, module, record.model_dump_json())
         pipe.expire(key, self.ttl_s)
+        if attempt:
+            pipe.rpush(self.key(execution_id, ATTEMPTS), attempt_entry(module, record))
+            pipe.expire(self.key(execution_id, ATTEMPTS), self.ttl_s)
         pipe.execute()
+
+    def begin(self, execution_id: str, module: str, parents: Sequence[str]) -> ModuleStart:
+        """The module's record, the execution's meta and finished flag, the parents' outputs."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hget(self.key(execution_id, "rec"), module)
+        pipe.hgetall(self.key(execution_id, "meta"))
+        pipe.exists(self.key(execution_id, "finished"))
+        if parents:
+            pipe.hmget(self.key(execution_id, "out"), list(parents))
+        raw_record, raw_meta, finished, *outputs = pipe.execute()
+        values = outputs[0] if outputs else []
+        return ModuleStart(
+            record=ModuleRecord() if raw_record is None else ModuleRecord.model_validate_json(raw_record),
+            meta={key: json.loads(value) for key, value in raw_meta.items()},
+            finished=bool(finished),
+            upstream={name: json.loads(value) for name, value in zip(parents, values, strict=False) if value is not None},
+        )
+
+    def save_success(self, execution_id: str, module: str, output: dict[str, Any], record: ModuleRecord,
+                     then: LuaStep | None = None) -> list[Any] | None:
+        """Atomically store a succeeded module's output, final record and attempt, then run ``then``
+        (its reply is returned); None, with nothing written, when the execution already finished."""
+        step = then or LuaStep("return {0}")
+        keys = [self.key(execution_id, part) for part in ("finished", "out", "rec", ATTEMPTS)]
+        args = [self.ttl_s, module, json.dumps(output), record.model_dump_json(), attempt_entry(module, record)]
+        reply = self.script(_SAVE_SUCCESS + step.source)(keys=[*keys, *step.keys], args=[*args, *step.args])
+        return None if reply and int(reply[0]) == -2 else list(reply)
+
+    def attempts(self, execution_id: str) -> list[dict[str, Any]]:
+        """Every finished attempt of the execution's modules, in the order they ended."""
+        return [json.loads(item) for item in self.client.lrange(self.key(execution_id, ATTEMPTS), 0, -1)]
 
     def record(self, execution_id: str, module: str) -> ModuleRecord:
         raw = self.client.hget(self.key(execution_id, "rec"), module)
@@ -145,6 +221,11 @@ class StateStore:
     def records(self, execution_id: str) -> dict[str, ModuleRecord]:
         raw = self.client.hgetall(self.key(execution_id, "rec"))
         return {name: ModuleRecord.model_validate_json(value) for name, value in raw.items()}
+
+
+def attempt_entry(module: str, record: ModuleRecord) -> str:
+    """The attempt log's JSON entry for a record that ends an attempt."""
+    return json.dumps({"module": module, "attempt": record.attempts, **record.model_dump(mode="json")})
 
 
 _fake_server_lock = threading.Lock()

@@ -30,9 +30,16 @@ from dspex_celery.hooks import ModuleContext
 from dspex_celery.integrations.dspy import is_lm_transient
 from dspex_celery.plan import ModulePlan, Plan
 from dspex_celery.results import ModuleRecord, ModuleStatus, isoformat, utcnow
-from dspex_celery.runner import check_allowed, load_callable, normalize_output, resolve_inputs
+from dspex_celery.runner import (
+    check_allowed,
+    load_callable,
+    normalize_output,
+    resolve_inputs,
+)
 from dspex_celery.runtime import Runtime, runtime_of
 from dspex_celery.spec import RetryPolicy
+from dspex_celery.state import ModuleStart
+from dspex_celery.strategies import get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +111,21 @@ class ModuleRun:
         self.store = runtime.store
         self.execution_id = execution_id
         self.name = name
+        self.strategy: str | None = None  # from the execution's meta, once read
 
     def run(self) -> dict[str, Any]:
         plan = self.store.plan(self.execution_id)
         if plan is None:
             log.warning("execution %s is unknown or expired; dropping %s", self.execution_id, self.name)
             return {"module": self.name, "status": "expired"}
-        previous = self.store.record(self.execution_id, self.name)
+        begin = self.store.begin(self.execution_id, self.name, plan.modules[self.name].parents)
+        self.strategy = begin.meta.get("strategy", "levels")
+        previous = begin.record
         if previous.status.final:
             # Re-delivered after its worker died: the strategy may not have heard (idempotent).
             self._notify_strategy(previous.status)
             return {"module": self.name, "status": previous.status.value}
-        meta = self.store.meta(self.execution_id)
-        if self.store.is_finished(self.execution_id) or deadline_passed(self.runtime, self.execution_id, meta):
+        if begin.finished or deadline_passed(self.runtime, self.execution_id, begin.meta):
             return {"module": self.name, "status": ModuleStatus.CANCELLED.value}
         if previous.status is ModuleStatus.RUNNING:
             previous = self._lost(previous)
@@ -125,7 +134,7 @@ class ModuleRun:
         ctx = self._start(plan, previous)
         try:
             self.runtime.hooks.before_module(ctx)
-            output = self._call(ctx, meta)
+            output = self._call(ctx, begin)
         except Exception as exc:  # a module may raise anything; each becomes a record
             return self._failed(ctx, _as_timeout(exc))
         except BaseException as exc:  # terminated (cancel, shutdown): release what hooks hold, no record
@@ -171,12 +180,11 @@ class ModuleRun:
             record=record,
         )
 
-    def _call(self, ctx: ModuleContext, meta: dict[str, Any]) -> dict[str, Any]:
+    def _call(self, ctx: ModuleContext, begin: ModuleStart) -> dict[str, Any]:
         module = ctx.module
         check_allowed(module, self.runtime.allowed_packages)
         function = load_callable(module)
-        upstream = self.store.outputs(self.execution_id, module.parents)
-        kwargs = resolve_inputs(module, meta.get("inputs", {}), upstream)
+        kwargs = resolve_inputs(module, begin.meta.get("inputs", {}), begin.upstream)
         ctx.extras["called"] = True  # hooks (the circuit breaker) count only failures of real calls
         return normalize_output(module, call_module(module, function, kwargs))
 
@@ -188,12 +196,15 @@ class ModuleRun:
         )
 
     def _succeeded(self, ctx: ModuleContext, output: dict[str, Any]) -> dict[str, Any]:
-        if self.store.is_finished(self.execution_id):
-            return self._too_late(ctx, lambda: self.runtime.hooks.after_success(ctx, output))
-        self.store.put_output(self.execution_id, self.name, output)
         record = self._finished_record(ctx, status=ModuleStatus.SUCCEEDED)
-        write_record(self.runtime, self.execution_id, self.name, record)
-        self._notify_strategy(record.status)  # children first: they are on the critical path
+        # One atomic store call (unless the execution ended meanwhile); children go out first:
+        # they are on the critical path, the hooks are not.
+        if not get_strategy(self.strategy or "levels").module_succeeded(
+            self.runtime, self.execution_id, self.name, output, record
+        ):
+            return self._too_late(ctx, lambda: self.runtime.hooks.after_success(ctx, output))
+        ctx.record = record
+        self.runtime.hooks.on_record(self.execution_id, self.name, record)
         self.runtime.hooks.after_success(ctx, output)
         return {"module": self.name, "status": record.status.value}
 
@@ -205,11 +216,12 @@ class ModuleRun:
         will_retry = is_transient(error, ctx.module) and ctx.attempt < policy.max_attempts
         status = ModuleStatus.RETRYING if will_retry else ModuleStatus.FAILED
         record = self._finished_record(ctx, status=status, error=message)
-        write_record(self.runtime, self.execution_id, self.name, record)
+        write_record(self.runtime, self.execution_id, self.name, record, attempt=True)
+        ctx.record = record
         self.runtime.hooks.after_failure(ctx, error, will_retry)
         if will_retry:
             raise self.task.retry(countdown=self._backoff(ctx), exc=error, max_retries=None)
-        module_failed(self.runtime, self.execution_id, self.name)
+        module_failed(self.runtime, self.execution_id, self.name, self.strategy)
         return {"module": self.name, "status": record.status.value}
 
     def _too_late(self, ctx: ModuleContext, after: Callable[[], None]) -> dict[str, Any]:
@@ -219,7 +231,7 @@ class ModuleRun:
         return {"module": self.name, "status": ModuleStatus.CANCELLED.value}
 
     def _notify_strategy(self, status: ModuleStatus) -> None:
-        notify_strategy(self.runtime, self.execution_id, self.name, status)
+        notify_strategy(self.runtime, self.execution_id, self.name, status, self.strategy)
 
     def _backoff(self, ctx: ModuleContext) -> float:
         return backoff_delay(ctx.module.retry_policy, ctx.attempt, self.runtime.settings.visibility_timeout_s)

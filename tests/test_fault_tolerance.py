@@ -14,7 +14,6 @@ import pytest
 
 from dspex_celery import ExecutionStatus, ModuleStatus, UsageError, submit_program
 from dspex_celery.errors import UnknownExecution
-from dspex_celery.report import logged_attempts
 from dspex_celery.results import ExecutionResult, parse_time
 from dspex_celery.spec import RetryPolicy
 from dspex_celery.tasks import backoff_delay
@@ -72,7 +71,7 @@ def test_flaky_module_retries_with_growing_backoff(cluster: Cluster) -> None:
     assert result.status is ExecutionStatus.SUCCEEDED
     assert result.modules["f"].attempts == 3 and result.outputs == {"f": {"calls": 3}}
     # And the pause before each attempt is longer than the one before (exponential backoff)
-    attempts = sorted((a for a in logged_attempts(cluster.runtime.store, result.execution_id) if a["module"] == "f"),
+    attempts = sorted((a for a in cluster.runtime.store.attempts(result.execution_id) if a["module"] == "f"),
                       key=lambda a: a["attempt"])
     assert [a["status"] for a in attempts] == ["retrying", "retrying", "succeeded"]
     gaps = [(parse_time(b["started_at"]) - parse_time(a["finished_at"])).total_seconds()

@@ -138,13 +138,9 @@ def snapshot(store: StateStore, execution_id: str, published: dict[str, Any] | N
     ``published`` is the execution's published result (the Celery result), if known; otherwise a
     finished execution's result is rebuilt from the store.
     """
-    from dspex_celery.report import (
-        logged_attempts,  # every finished attempt, kept by AttemptLog
-    )
-
     namespace = store.namespace
     events: list[Event] = []
-    for entry in logged_attempts(store, execution_id):
+    for entry in store.attempts(execution_id):  # every finished attempt
         module = entry.pop("module")
         entry.pop("attempt", None)
         events.append(record_event(namespace, execution_id, module, ModuleRecord.model_validate(entry)))

@@ -2,7 +2,7 @@
 
 Cluster processes (workers, clients that finish a timed-out execution) publish to a Redis stream
 per namespace, ``{ns}:history``, which ``dspex-celery listener`` consumes. The listener reconciles
-from the state store too (module records, plus every finished attempt kept by ``report.AttemptLog``).
+from the state store too (module records, plus every finished attempt: ``StateStore.attempts``).
 Embedded runs write history in-process, from a background thread.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import queue
 import threading
 import time
@@ -52,27 +53,78 @@ def history_hooks(settings: Settings) -> list[Hook]:
 
 
 class StreamPublisher(Hook):
-    """Appends every record change and finished execution to the namespace's history stream."""
+    """Appends every record change and finished execution to the namespace's history stream.
+
+    Record events are sent by a background thread of the publishing process (in batches: one
+    round trip for whatever queued up), off the module's critical path; a finished execution is
+    sent at once, after the record events queued before it. Events a killed process still held
+    are not lost to history: the finished event carries every final record, and the listener
+    reconciles from the state store (records and attempt logs).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.stream = stream_key(settings.namespace)
         self._store: StateStore | None = None
+        self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
 
     @property
     def store(self) -> StateStore:
-        if self._store is None:  # created lazily: after fork, in the process that publishes
+        if self._store is None or self._pid != os.getpid():  # after fork: this process's own connection
             assert self.settings.state_url is not None
             self._store = StateStore.from_url(self.settings.state_url, self.settings.namespace, self.settings.state_ttl_s)
+            self._pid = os.getpid()
         return self._store
 
     def on_record(self, execution_id: str, module: str, record: ModuleRecord) -> None:
-        self._publish(record_event(self.settings.namespace, execution_id, module, record))
+        self._start()
+        self._queue.put(record_event(self.settings.namespace, execution_id, module, record))
 
     def on_execution_finished(self, result: ExecutionResult) -> None:
-        self._publish(FinishedEvent(result))
+        self.flush()
+        self._send([FinishedEvent(result)])
 
-    def _publish(self, item: Event) -> None:
-        self.store.client.xadd(stream_key(self.settings.namespace), encode(item), maxlen=STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
+    def flush(self) -> None:
+        """Send every record event queued so far (in this thread)."""
+        items = _drain(self._queue)
+        if items:
+            self._send(items)
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():  # none yet, or not in this (forked) process
+                self._thread = threading.Thread(target=self._loop, name="dspex-history-publisher", daemon=True)
+                self._thread.start()
+                atexit.register(self.flush)
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            self._send([first, *_drain(self._queue)])
+
+    def _send(self, items: list[Event]) -> None:
+        try:
+            with self._send_lock:  # one batch at a time keeps a module's events in order
+                pipe = self.store.client.pipeline(transaction=False)
+                for item in items:
+                    pipe.xadd(self.stream, encode(item), maxlen=STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
+                pipe.execute()
+        except Exception:  # history must never break a run; the listener reconciles from the store
+            log.exception("could not publish %d history events to %s", len(items), self.stream)
+
+
+def _drain(events: queue.SimpleQueue[Event]) -> list[Event]:
+    items: list[Event] = []
+    while len(items) < BATCH:
+        try:
+            items.append(events.get_nowait())
+        except queue.Empty:
+            break
+    return items
 
 
 class EmbeddedRecorder(Hook):

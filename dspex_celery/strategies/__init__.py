@@ -8,9 +8,9 @@ are done.
 from __future__ import annotations
 
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from dspex_celery.results import ModuleStatus
+from dspex_celery.results import ModuleRecord, ModuleStatus
 from dspex_celery.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -31,6 +31,17 @@ class Strategy:
 
     def module_finished(self, runtime: Runtime, execution_id: str, module: str, status: ModuleStatus) -> None:
         """Called on the worker once a module's record is final (succeeded, failed, ...)."""
+
+    def module_succeeded(self, runtime: Runtime, execution_id: str, module: str, output: dict[str, Any],
+                         record: ModuleRecord) -> bool:
+        """Store a succeeded module's output and final record, then go on with the execution.
+
+        False, with nothing stored, when the execution had already ended (cancel, timeout, failure).
+        """
+        if runtime.store.save_success(execution_id, module, output, record) is None:
+            return False
+        self.module_finished(runtime, execution_id, module, ModuleStatus.SUCCEEDED)
+        return True
 
 
 def get_strategy(name: str) -> Strategy:

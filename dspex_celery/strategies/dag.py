@@ -1,32 +1,51 @@
 """``dag``: each module is dispatched the moment its last dependency is done — no level barrier.
 
-Readiness is decided in Redis by one Lua script per finished module: it marks the module done
+Readiness is decided in Redis by one Lua step per finished module: it marks the module done
 (once: a repeated notification changes nothing), decrements each child's remaining-dependency
-counter and returns the children that reached zero, plus how many modules are still open. Two
-parents finishing at once therefore never double-dispatch or lose a child, and the module that
-closes the last open count finishes the execution — no coordinator, no polling.
+counter and returns the children that reached zero, how many modules are still open, and the
+modules that block their children (failed, skipped, cancelled). Two parents finishing at once
+therefore never double-dispatch or lose a child, and the module that closes the last open count
+finishes the execution — no coordinator, no polling. On success the step runs in the same script
+that stores the module's output and record: one round trip from "returned" to "children known".
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from dspex_celery.canvas import module_signature
-from dspex_celery.execution import blocked_by, finish, skip
+from dspex_celery.execution import BLOCKING, finish, skip
 from dspex_celery.plan import Plan
-from dspex_celery.results import ExecutionStatus, ModuleStatus
+from dspex_celery.results import ExecutionStatus, ModuleRecord, ModuleStatus
 from dspex_celery.runtime import Runtime
+from dspex_celery.state import LuaStep
 from dspex_celery.strategies import Strategy
 
-# KEYS: deps hash, done set, open counter. ARGV: module, children...
-# Returns {open_left, ready_child...}, or {-1} when the module was already counted.
-_FINISH_MODULE = """
-if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return {-1} end
-local result = {0}
-for i = 2, #ARGV do
-  if redis.call('HINCRBY', KEYS[1], ARGV[i], -1) == 0 then table.insert(result, ARGV[i]) end
+# count_done(k, a) — KEYS[k..k+3]: deps hash, done set, open counter, blocking hash.
+# ARGV[a..]: ttl, module, its status if it blocks its children ('' otherwise), children...
+# Returns {-1} when the module was already counted, else
+# {open_left, #ready, ready..., blocking module, its status, ...} (blocking ones only with ready ones).
+_COUNT_DONE = """
+local function count_done(k, a)
+  if redis.call('SADD', KEYS[k + 1], ARGV[a + 1]) == 0 then return {-1} end
+  if ARGV[a + 2] ~= '' then
+    redis.call('HSET', KEYS[k + 3], ARGV[a + 1], ARGV[a + 2])
+    redis.call('EXPIRE', KEYS[k + 3], ARGV[a])
+  end
+  local ready = {}
+  for i = a + 3, #ARGV do
+    if redis.call('HINCRBY', KEYS[k], ARGV[i], -1) == 0 then table.insert(ready, ARGV[i]) end
+  end
+  local result = {redis.call('DECR', KEYS[k + 2]), #ready}
+  for _, name in ipairs(ready) do table.insert(result, name) end
+  if #ready > 0 then
+    for _, item in ipairs(redis.call('HGETALL', KEYS[k + 3])) do table.insert(result, item) end
+  end
+  return result
 end
-result[1] = redis.call('DECR', KEYS[3])
-return result
 """
+_COUNT_ALONE = _COUNT_DONE + "return count_done(1, 1)"
+_COUNT_AFTER_SAVE = _COUNT_DONE + "return count_done(#KEYS - 3, 6)"  # after StateStore.save_success's 4 keys, 5 args
 
 
 class DagStrategy(Strategy):
@@ -36,78 +55,93 @@ class DagStrategy(Strategy):
 
     def start(self, runtime: Runtime, execution_id: str) -> None:
         plan = _plan(runtime, execution_id)
-        done = {name for name, record in runtime.store.records(execution_id).items() if record.status.final}
-        self._init_counters(runtime, execution_id, plan, done)
-        if len(done) == len(plan.modules):
+        records = {name: record for name, record in runtime.store.records(execution_id).items() if record.status.final}
+        self._init_counters(runtime, execution_id, plan, records)
+        if len(records) == len(plan.modules):
             finish(runtime, execution_id, ExecutionStatus.SUCCEEDED)
             return
         roots = [
             name
             for name, module in plan.modules.items()
-            if name not in done and all(parent in done for parent in module.parents)
+            if name not in records and all(parent in records for parent in module.parents)
         ]
-        self._dispatch_ready(runtime, execution_id, plan, roots)
+        blocking = {name: record.status.value for name, record in records.items() if record.status in BLOCKING}
+        self._dispatch_ready(runtime, execution_id, plan, roots, blocking)
 
     def module_finished(self, runtime: Runtime, execution_id: str, module: str, status: ModuleStatus) -> None:
-        store = runtime.store
-        if store.is_finished(execution_id):
+        if runtime.store.is_finished(execution_id):
             return
         plan = _plan(runtime, execution_id)
-        left, ready = self._count_done(runtime, execution_id, plan, module)
-        if left is None:
-            return  # this module was already counted (a repeated notification)
-        self._dispatch_ready(runtime, execution_id, plan, ready)
-        if left == 0:
-            finish(runtime, execution_id, ExecutionStatus.SUCCEEDED)
+        step = self._count_step(runtime, execution_id, plan, module, status, _COUNT_ALONE)
+        self._go_on(runtime, execution_id, plan, runtime.store.script(step.source)(keys=step.keys, args=step.args))
+
+    def module_succeeded(self, runtime: Runtime, execution_id: str, module: str, output: dict[str, Any],
+                         record: ModuleRecord) -> bool:
+        plan = _plan(runtime, execution_id)
+        step = self._count_step(runtime, execution_id, plan, module, ModuleStatus.SUCCEEDED, _COUNT_AFTER_SAVE)
+        reply = runtime.store.save_success(execution_id, module, output, record, then=step)
+        if reply is None:
+            return False
+        self._go_on(runtime, execution_id, plan, reply)
+        return True
 
     # --- counters -------------------------------------------------------------------------------
 
     def _keys(self, runtime: Runtime, execution_id: str) -> list[str]:
-        store = runtime.store
-        return [store.key(execution_id, "dag:deps"), store.key(execution_id, "dag:done"),
-                store.key(execution_id, "dag:open")]
+        return [runtime.store.key(execution_id, part) for part in ("dag:deps", "dag:done", "dag:open", "dag:blocking")]
 
-    def _init_counters(self, runtime: Runtime, execution_id: str, plan: Plan, done: set[str]) -> None:
-        deps_key, done_key, open_key = self._keys(runtime, execution_id)
+    def _init_counters(self, runtime: Runtime, execution_id: str, plan: Plan, records: dict[str, ModuleRecord]) -> None:
+        deps_key, done_key, open_key, blocking_key = self._keys(runtime, execution_id)
         counts: dict[str | bytes, int] = {
-            name: sum(parent not in done for parent in module.parents)
+            name: sum(parent not in records for parent in module.parents)
             for name, module in plan.modules.items()
         }
+        blocking = {name: record.status.value for name, record in records.items() if record.status in BLOCKING}
         pipe = runtime.store.client.pipeline()
         pipe.hset(deps_key, mapping=counts)
-        if done:
-            pipe.sadd(done_key, *done)
-        pipe.set(open_key, len(plan.modules) - len(done))
-        for key in (deps_key, done_key, open_key):
+        if records:
+            pipe.sadd(done_key, *records)
+        if blocking:
+            pipe.hset(blocking_key, mapping=blocking)
+        pipe.set(open_key, len(plan.modules) - len(records))
+        for key in (deps_key, done_key, open_key, blocking_key):
             pipe.expire(key, runtime.store.ttl_s)
         pipe.execute()
 
-    def _count_done(
-        self, runtime: Runtime, execution_id: str, plan: Plan, module: str
-    ) -> tuple[int | None, list[str]]:
-        script = runtime.store.client.register_script(_FINISH_MODULE)
-        reply = script(keys=self._keys(runtime, execution_id), args=[module, *plan.modules[module].children])
+    def _count_step(self, runtime: Runtime, execution_id: str, plan: Plan, module: str, status: ModuleStatus,
+                    source: str) -> LuaStep:
+        blocks = status.value if status in BLOCKING else ""
+        args = [runtime.store.ttl_s, module, blocks, *plan.modules[module].children]
+        return LuaStep(source, self._keys(runtime, execution_id), args)
+
+    def _go_on(self, runtime: Runtime, execution_id: str, plan: Plan, reply: list[Any]) -> None:
+        """Dispatch the children a count made ready; finish when nothing is left open."""
         left = int(reply[0])
         if left < 0:
-            return None, []
-        return left, [str(name) for name in reply[1:]]
+            return  # this module was already counted (a repeated notification)
+        count = int(reply[1])
+        ready = [str(name) for name in reply[2:2 + count]]
+        flat = [str(item) for item in reply[2 + count:]]
+        self._dispatch_ready(runtime, execution_id, plan, ready, dict(zip(flat[::2], flat[1::2], strict=True)))
+        if left == 0:
+            finish(runtime, execution_id, ExecutionStatus.SUCCEEDED)
 
     # --- dispatch -------------------------------------------------------------------------------
 
-    def _dispatch_ready(self, runtime: Runtime, execution_id: str, plan: Plan, ready: list[str]) -> None:
-        """Send ready modules, most urgent (longest remaining path) first; skip blocked ones."""
-        if not ready:
-            return
-        parents = [parent for name in ready for parent in plan.modules[name].parents]
-        records = runtime.store.records_of(execution_id, parents)
+    def _dispatch_ready(self, runtime: Runtime, execution_id: str, plan: Plan, ready: list[str],
+                        blocking: dict[str, str]) -> None:
+        """Send ready modules, most urgent (longest remaining path) first; skip blocked ones.
+
+        Module results are not stored in the result backend: records and outputs live in the state store.
+        """
         namespace = runtime.settings.namespace
         for name in sorted(ready, key=lambda n: (-plan.modules[n].priority, n)):
-            parent = blocked_by(plan, name, records)
+            parent = next((parent for parent in plan.modules[name].parents if parent in blocking), None)
             if parent is not None:
-                skip(runtime, execution_id, name, parent, records[parent].status.value)
+                skip(runtime, execution_id, name, parent, blocking[parent])
                 self.module_finished(runtime, execution_id, name, ModuleStatus.SKIPPED)
                 continue
-            module_signature(runtime.app, plan, execution_id, name, namespace).apply_async()
+            module_signature(runtime.app, plan, execution_id, name, namespace).apply_async(ignore_result=True)
 
 
 def _plan(runtime: Runtime, execution_id: str) -> Plan:
