@@ -1,59 +1,147 @@
-"""The program as a networkx DAG: semantic validation, dependency levels and critical path."""
+"""The program as a DAG: semantic validation, dependency levels and critical path.
+
+Planning works on plain dicts: one pass over the references and one Kahn pass (:func:`validate`
+returns a :class:`Dag`). networkx words the cycles of an invalid program and serves the analyses of
+recorded plans (:func:`critical_path` and :func:`remaining_path_lengths` over an ``nx.DiGraph``).
+"""
 
 from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import networkx as nx
 
 from dspex_celery.errors import ProgramError
-from dspex_celery.spec import NAME_PATTERN, RESERVED_NAMES, ModuleSpec, ProgramSpec, Ref, iter_refs
+from dspex_celery.spec import (
+    NAME_PATTERN,
+    RESERVED_NAMES,
+    ModuleSpec,
+    ProgramSpec,
+    Ref,
+    iter_refs,
+)
 
 _NAME = re.compile(NAME_PATTERN)
+#: Value types searched for references without ``iter_refs`` (strings are references or literals).
+_PLAIN = frozenset({str, int, float, bool, type(None)})
 
 
-def module_refs(module: ModuleSpec) -> list[Ref]:
-    """The references of a module's inputs, in order."""
-    return [ref for refs in module.input_refs.values() for ref in refs]
+@dataclass(frozen=True, slots=True)
+class Dag:
+    """The dependencies of a valid program: sorted parents and children, and dependency levels."""
+
+    parents: dict[str, tuple[str, ...]]
+    children: dict[str, tuple[str, ...]]
+    levels: list[list[str]]
+
+    @classmethod
+    def build(cls, parents: Mapping[str, Collection[str]]) -> Dag | None:
+        """The DAG of ``parents`` (module -> the distinct modules it depends on), or None when it
+        has a cycle or names an unknown module. Levels are Kahn's generations, each sorted."""
+        children: dict[str, list[str]] = {name: [] for name in parents}
+        try:
+            for name, sources in parents.items():
+                for parent in sources:
+                    children[parent].append(name)
+        except KeyError:
+            return None
+        waiting = {name: len(sources) for name, sources in parents.items()}
+        level = [name for name, count in waiting.items() if not count]
+        levels: list[list[str]] = []
+        while level:
+            levels.append(sorted(level))
+            ready = []
+            for name in level:
+                for child in children[name]:
+                    waiting[child] -= 1
+                    if not waiting[child]:
+                        ready.append(child)
+            level = ready
+        if sum(map(len, levels)) < len(parents):
+            return None
+        return cls(
+            {name: tuple(sorted(sources)) for name, sources in parents.items()},
+            {name: tuple(sorted(names)) for name, names in children.items()},
+            levels,
+        )
+
+    def topological_order(self) -> list[str]:
+        return [name for level in self.levels for name in level]
+
+    def remaining_path_lengths(self, weights: Mapping[str, float] | None = None) -> dict[str, float]:
+        """For each module, the length of the longest path from it to any sink (itself included)."""
+        return _remaining(reversed(self.topological_order()), self.children, weights)
+
+    def critical_path(self, lengths: Mapping[str, float]) -> list[str]:
+        """The longest path by remaining ``lengths`` (of :meth:`remaining_path_lengths`)."""
+        return _longest_path(self.levels[0] if self.levels else [], self.children, lengths)
 
 
-def module_parents(module: ModuleSpec) -> list[str]:
-    """Modules this one depends on: referenced ones first, then ``depends_on``; no repeats."""
-    names = [ref.source for ref in module_refs(module) if not ref.is_input]
-    return list(dict.fromkeys([*names, *module.depends_on]))
+# --- validation -------------------------------------------------------------------------------------
 
 
-def build_graph(spec: ProgramSpec) -> nx.DiGraph:
-    """A DiGraph with an edge parent -> child for every dependency between known modules."""
-    graph = nx.DiGraph()
-    graph.add_nodes_from(spec.modules)
-    graph.add_edges_from(
-        (parent, name)
-        for name, module in spec.modules.items()
-        for parent in module_parents(module)
-        if parent in spec.modules
-    )
-    return graph
-
-
-def validate(spec: ProgramSpec, source: str = "program", *, resolve: bool = True) -> nx.DiGraph:
+def validate(spec: ProgramSpec, source: str = "program", *, resolve: bool = True) -> Dag:
     """Check names, references, cycles and (optionally) that every ``uses`` imports.
 
-    Raises one :class:`ProgramError` listing every problem found; returns the graph otherwise.
+    Raises one :class:`ProgramError` listing every problem found; returns the DAG otherwise. A
+    valid program takes one pass; an invalid one is searched again to word each problem.
     """
-    problems = [
-        *_name_problems(spec),
-        *_reference_problems(spec),
-    ]
-    graph = build_graph(spec)
-    problems += _cycle_problems(graph)
+    parents = _parents(spec) if _names_valid(spec) else None
+    dag = Dag.build(parents) if parents is not None else None
+    problems = [] if dag is not None else [*_name_problems(spec), *_reference_problems(spec),
+                                           *_cycle_problems(_nx_graph(spec))]
     if resolve:
         problems += _uses_problems(spec.modules)
     if problems:
         raise ProgramError(problems, source)
-    return graph
+    if dag is None:  # the quick checks and the worded ones disagree: a bug, not a user error
+        raise AssertionError(f"program '{spec.name}' failed validation without a problem to report")
+    return dag
+
+
+def _names_valid(spec: ProgramSpec) -> bool:
+    """True when :func:`_name_problems` finds nothing (checked without wording anything)."""
+    return (all(map(_NAME.match, spec.modules)) and RESERVED_NAMES.isdisjoint(spec.modules)
+            and len(set(spec.inputs)) == len(spec.inputs))
+
+
+def _parents(spec: ProgramSpec) -> dict[str, dict[str, None]] | None:
+    """Each module's parents (referenced modules, then ``depends_on``; as a dict: no repeats), or
+    None when a reference names an undeclared program input. Unknown modules are left to
+    :meth:`Dag.build`."""
+    inputs = spec.inputs
+    parents: dict[str, dict[str, None]] = {}
+    for name, module in spec.modules.items():
+        refs = [text.partition(".") for text in _reference_texts(module.inputs)]
+        sources = [source for source, _, _ in refs]
+        if "inputs" in sources:
+            if any(source == "inputs" and field not in inputs for source, _, field in refs):
+                return None
+            sources = [source for source in sources if source != "inputs"]
+        parents[name] = dict.fromkeys([*sources, *module.depends_on])
+    outputs = _reference_texts(spec.outputs)
+    if any(_unknown(text.partition("."), spec) for text in outputs):
+        return None
+    return parents
+
+
+def _reference_texts(values: Mapping[str, Any] | None) -> list[str]:
+    """What follows ``$`` in each reference of the values (``module.field``, ``module``, ``inputs.x``)."""
+    if not values:
+        return []
+    if _PLAIN.issuperset(map(type, values.values())):
+        return [value[1:] for value in values.values()
+                if type(value) is str and value[:1] == "$" and value[:2] != "$$"]
+    return [str(ref)[1:] for value in values.values() for ref in iter_refs(value)]
+
+
+def _unknown(ref: tuple[str, str, str], spec: ProgramSpec) -> bool:
+    source, _, field = ref
+    return field not in spec.inputs if source == "inputs" else source not in spec.modules
 
 
 def _name_problems(spec: ProgramSpec) -> list[str]:
@@ -73,8 +161,8 @@ def _name_problems(spec: ProgramSpec) -> list[str]:
 def _reference_problems(spec: ProgramSpec) -> list[str]:
     problems: list[str] = []
     for name, module in spec.modules.items():
-        for key, refs in module.input_refs.items():
-            problems += _check_refs(spec, refs, "module '{}' input '{}'", name, key)
+        for key, value in (module.inputs or {}).items():
+            problems += _check_refs(spec, iter_refs(value), "module '{}' input '{}'", name, key)
         for parent in module.depends_on:
             if parent not in spec.modules:
                 problems.append(f"module '{name}' depends_on unknown module '{parent}'{_known(spec)}")
@@ -100,6 +188,25 @@ def _check_refs(spec: ProgramSpec, refs: Iterable[Ref], where: str, *names: str)
 
 def _known(spec: ProgramSpec) -> str:
     return f" (modules: {', '.join(spec.modules)})"
+
+
+def module_parents(module: ModuleSpec) -> list[str]:
+    """Modules this one depends on: referenced ones first, then ``depends_on``; no repeats."""
+    names = [ref.source for value in (module.inputs or {}).values() for ref in iter_refs(value) if not ref.is_input]
+    return list(dict.fromkeys([*names, *module.depends_on]))
+
+
+def _nx_graph(spec: ProgramSpec) -> nx.DiGraph:
+    """A DiGraph with an edge parent -> child for every dependency between known modules."""
+    graph = nx.DiGraph()
+    graph.add_nodes_from(spec.modules)
+    graph.add_edges_from(
+        (parent, name)
+        for name, module in spec.modules.items()
+        for parent in module_parents(module)
+        if parent in spec.modules
+    )
+    return graph
 
 
 def _cycle_problems(graph: nx.DiGraph) -> list[str]:
@@ -145,36 +252,41 @@ def resolve_uses(uses: str) -> Callable[..., object]:
     return target
 
 
-# --- shape -----------------------------------------------------------------------------------------
-
-
-def levels(graph: nx.DiGraph) -> list[list[str]]:
-    """Dependency levels: every module sits one level below its deepest parent."""
-    return [sorted(generation) for generation in nx.topological_generations(graph)]
+# --- shape of a recorded plan (networkx) ------------------------------------------------------------
 
 
 def critical_path(graph: nx.DiGraph, weights: Mapping[str, float] | None = None) -> list[str]:
     """The longest chain of modules, by module count or by ``weights`` (e.g. observed seconds)."""
-    return path_from_lengths(graph, remaining_path_lengths(graph, weights))
-
-
-def path_from_lengths(graph: nx.DiGraph, lengths: Mapping[str, float]) -> list[str]:
-    """Follow the longest remaining path from the best start (ties broken by name)."""
     starts = [node for node in graph if graph.in_degree(node) == 0]
-    if not starts:
-        return []
-    node = min(starts, key=lambda n: (-lengths[n], n))
-    path = [node]
-    while children := list(graph.successors(node)):
-        node = min(children, key=lambda n: (-lengths[n], n))
-        path.append(node)
-    return path
+    return _longest_path(starts, graph.succ, remaining_path_lengths(graph, weights))
 
 
 def remaining_path_lengths(graph: nx.DiGraph, weights: Mapping[str, float] | None = None) -> dict[str, float]:
     """For each module, the length of the longest path from it to any sink (itself included)."""
+    return _remaining(reversed(list(nx.topological_sort(graph))), graph.succ, weights)
+
+
+def _remaining(
+    order: Iterable[str], children: Mapping[str, Iterable[str]], weights: Mapping[str, float] | None
+) -> dict[str, float]:
+    """Remaining path lengths, visiting modules children first (reverse topological ``order``)."""
     lengths: dict[str, float] = {}
-    for node in reversed(list(nx.topological_sort(graph))):
+    for node in order:
         own = 1.0 if weights is None else float(weights.get(node, 0.0))
-        lengths[node] = own + max((lengths[child] for child in graph.successors(node)), default=0.0)
+        lengths[node] = own + max(map(lengths.__getitem__, children[node]), default=0.0)
     return lengths
+
+
+def _longest_path(
+    starts: Collection[str], children: Mapping[str, Collection[str]], lengths: Mapping[str, float]
+) -> list[str]:
+    """Follow the longest remaining path from the best start (ties broken by name)."""
+    def best(nodes: Iterable[str]) -> str:
+        return min(nodes, key=lambda node: (-lengths[node], node))
+
+    if not starts:
+        return []
+    path = [best(starts)]
+    while children[path[-1]]:
+        path.append(best(children[path[-1]]))
+    return path

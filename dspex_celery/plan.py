@@ -12,13 +12,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
-
 from dspex_celery import defaults
 from dspex_celery.errors import ProgramError
-from dspex_celery.graph import levels, path_from_lengths, remaining_path_lengths, validate
-from dspex_celery.integrations.dspy import dspy_plan_problems, with_dspy_and_state, with_dspy_hint
-from dspex_celery.spec import BreakerPolicy, ModuleSpec, ProgramSpec, RetryPolicy, Threshold
+from dspex_celery.graph import Dag, validate
+from dspex_celery.integrations.dspy import (
+    dspy_plan_problems,
+    dspy_settings,
+    state_path,
+    with_dspy_hint,
+)
+from dspex_celery.spec import (
+    BreakerPolicy,
+    ModuleSpec,
+    ProgramSpec,
+    RetryPolicy,
+    Threshold,
+)
 
 STRATEGIES = ("levels", "sequential", "dag")
 
@@ -140,19 +149,16 @@ def build_plan(
     relative ``state:`` paths are made absolute against ``base_dir`` (the program file's folder).
     """
     try:
-        graph = validate(spec, source, resolve=resolve)
+        dag = validate(spec, source, resolve=resolve)
     except ProgramError as exc:
         raise with_dspy_hint(exc, spec) from None
-    module_levels = levels(graph)
-    level_of = {name: index for index, level in enumerate(module_levels) for name in level}
-    priorities = remaining_path_lengths(graph, weights)
-    learned = learned_timeouts or {}
-    policies = _default_policies(spec)
+    priorities = dag.remaining_path_lengths(weights)
+    shared = _Shared.of(spec, learned_timeouts or {}, base_dir)
+    level_of = {name: index for index, level in enumerate(dag.levels) for name in level}
     modules = {
-        name: _module_plan(spec, name, module, graph, level_of[name], priorities[name], learned.get(name), policies)
+        name: _module_plan(spec, name, module, dag, level_of[name], priorities[name], shared)
         for name, module in spec.modules.items()
     }
-    modules = {name: with_dspy_and_state(spec, module, base_dir) for name, module in modules.items()}
     if resolve and (problems := dspy_plan_problems(modules)):
         raise ProgramError(problems, source)
     return Plan(
@@ -160,57 +166,65 @@ def build_plan(
         fingerprint=fingerprint(spec),
         inputs=spec.inputs,
         modules=modules,
-        levels=module_levels,
-        outputs=_outputs(spec, graph),
-        critical_path=path_from_lengths(graph, priorities),
+        levels=dag.levels,
+        outputs=_outputs(spec, dag),
+        critical_path=dag.critical_path(priorities),
         failure_tolerance=_tolerance(spec),
         max_priority=max(priorities.values(), default=1.0) or 1.0,
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Shared:
+    """What every module's plan takes from the program: defaults, dumped once for all to share."""
+
+    retry: dict[str, Any]
+    circuit_breaker: dict[str, Any]
+    resource: str
+    timeout_s: float | None
+    learned_timeouts: dict[str, float]
+    base_dir: Path | None
+
+    @classmethod
+    def of(cls, spec: ProgramSpec, learned_timeouts: dict[str, float], base_dir: Path | None) -> _Shared:
+        chosen = spec.defaults
+        return cls(
+            retry=(chosen.retry or RetryPolicy()).model_dump(mode="json"),
+            circuit_breaker=(chosen.circuit_breaker or BreakerPolicy()).model_dump(mode="json"),
+            resource=chosen.resource or defaults.RESOURCE,
+            timeout_s=chosen.timeout_s,
+            learned_timeouts=learned_timeouts,
+            base_dir=base_dir,
+        )
+
+
 def _module_plan(
-    spec: ProgramSpec,
-    name: str,
-    module: ModuleSpec,
-    graph: nx.DiGraph,
-    level: int,
-    priority: float,
-    learned_timeout: float | None,
-    policies: tuple[dict[str, Any], dict[str, Any]],
+    spec: ProgramSpec, name: str, module: ModuleSpec, dag: Dag, level: int, priority: float, shared: _Shared
 ) -> ModulePlan:
-    chosen = spec.defaults
-    retry = module.retry.model_dump(mode="json") if module.retry else policies[0]
-    breaker = module.circuit_breaker.model_dump(mode="json") if module.circuit_breaker else policies[1]
     return ModulePlan(
         name=name,
         uses=module.uses,
         inputs=module.inputs,
         depends_on=module.depends_on,
-        parents=tuple(sorted(graph.predecessors(name))),
-        children=tuple(sorted(graph.successors(name))),
-        resource=module.resource or chosen.resource or defaults.RESOURCE,
+        parents=dag.parents[name],
+        children=dag.children[name],
+        resource=module.resource or shared.resource,
         level=level,
         priority=priority,
         with_=dict(module.with_),
-        state=module.state,
-        timeout_s=module.timeout_s or chosen.timeout_s or learned_timeout,
-        retry=retry,
-        circuit_breaker=breaker,
+        state=state_path(module.state, shared.base_dir),
+        timeout_s=module.timeout_s or shared.timeout_s or shared.learned_timeouts.get(name),
+        retry=module.retry.model_dump(mode="json") if module.retry else shared.retry,
+        circuit_breaker=(module.circuit_breaker.model_dump(mode="json") if module.circuit_breaker
+                         else shared.circuit_breaker),
+        dspy=dspy_settings(spec, module),
     )
 
 
-def _default_policies(spec: ProgramSpec) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The program-wide retry and breaker policies, dumped once for every module to share."""
-    retry = spec.defaults.retry or RetryPolicy()
-    breaker = spec.defaults.circuit_breaker or BreakerPolicy()
-    return retry.model_dump(mode="json"), breaker.model_dump(mode="json")
-
-
-def _outputs(spec: ProgramSpec, graph: nx.DiGraph) -> dict[str, Any]:
+def _outputs(spec: ProgramSpec, dag: Dag) -> dict[str, Any]:
     if spec.outputs is not None:
         return dict(spec.outputs)
-    sinks = [name for name in spec.modules if graph.out_degree(name) == 0]
-    return {name: f"${name}" for name in sinks}
+    return {name: f"${name}" for name in spec.modules if not dag.children[name]}
 
 
 def _tolerance(spec: ProgramSpec) -> str | int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -89,11 +88,6 @@ class ModuleSpec(_Frozen):
     retry: RetryPolicy | None = None
     circuit_breaker: BreakerPolicy | None = None
     dspy: DspySettings | None = None
-
-    @cached_property
-    def input_refs(self) -> dict[str, tuple[Ref, ...]]:
-        """The references in each input, parsed once."""
-        return {key: tuple(iter_refs(value)) for key, value in (self.inputs or {}).items()}
 
 
 class ProgramSpec(_Frozen):
@@ -223,7 +217,7 @@ def _parse_text(text: str, *, json_first: bool) -> Any:
         except json.JSONDecodeError as exc:
             raise ProgramError([f"invalid JSON at line {exc.lineno}: {exc.msg}"]) from None
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -41,7 +40,7 @@ if TYPE_CHECKING:
     from dspex_celery.plan import ModulePlan
     from dspex_celery.program import Program
     from dspex_celery.results import ExecutionResult
-    from dspex_celery.spec import ProgramSpec
+    from dspex_celery.spec import ModuleSpec, ProgramSpec
 
 INSTALL_HINT = "pip install 'dspex-celery[dspy]'"
 FACTORY_KEYS = ("lm", "adapter")
@@ -102,19 +101,19 @@ def state_path(state: str | None, base_dir: Path | None) -> str | None:
     return str(path if path.is_absolute() else ((base_dir or Path.cwd()) / path).resolve())
 
 
-def with_dspy_and_state(spec: ProgramSpec, module: ModulePlan, base_dir: Path | None) -> ModulePlan:
-    """``module`` with its ``dspy`` settings and an absolute ``state``.
+def dspy_settings(spec: ProgramSpec, module: ModuleSpec) -> dict[str, str]:
+    """A module's ``dspy`` settings: its own keys win over the program's.
 
-    Its own ``dspy:`` keys win over the program's; the program's apply only to ``dspy.Module``
-    classes (a plain function module runs as it is unless it sets ``dspy:`` itself).
+    The program's apply only to ``dspy.Module`` classes (a plain function module runs as it is
+    unless it sets ``dspy:`` itself).
     """
-    own = spec.modules[module.name].dspy
-    if own is None and spec.dspy is None and module.state is None:
-        return module  # nothing DSPy about it (the common case: no copy)
+    own = module.dspy
+    if own is None and spec.dspy is None:
+        return {}  # nothing DSPy about it (the common case)
     settings = own.model_dump(exclude_none=True) if own else {}
     if spec.dspy is not None and (own is not None or is_dspy_module(module.uses)):
         settings = {**spec.dspy.model_dump(exclude_none=True), **settings}
-    return dataclasses.replace(module, dspy=settings, state=state_path(module.state, base_dir))
+    return settings
 
 
 def is_dspy_module(uses: str) -> bool:
@@ -137,13 +136,14 @@ def with_dspy_hint(error: ProgramError, spec: ProgramSpec) -> ProgramError:
 
 def dspy_plan_problems(modules: Mapping[str, ModulePlan]) -> list[str]:
     """Missing state files, and (for modules with ``dspy`` settings) dspy and its factories."""
+    special = {name: module for name, module in modules.items() if module.state is not None or module.dspy}
     problems = [
         f"module '{name}': state file {module.state} not found "
         "(a relative state path is relative to the program file's folder)"
-        for name, module in modules.items()
+        for name, module in special.items()
         if module.state is not None and not Path(module.state).is_file()
     ]
-    factories = dict.fromkeys((key, path) for module in modules.values() for key in FACTORY_KEYS
+    factories = dict.fromkeys((key, path) for module in special.values() for key in FACTORY_KEYS
                               if (path := module.dspy.get(key)))
     if factories and not dspy_available():
         return [*problems, f"the program sets 'dspy' but dspy is not installed: {INSTALL_HINT}"]

@@ -1,0 +1,156 @@
+"""The planner's plain-dict DAG against networkx, and validation's quick checks against its wording."""
+
+from __future__ import annotations
+
+import random
+from enum import StrEnum
+from typing import Any
+
+import networkx as nx
+import pytest
+
+from dspex_celery import Program, ProgramError
+from dspex_celery.examples import synthetic
+from dspex_celery.graph import Dag
+
+ADD = "tests.modules.basic:add"
+ECHO = "tests.modules.basic:echo"
+
+
+def shuffled(data: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The program with its modules listed in a random (not topological) order."""
+    items = list(data["modules"].items())
+    random.Random(seed).shuffle(items)
+    return {**data, "modules": dict(items)}
+
+
+PROGRAMS = {
+    "layered": synthetic.layered(12, 5),
+    "fan_out": synthetic.fan_out(20),
+    "chain": synthetic.chain(40),
+    "random": synthetic.random_dag(120, seed=3),
+    "dense": synthetic.dense_dag(300, seed=2),
+    "dense shuffled": shuffled(synthetic.dense_dag(300, seed=2), seed=5),
+    "random shuffled": shuffled(synthetic.random_dag(120, seed=4), seed=6),
+}
+
+
+def nx_graph(data: dict[str, Any]) -> nx.DiGraph:
+    """The program's graph built independently of the planner (synthetic modules read `$parent.value`)."""
+    graph = nx.DiGraph()
+    graph.add_nodes_from(data["modules"])
+    for name, module in data["modules"].items():
+        for key, value in module.get("inputs", {}).items():
+            if key.startswith("p_"):
+                graph.add_edge(value[1:].partition(".")[0], name)
+    return graph
+
+
+def remaining(graph: nx.DiGraph, weights: dict[str, float] | None = None) -> dict[str, float]:
+    """Reference: the longest path from each node to a sink, itself included."""
+    lengths: dict[str, float] = {}
+    for node in reversed(list(nx.topological_sort(graph))):
+        own = 1.0 if weights is None else weights.get(node, 0.0)
+        lengths[node] = own + max((lengths[child] for child in graph.successors(node)), default=0.0)
+    return lengths
+
+
+def longest(graph: nx.DiGraph, lengths: dict[str, float]) -> list[str]:
+    """Reference: follow the longest remaining path from the best source (ties by name)."""
+    def key(node: str) -> tuple[float, str]:
+        return (-lengths[node], node)
+
+    path = [min((node for node in graph if graph.in_degree(node) == 0), key=key)]
+    while list(graph.successors(path[-1])):
+        path.append(min(graph.successors(path[-1]), key=key))
+    return path
+
+
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_plan_shape_matches_networkx(name: str) -> None:
+    # Given a program and its networkx graph
+    data = PROGRAMS[name]
+    graph = nx_graph(data)
+    weights = {node: (index * 7 % 5) / 4 for index, node in enumerate(graph) if index % 3}
+    # When it is planned (by count and by weights)
+    plan = Program.from_dict(data).plan()
+    weighted = Program.from_dict(data).plan(weights=weights)
+    # Then levels, parents, children, priorities and critical paths are networkx's
+    assert plan.levels == [sorted(level) for level in nx.topological_generations(graph)]
+    for node in graph:
+        module = plan.modules[node]
+        assert module.parents == tuple(sorted(graph.predecessors(node)))
+        assert module.children == tuple(sorted(graph.successors(node)))
+        assert plan.levels[module.level].count(node) == 1
+    assert {node: m.priority for node, m in plan.modules.items()} == remaining(graph)
+    assert {node: m.priority for node, m in weighted.modules.items()} == remaining(graph, weights)
+    assert plan.critical_path == longest(graph, remaining(graph))
+    assert weighted.critical_path == longest(graph, remaining(graph, weights))
+    assert plan.sinks == [node for node in graph if graph.out_degree(node) == 0]
+    assert nx.is_directed_acyclic_graph(graph)
+
+
+def test_dag_build_refuses_cycles_and_unknown_modules() -> None:
+    assert Dag.build({"a": ["b"], "b": ["a"], "c": []}) is None
+    assert Dag.build({"a": ["a"]}) is None
+    assert Dag.build({"a": ["ghost"]}) is None
+    dag = Dag.build({"c": ["a", "b"], "b": ["a"], "a": []})
+    assert dag is not None and dag.levels == [["a"], ["b"], ["c"]]
+    assert dag.children == {"a": ("b", "c"), "b": ("c",), "c": ()}
+
+
+def problems_of(data: dict[str, Any]) -> list[str]:
+    with pytest.raises(ProgramError) as caught:
+        Program.from_dict(data).plan()
+    return caught.value.problems
+
+
+class Ref(StrEnum):
+    GHOST = "$ghost.x"
+
+
+@pytest.mark.parametrize(
+    ("inputs", "outputs", "expected"),
+    [
+        ({"x": ["$inputs.nope"]}, None, "module 'a' input 'x' refers to $inputs.nope, but the program has no input"),
+        ({"x": {"deep": ["$ghost"]}}, None, "module 'a' input 'x' refers to unknown module 'ghost'"),
+        ({"x": "$inputs"}, None, "module 'a' input 'x' refers to $inputs, but the program has no input 'None'"),
+        ({"x": "$"}, None, "module 'a' input 'x' refers to unknown module ''"),
+        ({"x": Ref.GHOST}, None, "module 'a' input 'x' refers to unknown module 'ghost'"),
+        ({"x": "$inputs.q"}, {"o": ["$inputs.r"]}, "output 'o' refers to $inputs.r, but the program has no input 'r'"),
+        ({"x": "$inputs.q"}, {"o": "$ghost.x"}, "output 'o' refers to unknown module 'ghost'"),
+    ],
+)
+def test_every_reference_problem_is_worded(inputs: dict[str, Any], outputs: dict[str, Any] | None,
+                                           expected: str) -> None:
+    # Given a program whose one problem hides in a nested value, a str subclass or the outputs
+    data: dict[str, Any] = {"name": "p", "inputs": ["q"], "modules": {"a": {"uses": ECHO, "inputs": inputs}}}
+    if outputs is not None:
+        data["outputs"] = outputs
+    # Then planning it names exactly that problem
+    (problem,) = problems_of(data)
+    assert problem.startswith(expected)
+
+
+def test_literals_and_escapes_are_not_references() -> None:
+    data = {"name": "p", "inputs": ["q"], "modules": {
+        "a": {"uses": ECHO, "inputs": {"x": "$$ghost", "y": "plain $ghost", "z": ["$$", 3, None, 1.5, True]}},
+        "b": {"uses": ECHO, "inputs": {"x": ["$a.x", {"y": "$inputs.q"}], "n": 2}},
+    }}
+    plan = Program.from_dict(data).plan()
+    assert plan.levels == [["a"], ["b"]] and plan.modules["b"].parents == ("a",)
+
+
+def test_from_dict_copies_its_data() -> None:
+    # Given a program made from a mapping
+    data = {"name": "p", "modules": {"a": {"uses": ECHO, "inputs": {"x": [1, {"y": 2}]}}}}
+    program = Program.from_dict(data)
+    # When the caller changes the mapping afterwards
+    data["modules"]["a"]["inputs"]["x"][1]["y"] = 3
+    data["modules"]["b"] = {"uses": ECHO}
+    # Then the program is the one it was given
+    plan = program.plan()
+    assert list(plan.modules) == ["a"] and plan.modules["a"].inputs == {"x": [1, {"y": 2}]}
+    # And building on the program leaves the caller's mapping alone
+    program.add_module("c", ADD, inputs={"a": 1, "b": 2})
+    assert list(data["modules"]) == ["a", "b"]
