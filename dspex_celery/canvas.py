@@ -8,7 +8,7 @@ size: Celery's own nested chain-of-chords copies the rest of the chain into ever
 
 from __future__ import annotations
 
-from celery import Celery, chord
+from celery import Celery, chord, group
 from celery.canvas import Signature
 
 from dspex_celery.plan import Plan
@@ -32,23 +32,31 @@ def task_id(execution_id: str, module: str) -> str:
 
 def module_signature(app: Celery, plan: Plan, execution_id: str, name: str, namespace: str) -> Signature:
     """The task that runs one module on a worker of its resource class."""
+    return _module_signature(app, plan, execution_id, name, namespace, str(app.conf.broker_url))
+
+
+def _module_signature(
+    app: Celery, plan: Plan, execution_id: str, name: str, namespace: str, broker_url: str
+) -> Signature:
     module = plan.modules[name]
     options: dict[str, object] = {
         "queue": queue_name(namespace, module.resource),
         "task_id": task_id(execution_id, name),
         "shadow": f"dspex.module:{plan.program}.{name}",
-        "priority": message_priority(plan.urgency(name), str(app.conf.broker_url)),
+        "priority": message_priority(plan.urgency(name), broker_url),
     }
     if module.timeout_s:
         options["soft_time_limit"] = module.timeout_s
         options["time_limit"] = hard_time_limit(module.timeout_s)
-    return app.signature(
-        RUN_MODULE,
-        args=(execution_id, name),
-        kwargs={"program": plan.program},
-        immutable=True,
-        **options,
-    )
+    return _immutable(app, RUN_MODULE, (execution_id, name), {"program": plan.program}, options)
+
+
+def _immutable(app: Celery, task: str, args: tuple[object, ...], kwargs: dict[str, object],
+               options: dict[str, object]) -> Signature:
+    """``app.signature(task, args, kwargs, immutable=True, **options)``, built from its mapping directly."""
+    fields = {"task": task, "args": args, "kwargs": kwargs, "options": options, "subtask_type": None,
+              "immutable": True}
+    return Signature(fields, app=app)
 
 
 def hard_time_limit(timeout_s: float) -> float:
@@ -73,7 +81,10 @@ def stage_signature(
     app: Celery, plan: Plan, execution_id: str, strategy: str, stage: int, names: list[str], namespace: str
 ) -> Signature:
     """A chord of the stage's modules whose body advances to the next stage."""
-    header = [module_signature(app, plan, execution_id, name, namespace) for name in names]
+    broker_url = str(app.conf.broker_url)
+    # A group header is taken as it is (a list would be cloned task by task).
+    header = group([_module_signature(app, plan, execution_id, name, namespace, broker_url) for name in names],
+                   app=app)
     body = advance_signature(app, execution_id, strategy, stage + 1, namespace)
     # A header task that fails instead of returning (hard time limit, revoked, crashed) makes Celery
     # skip the body and call its errbacks: advancing from there too means no chord is left hanging.

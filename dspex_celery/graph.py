@@ -11,7 +11,6 @@ import importlib
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import networkx as nx
 
@@ -26,7 +25,7 @@ from dspex_celery.spec import (
 )
 
 _NAME = re.compile(NAME_PATTERN)
-#: Value types searched for references without ``iter_refs`` (strings are references or literals).
+#: Value types that hold no reference but a string's own (anything else is searched with ``iter_refs``).
 _PLAIN = frozenset({str, int, float, bool, type(None)})
 
 
@@ -111,37 +110,29 @@ def _names_valid(spec: ProgramSpec) -> bool:
 
 def _parents(spec: ProgramSpec) -> dict[str, dict[str, None]] | None:
     """Each module's parents (referenced modules, then ``depends_on``; as a dict: no repeats), or
-    None when a reference names an undeclared program input. Unknown modules are left to
-    :meth:`Dag.build`."""
-    inputs = spec.inputs
+    None when a reference names an undeclared program input or an output names an unknown module.
+    Modules that name unknown modules are left to :meth:`Dag.build`."""
     parents: dict[str, dict[str, None]] = {}
     for name, module in spec.modules.items():
-        refs = [text.partition(".") for text in _reference_texts(module.inputs)]
-        sources = [source for source, _, _ in refs]
+        values = module.inputs.values() if module.inputs else ()
+        if _PLAIN.issuperset(map(type, values)):  # the common case: only strings and numbers
+            sources = [value[1:].partition(".")[0] for value in values
+                       if type(value) is str and value[:1] == "$" and value[1:2] != "$"]
+        else:
+            sources = [ref.source for value in values for ref in iter_refs(value)]
         if "inputs" in sources:
-            if any(source == "inputs" and field not in inputs for source, _, field in refs):
+            if not all(ref.field in spec.inputs for value in values for ref in iter_refs(value) if ref.is_input):
                 return None
             sources = [source for source in sources if source != "inputs"]
         parents[name] = dict.fromkeys([*sources, *module.depends_on])
-    outputs = _reference_texts(spec.outputs)
-    if any(_unknown(text.partition("."), spec) for text in outputs):
+    outputs = (spec.outputs or {}).values()
+    if any(_unknown(ref, spec) for value in outputs for ref in iter_refs(value)):
         return None
     return parents
 
 
-def _reference_texts(values: Mapping[str, Any] | None) -> list[str]:
-    """What follows ``$`` in each reference of the values (``module.field``, ``module``, ``inputs.x``)."""
-    if not values:
-        return []
-    if _PLAIN.issuperset(map(type, values.values())):
-        return [value[1:] for value in values.values()
-                if type(value) is str and value[:1] == "$" and value[:2] != "$$"]
-    return [str(ref)[1:] for value in values.values() for ref in iter_refs(value)]
-
-
-def _unknown(ref: tuple[str, str, str], spec: ProgramSpec) -> bool:
-    source, _, field = ref
-    return field not in spec.inputs if source == "inputs" else source not in spec.modules
+def _unknown(ref: Ref, spec: ProgramSpec) -> bool:
+    return ref.field not in spec.inputs if ref.is_input else ref.source not in spec.modules
 
 
 def _name_problems(spec: ProgramSpec) -> list[str]:

@@ -212,12 +212,12 @@ def _module_plan(
         level=level,
         priority=priority,
         with_=dict(module.with_),
-        state=state_path(module.state, shared.base_dir),
+        state=None if module.state is None else state_path(module.state, shared.base_dir),
         timeout_s=module.timeout_s or shared.timeout_s or shared.learned_timeouts.get(name),
         retry=module.retry.model_dump(mode="json") if module.retry else shared.retry,
         circuit_breaker=(module.circuit_breaker.model_dump(mode="json") if module.circuit_breaker
                          else shared.circuit_breaker),
-        dspy=dspy_settings(spec, module),
+        dspy={} if module.dspy is None and spec.dspy is None else dspy_settings(spec, module),
     )
 
 

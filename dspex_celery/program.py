@@ -30,7 +30,7 @@ class Program:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "program") -> Program:
         program = cls.__new__(cls)
-        program._data = copy.deepcopy(data)
+        program._data = _copy(data)
         program.source = source
         program._spec = None
         return program
@@ -128,3 +128,17 @@ class Program:
 
     def to_dict(self) -> dict[str, Any]:
         return self.spec.to_dict()
+
+
+#: Immutable value types that :func:`_copy` shares instead of copying.
+_ATOMS = frozenset({str, int, float, bool, type(None)})
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of program data: dicts and lists of plain values quickly, anything else by deepcopy."""
+    kind = type(value)
+    if kind is dict:
+        return {key: item if type(item) in _ATOMS else _copy(item) for key, item in value.items()}
+    if kind is list:
+        return [item if type(item) in _ATOMS else _copy(item) for item in value]
+    return value if kind in _ATOMS else copy.deepcopy(value)

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import random
 from enum import StrEnum
 from typing import Any
 
 import networkx as nx
 import pytest
+from celery import Celery, chord
 
 from dspex_celery import Program, ProgramError
+from dspex_celery.canvas import (
+    RUN_MODULE,
+    hard_time_limit,
+    module_signature,
+    stage_signature,
+)
 from dspex_celery.examples import synthetic
 from dspex_celery.graph import Dag
 
@@ -119,12 +127,15 @@ class Ref(StrEnum):
         ({"x": Ref.GHOST}, None, "module 'a' input 'x' refers to unknown module 'ghost'"),
         ({"x": "$inputs.q"}, {"o": ["$inputs.r"]}, "output 'o' refers to $inputs.r, but the program has no input 'r'"),
         ({"x": "$inputs.q"}, {"o": "$ghost.x"}, "output 'o' refers to unknown module 'ghost'"),
+        ({"x": "$inputs.q", "depends_on": ["inputs"]}, None, "module 'a' depends_on unknown module 'inputs'"),
     ],
 )
 def test_every_reference_problem_is_worded(inputs: dict[str, Any], outputs: dict[str, Any] | None,
                                            expected: str) -> None:
-    # Given a program whose one problem hides in a nested value, a str subclass or the outputs
-    data: dict[str, Any] = {"name": "p", "inputs": ["q"], "modules": {"a": {"uses": ECHO, "inputs": inputs}}}
+    # Given a program whose one problem hides in a nested value, a str subclass, the outputs or depends_on
+    inputs = dict(inputs)
+    module = {"uses": ECHO, "depends_on": inputs.pop("depends_on", []), "inputs": inputs}
+    data: dict[str, Any] = {"name": "p", "inputs": ["q"], "modules": {"a": module}}
     if outputs is not None:
         data["outputs"] = outputs
     # Then planning it names exactly that problem
@@ -154,3 +165,23 @@ def test_from_dict_copies_its_data() -> None:
     # And building on the program leaves the caller's mapping alone
     program.add_module("c", ADD, inputs={"a": 1, "b": 2})
     assert list(data["modules"]) == ["a", "b"]
+
+
+@pytest.mark.parametrize("broker", ["memory://", "redis://localhost:6379/0", "amqp://guest@localhost//"])
+def test_signatures_are_the_ones_celery_builds(broker: str) -> None:
+    # Given a plan with a timeout and two resource classes, and an app on the broker
+    app = Celery("planner-test", broker=broker, set_as_current=False)
+    data = synthetic.layered(3, 2)
+    data["modules"]["m1_0"].update(timeout_s=2.5, resource="io")
+    plan = Program.from_dict(data).plan()
+    # When its module and stage signatures are built
+    module = module_signature(app, plan, "x" * 32, "m1_0", "ns")
+    stage = stage_signature(app, plan, "x" * 32, "levels", 1, plan.levels[1], "ns")
+    # Then they are what app.signature and chord() over a list of tasks build
+    expected = app.signature(RUN_MODULE, args=("x" * 32, "m1_0"), kwargs={"program": plan.program}, immutable=True,
+                             **module["options"])
+    assert module == expected and json.dumps(module) == json.dumps(expected)
+    assert module["options"]["time_limit"] == hard_time_limit(2.5) and module["options"]["queue"] == "ns.io"
+    header = [module_signature(app, plan, "x" * 32, name, "ns") for name in plan.levels[1]]
+    assert json.dumps(stage) == json.dumps(chord(header, stage.body, app=app))
+    assert all(task.app is app for task in stage.tasks)
