@@ -27,7 +27,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        "task_send_sent_event": settings.sent_events,
         "task_track_started": True,
         "task_default_queue": control_queue(settings.namespace),
         "result_expires": settings.state_ttl_s,

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     embedded_concurrency: int = defaults.EMBEDDED_CONCURRENCY
     history_url: str | None = None
     resources: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    sent_events: bool = Field(
+        default=False,
+        description="Send Celery's task-sent event per dispatched task (Flower then shows queued tasks); "
+        "off like Celery's default: it costs one more publish per module.",
+    )
 
     @classmethod
     def settings_customise_sources(

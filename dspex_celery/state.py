@@ -35,6 +35,24 @@ for i = 2, 4 do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
 """
 
 
+# KEYS: records, meta, finished flag, outputs. ARGV: module, ttl, running record JSON, parents...
+# Writes the running record only when the module has no record yet and the execution goes on.
+# Returns {previous record or nil, meta as a flat list, finished (0/1), written (0/1), parent outputs}.
+_BEGIN = """
+local previous = redis.call('HGET', KEYS[1], ARGV[1])
+local finished = redis.call('EXISTS', KEYS[3])
+local written = 0
+if not previous and finished == 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  written = 1
+end
+local outputs = {}
+if #ARGV > 3 then outputs = redis.call('HMGET', KEYS[4], unpack(ARGV, 4, #ARGV)) end
+return {previous, redis.call('HGETALL', KEYS[2]), finished, written, outputs}
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class LuaStep:
     """Lua appended to a store script, with its own keys and args (numbered after the script's)."""
@@ -48,10 +66,11 @@ class LuaStep:
 class ModuleStart:
     """What a worker reads before it runs a module, in one round trip."""
 
-    record: ModuleRecord
+    record: ModuleRecord  # the module's record before this attempt
     meta: dict[str, Any]
     finished: bool
     upstream: dict[str, dict[str, Any]]
+    running_written: bool  # the first attempt's running record is stored already
 
 
 class StateStore:
@@ -171,21 +190,19 @@ class StateStore:
             pipe.expire(self.key(execution_id, ATTEMPTS), self.ttl_s)
         pipe.execute()
 
-    def begin(self, execution_id: str, module: str, parents: Sequence[str]) -> ModuleStart:
-        """The module's record, the execution's meta and finished flag, the parents' outputs."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hget(self.key(execution_id, "rec"), module)
-        pipe.hgetall(self.key(execution_id, "meta"))
-        pipe.exists(self.key(execution_id, "finished"))
-        if parents:
-            pipe.hmget(self.key(execution_id, "out"), list(parents))
-        raw_record, raw_meta, finished, *outputs = pipe.execute()
-        values = outputs[0] if outputs else []
+    def begin(self, execution_id: str, module: str, parents: Sequence[str], first_running: ModuleRecord) -> ModuleStart:
+        """One round trip before a module runs: its record, the execution's meta and finished flag,
+        the parents' outputs; ``first_running`` is stored at once when the module has no record yet
+        (its first attempt) and the execution goes on."""
+        keys = [self.key(execution_id, part) for part in ("rec", "meta", "finished", "out")]
+        reply = self.script(_BEGIN)(keys=keys, args=[module, self.ttl_s, first_running.model_dump_json(), *parents])
+        raw_record, raw_meta, finished, written, outputs = reply
         return ModuleStart(
             record=ModuleRecord() if raw_record is None else ModuleRecord.model_validate_json(raw_record),
-            meta={key: json.loads(value) for key, value in raw_meta.items()},
+            meta={key: json.loads(value) for key, value in zip(raw_meta[::2], raw_meta[1::2], strict=True)},
             finished=bool(finished),
-            upstream={name: json.loads(value) for name, value in zip(parents, values, strict=False) if value is not None},
+            upstream={name: json.loads(value) for name, value in zip(parents, outputs, strict=True) if value is not None},
+            running_written=bool(written),
         )
 
     def save_success(self, execution_id: str, module: str, output: dict[str, Any], record: ModuleRecord,

@@ -29,7 +29,7 @@ from dspex_celery.graph import resolve_uses
 from dspex_celery.hooks import ModuleContext
 from dspex_celery.integrations.dspy import is_lm_transient
 from dspex_celery.plan import ModulePlan, Plan
-from dspex_celery.results import ModuleRecord, ModuleStatus, isoformat, utcnow
+from dspex_celery.results import ModuleRecord, ModuleStatus, isoformat, parse_time, utcnow
 from dspex_celery.runner import (
     check_allowed,
     load_callable,
@@ -118,7 +118,9 @@ class ModuleRun:
         if plan is None:
             log.warning("execution %s is unknown or expired; dropping %s", self.execution_id, self.name)
             return {"module": self.name, "status": "expired"}
-        begin = self.store.begin(self.execution_id, self.name, plan.modules[self.name].parents)
+        module = plan.modules[self.name]
+        first = self._running_record(plan, ModuleRecord())
+        begin = self.store.begin(self.execution_id, self.name, module.parents, first)
         self.strategy = begin.meta.get("strategy", "levels")
         previous = begin.record
         if previous.status.final:
@@ -131,7 +133,10 @@ class ModuleRun:
             previous = self._lost(previous)
             if previous.status.final:
                 return {"module": self.name, "status": previous.status.value}
-        ctx = self._start(plan, previous)
+        if begin.running_written:
+            ctx = self._start(plan, first, stored=True)
+        else:
+            ctx = self._start(plan, self._running_record(plan, previous), stored=False)
         try:
             self.runtime.hooks.before_module(ctx)
             output = self._call(ctx, begin)
@@ -158,17 +163,23 @@ class ModuleRun:
         fail_module(self.runtime, self.execution_id, self.name, failed)
         return failed
 
-    def _start(self, plan: Plan, previous: ModuleRecord) -> ModuleContext:
-        started = utcnow()
-        record = ModuleRecord(
+    def _running_record(self, plan: Plan, previous: ModuleRecord) -> ModuleRecord:
+        """The record of the attempt after ``previous``, starting now."""
+        return ModuleRecord(
             status=ModuleStatus.RUNNING,
             attempts=previous.attempts + 1,
-            started_at=isoformat(started),
+            started_at=isoformat(utcnow()),
             worker=self.task.request.hostname,
             resource=plan.modules[self.name].resource,
             lost_attempts=previous.lost_attempts,
         )
-        write_record(self.runtime, self.execution_id, self.name, record)
+
+    def _start(self, plan: Plan, record: ModuleRecord, *, stored: bool) -> ModuleContext:
+        """The attempt's context; its running record is written unless ``stored`` already."""
+        if stored:
+            self.runtime.hooks.on_record(self.execution_id, self.name, record)
+        else:
+            write_record(self.runtime, self.execution_id, self.name, record)
         return ModuleContext(
             runtime=self.runtime,
             execution_id=self.execution_id,
@@ -176,7 +187,7 @@ class ModuleRun:
             module=plan.modules[self.name],
             attempt=record.attempts,
             worker=record.worker or "",
-            started_at=started,
+            started_at=parse_time(record.started_at),
             record=record,
         )
 

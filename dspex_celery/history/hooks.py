@@ -34,8 +34,11 @@ log = logging.getLogger(__name__)
 #: from the stream; older events are still reconciled from the state store.
 STREAM_MAXLEN = 100_000
 
-#: Events written per transaction by the embedded recorder.
+#: Events written per transaction by the embedded recorder (and per pipeline by the publisher).
 BATCH = 500
+
+#: Seconds the publisher lets record events gather after the first, so they go out in batches.
+PUBLISH_DELAY_S = 0.02
 
 
 def stream_key(namespace: str) -> str:
@@ -56,7 +59,7 @@ class StreamPublisher(Hook):
     """Appends every record change and finished execution to the namespace's history stream.
 
     Record events are sent by a background thread of the publishing process (in batches: one
-    round trip for whatever queued up), off the module's critical path; a finished execution is
+    round trip for what queued up within :data:`PUBLISH_DELAY_S`), off the module's critical path; a finished execution is
     sent at once, after the record events queued before it. Events a killed process still held
     are not lost to history: the finished event carries every final record, and the listener
     reconciles from the state store (records and attempt logs).
@@ -104,6 +107,7 @@ class StreamPublisher(Hook):
     def _loop(self) -> None:
         while True:
             first = self._queue.get()
+            time.sleep(PUBLISH_DELAY_S)
             self._send([first, *_drain(self._queue)])
 
     def _send(self, items: list[Event]) -> None:
