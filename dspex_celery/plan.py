@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,10 @@ class Plan:
         return int(self.failure_tolerance)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+        """The plan as compact JSON with sorted keys (what ``json.dumps(asdict(plan))`` gives)."""
+        data = _fields(self)
+        data["modules"] = {name: _fields(module) for name, module in self.modules.items()}
+        return json.dumps(data, separators=(",", ":"), sort_keys=True, default=_dataclass_value)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Plan:
@@ -125,6 +128,18 @@ class Plan:
             "levels": self.levels,
             "critical_path": self.critical_path,
         }
+
+
+def _fields(instance: Plan | ModulePlan) -> dict[str, Any]:
+    """A dataclass's fields as a mapping, values as they are (JSON encodes tuples as lists)."""
+    return {name: getattr(instance, name) for name in instance.__slots__}
+
+
+def _dataclass_value(value: object) -> dict[str, Any]:
+    """``json.dumps`` fallback: a dataclass instance in a user value becomes its fields, as ``asdict`` does."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def fingerprint(spec: ProgramSpec) -> str:
