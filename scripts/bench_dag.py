@@ -1,12 +1,13 @@
 """DAG strategy benchmark (issue 5): makespan / LB, per-module overhead, throughput and planner time.
 
-    .venv/bin/python scripts/bench_dag.py [--quick]
+    .venv/bin/python scripts/bench_dag.py [--quick] [--only hetero|overhead|throughput|planner]...
 
 Starts two `dspex-celery worker` subprocesses (resource class ``default``, threads pool, concurrency 4:
 8 slots; ``--include bench_raw_tasks bench_dag_tasks`` for the raw-canvas baselines) in a fresh
 namespace on real Redis. Every comparison runs side by side in interleaved rounds (order rotated
 each round); it prints one table and writes it to docs/benchmarks.md ("DAG strategy (issue 5)").
-``--quick`` (a smoke run of about a minute: smaller programs, one round) does not write the docs.
+``--quick`` (a smoke run of about a minute: smaller programs, one round) and ``--only`` (some parts)
+do not write the docs.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ QUICK = Config(hetero_sizes=(60,), small=50, large=150, executions=30, planner_s
                planner_repeats=3, rounds=1, raw_timeout_s=8.0, sequential_large=True)
 HETERO_TIMEOUT_S = 60.0
 
+CLUSTER_PARTS = ("hetero", "overhead", "throughput")  # on the workers; "planner" runs in this process
+PARTS = (*CLUSTER_PARTS, "planner")
 OVERHEAD_STRATEGIES = {"deep": ("levels", "sequential", "dag", RAW), "wide": ("levels", "dag", RAW)}
 
 
@@ -717,42 +720,63 @@ def _restart(cluster: bench.BenchCluster, name: str, exc: BaseException) -> None
     cluster.restart()
 
 
-def run_parts(config: Config) -> tuple[list[Row], list[str]]:
-    """Every part; the rows and the notes that depend on measurements."""
-    bench.console.rule("planner")
-    planner, _ = planner_rows(config)
-    heteros = [Hetero.make(size) for size in config.hetero_sizes]
+def run_parts(config: Config, parts: Sequence[str]) -> tuple[list[Row], list[str]]:
+    """The chosen parts; the rows (in table order) and the notes that depend on measurements."""
+    planner: list[Row] = []
+    if "planner" in parts:
+        bench.console.rule("planner")
+        planner, _ = planner_rows(config)
+    rows: list[Row] = []
+    notes: list[str] = []
+    if set(parts) & set(CLUSTER_PARTS):
+        rows, notes = cluster_parts(config, parts)
+    return rows + planner, notes
+
+
+def cluster_parts(config: Config, parts: Sequence[str]) -> tuple[list[Row], list[str]]:
+    """The chosen parts that run on the workers, side by side on one cluster."""
+    heteros = [Hetero.make(size) for size in config.hetero_sizes] if "hetero" in parts else []
     recorder = HeteroRecorder()
+    rows: list[Row] = []
+    notes: list[str] = []
     with bench.cluster(WORKERS) as cluster:
         warm_up(cluster)
         restart = partial(_restart, cluster)
         meter = CpuMeter(cluster)
-        bench.console.rule("makespan / LB")
-        hetero = bench.interleaved(meter.wrap(hetero_cases(cluster, heteros, recorder)), config.rounds,
-                                   on_failure=restart)
-        bench.console.rule("per-module overhead")
-        overhead = bench.interleaved(meter.wrap(overhead_cases(cluster, config)), config.rounds, on_failure=restart)
-        bench.console.rule("throughput")
-        many = bench.interleaved(meter.wrap(throughput_cases(cluster, config)), config.rounds, on_failure=restart)
-    rows = (hetero_rows(heteros, hetero, recorder, meter) + overhead_rows(overhead, config, meter)
-            + throughput_rows(many, config, meter) + planner)
-    notes = [*distribution_note(heteros), gap_note(heteros, recorder),
-             *dag_diagnosis(heteros, hetero, recorder, meter)]
+        if heteros:
+            bench.console.rule("makespan / LB")
+            hetero = bench.interleaved(meter.wrap(hetero_cases(cluster, heteros, recorder)), config.rounds,
+                                       on_failure=restart)
+            rows += hetero_rows(heteros, hetero, recorder, meter)
+            notes = [*distribution_note(heteros), gap_note(heteros, recorder),
+                     *dag_diagnosis(heteros, hetero, recorder, meter)]
+        if "overhead" in parts:
+            bench.console.rule("per-module overhead")
+            overhead = bench.interleaved(meter.wrap(overhead_cases(cluster, config)), config.rounds,
+                                         on_failure=restart)
+            rows += overhead_rows(overhead, config, meter)
+        if "throughput" in parts:
+            bench.console.rule("throughput")
+            many = bench.interleaved(meter.wrap(throughput_cases(cluster, config)), config.rounds,
+                                     on_failure=restart)
+            rows += throughput_rows(many, config, meter)
     return rows, notes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run of about a minute; does not write the docs")
+    parser.add_argument("--only", action="append", choices=PARTS, metavar="PART",
+                        help=f"run only this part (repeatable; one of {', '.join(PARTS)}); does not write the docs")
     args = parser.parse_args()
     config = QUICK if args.quick else FULL
     started = time.perf_counter()
-    rows, notes = run_parts(config)
+    rows, notes = run_parts(config, args.only or PARTS)
     elapsed = time.perf_counter() - started
     bench.print_table(f"{HEADING} — {elapsed:.0f} s", HEADERS, [row.cells() for row in rows])
     for line in [*notes, *goal_lines(rows)]:
         bench.console.print(line)
-    if not args.quick:
+    if not args.quick and not args.only:
         table = bench.markdown_table(HEADERS, [row.cells() for row in rows])
         bench.write_section(HEADING, docs_body(table, [*static_notes(config), *notes], goal_lines(rows), config,
                                                elapsed))
