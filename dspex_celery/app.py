@@ -26,7 +26,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "worker_send_task_events": True,
+        "worker_send_task_events": False,  # as in Celery: `worker -E`, or Flower turns them on
         "task_send_sent_event": settings.sent_events,
         "task_track_started": True,
         "task_default_queue": control_queue(settings.namespace),

@@ -44,7 +44,7 @@ def node_name(resources: tuple[str, ...], name: str | None) -> str:
 
 
 def worker_argv(settings: Settings, resources: tuple[str, ...], concurrency: int | None, pool: str,
-                name: str | None, loglevel: str) -> list[str]:
+                name: str | None, loglevel: str, task_events: bool = False) -> list[str]:
     """Arguments for Celery's own worker command."""
     argv = [
         "worker",
@@ -52,10 +52,11 @@ def worker_argv(settings: Settings, resources: tuple[str, ...], concurrency: int
         "--pool", pool,
         "--hostname", node_name(resources, name),
         "--loglevel", loglevel,
-        "--task-events",
         "--without-gossip",
         "--without-mingle",
     ]
+    if task_events:
+        argv.append("--task-events")
     if concurrency is not None:
         argv += ["--concurrency", str(concurrency)]
     return argv
@@ -76,6 +77,8 @@ def worker_argv(settings: Settings, resources: tuple[str, ...], concurrency: int
 @connection_options
 @click.option("-n", "--name", default=None, help="Node name (default: dspex-CLASSES-PID@HOST).")
 @click.option("-l", "--loglevel", default="INFO", show_default=True)
+@click.option("-E", "--task-events", is_flag=True, envvar="DSPEX_WORKER_TASK_EVENTS",
+              help="Send task events from the start (as celery worker -E); Flower turns them on when it runs.")
 def worker(
     resources: tuple[str, ...],
     concurrency: int | None,
@@ -86,6 +89,7 @@ def worker(
     result_backend: str | None,
     name: str | None,
     loglevel: str,
+    task_events: bool,
 ) -> None:
     """Start a worker consuming the queues of its resource classes."""
     resources = resources or (defaults.RESOURCE,)
@@ -99,4 +103,4 @@ def worker(
     runtime = create_runtime(settings)
     import_includes(includes)
     runtime.check_reachable()
-    runtime.app.worker_main(worker_argv(settings, resources, concurrency, pool, name, loglevel))
+    runtime.app.worker_main(worker_argv(settings, resources, concurrency, pool, name, loglevel, task_events))
