@@ -44,6 +44,9 @@ def _module_signature(
         "task_id": task_id(execution_id, name),
         "shadow": f"dspex.module:{plan.program}.{name}",
         "priority": message_priority(plan.urgency(name), broker_url),
+        # what Celery's saferepr would make of these short strings, without its cost per message
+        "argsrepr": repr((execution_id, name)),
+        "kwargsrepr": repr({"program": plan.program}),
     }
     if module.timeout_s:
         options["soft_time_limit"] = module.timeout_s

@@ -15,30 +15,26 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import time
 from collections.abc import Callable
 from typing import Any
 
 from benchlib import (
-    CLI,
-    ROOT,
-    BenchCluster,
     WorkerSpec,
     cluster,
     console,
     fmt,
     interleaved,
+    learn_profile,
     machine_lines,
     markdown_table,
     print_table,
+    start_listener,
     write_section,
 )
 
 from dspex_celery import ExecutionStatus, Program, create_runtime, submit_program
 from dspex_celery.examples.synthetic import WORK
-from dspex_celery.history.store import open_history
-from dspex_celery.optimizer import Report, optimize
+from dspex_celery.optimizer import Report
 from dspex_celery.results import ExecutionResult, parse_time
 from dspex_celery.runtime import Runtime
 from dspex_celery.strategies import get_strategy
@@ -85,28 +81,10 @@ def run_once(runtime: Runtime, strategy: str, use_profile: bool) -> ExecutionRes
     return result
 
 
-def start_listener(bench: BenchCluster, url: str) -> subprocess.Popen[bytes]:
-    log = bench.logdir / "listener.log"
-    process = subprocess.Popen([CLI, "listener"], cwd=ROOT, env={**bench.env(), "DSPEX_HISTORY_URL": url},
-                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while "listener ready" not in log.read_text(errors="replace"):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"listener did not start:\n{log.read_text(errors='replace')}")
-        time.sleep(0.1)
-    return process
-
-
 def learn(runtime: Runtime, url: str, runs: int) -> Report:
     """``runs`` executions without a profile, recorded by the listener; then ``optimize``."""
     ids = [run_once(runtime, "levels", use_profile=False).execution_id for _ in range(runs)]
-    history = open_history(url)
-    deadline = time.monotonic() + 60
-    while len(history.final_ids(ids)) < len(ids):
-        if time.monotonic() > deadline:
-            raise RuntimeError("the listener did not record the learning runs")
-        time.sleep(0.1)
-    return optimize(history, NAME)
+    return learn_profile(url, NAME, ids)
 
 
 def strategies() -> list[str]:

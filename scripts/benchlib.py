@@ -30,6 +30,8 @@ from rich.console import Console
 from rich.table import Table
 
 from dspex_celery import ExecutionStatus, Program, submit_program
+from dspex_celery.history.store import open_history
+from dspex_celery.optimizer import Report, optimize
 from dspex_celery.runtime import Runtime, create_runtime
 from dspex_celery.settings import Settings
 
@@ -164,6 +166,30 @@ class BenchCluster:
         if result.status is not ExecutionStatus.SUCCEEDED:
             raise RuntimeError(f"{program['name']} ({strategy}) {result.status.value}: {result.error}")
         return wall
+
+
+def start_listener(bench: BenchCluster, url: str) -> subprocess.Popen[bytes]:
+    """A `dspex-celery listener` recording the cluster's history into ``url``, once it is ready."""
+    log = bench.logdir / "listener.log"
+    process = subprocess.Popen([CLI, "listener"], cwd=ROOT, env={**bench.env(), "DSPEX_HISTORY_URL": url},
+                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while "listener ready" not in log.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"listener did not start:\n{log.read_text(errors='replace')}")
+        time.sleep(0.1)
+    return process
+
+
+def learn_profile(url: str, program: str, execution_ids: Sequence[str], timeout: float = 60) -> Report:
+    """Wait until the listener recorded these executions, then ``optimize`` the program (saves its profile)."""
+    history = open_history(url)
+    deadline = time.monotonic() + timeout
+    while len(history.final_ids(list(execution_ids))) < len(execution_ids):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the listener did not record the learning runs")
+        time.sleep(0.1)
+    return optimize(history, program)
 
 
 @contextmanager
