@@ -13,6 +13,7 @@ do not write the docs.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
 import statistics
@@ -45,6 +46,7 @@ from dspex_celery.examples import synthetic
 from dspex_celery.plan import Plan
 from dspex_celery.results import ExecutionResult, parse_time
 from dspex_celery.routing import queue_name
+from dspex_celery.runtime import Runtime
 
 HEADING = "DAG strategy (issue 5)"
 WORKERS = [bench.WorkerSpec(("default",), concurrency=4, pool="threads",
@@ -55,6 +57,9 @@ DURATIONS_MS = (10.0, 300.0)
 RUN_TIMEOUT_S = 180.0
 SUBMIT_THREADS = 4
 RAW = "raw canvas"
+PROFILED = " + learned profile"
+HETERO_STRATEGIES = ("levels", "dag", "dag" + PROFILED, RAW)
+LEARNING_RUNS = 3  # recorded dag runs per program before `optimize` learns its profile
 DAG_GOAL = 1.08  # dag makespan <= 1.08 x LB
 LEVELS_VS_RAW_GOAL = 1.02  # levels makespan <= 1.02 x raw canvas
 FLAT_GOAL = 0.20  # per-module cost within +-20 % from small to large
@@ -153,11 +158,16 @@ class CpuMeter:
 
 
 def run_program(cluster: bench.BenchCluster, program: dict[str, Any], strategy: str,
-                timeout: float = RUN_TIMEOUT_S) -> tuple[float, ExecutionResult]:
-    """Submit ``program``, wait for it: wall seconds from submit to result, and the result."""
+                timeout: float = RUN_TIMEOUT_S, profiled: Runtime | None = None) -> tuple[float, ExecutionResult]:
+    """Submit ``program``, wait for it: wall seconds from submit to result, and the result.
+
+    ``profiled``: submit through this runtime (whose history has the program's learned profile) with
+    ``use_profile=True``; otherwise without a profile.
+    """
     start = time.perf_counter()
-    handle = submit_program(Program.from_dict(program), {}, strategy=strategy, app=cluster.runtime.app,
-                            use_profile=False)
+    runtime = profiled or cluster.runtime
+    handle = submit_program(Program.from_dict(program), {}, strategy=strategy, app=runtime.app,
+                            use_profile=profiled is not None)
     result = handle.get(timeout=timeout)
     wall = time.perf_counter() - start
     if result.status is not ExecutionStatus.SUCCEEDED:
@@ -288,12 +298,13 @@ class HeteroRecorder:
 
 
 def hetero_case(cluster: bench.BenchCluster, hetero: Hetero, strategy: str, recorder: HeteroRecorder,
-                name: str, timeout: float) -> float:
+                name: str, timeout: float, profiled: Runtime | None = None) -> float:
     """One run: returns the makespan from recorded start/end times; keeps the wall and hop gaps."""
     if strategy == RAW:
         wall, times = run_raw(cluster, level_tasks(hetero.plan, hetero.ms), timeout, record=True)
     else:
-        wall, result = run_program(cluster, hetero.program, strategy, timeout)
+        wall, result = run_program(cluster, hetero.program, strategy.removesuffix(PROFILED), timeout,
+                                   profiled if strategy.endswith(PROFILED) else None)
         times = module_times(result)
     if len(times) != hetero.size:
         raise RuntimeError(f"{name}: {len(times)} of {hetero.size} modules recorded times")
@@ -303,13 +314,28 @@ def hetero_case(cluster: bench.BenchCluster, hetero: Hetero, strategy: str, reco
 
 
 def hetero_cases(cluster: bench.BenchCluster, heteros: list[Hetero], recorder: HeteroRecorder,
-                 ) -> dict[str, Callable[[], float]]:
+                 profiled: Runtime) -> dict[str, Callable[[], float]]:
     cases: dict[str, Callable[[], float]] = {}
     for hetero in heteros:
-        for strategy in ("levels", "dag", RAW):
+        for strategy in HETERO_STRATEGIES:
             name = f"hetero/{hetero.size}/{strategy}"
-            cases[name] = partial(hetero_case, cluster, hetero, strategy, recorder, name, HETERO_TIMEOUT_S)
+            cases[name] = partial(hetero_case, cluster, hetero, strategy, recorder, name, HETERO_TIMEOUT_S, profiled)
     return cases
+
+
+def learn_profiles(cluster: bench.BenchCluster, heteros: list[Hetero], runs: int) -> Runtime:
+    """Record ``runs`` dag runs of each program with a real listener, ``optimize`` them (saving each
+    profile), and return a client runtime that plans with those profiles."""
+    url = f"sqlite:///{cluster.logdir / 'history.db'}"
+    listener = bench.start_listener(cluster, url)
+    try:
+        for hetero in heteros:
+            ids = [run_program(cluster, hetero.program, "dag")[1].execution_id for _ in range(runs)]
+            bench.learn_profile(url, hetero.program["name"], ids)
+    finally:
+        listener.terminate()
+        listener.wait(timeout=15)
+    return create_runtime(cluster.settings.model_copy(update={"history_url": url}))
 
 
 def hetero_rows(heteros: list[Hetero], samples: dict[str, bench.Samples], recorder: HeteroRecorder,
@@ -318,7 +344,7 @@ def hetero_rows(heteros: list[Hetero], samples: dict[str, bench.Samples], record
     for hetero in heteros:
         lb = hetero.lower_bound_s()
         raw = samples[f"hetero/{hetero.size}/{RAW}"].median
-        for strategy in ("levels", "dag", RAW):
+        for strategy in HETERO_STRATEGIES:
             name = f"hetero/{hetero.size}/{strategy}"
             span = samples[name]
             wall = recorder.walls.get(name, bench.Samples()).median
@@ -332,7 +358,7 @@ def hetero_rows(heteros: list[Hetero], samples: dict[str, bench.Samples], record
                 row.verdict = f"{bench.fmt(versus, 3)}: {verdict(versus, LEVELS_VS_RAW_GOAL)}"
                 if versus is not None and versus < 2 - LEVELS_VS_RAW_GOAL:
                     row.verdict += f" ({1 - versus:.0%} faster than raw)"
-            if strategy == "dag":
+            if strategy.startswith("dag"):
                 versus_lb = bench.ratio(span.median, lb)
                 row.goal = f"≤ {DAG_GOAL} × LB"
                 row.verdict = f"{bench.fmt(versus_lb)}: {verdict(versus_lb, DAG_GOAL)}"
@@ -581,6 +607,48 @@ def distribution_note(heteros: list[Hetero]) -> list[str]:
     return lines
 
 
+def list_schedule_s(hetero: Hetero, priority: dict[str, float]) -> float:
+    """Makespan of greedy list scheduling with no engine overhead: whenever a slot is free, start the
+    ready module of highest ``priority`` (what ``dag`` does, minus its latency)."""
+    left = {name: len(module.parents) for name, module in hetero.plan.modules.items()}
+    ready = [(-priority[name], name) for name, count in left.items() if count == 0]
+    heapq.heapify(ready)
+    running: list[tuple[float, str]] = []
+    now = 0.0
+    while ready or running:
+        while ready and len(running) < SLOTS:
+            name = heapq.heappop(ready)[1]
+            heapq.heappush(running, (now + hetero.ms[name] / 1000, name))
+        now, done = heapq.heappop(running)
+        for child in hetero.plan.modules[done].children:
+            left[child] -= 1
+            if left[child] == 0:
+                heapq.heappush(ready, (-priority[child], child))
+    return now
+
+
+def duration_priorities(hetero: Hetero) -> dict[str, float]:
+    """Longest remaining path by nominal duration (what a learned profile approximates)."""
+    remaining: dict[str, float] = {}
+    for name in reversed(hetero.plan.topological_order()):
+        children = hetero.plan.modules[name].children
+        remaining[name] = hetero.ms[name] + max((remaining[child] for child in children), default=0.0)
+    return remaining
+
+
+def schedule_floor_note(heteros: list[Hetero]) -> str:
+    cells = []
+    for hetero in heteros:
+        lb = hetero.lower_bound_s()
+        by_count = list_schedule_s(hetero, {name: module.priority for name, module in hetero.plan.modules.items()})
+        by_duration = list_schedule_s(hetero, duration_priorities(hetero))
+        cells.append(f"{hetero.size} modules: by module count {by_count / lb:.3f} × LB, by duration "
+                     f"{by_duration / lb:.3f} × LB")
+    return ("- *scheduling floor*: makespan of the same greedy dispatch (a free slot takes the most urgent "
+            f"ready module) with zero engine overhead on {SLOTS} slots, simulated from the nominal durations — "
+            "what dag could reach with instant dispatch, for each priority: " + "; ".join(cells))
+
+
 def critical_hops(hetero: Hetero) -> int:
     """Modules on the longest path by duration."""
     longest: dict[str, tuple[float, int]] = {}
@@ -594,7 +662,7 @@ def critical_hops(hetero: Hetero) -> int:
 def gap_note(heteros: list[Hetero], recorder: HeteroRecorder) -> str:
     parts = []
     for hetero in heteros:
-        cells = [f"{strategy} {gap:.0f} / {over:.1f}" for strategy in ("levels", "dag", RAW)
+        cells = [f"{strategy} {gap:.0f} / {over:.1f}" for strategy in HETERO_STRATEGIES
                  if (gap := recorder.median(recorder.gaps, f"hetero/{hetero.size}/{strategy}")) is not None
                  and (over := recorder.median(recorder.overheads, f"hetero/{hetero.size}/{strategy}")) is not None]
         parts.append(f"{hetero.size} modules: " + ", ".join(cells))
@@ -678,7 +746,10 @@ def static_notes(config: Config) -> list[str]:
          f"`synthetic.work` sleeping their ms (threads pool: sleeping costs no CPU); programs are "
          f"`synthetic.random_dag(n, seed={SEED}, durations_ms={DURATIONS_MS})` (Pareto α = 1.2 from 10 ms, "
          "capped at 300 ms). Priorities are the longest remaining path by module count (`use_profile=False`: "
-         "no learned durations). *raw canvas*: `chain(chord(group(sleep.si(ms) per module of the level), "
+         "no learned durations), except for *dag + learned profile*: before the rounds, a real `dspex-celery "
+         f"listener` records {LEARNING_RUNS} dag runs of each program and `optimize` saves its profile; those "
+         "runs are submitted with `use_profile=True`, so priorities are the longest remaining path by observed "
+         "p50 duration (the issue's \"by observed duration when a history profile exists\"). *raw canvas*: `chain(chord(group(sleep.si(ms) per module of the level), "
          "noop.si()) per level)` of plain Celery tasks (`scripts/bench_dag_tasks.py`) on the same workers."),
         (f"- *ms/module (no-op)*: wall from `submit_program` to the result / module count; `synthetic.layered` "
          "(each module reads two of the level above), deep = 5 wide, wide = 10 levels. raw canvas: the same "
@@ -745,10 +816,11 @@ def cluster_parts(config: Config, parts: Sequence[str]) -> tuple[list[Row], list
         meter = CpuMeter(cluster)
         if heteros:
             bench.console.rule("makespan / LB")
-            hetero = bench.interleaved(meter.wrap(hetero_cases(cluster, heteros, recorder)), config.rounds,
+            profiled = learn_profiles(cluster, heteros, LEARNING_RUNS)
+            hetero = bench.interleaved(meter.wrap(hetero_cases(cluster, heteros, recorder, profiled)), config.rounds,
                                        on_failure=restart)
             rows += hetero_rows(heteros, hetero, recorder, meter)
-            notes = [*distribution_note(heteros), gap_note(heteros, recorder),
+            notes = [*distribution_note(heteros), schedule_floor_note(heteros), gap_note(heteros, recorder),
                      *dag_diagnosis(heteros, hetero, recorder, meter)]
         if "overhead" in parts:
             bench.console.rule("per-module overhead")
