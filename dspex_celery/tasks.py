@@ -133,10 +133,8 @@ class ModuleRun:
             previous = self._lost(previous)
             if previous.status.final:
                 return {"module": self.name, "status": previous.status.value}
-        if begin.running_written:
-            ctx = self._start(plan, first, stored=True)
-        else:
-            ctx = self._start(plan, self._running_record(plan, previous), stored=False)
+        record = first if begin.running_written else self._running_record(plan, previous)
+        ctx = self._start(plan, record, stored=begin.running_written)
         try:
             self.runtime.hooks.before_module(ctx)
             output = self._call(ctx, begin)
