@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import redis
@@ -13,6 +15,7 @@ from celery import Celery, Task
 from celery.signals import worker_process_init
 from celery.utils.time import get_exponential_backoff_interval
 
+from dspex_celery.call_threads import CallThreads
 from dspex_celery.canvas import ADVANCE, RUN_MODULE, stages
 from dspex_celery.errors import ModuleError, ModuleTimeout, TransientError, WorkerLost
 from dspex_celery.execution import (
@@ -29,7 +32,13 @@ from dspex_celery.graph import resolve_uses
 from dspex_celery.hooks import ModuleContext
 from dspex_celery.integrations.dspy import is_lm_transient
 from dspex_celery.plan import ModulePlan, Plan
-from dspex_celery.results import ModuleRecord, ModuleStatus, isoformat, parse_time, utcnow
+from dspex_celery.results import (
+    ModuleRecord,
+    ModuleStatus,
+    isoformat,
+    parse_time,
+    utcnow,
+)
 from dspex_celery.runner import (
     check_allowed,
     load_callable,
@@ -54,6 +63,7 @@ MAX_LOST_ATTEMPTS = 3
 INFRA_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 _pool_child = threading.Event()
+_call_threads = CallThreads("dspex-module-call")
 
 
 @worker_process_init.connect(weak=False)
@@ -262,28 +272,19 @@ def backoff_delay(policy: RetryPolicy, attempt: int, visibility_timeout_s: float
 
 def call_module(module: ModulePlan, function: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
     """Call a module. Outside a prefork pool child (threads/solo pools, embedded), where Celery's
-    time limits do nothing, ``timeout_s`` is enforced by waiting for the call in a thread."""
+    time limits do nothing, ``timeout_s`` is enforced by waiting for the call on another thread."""
     if module.timeout_s is None or _pool_child.is_set():
         return _guarded(module, function, kwargs)
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = _guarded(module, function, kwargs)
-        except BaseException as exc:  # handed to the caller below
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"dspex-module-{module.name}", daemon=True)
-    thread.start()
-    thread.join(module.timeout_s)
-    if thread.is_alive():
-        raise ModuleTimeout(
-            f"module '{module.name}' ran longer than its timeout_s ({module.timeout_s:g} s); this worker "
-            "pool cannot stop a call, so it was abandoned (use the prefork pool to have it killed)"
-        )
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    future = _call_threads.submit(functools.partial(_guarded, module, function, kwargs))
+    try:
+        return future.result(timeout=module.timeout_s)
+    except FutureTimeout:
+        if not future.done():
+            raise ModuleTimeout(
+                f"module '{module.name}' ran longer than its timeout_s ({module.timeout_s:g} s); this worker "
+                "pool cannot stop a call, so it was abandoned (use the prefork pool to have it killed)"
+            ) from None
+        return future.result()  # it returned just now, or raised a TimeoutError of its own
 
 
 def _guarded(module: ModulePlan, function: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
