@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dspex_celery.canvas import hard_time_limit
 from dspex_celery.errors import CircuitOpen, UsageError
 from dspex_celery.hooks import Hook, ModuleContext
-from dspex_celery.state import StateStore
+from dspex_celery.plan import ModulePlan, Plan
+from dspex_celery.state import LuaStep, StateStore
+
+if TYPE_CHECKING:
+    from dspex_celery.runtime import Runtime
 
 #: How long a half-open trial of a module without ``timeout_s`` may run before another worker
 #: may try (a trial whose worker was killed never reports back).
@@ -33,22 +37,23 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: circuit. ARGV: holder, reset_ms, trial_ms, failures threshold.
-# Returns {verdict, number}: {1, failures} closed (call); {2, 0} the trial (call);
+# The body of function(k, a) — KEYS[k]: circuit. ARGV[a..a+3]: holder, reset_ms, trial_ms, failures threshold.
+# Returns {verdict, number, holder}: {1, failures} closed (call); {2, 0} the trial (call);
 # {0, ms} open, or half-open with the trial taken (do not call; ms until it may change).
-_ACQUIRE = _NOW + """
-local state = redis.call('HGET', KEYS[1], 'state')
+_ACQUIRE_BODY = _NOW + """
+local state = redis.call('HGET', KEYS[k], 'state')
 if not state or state == 'closed' then
-  return {1, tonumber(redis.call('HGET', KEYS[1], 'failures') or '0')}
+  return {1, tonumber(redis.call('HGET', KEYS[k], 'failures') or '0'), ARGV[a]}
 end
-local reopen = tonumber(redis.call('HGET', KEYS[1], 'opened_at') or '0') + tonumber(ARGV[2])
-if now < reopen then return {0, reopen - now} end
-local trial_until = tonumber(redis.call('HGET', KEYS[1], 'trial_until') or '0')
-if trial_until > now then return {0, trial_until - now} end
-redis.call('HSET', KEYS[1], 'state', 'half_open', 'trial', ARGV[1], 'trial_until', now + tonumber(ARGV[3]),
-           'reset_ms', ARGV[2], 'threshold', ARGV[4])
-return {2, 0}
+local reopen = tonumber(redis.call('HGET', KEYS[k], 'opened_at') or '0') + tonumber(ARGV[a + 1])
+if now < reopen then return {0, reopen - now, ARGV[a]} end
+local trial_until = tonumber(redis.call('HGET', KEYS[k], 'trial_until') or '0')
+if trial_until > now then return {0, trial_until - now, ARGV[a]} end
+redis.call('HSET', KEYS[k], 'state', 'half_open', 'trial', ARGV[a], 'trial_until', now + tonumber(ARGV[a + 2]),
+           'reset_ms', ARGV[a + 1], 'threshold', ARGV[a + 3])
+return {2, 0, ARGV[a]}
 """
+_ACQUIRE = f"return (function(k, a)\n{_ACQUIRE_BODY}\nend)(1, 1)"
 
 # KEYS: circuit. ARGV: holder, outcome (success | failure | release), failures threshold, reset_ms.
 _REPORT = _NOW + """
@@ -87,22 +92,37 @@ def circuit_key(store: StateStore, name: str) -> str:
 class CircuitBreaker(Hook):
     """Fails attempts of a module fast while its circuit is open; counts its failed calls."""
 
+    def begin_step(self, runtime: Runtime, plan: Plan, module: ModulePlan) -> LuaStep | None:
+        """Take the circuit's verdict in the same round trip that starts a first attempt."""
+        acquire = self._acquire(runtime.store, plan, module)
+        return None if acquire is None else LuaStep(_ACQUIRE_BODY, *acquire)
+
     def before_module(self, ctx: ModuleContext) -> None:
-        policy = ctx.module.breaker_policy
-        if not policy.enabled:
+        acquire = self._acquire(ctx.runtime.store, ctx.plan, ctx.module)
+        if acquire is None:
             return
-        store = ctx.runtime.store
-        name = circuit_name(ctx.plan.program, ctx.module.name)
-        holder = uuid.uuid4().hex
-        trial_s = hard_time_limit(ctx.module.timeout_s) if ctx.module.timeout_s else TRIAL_LEASE_S
-        args = [holder, int(policy.reset_s * 1000), int(trial_s * 1000), policy.failures]
-        verdict, number = (int(part) for part in _script(store, _ACQUIRE)(keys=[circuit_key(store, name)], args=args))
+        keys, args = acquire
+        reply = ctx.begun.get(self)
+        if reply is None:  # a later attempt: ask now
+            reply = ctx.runtime.store.script(_ACQUIRE)(keys=keys, args=args)
+        verdict, number, holder = int(reply[0]), int(reply[1]), str(reply[2])
+        policy, name = ctx.module.breaker_policy, circuit_name(ctx.plan.program, ctx.module.name)
         if verdict == 0:
             raise CircuitOpen(
                 f"circuit '{name}' is open after {policy.failures} consecutive failures: not calling the "
                 f"module; next trial in {number / 1000:.1f} s (or: dspex-celery breakers reset {name})"
             )
         ctx.extras["breaker"] = _Ticket(name, holder, trial=verdict == 2, clean=verdict == 1 and number == 0)
+
+    def _acquire(self, store: StateStore, plan: Plan, module: ModulePlan) -> tuple[list[str], list[Any]] | None:
+        """Keys and args of the acquire script for a module's attempt (a fresh holder: the script
+        hands it back); None when its breaker is off."""
+        policy = module.breaker_policy
+        if not policy.enabled:
+            return None
+        trial_s = hard_time_limit(module.timeout_s) if module.timeout_s else TRIAL_LEASE_S
+        key = circuit_key(store, circuit_name(plan.program, module.name))
+        return [key], [uuid.uuid4().hex, int(policy.reset_s * 1000), int(trial_s * 1000), policy.failures]
 
     def after_success(self, ctx: ModuleContext, output: dict[str, Any]) -> None:
         ticket = ctx.extras.get("breaker")
@@ -131,7 +151,7 @@ class CircuitBreaker(Hook):
         policy = ctx.module.breaker_policy
         store = ctx.runtime.store
         args = [ticket.holder, outcome, policy.failures, int(policy.reset_s * 1000)]
-        _script(store, _REPORT)(keys=[circuit_key(store, ticket.name)], args=args)
+        store.script(_REPORT)(keys=[circuit_key(store, ticket.name)], args=args)
 
 
 @dataclass
@@ -140,10 +160,6 @@ class _Ticket:
     holder: str
     trial: bool
     clean: bool
-
-
-def _script(store: StateStore, source: str) -> Any:
-    return store.client.register_script(source)
 
 
 # --- what `dspex-celery breakers` shows and resets ---------------------------------------------

@@ -18,6 +18,7 @@ from dspex_celery.results import ExecutionResult, ModuleRecord
 
 if TYPE_CHECKING:
     from dspex_celery.runtime import Runtime
+    from dspex_celery.state import LuaStep
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,16 @@ class ModuleContext:
     started_at: datetime
     record: ModuleRecord
     extras: dict[str, Any] = field(default_factory=dict)
+    begun: dict[Hook, Any] = field(default_factory=dict)  # replies of the hooks' begin steps, if they ran
 
 
 class Hook:
     """Base class: every method is a no-op; override the ones you need."""
+
+    def begin_step(self, runtime: Runtime, plan: Plan, module: ModulePlan) -> LuaStep | None:
+        """Lua to run in the state store's begin script of a module's first attempt (saving a round
+        trip); its reply reaches ``before_module`` as ``ctx.begun[self]`` (absent when it did not run)."""
+        return None
 
     def before_module(self, ctx: ModuleContext) -> None:
         """Before the module is called; raise to fail this attempt without calling it."""
@@ -67,6 +74,9 @@ class HookChain:
 
     def add(self, hook: Hook) -> None:
         self.hooks.append(hook)
+
+    def begin_steps(self, runtime: Runtime, plan: Plan, module: ModulePlan) -> list[tuple[Hook, LuaStep]]:
+        return [(hook, step) for hook in self.hooks if (step := hook.begin_step(runtime, plan, module)) is not None]
 
     def before_module(self, ctx: ModuleContext) -> None:
         for hook in self.hooks:

@@ -35,9 +35,11 @@ for i = 2, 4 do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
 """
 
 
-# KEYS: records, meta, finished flag, outputs. ARGV: module, ttl, running record JSON, parents...
-# Writes the running record only when the module has no record yet and the execution goes on.
-# Returns {previous record or nil, meta as a flat list, finished (0/1), written (0/1), parent outputs}.
+# KEYS: records, meta, finished flag, outputs (then the keys of the steps).
+# ARGV: module, ttl, running record JSON, number of step args (then the steps' args, then parents...).
+# Writes the running record only when the module has no record yet and the execution goes on; the
+# steps run only then. Returns {previous record or nil, meta as a flat list, finished (0/1),
+# written (0/1), parent outputs, the steps' replies...}.
 _BEGIN = """
 local previous = redis.call('HGET', KEYS[1], ARGV[1])
 local finished = redis.call('EXISTS', KEYS[3])
@@ -47,19 +49,34 @@ if not previous and finished == 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   written = 1
 end
+local first_parent = 5 + tonumber(ARGV[4])
 local outputs = {}
-if #ARGV > 3 then outputs = redis.call('HMGET', KEYS[4], unpack(ARGV, 4, #ARGV)) end
-return {previous, redis.call('HGETALL', KEYS[2]), finished, written, outputs}
+if #ARGV >= first_parent then outputs = redis.call('HMGET', KEYS[4], unpack(ARGV, first_parent, #ARGV)) end
+local result = {previous, redis.call('HGETALL', KEYS[2]), finished, written, outputs}
 """
 
 
 @dataclass(frozen=True, slots=True)
 class LuaStep:
-    """Lua appended to a store script, with its own keys and args (numbered after the script's)."""
+    """Lua appended to a store script, with its own keys and args (numbered after the script's).
+
+    For :meth:`StateStore.begin` the source is the body of ``function(k, a)``: its keys are
+    ``KEYS[k]...``, its args ``ARGV[a]...``; what it returns is handed back.
+    """
 
     source: str
     keys: Sequence[str] = ()
     args: Sequence[Any] = ()
+
+
+def _begin_source(steps: Sequence[LuaStep]) -> str:
+    """The begin script with ``steps`` run after it (only when the attempt starts)."""
+    calls, key, arg = [], 5, 5
+    for index, step in enumerate(steps):
+        calls.append(f"  result[{6 + index}] = (function(k, a)\n{step.source}\n  end)({key}, {arg})")
+        key, arg = key + len(step.keys), arg + len(step.args)
+    body = "if written == 1 then\n" + "\n".join(calls) + "\nend\n" if calls else ""
+    return _BEGIN + body + "return result"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +88,7 @@ class ModuleStart:
     finished: bool
     upstream: dict[str, dict[str, Any]]
     running_written: bool  # the first attempt's running record is stored already
+    step_replies: list[Any]  # of the begin steps, in order (empty unless running_written)
 
 
 class StateStore:
@@ -190,19 +208,25 @@ class StateStore:
             pipe.expire(self.key(execution_id, ATTEMPTS), self.ttl_s)
         pipe.execute()
 
-    def begin(self, execution_id: str, module: str, parents: Sequence[str], first_running: ModuleRecord) -> ModuleStart:
+    def begin(self, execution_id: str, module: str, parents: Sequence[str], first_running: ModuleRecord,
+              steps: Sequence[LuaStep] = ()) -> ModuleStart:
         """One round trip before a module runs: its record, the execution's meta and finished flag,
         the parents' outputs; ``first_running`` is stored at once when the module has no record yet
-        (its first attempt) and the execution goes on."""
+        (its first attempt) and the execution goes on, and ``steps`` (hooks' Lua) run then too."""
         keys = [self.key(execution_id, part) for part in ("rec", "meta", "finished", "out")]
-        reply = self.script(_BEGIN)(keys=keys, args=[module, self.ttl_s, first_running.model_dump_json(), *parents])
-        raw_record, raw_meta, finished, written, outputs = reply
+        keys += [key for step in steps for key in step.keys]
+        step_args = [arg for step in steps for arg in step.args]
+        args = [module, self.ttl_s, first_running.model_dump_json(), len(step_args), *step_args, *parents]
+        raw_record, raw_meta, finished, written, outputs, *replies = self.script(_begin_source(steps))(
+            keys=keys, args=args
+        )
         return ModuleStart(
             record=ModuleRecord() if raw_record is None else ModuleRecord.model_validate_json(raw_record),
             meta={key: json.loads(value) for key, value in zip(raw_meta[::2], raw_meta[1::2], strict=True)},
             finished=bool(finished),
             upstream={name: json.loads(value) for name, value in zip(parents, outputs, strict=True) if value is not None},
             running_written=bool(written),
+            step_replies=replies,
         )
 
     def save_success(self, execution_id: str, module: str, output: dict[str, Any], record: ModuleRecord,

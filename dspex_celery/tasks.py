@@ -130,7 +130,8 @@ class ModuleRun:
             return {"module": self.name, "status": "expired"}
         module = plan.modules[self.name]
         first = self._running_record(plan, ModuleRecord())
-        begin = self.store.begin(self.execution_id, self.name, module.parents, first)
+        steps = self.runtime.hooks.begin_steps(self.runtime, plan, module)
+        begin = self.store.begin(self.execution_id, self.name, module.parents, first, [step for _, step in steps])
         self.strategy = begin.meta.get("strategy", "levels")
         previous = begin.record
         if previous.status.final:
@@ -145,6 +146,7 @@ class ModuleRun:
                 return {"module": self.name, "status": previous.status.value}
         record = first if begin.running_written else self._running_record(plan, previous)
         ctx = self._start(plan, record, stored=begin.running_written)
+        ctx.begun = {hook: reply for (hook, _), reply in zip(steps, begin.step_replies, strict=False)}
         try:
             self.runtime.hooks.before_module(ctx)
             output = self._call(ctx, begin)
