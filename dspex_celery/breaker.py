@@ -23,7 +23,7 @@ from dspex_celery.canvas import hard_time_limit
 from dspex_celery.errors import CircuitOpen, UsageError
 from dspex_celery.hooks import Hook, ModuleContext
 from dspex_celery.plan import ModulePlan, Plan
-from dspex_celery.state import LuaStep, StateStore
+from dspex_celery.state import LuaStep, StateStore, lua_call
 
 if TYPE_CHECKING:
     from dspex_celery.runtime import Runtime
@@ -37,7 +37,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# The body of function(k, a) — KEYS[k]: circuit. ARGV[a..a+3]: holder, reset_ms, trial_ms, failures threshold.
+# A LuaStep body — KEYS[k]: circuit. ARGV[a..a+3]: holder, reset_ms, trial_ms, failures threshold.
 # Returns {verdict, number, holder}: {1, failures} closed (call); {2, 0} the trial (call);
 # {0, ms} open, or half-open with the trial taken (do not call; ms until it may change).
 _ACQUIRE_BODY = _NOW + """
@@ -53,7 +53,7 @@ redis.call('HSET', KEYS[k], 'state', 'half_open', 'trial', ARGV[a], 'trial_until
            'reset_ms', ARGV[a + 1], 'threshold', ARGV[a + 3])
 return {2, 0, ARGV[a]}
 """
-_ACQUIRE = f"return (function(k, a)\n{_ACQUIRE_BODY}\nend)(1, 1)"
+_ACQUIRE = "return " + lua_call(_ACQUIRE_BODY, 1, 1)
 
 # KEYS: circuit. ARGV: holder, outcome (success | failure | release), failures threshold, reset_ms.
 _REPORT = _NOW + """

@@ -23,9 +23,9 @@ PLAN_CACHE_SIZE = 512
 #: The module's attempts, one JSON entry per finished attempt (``report`` and history read them).
 ATTEMPTS = "attempts"
 
-# KEYS: finished flag, outputs, records, attempts (then the keys of ``then``).
-# ARGV: ttl, module, output JSON, record JSON, attempt JSON (then the args of ``then``).
-# Returns {-2} when the execution already finished (nothing written), else what ``then`` returns.
+# KEYS: finished flag, outputs, records, attempts (then the keys of the step).
+# ARGV: ttl, module, output JSON, record JSON, attempt JSON (then the args of the step).
+# Returns {-2} when the execution already finished (nothing written), else the step's reply.
 _SAVE_SUCCESS = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-2} end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
@@ -58,10 +58,10 @@ local result = {previous, redis.call('HGETALL', KEYS[2]), finished, written, out
 
 @dataclass(frozen=True, slots=True)
 class LuaStep:
-    """Lua appended to a store script, with its own keys and args (numbered after the script's).
+    """Lua run inside a store script, with its own keys and args.
 
-    For :meth:`StateStore.begin` the source is the body of ``function(k, a)``: its keys are
-    ``KEYS[k]...``, its args ``ARGV[a]...``; what it returns is handed back.
+    ``source`` is the body of ``function(k, a)``: its keys are ``KEYS[k]...`` and its args
+    ``ARGV[a]...`` (wherever the script puts them); what it returns is handed back.
     """
 
     source: str
@@ -69,11 +69,16 @@ class LuaStep:
     args: Sequence[Any] = ()
 
 
+def lua_call(body: str, first_key: int, first_arg: int) -> str:
+    """A Lua expression calling ``function(k, a) body end`` with the given offsets."""
+    return f"(function(k, a)\n{body}\nend)({first_key}, {first_arg})"
+
+
 def _begin_source(steps: Sequence[LuaStep]) -> str:
     """The begin script with ``steps`` run after it (only when the attempt starts)."""
     calls, key, arg = [], 5, 5
     for index, step in enumerate(steps):
-        calls.append(f"  result[{6 + index}] = (function(k, a)\n{step.source}\n  end)({key}, {arg})")
+        calls.append(f"  result[{6 + index}] = {lua_call(step.source, key, arg)}")
         key, arg = key + len(step.keys), arg + len(step.args)
     body = "if written == 1 then\n" + "\n".join(calls) + "\nend\n" if calls else ""
     return _BEGIN + body + "return result"
@@ -236,7 +241,8 @@ class StateStore:
         step = then or LuaStep("return {0}")
         keys = [self.key(execution_id, part) for part in ("finished", "out", "rec", ATTEMPTS)]
         args = [self.ttl_s, module, json.dumps(output), record.model_dump_json(), attempt_entry(module, record)]
-        reply = self.script(_SAVE_SUCCESS + step.source)(keys=[*keys, *step.keys], args=[*args, *step.args])
+        source = _SAVE_SUCCESS + "return " + lua_call(step.source, len(keys) + 1, len(args) + 1)
+        reply = self.script(source)(keys=[*keys, *step.keys], args=[*args, *step.args])
         return None if reply and int(reply[0]) == -2 else list(reply)
 
     def attempts(self, execution_id: str) -> list[dict[str, Any]]:

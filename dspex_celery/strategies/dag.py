@@ -18,34 +18,31 @@ from dspex_celery.execution import BLOCKING, finish, skip
 from dspex_celery.plan import Plan
 from dspex_celery.results import ExecutionStatus, ModuleRecord, ModuleStatus
 from dspex_celery.runtime import Runtime
-from dspex_celery.state import LuaStep
+from dspex_celery.state import LuaStep, lua_call
 from dspex_celery.strategies import Strategy
 
-# count_done(k, a) — KEYS[k..k+3]: deps hash, done set, open counter, blocking hash.
+# A LuaStep body — KEYS[k..k+3]: deps hash, done set, open counter, blocking hash.
 # ARGV[a..]: ttl, module, its status if it blocks its children ('' otherwise), children...
 # Returns {-1} when the module was already counted, else
 # {open_left, #ready, ready..., blocking module, its status, ...} (blocking ones only with ready ones).
 _COUNT_DONE = """
-local function count_done(k, a)
-  if redis.call('SADD', KEYS[k + 1], ARGV[a + 1]) == 0 then return {-1} end
-  if ARGV[a + 2] ~= '' then
-    redis.call('HSET', KEYS[k + 3], ARGV[a + 1], ARGV[a + 2])
-    redis.call('EXPIRE', KEYS[k + 3], ARGV[a])
-  end
-  local ready = {}
-  for i = a + 3, #ARGV do
-    if redis.call('HINCRBY', KEYS[k], ARGV[i], -1) == 0 then table.insert(ready, ARGV[i]) end
-  end
-  local result = {redis.call('DECR', KEYS[k + 2]), #ready}
-  for _, name in ipairs(ready) do table.insert(result, name) end
-  if #ready > 0 then
-    for _, item in ipairs(redis.call('HGETALL', KEYS[k + 3])) do table.insert(result, item) end
-  end
-  return result
+if redis.call('SADD', KEYS[k + 1], ARGV[a + 1]) == 0 then return {-1} end
+if ARGV[a + 2] ~= '' then
+  redis.call('HSET', KEYS[k + 3], ARGV[a + 1], ARGV[a + 2])
+  redis.call('EXPIRE', KEYS[k + 3], ARGV[a])
 end
+local ready = {}
+for i = a + 3, #ARGV do
+  if redis.call('HINCRBY', KEYS[k], ARGV[i], -1) == 0 then table.insert(ready, ARGV[i]) end
+end
+local result = {redis.call('DECR', KEYS[k + 2]), #ready}
+for _, name in ipairs(ready) do table.insert(result, name) end
+if #ready > 0 then
+  for _, item in ipairs(redis.call('HGETALL', KEYS[k + 3])) do table.insert(result, item) end
+end
+return result
 """
-_COUNT_ALONE = _COUNT_DONE + "return count_done(1, 1)"
-_COUNT_AFTER_SAVE = _COUNT_DONE + "return count_done(#KEYS - 3, 6)"  # after StateStore.save_success's 4 keys, 5 args
+_COUNT_ALONE = "return " + lua_call(_COUNT_DONE, 1, 1)
 
 
 class DagStrategy(Strategy):
@@ -72,13 +69,13 @@ class DagStrategy(Strategy):
         if runtime.store.is_finished(execution_id):
             return
         plan = _plan(runtime, execution_id)
-        step = self._count_step(runtime, execution_id, plan, module, status, _COUNT_ALONE)
-        self._go_on(runtime, execution_id, plan, runtime.store.script(step.source)(keys=step.keys, args=step.args))
+        step = self._count_step(runtime, execution_id, plan, module, status)
+        self._go_on(runtime, execution_id, plan, runtime.store.script(_COUNT_ALONE)(keys=step.keys, args=step.args))
 
     def module_succeeded(self, runtime: Runtime, execution_id: str, module: str, output: dict[str, Any],
                          record: ModuleRecord) -> bool:
         plan = _plan(runtime, execution_id)
-        step = self._count_step(runtime, execution_id, plan, module, ModuleStatus.SUCCEEDED, _COUNT_AFTER_SAVE)
+        step = self._count_step(runtime, execution_id, plan, module, ModuleStatus.SUCCEEDED)
         reply = runtime.store.save_success(execution_id, module, output, record, then=step)
         if reply is None:
             return False
@@ -108,11 +105,11 @@ class DagStrategy(Strategy):
             pipe.expire(key, runtime.store.ttl_s)
         pipe.execute()
 
-    def _count_step(self, runtime: Runtime, execution_id: str, plan: Plan, module: str, status: ModuleStatus,
-                    source: str) -> LuaStep:
+    def _count_step(self, runtime: Runtime, execution_id: str, plan: Plan, module: str,
+                    status: ModuleStatus) -> LuaStep:
         blocks = status.value if status in BLOCKING else ""
         args = [runtime.store.ttl_s, module, blocks, *plan.modules[module].children]
-        return LuaStep(source, self._keys(runtime, execution_id), args)
+        return LuaStep(_COUNT_DONE, self._keys(runtime, execution_id), args)
 
     def _go_on(self, runtime: Runtime, execution_id: str, plan: Plan, reply: list[Any]) -> None:
         """Dispatch the children a count made ready; finish when nothing is left open."""
