@@ -13,6 +13,7 @@ from celery import Celery
 from dspex_celery.app import make_app
 from dspex_celery.errors import BrokerUnreachable
 from dspex_celery.hooks import HookChain
+from dspex_celery.redis_queues import RedisQueues
 from dspex_celery.settings import Settings, load_settings
 from dspex_celery.state import StateStore
 
@@ -32,6 +33,8 @@ class Runtime:
     allowed: set[str] = field(default_factory=set)
     embedded_worker: Any = None
     reachable_until: float = 0.0
+    #: The broker's queues when state-store scripts can write them (Redis broker on the store's db).
+    queues: RedisQueues | None = None
 
     @property
     def allowed_packages(self) -> tuple[str, ...]:
@@ -81,7 +84,8 @@ def create_runtime(settings: Settings | None = None) -> Runtime:
     else:
         assert settings.state_url is not None  # make_app checked it
         store = StateStore.from_url(settings.state_url, settings.namespace, settings.state_ttl_s)
-    runtime = Runtime(settings, app, store, default_hooks(settings), set(settings.allowed_packages))
+    runtime = Runtime(settings, app, store, default_hooks(settings), set(settings.allowed_packages),
+                      queues=RedisQueues.of(settings, app))
     app.dspex_runtime = runtime  # type: ignore[attr-defined]
     return runtime
 

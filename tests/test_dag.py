@@ -13,8 +13,8 @@ from dspex_celery.plan import build_plan
 from dspex_celery.results import parse_time
 from dspex_celery.strategies import recommend_strategy
 from tests.conftest import Cluster, program
-from tests.test_cluster import DIAMOND
 from tests.modules import dag_mods
+from tests.test_cluster import DIAMOND
 
 pytestmark = pytest.mark.integration
 
@@ -174,3 +174,25 @@ def test_1000_module_program(cluster: Cluster) -> None:
     result = cluster.run(Program.from_dict(data), strategy="dag", timeout=300)
     assert result.status is ExecutionStatus.SUCCEEDED and len(result.modules) == 1000
     assert result.outputs == expected_sinks(data, result.outputs)
+
+
+def test_worker_dying_after_a_module_succeeds_never_loses_its_children(make_cluster) -> None:
+    # Given a worker that dies (no ack, no cleanup) right after module `a` has stored its success,
+    # and a second worker serving the children's resource class
+    cluster: Cluster = make_cluster()
+    doomed = cluster.start_worker("doomed", concurrency=1, pool="threads",
+                                  extra_args=("--include", "tests.modules.die_after"),
+                                  env={"DSPEX_TEST_DIE_AFTER": "a"})
+    cluster.start_worker("default", concurrency=2, pool="threads")
+    token = uuid.uuid4().hex
+    data = {"name": "dying", "modules": {
+        "a": {"uses": COUNTED, "inputs": {"key": f"{token}:a"}, "resource": "doomed"},
+        **{name: {"uses": COUNTED, "inputs": {"key": f"{token}:{name}", "x": "$a.value"}} for name in ("b", "c")},
+    }}
+    # When the program runs under dag
+    result = cluster.run(Program.from_dict(data), strategy="dag", timeout=60)
+    # Then the worker did die, and the children still ran, exactly once each, on the other worker
+    assert doomed.process.wait(timeout=10) != 0
+    assert result.status is ExecutionStatus.SUCCEEDED
+    assert result.outputs == {"b": {"value": 2}, "c": {"value": 2}}
+    assert [dag_mods.calls(f"{token}:{name}") for name in "abc"] == [1, 1, 1]

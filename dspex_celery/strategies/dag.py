@@ -6,40 +6,52 @@ counter and returns the children that reached zero, how many modules are still o
 modules that block their children (failed, skipped, cancelled). Two parents finishing at once
 therefore never double-dispatch or lose a child, and the module that closes the last open count
 finishes the execution — no coordinator, no polling. On success the step runs in the same script
-that stores the module's output and record: one round trip from "returned" to "children known".
+that stores the module's output and record, and, on a Redis broker sharing the store's database
+(:mod:`dspex_celery.redis_queues`), pushes the ready children's task messages itself: one round trip
+from "returned" to "children queued", and no window in which a dying worker could lose a child.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from dspex_celery.canvas import module_signature
 from dspex_celery.execution import BLOCKING, finish, skip
 from dspex_celery.plan import Plan
+from dspex_celery.redis_queues import RedisQueues
 from dspex_celery.results import ExecutionStatus, ModuleRecord, ModuleStatus
 from dspex_celery.runtime import Runtime
 from dspex_celery.state import LuaStep, lua_call
 from dspex_celery.strategies import Strategy
 
-# A LuaStep body — KEYS[k..k+3]: deps hash, done set, open counter, blocking hash.
-# ARGV[a..]: ttl, module, its status if it blocks its children ('' otherwise), children...
-# Returns {-1} when the module was already counted, else
-# {open_left, #ready, ready..., blocking module, its status, ...} (blocking ones only with ready ones).
+# A LuaStep body — KEYS[k..k+3]: deps hash, done set, open counter, blocking hash; when enqueuing,
+# then each child's queue list. ARGV[a..]: ttl, module, its status if it blocks its children ('' otherwise),
+# number of children n, enqueue ('1'/'0'), children...; when enqueuing, then each child's task message.
+# Returns {-1} when the module was already counted, else {open_left, #ready, ready..., blocking module,
+# its status, ...}: ready children left to the caller (none when they were enqueued here, which
+# happens only while no module blocks its children), blocking ones only with ready ones.
 _COUNT_DONE = """
 if redis.call('SADD', KEYS[k + 1], ARGV[a + 1]) == 0 then return {-1} end
 if ARGV[a + 2] ~= '' then
   redis.call('HSET', KEYS[k + 3], ARGV[a + 1], ARGV[a + 2])
   redis.call('EXPIRE', KEYS[k + 3], ARGV[a])
 end
+local n = tonumber(ARGV[a + 3])
 local ready = {}
-for i = a + 3, #ARGV do
-  if redis.call('HINCRBY', KEYS[k], ARGV[i], -1) == 0 then table.insert(ready, ARGV[i]) end
+for i = 1, n do
+  if redis.call('HINCRBY', KEYS[k], ARGV[a + 4 + i], -1) == 0 then table.insert(ready, i) end
 end
-local result = {redis.call('DECR', KEYS[k + 2]), #ready}
-for _, name in ipairs(ready) do table.insert(result, name) end
-if #ready > 0 then
-  for _, item in ipairs(redis.call('HGETALL', KEYS[k + 3])) do table.insert(result, item) end
+local result = {redis.call('DECR', KEYS[k + 2]), 0}
+if #ready == 0 then return result end
+local blocking = redis.call('HGETALL', KEYS[k + 3])
+if ARGV[a + 4] == '1' and #blocking == 0 then
+  for _, i in ipairs(ready) do redis.call('LPUSH', KEYS[k + 3 + i], ARGV[a + 4 + n + i]) end
+  return result
 end
+result[2] = #ready
+for _, i in ipairs(ready) do table.insert(result, ARGV[a + 4 + i]) end
+for _, item in ipairs(blocking) do table.insert(result, item) end
 return result
 """
 _COUNT_ALONE = "return " + lua_call(_COUNT_DONE, 1, 1)
@@ -75,7 +87,7 @@ class DagStrategy(Strategy):
     def module_succeeded(self, runtime: Runtime, execution_id: str, module: str, output: dict[str, Any],
                          record: ModuleRecord) -> bool:
         plan = _plan(runtime, execution_id)
-        step = self._count_step(runtime, execution_id, plan, module, ModuleStatus.SUCCEEDED)
+        step = self._count_step(runtime, execution_id, plan, module, ModuleStatus.SUCCEEDED, runtime.queues)
         reply = runtime.store.save_success(execution_id, module, output, record, then=step)
         if reply is None:
             return False
@@ -106,10 +118,19 @@ class DagStrategy(Strategy):
         pipe.execute()
 
     def _count_step(self, runtime: Runtime, execution_id: str, plan: Plan, module: str,
-                    status: ModuleStatus) -> LuaStep:
+                    status: ModuleStatus, queues: RedisQueues | None = None) -> LuaStep:
+        """The count of a finished ``module``; with ``queues``, its ready children are enqueued by it."""
         blocks = status.value if status in BLOCKING else ""
-        args = [runtime.store.ttl_s, module, blocks, *plan.modules[module].children]
-        return LuaStep(_COUNT_DONE, self._keys(runtime, execution_id), args)
+        children = _by_urgency(plan, plan.modules[module].children)
+        keys = self._keys(runtime, execution_id)
+        args = [runtime.store.ttl_s, module, blocks, len(children), "1" if queues else "0", *children]
+        if queues is not None:
+            namespace = runtime.settings.namespace
+            messages = [queues.message(module_signature(runtime.app, plan, execution_id, child, namespace))
+                        for child in children]
+            keys += [key for key, _ in messages]
+            args += [message for _, message in messages]
+        return LuaStep(_COUNT_DONE, keys, args)
 
     def _go_on(self, runtime: Runtime, execution_id: str, plan: Plan, reply: list[Any]) -> None:
         """Dispatch the children a count made ready; finish when nothing is left open."""
@@ -132,13 +153,18 @@ class DagStrategy(Strategy):
         Module results are not stored in the result backend: records and outputs live in the state store.
         """
         namespace = runtime.settings.namespace
-        for name in sorted(ready, key=lambda n: (-plan.modules[n].priority, n)):
+        for name in _by_urgency(plan, ready):
             parent = next((parent for parent in plan.modules[name].parents if parent in blocking), None)
             if parent is not None:
                 skip(runtime, execution_id, name, parent, blocking[parent])
                 self.module_finished(runtime, execution_id, name, ModuleStatus.SKIPPED)
                 continue
             module_signature(runtime.app, plan, execution_id, name, namespace).apply_async(ignore_result=True)
+
+
+def _by_urgency(plan: Plan, names: Iterable[str]) -> list[str]:
+    """Most urgent (longest remaining path) first, then by name."""
+    return sorted(names, key=lambda name: (-plan.modules[name].priority, name))
 
 
 def _plan(runtime: Runtime, execution_id: str) -> Plan:
