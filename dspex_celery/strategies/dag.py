@@ -1,7 +1,8 @@
 """``dag``: each module is dispatched the moment its last dependency is done — no level barrier.
 
 Readiness is decided in Redis by one Lua step per finished module: it marks the module done
-(once: a repeated notification changes nothing), decrements each child's remaining-dependency
+(once: a repeated notification — its task re-delivered after its worker died — changes nothing, and
+hands back the ready children that may never have been dispatched), decrements each child's remaining-dependency
 counter and returns the children that reached zero, how many modules are still open, and the
 modules that block their children (failed, skipped, cancelled). Two parents finishing at once
 therefore never double-dispatch or lose a child, and the module that closes the last open count
@@ -25,31 +26,50 @@ from dspex_celery.runtime import Runtime
 from dspex_celery.state import LuaStep, lua_call
 from dspex_celery.strategies import Strategy
 
-# A LuaStep body — KEYS[k..k+3]: deps hash, done set, open counter, blocking hash; when enqueuing,
-# then each child's queue list. ARGV[a..]: ttl, module, its status if it blocks its children ('' otherwise),
-# number of children n, enqueue ('1'/'0'), children...; when enqueuing, then each child's task message.
-# Returns {-1} when the module was already counted, else {open_left, #ready, ready..., blocking module,
-# its status, ...}: ready children left to the caller (none when they were enqueued here, which
-# happens only while no module blocks its children), blocking ones only with ready ones.
+# A LuaStep body — KEYS[k..k+4]: deps hash, done set, open counter, blocking hash, queued set; when
+# enqueuing, then each child's queue list. ARGV[a..]: ttl, module, its status if it blocks its children
+# ('' otherwise), number of children n, enqueue ('1'/'0'), children...; when enqueuing, then each
+# child's task message. Returns {repeated (0/1), open_left, #ready, ready..., blocking module, its
+# status, ...}: the ready children left to the caller — none when they were enqueued here (which
+# happens only while no module blocks its children) — and the blocking modules only with ready ones.
+# A repeated count (a re-delivered task) changes nothing and reports the children this module made
+# ready that were not enqueued here: its first worker may have died before it dispatched them.
 _COUNT_DONE = """
-if redis.call('SADD', KEYS[k + 1], ARGV[a + 1]) == 0 then return {-1} end
-if ARGV[a + 2] ~= '' then
-  redis.call('HSET', KEYS[k + 3], ARGV[a + 1], ARGV[a + 2])
-  redis.call('EXPIRE', KEYS[k + 3], ARGV[a])
-end
 local n = tonumber(ARGV[a + 3])
 local ready = {}
-for i = 1, n do
-  if redis.call('HINCRBY', KEYS[k], ARGV[a + 4 + i], -1) == 0 then table.insert(ready, i) end
+local repeated = redis.call('SADD', KEYS[k + 1], ARGV[a + 1]) == 0
+local open_left
+if repeated then
+  for i = 1, n do
+    local child = ARGV[a + 4 + i]
+    if tonumber(redis.call('HGET', KEYS[k], child)) == 0 and redis.call('SISMEMBER', KEYS[k + 4], child) == 0 then
+      table.insert(ready, i)
+    end
+  end
+  local open = redis.call('GET', KEYS[k + 2])
+  open_left = open and tonumber(open) or -1
+else
+  if ARGV[a + 2] ~= '' then
+    redis.call('HSET', KEYS[k + 3], ARGV[a + 1], ARGV[a + 2])
+    redis.call('EXPIRE', KEYS[k + 3], ARGV[a])
+  end
+  for i = 1, n do
+    if redis.call('HINCRBY', KEYS[k], ARGV[a + 4 + i], -1) == 0 then table.insert(ready, i) end
+  end
+  open_left = redis.call('DECR', KEYS[k + 2])
 end
-local result = {redis.call('DECR', KEYS[k + 2]), 0}
+local result = {repeated and 1 or 0, open_left, 0}
 if #ready == 0 then return result end
 local blocking = redis.call('HGETALL', KEYS[k + 3])
-if ARGV[a + 4] == '1' and #blocking == 0 then
-  for _, i in ipairs(ready) do redis.call('LPUSH', KEYS[k + 3 + i], ARGV[a + 4 + n + i]) end
+if not repeated and ARGV[a + 4] == '1' and #blocking == 0 then
+  for _, i in ipairs(ready) do
+    redis.call('LPUSH', KEYS[k + 4 + i], ARGV[a + 4 + n + i])
+    redis.call('SADD', KEYS[k + 4], ARGV[a + 4 + i])
+  end
+  redis.call('EXPIRE', KEYS[k + 4], ARGV[a])
   return result
 end
-result[2] = #ready
+result[3] = #ready
 for _, i in ipairs(ready) do table.insert(result, ARGV[a + 4 + i]) end
 for _, item in ipairs(blocking) do table.insert(result, item) end
 return result
@@ -97,10 +117,11 @@ class DagStrategy(Strategy):
     # --- counters -------------------------------------------------------------------------------
 
     def _keys(self, runtime: Runtime, execution_id: str) -> list[str]:
-        return [runtime.store.key(execution_id, part) for part in ("dag:deps", "dag:done", "dag:open", "dag:blocking")]
+        parts = ("dag:deps", "dag:done", "dag:open", "dag:blocking", "dag:queued")
+        return [runtime.store.key(execution_id, part) for part in parts]
 
     def _init_counters(self, runtime: Runtime, execution_id: str, plan: Plan, records: dict[str, ModuleRecord]) -> None:
-        deps_key, done_key, open_key, blocking_key = self._keys(runtime, execution_id)
+        deps_key, done_key, open_key, blocking_key, _ = self._keys(runtime, execution_id)
         counts: dict[str | bytes, int] = {
             name: sum(parent not in records for parent in module.parents)
             for name, module in plan.modules.items()
@@ -133,13 +154,17 @@ class DagStrategy(Strategy):
         return LuaStep(_COUNT_DONE, keys, args)
 
     def _go_on(self, runtime: Runtime, execution_id: str, plan: Plan, reply: list[Any]) -> None:
-        """Dispatch the children a count made ready; finish when nothing is left open."""
-        left = int(reply[0])
-        if left < 0:
-            return  # this module was already counted (a repeated notification)
-        count = int(reply[1])
-        ready = [str(name) for name in reply[2:2 + count]]
-        flat = [str(item) for item in reply[2 + count:]]
+        """Dispatch the children a count made ready; finish when nothing is left open.
+
+        After a repeated count (the module's task was re-delivered: its worker died), only the ready
+        children that never started are dispatched — at least once, as Celery's late acks promise.
+        """
+        repeated, left, count = (int(item) for item in reply[:3])
+        ready = [str(name) for name in reply[3:3 + count]]
+        flat = [str(item) for item in reply[3 + count:]]
+        if repeated and ready:
+            started = runtime.store.records_of(execution_id, ready)
+            ready = [name for name in ready if name not in started]
         self._dispatch_ready(runtime, execution_id, plan, ready, dict(zip(flat[::2], flat[1::2], strict=True)))
         if left == 0:
             finish(runtime, execution_id, ExecutionStatus.SUCCEEDED)
