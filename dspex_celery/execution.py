@@ -29,6 +29,9 @@ from dspex_celery.spec import iter_refs, parse_ref
 log = logging.getLogger(__name__)
 
 BLOCKING = (ModuleStatus.FAILED, ModuleStatus.SKIPPED, ModuleStatus.CANCELLED)
+#: Seconds after which a claim to finish that published nothing is taken over by a re-delivered task
+#: (re-deliveries come after the broker's visibility timeout or a pool process's death).
+FINISH_TAKEOVER_S = 1.0
 
 
 def write_record(runtime: Runtime, execution_id: str, module: str, record: ModuleRecord,
@@ -151,16 +154,37 @@ def timeout_message(timeout_s: float | None) -> str:
 
 def finish(runtime: Runtime, execution_id: str, status: ExecutionStatus, error: str | None = None) -> bool:
     """Publish the execution's result once; modules not yet final become ``cancelled``."""
-    store = runtime.store
-    if not store.claim_finish(execution_id):
+    if not runtime.store.claim_finish(execution_id, status.value, error):
         return False
+    return _publish(runtime, execution_id, status, error)
+
+
+def finish_abandoned(runtime: Runtime, execution_id: str, meta: dict[str, Any]) -> bool:
+    """Publish the result of an execution whose finisher died between its claim and the publication.
+
+    Called by a task that came back after its worker died (``meta``: the execution's meta as that task
+    read it): the claim says how the execution ended, and a claim older than
+    :data:`FINISH_TAKEOVER_S` without a published status is not being worked on any more.
+    """
+    if ExecutionStatus(meta.get("status", ExecutionStatus.RUNNING.value)).final:
+        return False
+    claim = runtime.store.finish_claim(execution_id)
+    if claim is None or time.time() - float(claim.get("at", 0)) < FINISH_TAKEOVER_S:
+        return False
+    log.warning("execution %s: its finisher died before publishing the result; publishing it now", execution_id)
+    return _publish(runtime, execution_id, ExecutionStatus(claim["status"]), claim.get("error"))
+
+
+def _publish(runtime: Runtime, execution_id: str, status: ExecutionStatus, error: str | None) -> bool:
+    """Assemble and publish the result (Celery result, then the meta status that marks it published)."""
+    store = runtime.store
     plan = store.plan(execution_id)
     if plan is None:
         log.warning("execution %s expired before it finished", execution_id)
         return False
     result = assemble_result(runtime, execution_id, plan, status, error, cancel_open=True)
-    store.update_meta(execution_id, status=result.status.value, finished_at=result.finished_at)
     runtime.app.backend.store_result(execution_id, result.to_json_dict(), states.SUCCESS)
+    store.update_meta(execution_id, status=result.status.value, finished_at=result.finished_at)
     revoke_open(runtime, execution_id, plan, result)
     runtime.hooks.on_execution_finished(result)
     return True

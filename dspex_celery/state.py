@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -172,12 +173,18 @@ class StateStore:
     def exists(self, execution_id: str) -> bool:
         return bool(self.client.exists(self.key(execution_id, "plan")))
 
-    def claim_finish(self, execution_id: str) -> bool:
-        """True for exactly one caller: the one that gets to finish the execution."""
-        claimed = self.client.set(self.key(execution_id, "finished"), "1", nx=True, ex=self.ttl_s)
+    def claim_finish(self, execution_id: str, status: str, error: str | None) -> bool:
+        """True for exactly one caller: the one that gets to finish the execution (with ``status``)."""
+        claim = json.dumps({"status": status, "error": error, "at": time.time()})
+        claimed = self.client.set(self.key(execution_id, "finished"), claim, nx=True, ex=self.ttl_s)
         if claimed:
             self.client.zrem(self.global_key("live"), execution_id)
         return bool(claimed)
+
+    def finish_claim(self, execution_id: str) -> dict[str, Any] | None:
+        """What :meth:`claim_finish` stored: ``status``, ``error`` and ``at`` (epoch seconds)."""
+        raw = self.client.get(self.key(execution_id, "finished"))
+        return None if raw is None else dict(json.loads(raw))
 
     def is_finished(self, execution_id: str) -> bool:
         return bool(self.client.exists(self.key(execution_id, "finished")))

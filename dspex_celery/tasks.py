@@ -21,6 +21,7 @@ from dspex_celery.errors import ModuleError, ModuleTimeout, TransientError, Work
 from dspex_celery.execution import (
     deadline_passed,
     fail_module,
+    finish_abandoned,
     lost_reason,
     module_failed,
     notify_strategy,
@@ -104,7 +105,10 @@ def advance_stage(runtime: Runtime, execution_id: str, strategy: str, stage: int
     from dspex_celery.strategies.levels import advance_execution
 
     plan = runtime.store.plan(execution_id)
-    if plan is None or runtime.store.is_finished(execution_id):
+    if plan is None:
+        return
+    if runtime.store.is_finished(execution_id):  # re-delivered after its worker died while finishing?
+        finish_abandoned(runtime, execution_id, runtime.store.meta(execution_id))
         return
     if stage > 0:
         settle_stage(runtime, execution_id, stages(plan, strategy)[stage - 1])
@@ -134,6 +138,8 @@ class ModuleRun:
         begin = self.store.begin(self.execution_id, self.name, module.parents, first, [step for _, step in steps])
         self.strategy = begin.meta.get("strategy", "levels")
         previous = begin.record
+        if begin.finished:  # re-delivered after its worker died while finishing the execution?
+            finish_abandoned(self.runtime, self.execution_id, begin.meta)
         if previous.status.final:
             # Re-delivered after its worker died: the strategy may not have heard (idempotent).
             self._notify_strategy(previous.status)

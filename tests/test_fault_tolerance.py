@@ -396,3 +396,24 @@ def test_timeout_outside_prefork_abandons_the_call() -> None:
     assert result.status is ExecutionStatus.FAILED and time.monotonic() - started < 10
     assert result.modules["s"].error.startswith("ModuleTimeout: module 's' ran longer than its timeout_s (0.3 s)")
     assert "abandoned" in result.modules["s"].error
+
+
+@pytest.mark.parametrize("strategy", ["dag", "levels"])
+def test_worker_dying_while_it_publishes_the_result_still_answers_the_client(make_cluster, strategy: str) -> None:
+    # Given the only worker, which dies (no ack, no cleanup) once it has claimed to finish the
+    # execution and before it publishes the result
+    cluster: Cluster = make_cluster(visibility_timeout_s=2)
+    doomed = cluster.start_worker("default", concurrency=1, pool="threads",
+                                  extra_args=("--include", "tests.modules.die_after"),
+                                  env={"DSPEX_TEST_DIE_IN_FINISH": "1"})
+    handle = cluster.submit(program("dies-finishing", {"a": {"uses": "tests.modules.basic:add",
+                                                              "inputs": {"a": 1, "b": 2}}}), strategy=strategy)
+    assert doomed.process.wait(timeout=30) != 0
+    # When the task that was finishing comes back (visibility timeout) to a new worker
+    time.sleep(3)
+    cluster.start_worker("default", concurrency=1, pool="threads", env={"DSPEX_VISIBILITY_TIMEOUT_S": "2"})
+    # Then the client gets the result the dead worker had claimed, and the stored status agrees
+    result = handle.get(timeout=60)
+    assert result.status is ExecutionStatus.SUCCEEDED
+    assert result.outputs == {"a": {"sum": 3}}
+    assert cluster.runtime.store.meta(handle.execution_id)["status"] == "succeeded"

@@ -1,6 +1,7 @@
 """Loaded with ``worker --include tests.modules.die_after``: the worker process dies (``os._exit``:
 no cleanup, no ack) right after the module named by ``DSPEX_TEST_DIE_AFTER`` has stored its success —
-when it publishes a child's task message, or when its task returns, whichever comes first."""
+when it publishes a child's task message, or when its task returns, whichever comes first — or, with
+``DSPEX_TEST_DIE_IN_FINISH`` set, once it has claimed to finish an execution, before publishing it."""
 
 from __future__ import annotations
 
@@ -26,3 +27,12 @@ def _die_while_dispatching(**_: Any) -> None:
 def _die_after_returning(args: tuple[Any, ...] | None = None, **_: Any) -> None:
     if _running(args):
         os._exit(1)
+
+
+if os.environ.get("DSPEX_TEST_DIE_IN_FINISH"):
+    from dspex_celery import execution
+
+    def _die_while_publishing(*_: Any, **__: Any) -> Any:
+        os._exit(1)
+
+    execution.assemble_result = _die_while_publishing  # called after the finish claim, before publishing
