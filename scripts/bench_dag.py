@@ -287,11 +287,13 @@ class HeteroRecorder:
     walls: dict[str, bench.Samples] = field(default_factory=dict)
     gaps: dict[str, list[float]] = field(default_factory=dict)
     overheads: dict[str, list[float]] = field(default_factory=dict)
+    idle: dict[str, list[float]] = field(default_factory=dict)  # slot-seconds idle while modules were ready
 
-    def keep(self, name: str, wall: float, gaps: list[float], overheads: list[float]) -> None:
+    def keep(self, name: str, wall: float, gaps: list[float], overheads: list[float], idle: float) -> None:
         self.walls.setdefault(name, bench.Samples()).values.append(wall)
         self.gaps.setdefault(name, []).append(statistics.median(gaps))
         self.overheads.setdefault(name, []).append(statistics.median(overheads))
+        self.idle.setdefault(name, []).append(idle)
 
     def median(self, values: dict[str, list[float]], name: str) -> float | None:
         return statistics.median(values[name]) if values.get(name) else None
@@ -309,8 +311,24 @@ def hetero_case(cluster: bench.BenchCluster, hetero: Hetero, strategy: str, reco
     if len(times) != hetero.size:
         raise RuntimeError(f"{name}: {len(times)} of {hetero.size} modules recorded times")
     overheads = [(end - start) * 1000 - hetero.ms[module] for module, (start, end) in times.items()]
-    recorder.keep(name, wall, hop_gaps_ms(hetero.plan, times), overheads)
+    recorder.keep(name, wall, hop_gaps_ms(hetero.plan, times), overheads, idle_while_ready_s(hetero.plan, times))
     return makespan(times)
+
+
+def idle_while_ready_s(plan: Plan, times: dict[str, tuple[float, float]]) -> float:
+    """Slot-seconds during which a slot was free while a module was ready (all its parents ended, or the
+    run started, and not started itself): what dispatch latency and slot turnover cost a busy cluster."""
+    first = min(start for start, _ in times.values())
+    events: list[tuple[float, int, int]] = []  # (time, change of busy slots, change of waiting modules)
+    for name, (start, end) in times.items():
+        ready = max((times[parent][1] for parent in plan.modules[name].parents), default=first)
+        events += [(min(ready, start), 0, 1), (start, 1, -1), (end, -1, 0)]
+    events.sort()
+    idle, busy, waiting, previous = 0.0, 0, 0, first
+    for moment, busy_change, waiting_change in events:
+        idle += max(0, min(SLOTS - busy, waiting)) * (moment - previous)
+        busy, waiting, previous = busy + busy_change, waiting + waiting_change, moment
+    return idle
 
 
 def hetero_cases(cluster: bench.BenchCluster, heteros: list[Hetero], recorder: HeteroRecorder,
@@ -694,12 +712,17 @@ def dag_diagnosis(heteros: list[Hetero], samples: dict[str, bench.Samples], reco
                 f"{(DAG_GOAL - 1) * lb * 1000 / hops:.0f} ms per hop here.")
         else:
             cpu_s = statistics.median(cpu)
+            idle_s = recorder.median(recorder.idle, name) or 0.0
             lines.append(
                 f"- dag, {hetero.size} modules (LB = work / {SLOTS} slots, {lb:.2f} s): the workers used "
                 f"{cpu_s:.2f} CPU-s ({cpu_s * 1000 / hetero.size:.1f} ms per module) on a {os.cpu_count()}-core "
                 f"machine shared with Redis and the client — ≥ {cpu_s / (os.cpu_count() or 1):.2f} s of the whole "
                 f"machine, which LB (nominal sleeps only) leaves out; each module also holds its slot "
-                f"{over:.1f} ms beyond its sleep, and ready modules wait for slots (median gap {gap:.0f} ms).")
+                f"{over:.1f} ms beyond its sleep, and ready modules wait for slots (median gap {gap:.0f} ms). "
+                f"Slots stood free while a module was ready (its parents ended, it had not started) for "
+                f"{idle_s:.2f} slot-s, {idle_s * 1000 / hetero.size:.1f} ms per module: the latency from a "
+                f"parent's end, or a slot's last module's end, to the next start (count script, broker "
+                f"round trips, Celery's ack, receive and pool hand-off) — {idle_s / SLOTS / lb * 100:.0f} % of LB.")
     return lines
 
 
