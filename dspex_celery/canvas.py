@@ -69,15 +69,15 @@ def hard_time_limit(timeout_s: float) -> float:
     return timeout_s + min(HARD_TIMEOUT_GRACE_S, max(1.0, timeout_s))
 
 
-def advance_signature(app: Celery, execution_id: str, strategy: str, stage: int, namespace: str) -> Signature:
+def advance_signature(app: Celery, execution_id: str, strategy: str, stage: int, namespace: str,
+                      broker_url: str | None = None) -> Signature:
     """The small control task that moves an execution on to ``stage``."""
-    return app.signature(
-        ADVANCE,
-        args=(execution_id, strategy, stage),
-        immutable=True,
-        queue=control_queue(namespace),
-        priority=message_priority(1.0, str(app.conf.broker_url)),  # bookkeeping goes first
-    )
+    options = {
+        "queue": control_queue(namespace),
+        # bookkeeping goes first
+        "priority": message_priority(1.0, broker_url or str(app.conf.broker_url)),
+    }
+    return _immutable(app, ADVANCE, (execution_id, strategy, stage), {}, options)
 
 
 def stage_signature(
@@ -88,8 +88,8 @@ def stage_signature(
     # A group header is taken as it is (a list would be cloned task by task).
     header = group([_module_signature(app, plan, execution_id, name, namespace, broker_url) for name in names],
                    app=app)
-    body = advance_signature(app, execution_id, strategy, stage + 1, namespace)
+    body = advance_signature(app, execution_id, strategy, stage + 1, namespace, broker_url)
     # A header task that fails instead of returning (hard time limit, revoked, crashed) makes Celery
     # skip the body and call its errbacks: advancing from there too means no chord is left hanging.
-    body.on_error(advance_signature(app, execution_id, strategy, stage + 1, namespace))
+    body.on_error(advance_signature(app, execution_id, strategy, stage + 1, namespace, broker_url))
     return chord(header, body, app=app)
