@@ -160,6 +160,20 @@ def test_dag_tolerant_failure_skips_dependents(cluster: Cluster) -> None:
     assert result.outputs["after_ok"] == {"v": 3}
 
 
+def test_tolerant_failure_above_a_deep_branch_skips_all_of_it(cluster: Cluster) -> None:
+    # A failed module with 400 descendants in a chain: each skip counts the next one
+    modules = {"bad": {"uses": "tests.modules.basic:fail"},
+               "ok": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 2}}}
+    for i in range(400):
+        modules[f"d{i}"] = {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 2},
+                            "depends_on": [f"d{i - 1}" if i else "bad"]}
+    data = {"name": "deep-skip", "modules": modules, "failure_tolerance": "tolerant", "outputs": {"ok": "$ok"}}
+    result = cluster.run(Program.from_dict(data), strategy="dag", timeout=90)
+    assert result.status is ExecutionStatus.SUCCEEDED and result.failed_modules == ["bad"]
+    assert all(result.modules[f"d{i}"].status is ModuleStatus.SKIPPED for i in range(400))
+    assert result.outputs == {"ok": {"sum": 3}}
+
+
 def test_default_strategy_choice() -> None:
     balanced = build_plan(Program.from_dict(synthetic.fan_out(5)).spec)
     unbalanced = build_plan(Program.from_dict(synthetic.random_dag(30, seed=2)).spec)

@@ -95,14 +95,13 @@ class DagStrategy(Strategy):
             if name not in records and all(parent in records for parent in module.parents)
         ]
         blocking = {name: record.status.value for name, record in records.items() if record.status in BLOCKING}
-        self._dispatch_ready(runtime, execution_id, plan, roots, blocking)
+        self._drain(runtime, execution_id, plan, self._dispatch_ready(runtime, execution_id, plan, roots, blocking))
 
     def module_finished(self, runtime: Runtime, execution_id: str, module: str, status: ModuleStatus) -> None:
         if runtime.store.is_finished(execution_id):
             return
         plan = _plan(runtime, execution_id)
-        step = self._count_step(runtime, execution_id, plan, module, status)
-        self._go_on(runtime, execution_id, plan, runtime.store.script(_COUNT_ALONE)(keys=step.keys, args=step.args))
+        self._drain(runtime, execution_id, plan, [self._count_alone(runtime, execution_id, plan, module, status)])
 
     def module_succeeded(self, runtime: Runtime, execution_id: str, module: str, output: dict[str, Any],
                          record: ModuleRecord) -> bool:
@@ -111,7 +110,7 @@ class DagStrategy(Strategy):
         reply = runtime.store.save_success(execution_id, module, output, record, then=step)
         if reply is None:
             return False
-        self._go_on(runtime, execution_id, plan, reply)
+        self._drain(runtime, execution_id, plan, [reply])
         return True
 
     # --- counters -------------------------------------------------------------------------------
@@ -153,8 +152,21 @@ class DagStrategy(Strategy):
             args += [message for _, message in messages]
         return LuaStep(_COUNT_DONE, keys, args)
 
-    def _go_on(self, runtime: Runtime, execution_id: str, plan: Plan, reply: list[Any]) -> None:
-        """Dispatch the children a count made ready; finish when nothing is left open.
+    def _count_alone(self, runtime: Runtime, execution_id: str, plan: Plan, module: str,
+                     status: ModuleStatus) -> list[Any]:
+        """Count a finished module in a script of its own (failed, skipped, cancelled, or repeated)."""
+        step = self._count_step(runtime, execution_id, plan, module, status)
+        return list(runtime.store.script(_COUNT_ALONE)(keys=step.keys, args=step.args))
+
+    def _drain(self, runtime: Runtime, execution_id: str, plan: Plan, replies: list[list[Any]]) -> None:
+        """Act on count replies until none is left: the counts of skipped modules join the work list,
+        so a failure above a branch of any depth is settled in a loop, not by recursion."""
+        while replies:
+            replies += self._go_on(runtime, execution_id, plan, replies.pop())
+
+    def _go_on(self, runtime: Runtime, execution_id: str, plan: Plan, reply: list[Any]) -> list[list[Any]]:
+        """Dispatch the children a count made ready and finish when nothing is left open; returns the
+        count replies of the children it skipped.
 
         After a repeated count (the module's task was re-delivered: its worker died), only the ready
         children that never started are dispatched — at least once, as Celery's late acks promise.
@@ -165,26 +177,31 @@ class DagStrategy(Strategy):
         if repeated and ready:
             started = runtime.store.records_of(execution_id, ready)
             ready = [name for name in ready if name not in started]
-        self._dispatch_ready(runtime, execution_id, plan, ready, dict(zip(flat[::2], flat[1::2], strict=True)))
+        skipped = self._dispatch_ready(runtime, execution_id, plan, ready, dict(zip(flat[::2], flat[1::2], strict=True)))
         if left == 0:
             finish(runtime, execution_id, ExecutionStatus.SUCCEEDED)
+        return skipped
 
     # --- dispatch -------------------------------------------------------------------------------
 
     def _dispatch_ready(self, runtime: Runtime, execution_id: str, plan: Plan, ready: list[str],
-                        blocking: dict[str, str]) -> None:
-        """Send ready modules, most urgent (longest remaining path) first; skip blocked ones.
+                        blocking: dict[str, str]) -> list[list[Any]]:
+        """Send ready modules, most urgent (longest remaining path) first; skip blocked ones and
+        return the replies of their counts.
 
         Module results are not stored in the result backend: records and outputs live in the state store.
         """
         namespace = runtime.settings.namespace
+        skipped: list[list[Any]] = []
         for name in _by_urgency(plan, ready):
             parent = next((parent for parent in plan.modules[name].parents if parent in blocking), None)
             if parent is not None:
                 skip(runtime, execution_id, name, parent, blocking[parent])
-                self.module_finished(runtime, execution_id, name, ModuleStatus.SKIPPED)
+                if not runtime.store.is_finished(execution_id):
+                    skipped.append(self._count_alone(runtime, execution_id, plan, name, ModuleStatus.SKIPPED))
                 continue
             module_signature(runtime.app, plan, execution_id, name, namespace).apply_async(ignore_result=True)
+        return skipped
 
 
 def _by_urgency(plan: Plan, names: Iterable[str]) -> list[str]:
