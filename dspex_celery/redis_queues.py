@@ -103,11 +103,5 @@ def _same_redis(broker_url: str | None, state_url: str | None) -> bool:
         broker, state = parse_url(broker_url), parse_url(state_url)
     except ValueError:
         return False
-    defaults = {"host": None, "port": 6379, "path": None, "db": 0, "username": None}
-    return all(_int_or_str(broker.get(key, value)) == _int_or_str(state.get(key, value))
-               for key, value in defaults.items())
-
-
-def _int_or_str(value: Any) -> Any:
-    """``"4"`` and ``4`` compare equal (redis-py parses the port and db as given)."""
-    return int(value) if isinstance(value, str) and value.isdigit() else value
+    defaults = {"host": None, "port": 6379, "path": None, "db": 0, "username": None}  # parse_url gives ints
+    return all(broker.get(key, value) == state.get(key, value) for key, value in defaults.items())
