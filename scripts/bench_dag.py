@@ -57,8 +57,9 @@ DURATIONS_MS = (10.0, 300.0)
 RUN_TIMEOUT_S = 180.0
 SUBMIT_THREADS = 4
 RAW = "raw canvas"
+FLOOR = "Celery floor"
 PROFILED = " + learned profile"
-HETERO_STRATEGIES = ("levels", "dag", "dag" + PROFILED, RAW)
+HETERO_STRATEGIES = ("levels", "dag", "dag" + PROFILED, RAW, FLOOR)
 LEARNING_RUNS = 3  # recorded dag runs per program before `optimize` learns its profile
 DAG_GOAL = 1.08  # dag makespan <= 1.08 x LB
 LEVELS_VS_RAW_GOAL = 1.02  # levels makespan <= 1.02 x raw canvas
@@ -217,12 +218,40 @@ def run_raw(cluster: bench.BenchCluster, levels: Sequence[Sequence[tuple[str, fl
     canvas = raw_canvas(cluster.runtime.app, queue_name(cluster.namespace, "default"), levels, times_key)
     canvas.apply_async().get(timeout=timeout)
     wall = time.perf_counter() - start
-    if times_key is None:
-        return wall, {}
+    return wall, {} if times_key is None else _recorded_times(cluster, times_key)
+
+
+def run_floor(cluster: bench.BenchCluster, hetero: Hetero, timeout: float) -> tuple[float, float]:
+    """What plain Celery reaches with no dependency tracking at all: the makespans of a chain of the
+    critical path's sleeps and of every sleep sent at once as a group (longest first). Results are
+    not stored (``ignore_result``): the run is over when every task has recorded its times."""
+    app, queue = cluster.runtime.app, queue_name(cluster.namespace, "default")
+    client = redis.Redis.from_url(cluster.redis_url)
+
+    def sleeps(pairs: Sequence[tuple[str, float]], times_key: str) -> list[Signature]:
+        return [app.signature(SLEEP, args=(ms, times_key, name), immutable=True, queue=queue, ignore_result=True)
+                for name, ms in pairs]
+
+    longest_first = sorted(hetero.ms.items(), key=lambda pair: (-pair[1], pair[0]))
+    spans = []
+    for canvas, pairs in ((chain, hetero.critical_chain()), (group, longest_first)):
+        times_key = f"{cluster.namespace}:rawtimes:{uuid.uuid4().hex}"
+        canvas(*sleeps(pairs, times_key)).apply_async()
+        deadline = time.monotonic() + timeout
+        while client.hlen(times_key) < len(pairs):
+            if time.monotonic() > deadline:
+                raise bench.Timeout(f"{FLOOR}: {client.hlen(times_key)} of {len(pairs)} tasks after {timeout:.0f} s")
+            time.sleep(0.02)
+        spans.append(makespan(_recorded_times(cluster, times_key)))
+    return spans[0], spans[1]
+
+
+def _recorded_times(cluster: bench.BenchCluster, times_key: str) -> dict[str, tuple[float, float]]:
+    """The (start, end) the raw sleep tasks stored under ``times_key`` (the key is deleted)."""
     client = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
     stored = client.hgetall(times_key)
     client.delete(times_key)
-    return wall, {str(name): _start_end(value) for name, value in stored.items()}
+    return {str(name): _start_end(value) for name, value in stored.items()}
 
 
 def _start_end(text: str | bytes) -> tuple[float, float]:
@@ -257,13 +286,18 @@ class Hetero:
         program = synthetic.random_dag(size, seed=SEED, name=f"hetero{size}", durations_ms=DURATIONS_MS)
         return cls(size, program, Program.from_dict(program).plan(), durations_ms(program))
 
+    def critical_chain(self) -> list[tuple[str, float]]:
+        """The longest path by nominal duration, as (module, ms) from its start."""
+        longest: dict[str, tuple[float, list[str]]] = {}
+        for name in self.plan.topological_order():
+            parents = [longest[parent] for parent in self.plan.modules[name].parents]
+            total, path = max(parents, default=(0.0, []))
+            longest[name] = (total + self.ms[name], [*path, name])
+        return [(name, self.ms[name]) for name in max(longest.values())[1]]
+
     def critical_path_s(self) -> float:
         """Longest path by nominal duration."""
-        longest: dict[str, float] = {}
-        for name in self.plan.topological_order():
-            parents = self.plan.modules[name].parents
-            longest[name] = self.ms[name] + max((longest[parent] for parent in parents), default=0.0)
-        return max(longest.values()) / 1000
+        return sum(ms for _, ms in self.critical_chain()) / 1000
 
     def work_s(self) -> float:
         return sum(self.ms.values()) / 1000
@@ -288,6 +322,7 @@ class HeteroRecorder:
     gaps: dict[str, list[float]] = field(default_factory=dict)
     overheads: dict[str, list[float]] = field(default_factory=dict)
     idle: dict[str, list[float]] = field(default_factory=dict)  # slot-seconds idle while modules were ready
+    floors: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # (chain, group) makespans
 
     def keep(self, name: str, wall: float, gaps: list[float], overheads: list[float], idle: float) -> None:
         self.walls.setdefault(name, bench.Samples()).values.append(wall)
@@ -302,6 +337,10 @@ class HeteroRecorder:
 def hetero_case(cluster: bench.BenchCluster, hetero: Hetero, strategy: str, recorder: HeteroRecorder,
                 name: str, timeout: float, profiled: Runtime | None = None) -> float:
     """One run: returns the makespan from recorded start/end times; keeps the wall and hop gaps."""
+    if strategy == FLOOR:
+        spans = run_floor(cluster, hetero, timeout)
+        recorder.floors.setdefault(name, []).append(spans)
+        return max(spans)
     if strategy == RAW:
         wall, times = run_raw(cluster, level_tasks(hetero.plan, hetero.ms), timeout, record=True)
     else:
@@ -380,10 +419,25 @@ def hetero_rows(heteros: list[Hetero], samples: dict[str, bench.Samples], record
                 versus_lb = bench.ratio(span.median, lb)
                 row.goal = f"≤ {DAG_GOAL} × LB"
                 row.verdict = f"{bench.fmt(versus_lb)}: {verdict(versus_lb, DAG_GOAL)}"
+                floor = samples[f"hetero/{hetero.size}/{FLOOR}"].median
+                if floor is not None:
+                    row.verdict += f" (Celery floor {floor / lb:.2f})"
                 ratios.insert(0, f"{bench.fmt(bench.ratio(span.median, raw))} × raw makespan")
+            if strategy == FLOOR:
+                ratios = floor_ratios(hetero, recorder.floors.get(name, []))
             row.ratio = "; ".join(ratios)
             rows.append(row)
     return rows
+
+
+def floor_ratios(hetero: Hetero, spans: list[tuple[float, float]]) -> list[str]:
+    """The floor's two parts: chain makespan / critical path, group makespan / (work / slots)."""
+    if not spans:
+        return []
+    chain_s = statistics.median(span[0] for span in spans)
+    group_s = statistics.median(span[1] for span in spans)
+    return [f"chain {chain_s / hetero.critical_path_s():.2f} × critical path",
+            f"group {group_s / (hetero.work_s() / SLOTS):.2f} × work / slots"]
 
 
 def verdict(value: float | None, limit: float) -> str:
@@ -620,7 +674,7 @@ def distribution_note(heteros: list[Hetero]) -> list[str]:
             f"- random_dag {hetero.size} (seed {SEED}): {len(hetero.plan.levels)} levels, "
             f"durations median {statistics.median(values):.0f} ms, mean {statistics.mean(values):.0f} ms, "
             f"p90 {p90:.0f} ms, max {values[-1]:.0f} ms ({capped} at the {DURATIONS_MS[1]:.0f} ms cap); "
-            f"critical path {hetero.critical_path_s():.2f} s over {critical_hops(hetero)} modules, "
+            f"critical path {hetero.critical_path_s():.2f} s over {len(hetero.critical_chain())} modules, "
             f"work / {SLOTS} slots {hetero.work_s() / SLOTS:.2f} s")
     return lines
 
@@ -667,16 +721,6 @@ def schedule_floor_note(heteros: list[Hetero]) -> str:
             "what dag could reach with instant dispatch, for each priority: " + "; ".join(cells))
 
 
-def critical_hops(hetero: Hetero) -> int:
-    """Modules on the longest path by duration."""
-    longest: dict[str, tuple[float, int]] = {}
-    for name in hetero.plan.topological_order():
-        parents = [longest[parent] for parent in hetero.plan.modules[name].parents]
-        best = max(parents, default=(0.0, 0))
-        longest[name] = (best[0] + hetero.ms[name], best[1] + 1)
-    return max(longest.values())[1]
-
-
 def gap_note(heteros: list[Hetero], recorder: HeteroRecorder) -> str:
     parts = []
     for hetero in heteros:
@@ -703,7 +747,7 @@ def dag_diagnosis(heteros: list[Hetero], samples: dict[str, bench.Samples], reco
             continue
         lb, excess_ms = hetero.lower_bound_s(), (span - hetero.lower_bound_s()) * 1000
         if hetero.critical_path_s() >= hetero.work_s() / SLOTS:
-            hops = critical_hops(hetero)
+            hops = len(hetero.critical_chain())
             lines.append(
                 f"- dag, {hetero.size} modules (LB = critical path, {hops} modules): makespan − LB = "
                 f"{excess_ms:.0f} ms, {excess_ms / hops:.0f} ms per critical-path module ≈ its gap ({gap:.0f}) "
@@ -773,7 +817,13 @@ def static_notes(config: Config) -> list[str]:
          f"listener` records {LEARNING_RUNS} dag runs of each program and `optimize` saves its profile; those "
          "runs are submitted with `use_profile=True`, so priorities are the longest remaining path by observed "
          "p50 duration (the issue's \"by observed duration when a history profile exists\"). *raw canvas*: `chain(chord(group(sleep.si(ms) per module of the level), "
-         "noop.si()) per level)` of plain Celery tasks (`scripts/bench_dag_tasks.py`) on the same workers."),
+         "noop.si()) per level)` of plain Celery tasks (`scripts/bench_dag_tasks.py`) on the same workers. "
+         "*Celery floor*: no engine and no dependency tracking at all — the slower of two plain Celery canvases "
+         "of the same sleep task on the same workers: a `chain` of the critical path's modules (what a hop "
+         "costs bare Celery: result stored, next message published, received, started) and a `group` of "
+         "every module at once, longest first (what the slots reach when nothing waits on anything). No "
+         "engine that dispatches through Celery can beat it here, so it bounds what the dag goal can reach "
+         "on this machine."),
         (f"- *ms/module (no-op)*: wall from `submit_program` to the result / module count; `synthetic.layered` "
          "(each module reads two of the level above), deep = 5 wide, wide = 10 levels. raw canvas: the same "
          "levels as a chain of chords of the no-op task of `scripts/bench_raw_tasks.py`; a run longer than "

@@ -31,6 +31,5 @@ def sleep(ms: float, times_key: str, name: str) -> None:
     if ms > 0:
         time.sleep(ms / 1000.0)
     end = time.time()
-    client = _client()
-    client.hset(times_key, name, json.dumps([start, end]))
-    client.expire(times_key, TIMES_TTL_S)
+    _client().pipeline(transaction=False).hset(times_key, name, json.dumps([start, end])).expire(
+        times_key, TIMES_TTL_S).execute()
