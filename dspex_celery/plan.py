@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from dspex_celery import defaults
 from dspex_celery.errors import ProgramError
 from dspex_celery.graph import Dag, validate
@@ -32,9 +34,14 @@ from dspex_celery.spec import (
 STRATEGIES = ("levels", "sequential", "dag")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ModulePlan:
-    """Everything a worker needs to run one module."""
+    """Everything a worker needs to run one module.
+
+    Read-only by convention (workers share cached plans between threads), but not ``frozen``: a frozen
+    dataclass's ``__init__`` costs five times as much, and a 1000-module plan builds 1000 of them on
+    every submission and on every worker that loads it.
+    """
 
     name: str
     uses: str
@@ -143,9 +150,14 @@ def _dataclass_value(value: object) -> dict[str, Any]:
 
 
 def fingerprint(spec: ProgramSpec) -> str:
-    """A stable hash of the program's content: equal programs, equal fingerprints."""
-    canonical = json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    """A stable hash of the program's content: equal programs, equal fingerprints (whatever the order
+    of their keys, and whether unset keys are left out or written as null)."""
+    content = spec.to_dict()
+    try:
+        canonical = orjson.dumps(content, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits: the standard library encodes any
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()[:16]
 
 
 def build_plan(

@@ -127,6 +127,21 @@ def test_fingerprint_changes_with_content() -> None:
     assert first.fingerprint != Program.from_dict(changed).plan().fingerprint
 
 
+def test_fingerprint_ignores_key_order_and_explicit_nulls() -> None:
+    # A reformatted program file keeps its learned profile (profiles are stored by fingerprint)
+    program = {"name": "f", "inputs": ["x"], "modules": {
+        "a": {"uses": ADD, "inputs": {"a": "$inputs.x", "b": 2}},
+        "b": {"uses": ADD, "inputs": {"a": "$a.sum", "b": {"n": 1, "m": [1, 2]}}}}}
+    reordered = {"modules": {
+        "b": {"inputs": {"b": {"m": [1, 2], "n": 1}, "a": "$a.sum"}, "uses": ADD, "resource": None},
+        "a": {"inputs": {"b": 2, "a": "$inputs.x"}, "uses": ADD}}, "inputs": ["x"], "name": "f"}
+    assert Program.from_dict(program).plan().fingerprint == Program.from_dict(reordered).plan().fingerprint
+    # but a list's order is content
+    swapped = {**program, "modules": {**program["modules"], "b": {
+        "uses": ADD, "inputs": {"a": "$a.sum", "b": {"n": 1, "m": [2, 1]}}}}}
+    assert Program.from_dict(swapped).plan().fingerprint != Program.from_dict(program).plan().fingerprint
+
+
 def test_builder_equals_file_form() -> None:
     built = (
         Program("b", inputs=["x"])
