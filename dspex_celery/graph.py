@@ -21,7 +21,9 @@ from dspex_celery.spec import (
     ModuleSpec,
     ProgramSpec,
     Ref,
+    is_json,
     iter_refs,
+    non_json_problems,
 )
 
 _NAME = re.compile(NAME_PATTERN)
@@ -91,8 +93,8 @@ def validate(spec: ProgramSpec, source: str = "program", *, resolve: bool = True
     """
     parents = _parents(spec) if _names_valid(spec) else None
     dag = Dag.build(parents) if parents is not None else None
-    problems = [] if dag is not None else [*_name_problems(spec), *_reference_problems(spec),
-                                           *_cycle_problems(_nx_graph(spec))]
+    problems = [] if dag is not None else [*_name_problems(spec), *_value_problems(spec),
+                                           *_reference_problems(spec), *_cycle_problems(_nx_graph(spec))]
     if resolve:
         problems += _uses_problems(spec.modules)
     if problems:
@@ -118,15 +120,19 @@ def _parents(spec: ProgramSpec) -> dict[str, dict[str, None]] | None:
         if _PLAIN.issuperset(map(type, values)):  # the common case: only strings and numbers
             sources = [value[1:].partition(".")[0] for value in values
                        if type(value) is str and value[:1] == "$" and value[1:2] != "$"]
-        else:
+        elif all(map(is_json, values)):
             sources = [ref.source for value in values for ref in iter_refs(value)]
+        else:
+            return None
+        if module.with_ and not is_json(module.with_):
+            return None
         if "inputs" in sources:
             if not all(ref.field in spec.inputs for value in values for ref in iter_refs(value) if ref.is_input):
                 return None
             sources = [source for source in sources if source != "inputs"]
         parents[name] = dict.fromkeys([*sources, *module.depends_on])
     outputs = (spec.outputs or {}).values()
-    if any(_unknown(ref, spec) for value in outputs for ref in iter_refs(value)):
+    if not all(map(is_json, outputs)) or any(_unknown(ref, spec) for value in outputs for ref in iter_refs(value)):
         return None
     return parents
 
@@ -146,6 +152,19 @@ def _name_problems(spec: ProgramSpec) -> list[str]:
             problems.append(f"invalid module name '{name}': it is reserved for program inputs")
     duplicates = sorted({name for name in spec.inputs if spec.inputs.count(name) > 1})
     problems += [f"duplicate program input '{name}'" for name in duplicates]
+    return problems
+
+
+def _value_problems(spec: ProgramSpec) -> list[str]:
+    """Literals that JSON cannot carry (a YAML date, a Python object) in inputs, ``with`` and outputs."""
+    problems = []
+    for name, module in spec.modules.items():
+        for key, value in (module.inputs or {}).items():
+            problems += non_json_problems(value, f"module '{name}' input '{key}'")
+        for key, value in module.with_.items():
+            problems += non_json_problems(value, f"module '{name}' with '{key}'")
+    for key, value in (spec.outputs or {}).items():
+        problems += non_json_problems(value, f"output '{key}'")
     return problems
 
 

@@ -159,6 +159,40 @@ def unescape(text: str) -> str:
     return text[1:] if text.startswith("$$") else text
 
 
+# --- literal values --------------------------------------------------------------------------------
+
+#: What a literal may be made of: values travel to workers as JSON.
+_JSON_ATOMS = (str, int, float, bool, type(None))
+
+
+def is_json(value: Any) -> bool:
+    """True when ``value`` is made only of JSON types (lists may be tuples; mapping keys strings)."""
+    if isinstance(value, _JSON_ATOMS):
+        return True
+    if isinstance(value, list | tuple):
+        return all(map(is_json, value))
+    if isinstance(value, dict):
+        return all(type(key) is str for key in value) and all(map(is_json, value.values()))
+    return False
+
+
+def non_json_problems(value: Any, where: str) -> list[str]:
+    """One line per value inside ``value`` that JSON cannot carry, naming where it sits."""
+    if isinstance(value, _JSON_ATOMS):
+        return []
+    if isinstance(value, list | tuple):
+        return [line for index, item in enumerate(value) for line in non_json_problems(item, f"{where}[{index}]")]
+    if isinstance(value, dict):
+        lines = [f"{where}: key {key!r} ({type(key).__name__}) is not a string; mapping keys must be strings (quote it)"
+                 for key in value if type(key) is not str]
+        return lines + [line for key, item in value.items() if type(key) is str
+                        for line in non_json_problems(item, f"{where}.{key}")]
+    text = str(value)
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    return [f"{where}: {shown} ({type(value).__name__}) is not a JSON value; values travel to workers as "
+            "JSON: quote it in the program file, or pass a string, number, boolean, list or mapping"]
+
+
 # --- loading --------------------------------------------------------------------------------------
 
 

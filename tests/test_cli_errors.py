@@ -77,6 +77,15 @@ def test_unknown_module_reference_and_unresolvable_uses(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 2
 
 
+def test_literal_that_json_cannot_carry(tmp_path: Path) -> None:
+    # An unquoted YAML date is a date, not a string: it could not travel to a worker as JSON
+    text = f"name: d\nmodules:\n  a: {{uses: '{ADD}', inputs: {{a: 1, b: 2}}, with: {{since: 2024-01-01}}}}\n"
+    for command in ("validate", "run"):
+        result = dspex(command, write(tmp_path, text))
+        assert_one_line_error(result, 2, "module 'a' with 'since': 2024-01-01 (date) is not a JSON value",
+                              "quote it")
+
+
 def test_missing_input() -> None:
     result = dspex("run", "examples/rag.yaml")
     assert_one_line_error(result, 2, "missing input question", "-i question=VALUE")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 from dspex_celery import Program, ProgramError
@@ -150,3 +152,26 @@ def test_builder_equals_file_form() -> None:
     )
     plan = built.plan()
     assert plan.levels == [["one"], ["two"]] and plan.modules["two"].resource == "io"
+
+
+def test_literals_must_be_json_values() -> None:
+    class Opaque:
+        def __str__(self) -> str:
+            return "opaque"
+
+    program = {"name": "j", "modules": {
+        "a": {"uses": ADD, "inputs": {"a": 1, "b": [1, {"when": dt.date(2024, 1, 2)}]}},
+        "b": {"uses": ADD, "inputs": {"a": "$a.sum", "b": 1}, "with": {"table": {1: "one"}}},
+    }, "outputs": {"total": "$b.sum", "extra": Opaque()}}
+    with pytest.raises(ProgramError) as caught:
+        Program.from_dict(program).plan()
+    assert caught.value.problems == [
+        "module 'a' input 'b'[1].when: 2024-01-02 (date) is not a JSON value; values travel to workers as "
+        "JSON: quote it in the program file, or pass a string, number, boolean, list or mapping",
+        "module 'b' with 'table': key 1 (int) is not a string; mapping keys must be strings (quote it)",
+        "output 'extra': opaque (Opaque) is not a JSON value; values travel to workers as JSON: quote it in "
+        "the program file, or pass a string, number, boolean, list or mapping",
+    ]
+    # tuples are lists to JSON
+    fine = {"name": "t", "modules": {"a": {"uses": ADD, "inputs": {"a": 1, "b": 2}, "with": {"pair": (1, 2)}}}}
+    assert Program.from_dict(fine).plan().modules["a"].with_ == {"pair": (1, 2)}
