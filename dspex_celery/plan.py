@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -106,20 +106,19 @@ class Plan:
         return int(self.failure_tolerance)
 
     def to_json(self) -> str:
-        """The plan as compact JSON with sorted keys (what ``json.dumps(asdict(plan))`` gives)."""
+        """The plan as compact JSON with sorted keys."""
         data = _fields(self)
         data["modules"] = {name: _fields(module) for name, module in self.modules.items()}
-        return json.dumps(data, separators=(",", ":"), sort_keys=True, default=_dataclass_value)
+        return canonical_json(data).decode()
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Plan:
-        data = json.loads(text)
-        data["modules"] = {
-            name: ModulePlan(**{**module, "depends_on": tuple(module["depends_on"]),
-                                "parents": tuple(module["parents"]),
-                                "children": tuple(module["children"])})
-            for name, module in data["modules"].items()
-        }
+        data = orjson.loads(text)
+        modules = data["modules"]
+        for name, module in modules.items():  # freshly parsed: its lists become tuples in place
+            for key in _TUPLE_FIELDS:
+                module[key] = tuple(module[key])
+            modules[name] = ModulePlan(**module)
         data["inputs"] = tuple(data["inputs"])
         return cls(**data)
 
@@ -137,27 +136,27 @@ class Plan:
         }
 
 
+#: ModulePlan fields that are tuples (JSON gives lists).
+_TUPLE_FIELDS = ("depends_on", "parents", "children")
+
+
 def _fields(instance: Plan | ModulePlan) -> dict[str, Any]:
     """A dataclass's fields as a mapping, values as they are (JSON encodes tuples as lists)."""
     return {name: getattr(instance, name) for name in instance.__slots__}
 
 
-def _dataclass_value(value: object) -> dict[str, Any]:
-    """``json.dumps`` fallback: a dataclass instance in a user value becomes its fields, as ``asdict`` does."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return asdict(value)
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+def canonical_json(value: Any) -> bytes:
+    """Compact JSON with sorted keys: the same bytes for the same content."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits: the standard library encodes any
+        return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
 def fingerprint(spec: ProgramSpec) -> str:
     """A stable hash of the program's content: equal programs, equal fingerprints (whatever the order
     of their keys, and whether unset keys are left out or written as null)."""
-    content = spec.to_dict()
-    try:
-        canonical = orjson.dumps(content, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
-    except orjson.JSONEncodeError:  # an integer beyond 64 bits: the standard library encodes any
-        canonical = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(canonical).hexdigest()[:16]
+    return hashlib.sha256(canonical_json(spec.to_dict())).hexdigest()[:16]
 
 
 def build_plan(
