@@ -233,6 +233,9 @@ def load_program_file(path: str | Path) -> dict[str, Any]:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ProgramError(["file not found: check the path"], source) from None
+    except UnicodeDecodeError as exc:
+        raise ProgramError([f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
+                            "a program file is YAML or JSON saved as UTF-8"], source) from None
     except OSError as exc:
         raise ProgramError([f"cannot read file ({exc.strerror})"], source) from None
     try:
@@ -241,7 +244,23 @@ def load_program_file(path: str | Path) -> dict[str, Any]:
         raise ProgramError(exc.problems, source) from None
     if not isinstance(data, dict):
         raise ProgramError(["a program file must be a mapping with 'name' and 'modules'"], source)
+    if (where := _loop_in(data, set(), "")) is not None:
+        raise ProgramError([f"{where}: a YAML alias refers to a value that contains it (an endless loop): "
+                            "write the value out or anchor a different one"], source)
     return data
+
+
+def _loop_in(value: Any, ancestors: set[int], where: str) -> str | None:
+    """Where a mapping or list contains itself (a YAML alias to an ancestor), or None."""
+    if not isinstance(value, dict | list):
+        return None
+    if id(value) in ancestors:
+        return where.lstrip(".") or "program"
+    ancestors.add(id(value))
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    found = next((loop for key, item in items if (loop := _loop_in(item, ancestors, f"{where}.{key}"))), None)
+    ancestors.discard(id(value))
+    return found
 
 
 def _parse_text(text: str, *, json_first: bool) -> Any:

@@ -54,6 +54,21 @@ def test_invalid_json(tmp_path: Path) -> None:
     assert_one_line_error(result, 2, "invalid JSON at line 1")
 
 
+def test_program_file_that_is_not_utf8_text(tmp_path: Path) -> None:
+    path = tmp_path / "program.yaml"
+    path.write_bytes(b"\xfe\xffname: x\n")
+    assert_one_line_error(dspex("validate", str(path)), 2, "not UTF-8 text (byte 0xfe at offset 0)")
+
+
+def test_yaml_alias_that_contains_itself(tmp_path: Path) -> None:
+    text = f"name: r\nmodules:\n  a: {{uses: '{ADD}', inputs: {{a: 1, b: &l [1, *l]}}}}\n"
+    assert_one_line_error(dspex("run", write(tmp_path, text)), 2, "modules.a.inputs.b.1: a YAML alias refers to a "
+                          "value that contains it")
+    # an alias shared by two modules is fine
+    shared = f"name: s\nmodules:\n  a: {{uses: '{ADD}', inputs: &s {{a: 1, b: 2}}}}\n  b: {{uses: '{ADD}', inputs: *s}}\n"
+    assert dspex("validate", write(tmp_path, shared)).returncode == 0
+
+
 def test_duplicate_module_names(tmp_path: Path) -> None:
     text = f"name: d\nmodules:\n  a: {{uses: '{ADD}'}}\n  a: {{uses: '{ADD}'}}\n"
     result = dspex("validate", write(tmp_path, text))
