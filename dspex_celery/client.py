@@ -16,7 +16,7 @@ from celery.result import AsyncResult
 from dspex_celery import defaults
 from dspex_celery.canvas import hard_time_limit
 from dspex_celery.errors import ConfigError, ExecutionTimeout, InputError, UnknownExecution, UsageError
-from dspex_celery.execution import assemble_result, finish, timeout_message, write_record
+from dspex_celery.execution import assemble_result, finish, finish_abandoned, timeout_message, write_record
 from dspex_celery.plan import STRATEGIES, ModulePlan, Plan
 from dspex_celery.program import Program
 from dspex_celery.results import ExecutionResult, ExecutionStatus, ModuleRecord, ModuleStatus, isoformat, utcnow
@@ -30,6 +30,10 @@ ProgramLike = Program | ProgramSpec | dict[str, Any] | str | Path
 
 #: Seconds to wait for the result an execution publishes once it was ended (timeout, cancel).
 ENDED_WAIT_S = 30.0
+#: How often a waiting client looks for a result that was claimed but never published.
+TAKEOVER_CHECK_S = 2.0
+#: A finish claimed this long ago and still unpublished: its worker died (or hangs); the client publishes it.
+CLIENT_TAKEOVER_S = 10.0
 
 
 class ExecutionHandle:
@@ -60,20 +64,30 @@ class ExecutionHandle:
         With no ``timeout``, waits until the submission's timeout (counted from submission) is
         over and then ends the execution as failed (pending modules revoked). An explicit
         ``timeout`` only stops waiting: :class:`ExecutionTimeout` is raised and the execution goes on.
+        While it waits, a result whose finisher died after claiming it is published here.
         """
         wait = timeout if timeout is not None else self._remaining()
-        try:
-            data = AsyncResult(self.execution_id, app=self.runtime.app).get(
-                timeout=wait, interval=defaults.EMBEDDED_POLL_S * 2, propagate=True, disable_sync_subtasks=False
-            )
-        except CeleryTimeout:
-            if timeout is not None:
-                raise ExecutionTimeout(
-                    f"execution {self.execution_id} did not finish within {timeout:g} s"
-                ) from None
-            finish(self.runtime, self.execution_id, ExecutionStatus.FAILED, timeout_message(self.timeout))
-            return self.get(timeout=ENDED_WAIT_S)
-        return ExecutionResult.model_validate(data)
+        give_up = None if wait is None else time.monotonic() + wait
+        pending = AsyncResult(self.execution_id, app=self.runtime.app)
+        while (left := None if give_up is None else give_up - time.monotonic()) is None or left > 0:
+            try:
+                data = pending.get(timeout=TAKEOVER_CHECK_S if left is None else min(left, TAKEOVER_CHECK_S),
+                                   interval=defaults.EMBEDDED_POLL_S * 2, propagate=True,
+                                   disable_sync_subtasks=False)
+                return ExecutionResult.model_validate(data)
+            except CeleryTimeout:
+                if self._publish_abandoned():
+                    return self.get(timeout=ENDED_WAIT_S)
+        if timeout is not None:
+            raise ExecutionTimeout(f"execution {self.execution_id} did not finish within {timeout:g} s") from None
+        finish(self.runtime, self.execution_id, ExecutionStatus.FAILED, timeout_message(self.timeout))
+        return self.get(timeout=ENDED_WAIT_S)
+
+    def _publish_abandoned(self) -> bool:
+        """Publish the result if the worker that claimed to finish the execution died before publishing
+        it (workers do it too, but only once its task comes back, after the visibility timeout)."""
+        meta = self.runtime.store.meta(self.execution_id)
+        return bool(meta) and finish_abandoned(self.runtime, self.execution_id, meta, older_than=CLIENT_TAKEOVER_S)
 
     def _remaining(self) -> float | None:
         return None if self._deadline is None else max(0.001, self._deadline - time.monotonic())

@@ -159,17 +159,18 @@ def finish(runtime: Runtime, execution_id: str, status: ExecutionStatus, error: 
     return _publish(runtime, execution_id, status, error)
 
 
-def finish_abandoned(runtime: Runtime, execution_id: str, meta: dict[str, Any]) -> bool:
+def finish_abandoned(runtime: Runtime, execution_id: str, meta: dict[str, Any],
+                     older_than: float = FINISH_TAKEOVER_S) -> bool:
     """Publish the result of an execution whose finisher died between its claim and the publication.
 
-    Called by a task that came back after its worker died (``meta``: the execution's meta as that task
-    read it): the claim says how the execution ended, and a claim older than
-    :data:`FINISH_TAKEOVER_S` without a published status is not being worked on any more.
+    Called by a task that came back after its worker died, and by a waiting client (``meta``: the
+    execution's meta as the caller read it): the claim says how the execution ended, and a claim older
+    than ``older_than`` seconds without a published status is not being worked on any more.
     """
     if ExecutionStatus(meta.get("status", ExecutionStatus.RUNNING.value)).final:
         return False
     claim = runtime.store.finish_claim(execution_id)
-    if claim is None or time.time() - float(claim.get("at", 0)) < FINISH_TAKEOVER_S:
+    if claim is None or time.time() - float(claim.get("at", 0)) < older_than:
         return False
     log.warning("execution %s: its finisher died before publishing the result; publishing it now", execution_id)
     return _publish(runtime, execution_id, ExecutionStatus(claim["status"]), claim.get("error"))

@@ -417,3 +417,21 @@ def test_worker_dying_while_it_publishes_the_result_still_answers_the_client(mak
     assert result.status is ExecutionStatus.SUCCEEDED
     assert result.outputs == {"a": {"sum": 3}}
     assert cluster.runtime.store.meta(handle.execution_id)["status"] == "succeeded"
+
+
+def test_waiting_client_publishes_a_result_whose_finisher_died(make_cluster) -> None:
+    # Given the only worker, which dies once it has claimed to finish the execution and before it
+    # publishes the result, and no worker to take its task back (the visibility timeout is an hour)
+    cluster: Cluster = make_cluster()
+    doomed = cluster.start_worker("default", concurrency=1, pool="threads",
+                                  extra_args=("--include", "tests.modules.die_after"),
+                                  env={"DSPEX_TEST_DIE_IN_FINISH": "1"})
+    handle = cluster.submit(program("dies-finishing-alone", {"a": {"uses": "tests.modules.basic:add",
+                                                                    "inputs": {"a": 1, "b": 2}}}), strategy="dag")
+    assert doomed.process.wait(timeout=30) != 0
+    # When the client waits for the result
+    result = handle.get(timeout=60)
+    # Then it publishes the claimed result itself, and the stored status agrees
+    assert result.status is ExecutionStatus.SUCCEEDED
+    assert result.outputs == {"a": {"sum": 3}}
+    assert cluster.runtime.store.meta(handle.execution_id)["status"] == "succeeded"
