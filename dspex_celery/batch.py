@@ -23,7 +23,7 @@ from celery import states
 
 from dspex_celery.client import ProgramLike, choose_strategy, launch, new_execution_id, start_execution
 from dspex_celery.errors import UsageError
-from dspex_celery.execution import finish
+from dspex_celery.execution import TAKEOVER_CHECK_S, finish, publish_abandoned
 from dspex_celery.graph import resolve_uses
 from dspex_celery.integrations.dspy import (
     describe_failure,
@@ -241,6 +241,7 @@ class BatchRun:
         self._lock = threading.Lock()
         self.submit_threads = submit_threads
         self._started = time.monotonic()
+        self._checked = self._started  # last look for results whose finisher died
         self.ran = 0
         self.reattached = 0
         self.reused = 0
@@ -363,9 +364,14 @@ class BatchRun:
                 return
 
     def _end_overdue(self) -> None:
+        """End lines past the timeout; every few seconds, publish results whose finisher died."""
+        now = time.monotonic()
+        if now - self._checked >= TAKEOVER_CHECK_S:
+            self._checked = now
+            for execution_id in list(self._pending):
+                publish_abandoned(self.runtime, execution_id)
         if self.timeout is None:
             return
-        now = time.monotonic()
         for execution_id, (_, started) in self._pending.items():
             if now - started > self.timeout:
                 finish(self.runtime, execution_id, ExecutionStatus.FAILED, f"timed out after {self.timeout:g} s")

@@ -16,7 +16,14 @@ from celery.result import AsyncResult
 from dspex_celery import defaults
 from dspex_celery.canvas import hard_time_limit
 from dspex_celery.errors import ConfigError, ExecutionTimeout, InputError, UnknownExecution, UsageError
-from dspex_celery.execution import assemble_result, finish, finish_abandoned, timeout_message, write_record
+from dspex_celery.execution import (
+    TAKEOVER_CHECK_S,
+    assemble_result,
+    finish,
+    publish_abandoned,
+    timeout_message,
+    write_record,
+)
 from dspex_celery.plan import STRATEGIES, ModulePlan, Plan
 from dspex_celery.program import Program
 from dspex_celery.results import ExecutionResult, ExecutionStatus, ModuleRecord, ModuleStatus, isoformat, utcnow
@@ -30,10 +37,6 @@ ProgramLike = Program | ProgramSpec | dict[str, Any] | str | Path
 
 #: Seconds to wait for the result an execution publishes once it was ended (timeout, cancel).
 ENDED_WAIT_S = 30.0
-#: How often a waiting client looks for a result that was claimed but never published.
-TAKEOVER_CHECK_S = 2.0
-#: A finish claimed this long ago and still unpublished: its worker died (or hangs); the client publishes it.
-CLIENT_TAKEOVER_S = 10.0
 
 
 class ExecutionHandle:
@@ -76,18 +79,12 @@ class ExecutionHandle:
                                    disable_sync_subtasks=False)
                 return ExecutionResult.model_validate(data)
             except CeleryTimeout:
-                if self._publish_abandoned():
+                if publish_abandoned(self.runtime, self.execution_id):
                     return self.get(timeout=ENDED_WAIT_S)
         if timeout is not None:
             raise ExecutionTimeout(f"execution {self.execution_id} did not finish within {timeout:g} s") from None
         finish(self.runtime, self.execution_id, ExecutionStatus.FAILED, timeout_message(self.timeout))
         return self.get(timeout=ENDED_WAIT_S)
-
-    def _publish_abandoned(self) -> bool:
-        """Publish the result if the worker that claimed to finish the execution died before publishing
-        it (workers do it too, but only once its task comes back, after the visibility timeout)."""
-        meta = self.runtime.store.meta(self.execution_id)
-        return bool(meta) and finish_abandoned(self.runtime, self.execution_id, meta, older_than=CLIENT_TAKEOVER_S)
 
     def _remaining(self) -> float | None:
         return None if self._deadline is None else max(0.001, self._deadline - time.monotonic())

@@ -32,6 +32,10 @@ BLOCKING = (ModuleStatus.FAILED, ModuleStatus.SKIPPED, ModuleStatus.CANCELLED)
 #: Seconds after which a claim to finish that published nothing is taken over by a re-delivered task
 #: (re-deliveries come after the broker's visibility timeout or a pool process's death).
 FINISH_TAKEOVER_S = 1.0
+#: A claim this old that published nothing is taken over by a waiting client: its worker died (or hangs).
+CLIENT_TAKEOVER_S = 10.0
+#: How often a waiting client looks for such a claim.
+TAKEOVER_CHECK_S = 2.0
 
 
 def write_record(runtime: Runtime, execution_id: str, module: str, record: ModuleRecord,
@@ -174,6 +178,13 @@ def finish_abandoned(runtime: Runtime, execution_id: str, meta: dict[str, Any],
         return False
     log.warning("execution %s: its finisher died before publishing the result; publishing it now", execution_id)
     return _publish(runtime, execution_id, ExecutionStatus(claim["status"]), claim.get("error"))
+
+
+def publish_abandoned(runtime: Runtime, execution_id: str) -> bool:
+    """A waiting client's :func:`finish_abandoned` (workers do it too, but only once the dead worker's
+    task comes back, after the broker's visibility timeout)."""
+    meta = runtime.store.meta(execution_id)
+    return bool(meta) and finish_abandoned(runtime, execution_id, meta, older_than=CLIENT_TAKEOVER_S)
 
 
 def _publish(runtime: Runtime, execution_id: str, status: ExecutionStatus, error: str | None) -> bool:

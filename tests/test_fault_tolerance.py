@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from dspex_celery import ExecutionStatus, ModuleStatus, UsageError, submit_program
+from dspex_celery import ExecutionStatus, ModuleStatus, UsageError, submit_batch, submit_program
 from dspex_celery.errors import UnknownExecution
 from dspex_celery.results import ExecutionResult, parse_time
 from dspex_celery.spec import RetryPolicy
@@ -419,19 +419,26 @@ def test_worker_dying_while_it_publishes_the_result_still_answers_the_client(mak
     assert cluster.runtime.store.meta(handle.execution_id)["status"] == "succeeded"
 
 
-def test_waiting_client_publishes_a_result_whose_finisher_died(make_cluster) -> None:
+@pytest.mark.parametrize("waiter", ["handle", "batch"])
+def test_waiting_client_publishes_a_result_whose_finisher_died(make_cluster, waiter: str) -> None:
     # Given the only worker, which dies once it has claimed to finish the execution and before it
     # publishes the result, and no worker to take its task back (the visibility timeout is an hour)
     cluster: Cluster = make_cluster()
     doomed = cluster.start_worker("default", concurrency=1, pool="threads",
                                   extra_args=("--include", "tests.modules.die_after"),
                                   env={"DSPEX_TEST_DIE_IN_FINISH": "1"})
-    handle = cluster.submit(program("dies-finishing-alone", {"a": {"uses": "tests.modules.basic:add",
-                                                                    "inputs": {"a": 1, "b": 2}}}), strategy="dag")
-    assert doomed.process.wait(timeout=30) != 0
-    # When the client waits for the result
-    result = handle.get(timeout=60)
+    dying = program("dies-finishing-alone", {"a": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 2}}})
+    # When the client waits for the result, with a handle or as a batch line
+    if waiter == "handle":
+        handle = cluster.submit(dying, strategy="dag")
+        assert doomed.process.wait(timeout=30) != 0
+        result = handle.get(timeout=60)
+        status, outputs, execution_id = result.status, result.outputs, handle.execution_id
+    else:
+        [line] = submit_batch(dying, [{}], app=cluster.runtime.app, strategy="dag", timeout=60).as_completed()
+        status, outputs, execution_id = ExecutionStatus(line.status), line.outputs, line.execution_id
+        assert doomed.process.wait(timeout=30) != 0
     # Then it publishes the claimed result itself, and the stored status agrees
-    assert result.status is ExecutionStatus.SUCCEEDED
-    assert result.outputs == {"a": {"sum": 3}}
-    assert cluster.runtime.store.meta(handle.execution_id)["status"] == "succeeded"
+    assert status is ExecutionStatus.SUCCEEDED
+    assert outputs == {"a": {"sum": 3}}
+    assert cluster.runtime.store.meta(execution_id)["status"] == "succeeded"
