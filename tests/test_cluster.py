@@ -141,3 +141,34 @@ def test_pickle_messages_are_refused(cluster: Cluster) -> None:
         assert time.monotonic() < deadline, worker.log.read_text()[-2000:]
         time.sleep(0.1)
     assert runtime.store.records("pickled-exec") == {}
+
+
+def test_run_warns_at_once_when_no_worker_serves_a_resource_class(make_cluster, tmp_path) -> None:
+    # Given one live worker, for the default resource class only
+    cluster: Cluster = make_cluster()
+    worker = cluster.start_worker("default", pool="threads")
+    workers = json.loads(cluster.cli("status", "--json").stdout)["workers"]
+    assert list(workers.values()) == [["default"]]
+    served = tmp_path / "served.json"
+    served.write_text(json.dumps({"name": "served", "modules": {
+        "a": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 2}}}}))
+    waiting = tmp_path / "waiting.json"
+    waiting.write_text(json.dumps({"name": "waiting", "modules": {
+        "a": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 2}},
+        "b": {"uses": "tests.modules.basic:add", "inputs": {"a": "$a.sum", "b": 1}, "resource": "llm"}}}))
+    # When a program needs a class no worker serves, it says so before it waits
+    result = cluster.cli("run", str(waiting), "--timeout", "3")
+    assert result.returncode == 1
+    assert ("warning: no live worker serves resource class 'llm' (modules b): those modules wait in their "
+            "queue until one starts (dspex-celery worker --resource llm)") in result.stderr
+    # as a batch too
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text("{}\n")
+    result = cluster.cli("run", str(waiting), "--inputs-file", str(lines), "--timeout", "3", "-q")
+    assert result.returncode == 1 and "warning: no live worker serves resource class 'llm'" in result.stderr
+    # and a program whose classes are all served runs without a warning
+    result = cluster.cli("run", str(served))
+    assert result.returncode == 0 and "warning" not in result.stderr
+    # Then a worker that shut down no longer counts
+    worker.stop()
+    assert json.loads(cluster.cli("status", "--json").stdout)["workers"] == {}

@@ -26,6 +26,7 @@ from dspex_celery.history.store import (
     optional_iso,
 )
 from dspex_celery.optimizer import Report, expected_durations, optimize
+from dspex_celery.presence import live_workers
 from dspex_celery.results import isoformat, utcnow
 from dspex_celery.routing import CONTROL, queue_name
 from dspex_celery.runtime import Runtime
@@ -183,9 +184,10 @@ def print_report(report: Report) -> None:
 @connection_options
 @json_option
 def status(broker: str | None, result_backend: str | None, as_json: bool) -> None:
-    """Live executions and queue depths per resource class."""
+    """Live executions, queue depths per resource class, and the workers that serve them."""
     runtime = cluster_runtime(broker, result_backend, "status")
-    data: dict[str, Any] = {"live": live_executions(runtime), "queues": queue_depths(runtime, known_resources(runtime))}
+    data: dict[str, Any] = {"live": live_executions(runtime), "queues": queue_depths(runtime, known_resources(runtime)),
+                            "workers": live_workers(runtime)}
     if as_json:
         print_json(data)
         return
@@ -197,6 +199,9 @@ def status(broker: str | None, result_backend: str | None, as_json: bool) -> Non
     console.print("[bold]queue depths[/bold]")
     for resource, depth in data["queues"].items():
         console.print(f"  {resource}: {depth}")
+    console.print(f"[bold]{len(data['workers'])} live worker(s)[/bold]")
+    for node, resources in data["workers"].items():
+        console.print(f"  {node}: {', '.join(resources)}")
 
 
 def live_executions(runtime: Runtime) -> list[dict[str, Any]]:

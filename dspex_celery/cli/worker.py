@@ -11,6 +11,7 @@ import click
 from dspex_celery import defaults
 from dspex_celery.cli import cli, connection_options
 from dspex_celery.errors import ConfigError
+from dspex_celery.presence import keep_announced
 from dspex_celery.routing import worker_queues
 from dspex_celery.runtime import create_runtime
 from dspex_celery.settings import Settings, load_settings
@@ -103,4 +104,5 @@ def worker(
     runtime = create_runtime(settings)
     import_includes(includes)
     runtime.check_reachable()
+    keep_announced(runtime, resources)
     runtime.app.worker_main(worker_argv(settings, resources, concurrency, pool, name, loglevel, task_events))

@@ -1,0 +1,94 @@
+"""Which workers are up, and which resource classes they serve.
+
+Every ``dspex-celery worker`` announces itself in the ``{namespace}:workers`` hash (node name ->
+resource classes and the time it was last seen) when it is ready, again every
+:data:`HEARTBEAT_S`, and withdraws on shutdown. A worker not seen for :data:`STALE_AFTER_S` (killed,
+machine gone) no longer counts. Clients use it to say at once that a module will wait because no
+worker serves its resource class — Celery would otherwise leave its message queued, silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable
+
+from celery.signals import worker_ready, worker_shutdown
+
+from dspex_celery.plan import Plan
+from dspex_celery.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 10.0
+STALE_AFTER_S = 3 * HEARTBEAT_S
+WORKERS = "workers"
+
+
+def announce(runtime: Runtime, node: str, resources: Iterable[str]) -> None:
+    """Record that ``node`` is up and serves ``resources`` (now)."""
+    key = runtime.store.global_key(WORKERS)
+    entry = json.dumps({"resources": sorted(resources), "seen": time.time()})
+    runtime.store.client.pipeline().hset(key, node, entry).expire(key, round(STALE_AFTER_S)).execute()
+
+
+def withdraw(runtime: Runtime, node: str) -> None:
+    runtime.store.client.hdel(runtime.store.global_key(WORKERS), node)
+
+
+def live_workers(runtime: Runtime) -> dict[str, list[str]]:
+    """Node name -> resource classes of every worker seen in the last :data:`STALE_AFTER_S`."""
+    raw = runtime.store.client.hgetall(runtime.store.global_key(WORKERS))
+    now = time.time()
+    workers = {node: json.loads(entry) for node, entry in raw.items()}
+    return {node: entry["resources"] for node, entry in sorted(workers.items())
+            if now - float(entry["seen"]) < STALE_AFTER_S}
+
+
+def unserved(runtime: Runtime, plan: Plan) -> dict[str, list[str]]:
+    """Resource class -> the plan's modules of that class that no live worker serves (none embedded)."""
+    if runtime.settings.embedded:
+        return {}
+    served = {resource for resources in live_workers(runtime).values() for resource in resources}
+    missing: dict[str, list[str]] = {}
+    for name, module in plan.modules.items():
+        if module.resource not in served:
+            missing.setdefault(module.resource, []).append(name)
+    return missing
+
+
+def unserved_warning(missing: dict[str, list[str]]) -> str:
+    """One line naming the resource classes without a worker and how to start one."""
+    classes = ", ".join(f"'{resource}' (modules {', '.join(names)})" for resource, names in sorted(missing.items()))
+    flags = " ".join(f"--resource {resource}" for resource in sorted(missing))
+    return (f"no live worker serves resource class {classes}: those modules wait in their queue until one "
+            f"starts (dspex-celery worker {flags})")
+
+
+def keep_announced(runtime: Runtime, resources: Iterable[str]) -> None:
+    """Connect this worker process to the registry: announce when ready, every heartbeat, withdraw at shutdown."""
+    served = tuple(resources)
+    stop = threading.Event()
+
+    def beat(node: str) -> None:
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                announce(runtime, node, served)
+            except Exception:  # a Redis hiccup must not end the heartbeat; the next beat retries
+                log.warning("could not announce worker %s", node, exc_info=True)
+
+    @worker_ready.connect(weak=False)
+    def _ready(sender: object = None, **_: object) -> None:
+        node = str(getattr(sender, "hostname", ""))
+        announce(runtime, node, served)
+        threading.Thread(target=beat, args=(node,), name="dspex-presence", daemon=True).start()
+
+        @worker_shutdown.connect(weak=False)
+        def _shutdown(**_: object) -> None:
+            stop.set()
+            try:
+                withdraw(runtime, node)
+            except Exception:  # the store may be gone already; the entry goes stale by itself
+                log.warning("could not withdraw worker %s", node, exc_info=True)
