@@ -86,7 +86,7 @@ def create_runtime(settings: Settings | None = None) -> Runtime:
         store = StateStore.from_url(settings.state_url, settings.namespace, settings.state_ttl_s)
     runtime = Runtime(settings, app, store, default_hooks(settings), set(settings.allowed_packages),
                       queues=RedisQueues.of(settings, app))
-    app.dspex_runtime = runtime  # type: ignore[attr-defined]
+    app.dspex_runtime = runtime
     return runtime
 
 
@@ -102,7 +102,7 @@ def default_hooks(settings: Settings) -> HookChain:
 
 def runtime_of(app: Celery) -> Runtime:
     """The runtime a dspex Celery app was created with."""
-    return app.dspex_runtime  # type: ignore[attr-defined,no-any-return]
+    return app.dspex_runtime
 
 
 _default_lock = threading.Lock()

@@ -73,7 +73,7 @@ def _mark_pool_child(**_: Any) -> None:
     _pool_child.set()
 
 
-class ModuleTask(Task):  # type: ignore[misc]
+class ModuleTask(Task):
     """``dspex.run_module``: when the task itself fails (hard time limit, crash outside the module
     call), the module still gets a final ``failed`` record and its strategy hears of it."""
 
@@ -203,7 +203,7 @@ class ModuleRun:
             module=plan.modules[self.name],
             attempt=record.attempts,
             worker=record.worker or "",
-            started_at=parse_time(record.started_at),
+            started_at=parse_time(record.started_at) if record.started_at else utcnow(),
             record=record,
         )
 

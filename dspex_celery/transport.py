@@ -16,7 +16,7 @@ from kombu.transport import redis as kombu_redis
 TRANSPORT = "dspex_celery.transport:Transport"
 
 
-class Channel(kombu_redis.Channel):  # type: ignore[misc]
+class Channel(kombu_redis.Channel):
     """A Redis channel whose synchronous client is created once."""
 
     _publish_client: Any = None
@@ -29,7 +29,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         return self._publish_client
 
 
-class Transport(kombu_redis.Transport):  # type: ignore[misc]
+class Transport(kombu_redis.Transport):
     """kombu's Redis transport, with :class:`Channel`."""
 
     Channel = Channel

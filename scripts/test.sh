@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the test needs into .venv, make sure Redis answers, run the whole test suite.
+# Install the test needs into .venv, make sure Redis answers, type-check the package, run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,4 +13,5 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m mypy  # the package's types (settings in pyproject.toml)
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -115,7 +115,7 @@ class StreamPublisher(Hook):
             with self._send_lock:  # one batch at a time keeps a module's events in order
                 pipe = self.store.client.pipeline(transaction=False)
                 for item in items:
-                    pipe.xadd(self.stream, encode(item), maxlen=STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
+                    pipe.xadd(self.stream, encode(item), maxlen=STREAM_MAXLEN, approximate=True)
                 pipe.execute()
         except Exception:  # history must never break a run; the listener reconciles from the store
             log.exception("could not publish %d history events to %s", len(items), self.stream)
