@@ -8,6 +8,7 @@ recorded plans (:func:`critical_path` and :func:`remaining_path_lengths` over an
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -86,7 +87,8 @@ class Dag:
 
 
 def validate(spec: ProgramSpec, source: str = "program", *, resolve: bool = True) -> Dag:
-    """Check names, references, cycles and (optionally) that every ``uses`` imports.
+    """Check names, references, cycles, literals and (optionally) that every ``uses`` imports and takes
+    its inputs.
 
     Raises one :class:`ProgramError` listing every problem found; returns the DAG otherwise. A
     valid program takes one pass; an invalid one is searched again to word each problem.
@@ -232,17 +234,54 @@ def _cycle_problems(graph: nx.DiGraph) -> list[str]:
 
 
 def _uses_problems(modules: Mapping[str, ModuleSpec]) -> list[str]:
+    """Modules whose ``uses`` does not import, or whose inputs a plain function cannot take."""
+    targets: dict[str, Callable[..., object]] = {}
     failures: dict[str, str] = {}
     for uses in {module.uses for module in modules.values()}:
         try:
-            resolve_uses(uses)
+            targets[uses] = resolve_uses(uses)
         except ImportError as exc:
             failures[uses] = str(exc)
-    return [
+    problems = [
         f"module '{name}': uses '{module.uses}' cannot be resolved ({failures[module.uses]})"
         for name, module in modules.items()
         if module.uses in failures
     ]
+    keywords = {uses: _Keywords.of(target) for uses, target in targets.items() if inspect.isfunction(target)}
+    for name, module in modules.items():
+        accepts = keywords.get(module.uses)
+        if accepts is not None and module.inputs is not None:  # without inputs, upstream outputs are merged in
+            problems += accepts.problems(name, module.uses, [*module.inputs, *module.with_])
+    return problems
+
+
+@dataclass(frozen=True, slots=True)
+class _Keywords:
+    """What a plain function takes as keyword arguments (modules are called with keywords only)."""
+
+    signature: str
+    required: frozenset[str]
+    accepted: frozenset[str] | None  # None: it takes any keyword (``**kwargs``)
+
+    @classmethod
+    def of(cls, function: Callable[..., object]) -> _Keywords:
+        parameters = inspect.signature(function).parameters.values()
+        by_keyword = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        required = {p.name for p in parameters if p.default is p.empty
+                    and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters)
+        bare = inspect.Signature([p.replace(annotation=p.empty) for p in parameters])  # names, no annotations
+        return cls(f"{function.__name__}{bare}", frozenset(required),
+                   None if open_ended else frozenset(p.name for p in by_keyword))
+
+    def problems(self, module: str, uses: str, given: Iterable[str]) -> list[str]:
+        names = set(given)
+        lines = [f"module '{module}': {uses} needs input '{missing}' ({self.signature}): add it under inputs"
+                 for missing in sorted(self.required - names)]
+        if self.accepted is not None:
+            lines += [f"module '{module}': {uses} takes no input '{extra}' ({self.signature}): remove it or rename it"
+                      for extra in sorted(names - self.accepted)]
+        return lines
 
 
 def resolve_uses(uses: str) -> Callable[..., object]:

@@ -10,6 +10,7 @@ from dspex_celery import Program, ProgramError
 from dspex_celery.spec import parse_ref
 
 ADD = "tests.modules.basic:add"
+ECHO = "tests.modules.basic:echo"
 
 
 def problems_of(data: dict) -> list[str]:
@@ -161,7 +162,7 @@ def test_literals_must_be_json_values() -> None:
 
     program = {"name": "j", "modules": {
         "a": {"uses": ADD, "inputs": {"a": 1, "b": [1, {"when": dt.date(2024, 1, 2)}]}},
-        "b": {"uses": ADD, "inputs": {"a": "$a.sum", "b": 1}, "with": {"table": {1: "one"}}},
+        "b": {"uses": ECHO, "inputs": {"a": "$a.sum", "b": 1}, "with": {"table": {1: "one"}}},
     }, "outputs": {"total": "$b.sum", "extra": Opaque()}}
     with pytest.raises(ProgramError) as caught:
         Program.from_dict(program).plan()
@@ -173,5 +174,22 @@ def test_literals_must_be_json_values() -> None:
         "the program file, or pass a string, number, boolean, list or mapping",
     ]
     # tuples are lists to JSON
-    fine = {"name": "t", "modules": {"a": {"uses": ADD, "inputs": {"a": 1, "b": 2}, "with": {"pair": (1, 2)}}}}
+    fine = {"name": "t", "modules": {"a": {"uses": ECHO, "inputs": {"a": 1, "b": 2}, "with": {"pair": (1, 2)}}}}
     assert Program.from_dict(fine).plan().modules["a"].with_ == {"pair": (1, 2)}
+
+
+def test_inputs_a_plain_function_cannot_take_are_named_before_anything_runs() -> None:
+    program = {"name": "k", "modules": {
+        "short": {"uses": ADD, "inputs": {"a": 1}},
+        "typo": {"uses": ADD, "inputs": {"a": 1, "bb": 2}},
+        "fixed": {"uses": ADD, "inputs": {"a": 1}, "with": {"b": 2}},  # with: fills the rest
+        "open": {"uses": ECHO, "inputs": {"anything": 1}},  # **kwargs takes any input
+        "merged": {"uses": ADD, "depends_on": ["fixed"]},  # no inputs: upstream outputs are merged in
+    }}
+    with pytest.raises(ProgramError) as caught:
+        Program.from_dict(program).plan()
+    assert caught.value.problems == [
+        "module 'short': tests.modules.basic:add needs input 'b' (add(a, b)): add it under inputs",
+        "module 'typo': tests.modules.basic:add needs input 'b' (add(a, b)): add it under inputs",
+        "module 'typo': tests.modules.basic:add takes no input 'bb' (add(a, b)): remove it or rename it",
+    ]

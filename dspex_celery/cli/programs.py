@@ -93,7 +93,7 @@ def run(
 @cli.command()
 @program_argument
 def validate(program_file: str) -> None:
-    """Check PROGRAM: schema, references, cycles and that every module imports."""
+    """Check PROGRAM: schema, references, cycles, and that every module imports and takes its inputs."""
     plan = Program.from_file(program_file).plan()
     click.echo(f"{program_file}: ok ({len(plan.modules)} modules, {len(plan.levels)} levels)")
 
