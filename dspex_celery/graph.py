@@ -247,11 +247,12 @@ def _uses_problems(modules: Mapping[str, ModuleSpec]) -> list[str]:
         for name, module in modules.items()
         if module.uses in failures
     ]
-    keywords = {uses: _Keywords.of(target) for uses, target in targets.items() if inspect.isfunction(target)}
-    for name, module in modules.items():
-        accepts = keywords.get(module.uses)
-        if accepts is not None and module.inputs is not None:  # without inputs, upstream outputs are merged in
-            problems += accepts.problems(name, module.uses, [*module.inputs, *module.with_])
+    checked = {uses: keywords for uses, target in targets.items()
+               if inspect.isfunction(target) and not (keywords := _Keywords.of(target)).takes_anything}
+    for name, module in modules.items() if checked else ():
+        signature = checked.get(module.uses)
+        if signature is not None and module.inputs is not None:  # without inputs, upstream outputs are merged in
+            problems += signature.problems(name, module.uses, [*module.inputs, *module.with_])
     return problems
 
 
@@ -273,6 +274,11 @@ class _Keywords:
         bare = inspect.Signature([p.replace(annotation=p.empty) for p in parameters])  # names, no annotations
         return cls(f"{function.__name__}{bare}", frozenset(required),
                    None if open_ended else frozenset(p.name for p in by_keyword))
+
+    @property
+    def takes_anything(self) -> bool:
+        """Nothing required, any keyword accepted (``def f(**kwargs)``): no inputs can be wrong."""
+        return not self.required and self.accepted is None
 
     def problems(self, module: str, uses: str, given: Iterable[str]) -> list[str]:
         names = set(given)
