@@ -11,6 +11,7 @@ from dspex_celery.errors import (
     ModuleTimeout,
     ProgramError,
     TransientError,
+    UnservedResourceWarning,
     UsageError,
 )
 from dspex_celery.program import Program
@@ -45,4 +46,6 @@ __all__ = [
     "ModuleTimeout",
     "CircuitOpen",
     "ExecutionTimeout",
+    # warnings
+    "UnservedResourceWarning",
 ]

@@ -9,6 +9,7 @@ re-attached (not submitted again) when their execution was still running.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -19,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from celery import states
 
 from dspex_celery.client import ProgramLike, choose_strategy, launch, new_execution_id, start_execution
@@ -31,6 +33,7 @@ from dspex_celery.integrations.dspy import (
     make_prediction,
 )
 from dspex_celery.plan import Plan
+from dspex_celery.presence import warn_if_unserved
 from dspex_celery.program import Program
 from dspex_celery.results import ExecutionResult, ExecutionStatus
 from dspex_celery.runtime import Runtime, default_runtime, runtime_of
@@ -424,7 +427,10 @@ def submit_batch(
     """
     runtime = runtime_of(app) if app is not None else default_runtime()
     chosen = resolve_metric(metric) if isinstance(metric, str) else metric
-    return BatchRun(
+    run = BatchRun(
         runtime, Program.coerce(program), inputs, max_in_flight=max_in_flight, strategy=strategy,
         timeout=timeout, metric=chosen, previous=previous, on_submit=on_submit, submit_threads=submit_threads,
     )
+    with contextlib.suppress(redis.RedisError):  # unreachable: the first submission says so, in one line
+        warn_if_unserved(runtime, run.plan)
+    return run

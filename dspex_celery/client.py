@@ -25,6 +25,7 @@ from dspex_celery.execution import (
     write_record,
 )
 from dspex_celery.plan import STRATEGIES, ModulePlan, Plan
+from dspex_celery.presence import warn_if_unserved
 from dspex_celery.program import Program
 from dspex_celery.results import ExecutionResult, ExecutionStatus, ModuleRecord, ModuleStatus, isoformat, utcnow
 from dspex_celery.routing import worker_queues
@@ -133,7 +134,9 @@ def submit_program(
         inputs = source.same_inputs(inputs)
     values = check_inputs(plan, inputs or {})
     chosen = choose_strategy(plan, strategy)
-    return launch(runtime, plan, program.packages(), values, chosen, timeout, source)
+    handle = launch(runtime, plan, program.packages(), values, chosen, timeout, source)
+    warn_if_unserved(runtime, plan)
+    return handle
 
 
 def resume_execution(

@@ -115,3 +115,11 @@ class ExecutionTimeout(DspexError):
 
 class ExecutionFailed(DspexError):
     """The execution finished with status ``failed``."""
+
+
+# --- warnings -------------------------------------------------------------------------------------
+
+
+class UnservedResourceWarning(UserWarning):
+    """A submitted program needs a resource class that no live worker serves: those modules wait
+    in their queue until a worker for it starts."""

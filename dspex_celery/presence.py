@@ -13,10 +13,12 @@ import json
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Iterable
 
 from celery.signals import worker_ready, worker_shutdown
 
+from dspex_celery.errors import UnservedResourceWarning
 from dspex_celery.plan import Plan
 from dspex_celery.runtime import Runtime
 
@@ -65,6 +67,14 @@ def unserved_warning(missing: dict[str, list[str]]) -> str:
     flags = " ".join(f"--resource {resource}" for resource in sorted(missing))
     return (f"no live worker serves resource class {classes}: those modules wait in their queue until one "
             f"starts (dspex-celery worker {flags})")
+
+
+def warn_if_unserved(runtime: Runtime, plan: Plan) -> None:
+    """An :class:`UnservedResourceWarning` (for the caller of ``submit_program``/``submit_batch``)
+    when a resource class of ``plan`` has no live worker."""
+    missing = unserved(runtime, plan)
+    if missing:
+        warnings.warn(UnservedResourceWarning(unserved_warning(missing)), stacklevel=3)
 
 
 def keep_announced(runtime: Runtime, resources: Iterable[str]) -> None:

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 
 import pytest
 
-from dspex_celery import ExecutionStatus, Program, Settings, create_runtime, submit_program
+from dspex_celery import (
+    ExecutionStatus,
+    Program,
+    Settings,
+    UnservedResourceWarning,
+    create_runtime,
+    submit_batch,
+    submit_program,
+)
 from dspex_celery.examples import synthetic
 from dspex_celery.examples.rag import retrieve
 from tests.conftest import Cluster, program
@@ -169,6 +178,15 @@ def test_run_warns_at_once_when_no_worker_serves_a_resource_class(make_cluster, 
     # and a program whose classes are all served runs without a warning
     result = cluster.cli("run", str(served))
     assert result.returncode == 0 and "warning" not in result.stderr
+    # From Python, submit_program and submit_batch warn with an UnservedResourceWarning
+    with pytest.warns(UnservedResourceWarning, match=r"resource class 'llm' \(modules b\)"):
+        handle = cluster.submit(Program.from_file(waiting))
+    handle.cancel()
+    with pytest.warns(UnservedResourceWarning, match="'llm'"):
+        submit_batch(Program.from_file(waiting), [{}], app=cluster.runtime.app)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnservedResourceWarning)
+        assert cluster.run(Program.from_file(served)).succeeded
     # Then a worker that shut down no longer counts
     worker.stop()
     assert json.loads(cluster.cli("status", "--json").stdout)["workers"] == {}

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from dspex_celery.errors import DspexError, ProgramError
+from dspex_celery.errors import DspexError, ProgramError, UnservedResourceWarning
 
 
 class DspexGroup(click.Group):
@@ -39,6 +40,7 @@ def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def cli() -> None:
     """Run DSPy-style programs (DAGs of modules) on a Celery cluster."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.simplefilter("ignore", UnservedResourceWarning)  # the commands print their own "warning:" line
 
 
 def main() -> None:
