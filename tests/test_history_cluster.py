@@ -25,6 +25,7 @@ from dspex_celery import (
     ExecutionResult,
     ExecutionStatus,
     Program,
+    UnservedResourceWarning,
     create_runtime,
     submit_program,
 )
@@ -250,7 +251,8 @@ def test_status_shows_live_executions_and_queue_depths(hc: HistoryCluster) -> No
         "wait": {"uses": f"{MODS}:gate", "inputs": {"key": gate, "redis_url": hc.redis_url}},
         "queued": {"uses": f"{MODS}:nap", "resource": "nobody"},  # no worker serves `nobody`
     })
-    handle = hc.cluster.submit(prog, timeout=60)
+    with pytest.warns(UnservedResourceWarning, match="'nobody'"):
+        handle = hc.cluster.submit(prog, timeout=60)
     wait_for(lambda: handle.records().get("wait") and handle.records()["wait"].status.value == "running", 30)
     shown = hc.cli("status", "--json")
     assert shown.returncode == 0, shown.stderr
