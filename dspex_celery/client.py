@@ -147,7 +147,9 @@ def resume_execution(
     source = resume_source(runtime, execution_id)
     chosen = choose_strategy(source.plan, strategy or source.meta.get("strategy"))
     packages = {package_of(module.uses) for module in source.plan.modules.values()}
-    return launch(runtime, source.plan, packages, source.meta.get("inputs", {}), chosen, timeout, source)
+    handle = launch(runtime, source.plan, packages, source.meta.get("inputs", {}), chosen, timeout, source)
+    warn_if_unserved(runtime, source.plan)
+    return handle
 
 
 def launch(

@@ -40,7 +40,19 @@ def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def cli() -> None:
     """Run DSPy-style programs (DAGs of modules) on a Celery cluster."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    warnings.simplefilter("ignore", UnservedResourceWarning)  # the commands print their own "warning:" line
+    warnings.showwarning = _show_warning
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """The engine's warnings as one ``warning: ...`` line on stderr; others as Python shows them."""
+    if issubclass(category, UnservedResourceWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
 
 
 def main() -> None:

@@ -34,7 +34,6 @@ from dspex_celery.batch import (
     resolve_metric,
     submit_batch,
 )
-from dspex_celery.cli.progress import warn_unserved
 from dspex_celery.errors import InputError, UsageError
 from dspex_celery.plan import Plan
 from dspex_celery.program import Program
@@ -112,8 +111,6 @@ def run_batch(
     metric_fn = resolve_metric(metric) if metric else None
     total = count_lines(source)
     runtime = create_runtime(load_settings(broker_url=broker, result_backend=result_backend))
-    runtime.check_reachable()
-    warn_unserved(runtime, plan)
     started = time.monotonic()
     with journal.open("a", encoding="utf-8") as log:
         run = submit_batch(

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 
-import click
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.progress_bar import ProgressBar
@@ -24,7 +23,6 @@ from rich.text import Text
 
 from dspex_celery.client import ExecutionHandle
 from dspex_celery.plan import Plan
-from dspex_celery.presence import unserved, unserved_warning
 from dspex_celery.results import (
     ExecutionResult,
     ModuleRecord,
@@ -193,20 +191,9 @@ def follow(handle: ExecutionHandle, console: Console | None = None,
         return handle.get()
 
 
-def warn_unserved(runtime: Runtime, plan: Plan) -> None:
-    """A warning line on stderr when a resource class of ``plan`` has no live worker."""
-    missing = unserved(runtime, plan)
-    if missing:
-        click.echo(f"warning: {unserved_warning(missing)}", err=True)
-
-
 def wait_and_report(handle: ExecutionHandle, as_json: bool, quiet: bool) -> None:
     """Wait for the execution (with live progress on a terminal), print it, exit 0 or 1."""
     from dspex_celery.cli.render import print_json, print_result
-
-    plan = handle.runtime.store.plan(handle.execution_id)
-    if plan is not None:
-        warn_unserved(handle.runtime, plan)
     result = follow(handle) if show_progress(as_json, quiet) else handle.get()
     if as_json:
         print_json(result.to_json_dict())
