@@ -194,6 +194,7 @@ def follow(handle: ExecutionHandle, console: Console | None = None,
 def wait_and_report(handle: ExecutionHandle, as_json: bool, quiet: bool) -> None:
     """Wait for the execution (with live progress on a terminal), print it, exit 0 or 1."""
     from dspex_celery.cli.render import print_json, print_result
+
     result = follow(handle) if show_progress(as_json, quiet) else handle.get()
     if as_json:
         print_json(result.to_json_dict())
