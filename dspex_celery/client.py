@@ -94,7 +94,7 @@ class ExecutionHandle:
         """End the execution as ``cancelled``: pending modules are revoked and running ones
         terminated (prefork workers); an execution that already ended keeps its result."""
         self.status()  # unknown or expired: UnknownExecution
-        finish(self.runtime, self.execution_id, ExecutionStatus.CANCELLED, "cancelled on request")
+        cancel_execution(self.runtime, self.execution_id)
         return self.get(timeout=ENDED_WAIT_S)
 
     def current(self) -> ExecutionResult:
@@ -103,6 +103,12 @@ class ExecutionHandle:
         if plan is None:
             raise UnknownExecution(f"unknown or expired execution '{self.execution_id}'")
         return assemble_result(self.runtime, self.execution_id, plan, self.status())
+
+
+def cancel_execution(runtime: Runtime, execution_id: str) -> bool:
+    """End ``execution_id`` as ``cancelled`` (as ``dspex-celery cancel``) without waiting for anything:
+    pending modules are revoked, running ones terminated. False when it had already ended."""
+    return finish(runtime, execution_id, ExecutionStatus.CANCELLED, "cancelled on request")
 
 
 def submit_program(
@@ -114,10 +120,13 @@ def submit_program(
     timeout: float | None = None,
     use_profile: bool = True,
     resume_from: str | None = None,
+    learned_timeouts: bool | None = None,
 ) -> ExecutionHandle:
     """Validate ``program``, store its plan and dispatch it; returns at once with a handle.
 
     ``use_profile``: plan with the optimizer's profile of this program version, if history has one.
+    ``learned_timeouts``: also take its timeouts where the program sets none (None: the program's
+    ``timeouts:`` key, else the ``learned_timeouts`` setting, decides; off by default).
     ``timeout``: seconds from now after which the execution ends as failed.
     ``resume_from``: an ended execution whose succeeded modules are reused (copied, ``reused: true``)
     when their definition and upstream are unchanged; ``inputs`` default to its inputs.
@@ -128,7 +137,7 @@ def submit_program(
     if use_profile:
         from dspex_celery.optimizer import apply_profile
 
-        plan = apply_profile(runtime.settings, program, plan)
+        plan = apply_profile(runtime.settings, program, plan, learned_timeouts=learned_timeouts)
     source = resume_source(runtime, resume_from) if resume_from else None
     if source is not None:
         inputs = source.same_inputs(inputs)
