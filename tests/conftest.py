@@ -7,7 +7,9 @@ Each cluster gets its own namespace (queue names and state keys), so tests canno
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,9 +25,11 @@ import redis
 from dspex_celery import ExecutionResult, Program, submit_program
 from dspex_celery.runtime import Runtime, create_runtime
 from dspex_celery.settings import Settings
+from tests.modules import suite_redis_url
 
 ROOT = Path(__file__).resolve().parent.parent
-REDIS_URL = os.environ.get("DSPEX_TEST_REDIS_URL", "redis://127.0.0.1:6379/3")
+#: The suite's Redis (``DSPEX_TEST_REDIS_URL``); every subprocess the suite starts gets the variable too.
+REDIS_URL = suite_redis_url()
 AMQP_URL = os.environ.get("DSPEX_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 POSTGRES_URL = os.environ.get("DSPEX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -76,6 +80,69 @@ def redis_url() -> str:
     return REDIS_URL
 
 
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RedisServer:
+    """A `redis-server` of the test's own on a free loopback port (no persistence), to restart at will."""
+
+    tmp: Path
+    password: str | None = None
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int = 0) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url(), socket_connect_timeout=2)
+
+    def start(self) -> RedisServer:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(self.tmp)]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._answers, timeout=10, what=f"redis-server on port {self.port}")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.RedisError:
+            return False
+
+    def shutdown_nosave(self) -> None:
+        """``SHUTDOWN NOSAVE``: every key is gone; clients see the connection drop."""
+        try:
+            self.client().shutdown(nosave=True)
+        except redis.ConnectionError:
+            pass  # the server closed the connection as it went
+        if self.process is not None:
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis this test may shut down and restart (never the shared one)."""
+    if shutil.which("redis-server") is None:
+        unavailable("redis-server", "not installed")
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def amqp_url() -> str:
     import kombu
@@ -89,10 +156,15 @@ def amqp_url() -> str:
 
 
 def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """Environment for a `dspex-celery` subprocess using ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPEX_") or k == "DSPEX_HISTORY_URL"}
+    """Environment for a `dspex-celery` subprocess using ``settings``.
+
+    The caller's ``DSPEX_*`` settings are left out (``settings`` decides); the suite's own
+    ``DSPEX_TEST_*`` variables and ``DSPEX_HISTORY_URL`` are passed on.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPEX_") or _passed_on(k)}
     env.update(
         {
+            "DSPEX_TEST_REDIS_URL": REDIS_URL,
             "DSPEX_NAMESPACE": settings.namespace,
             "DSPEX_MODULES": settings.modules,
             "PYTHONPATH": str(ROOT),
@@ -105,6 +177,10 @@ def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
         env["DSPEX_RESULT_BACKEND"] = settings.result_backend
     env.update(extra)
     return env
+
+
+def _passed_on(variable: str) -> bool:
+    return variable.startswith("DSPEX_TEST_") or variable == "DSPEX_HISTORY_URL"
 
 
 @dataclass

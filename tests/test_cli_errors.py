@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import CLI, ROOT
+from tests.conftest import CLI, REDIS_URL, ROOT
 
 
 def dspex(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -148,7 +148,7 @@ def test_non_json_output_fails_the_execution(tmp_path: Path) -> None:
 
 def test_worker_without_broker_or_modules() -> None:
     assert_one_line_error(dspex("worker"), 2, "a worker needs a broker")
-    result = dspex("worker", "--broker", "redis://127.0.0.1:6379/3", "--modules", "no_such_pkg_xyz")
+    result = dspex("worker", "--broker", REDIS_URL, "--modules", "no_such_pkg_xyz")
     assert_one_line_error(result, 2, "cannot import allow-listed package 'no_such_pkg_xyz'")
 
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import time
 from functools import cache
 from typing import Any
 
 import redis
 
+from tests.modules import suite_redis_url
+
 
 @cache
 def _redis() -> redis.Redis:
-    url = os.environ.get("DSPEX_RESULT_BACKEND") or os.environ.get("DSPEX_BROKER_URL") or "redis://127.0.0.1:6379/3"
-    return redis.Redis.from_url(url, decode_responses=True)
+    return redis.Redis.from_url(suite_redis_url(), decode_responses=True)
 
 
 def counted(key: str, ms: float = 0.0, **inputs: Any) -> dict[str, Any]:

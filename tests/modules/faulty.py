@@ -15,13 +15,13 @@ import redis
 from billiard.exceptions import SoftTimeLimitExceeded
 
 from dspex_celery import TransientError
+from tests.modules import suite_redis_url
 
 TTL_S = 600
 
 
 def side_channel() -> redis.Redis:
-    return redis.Redis.from_url(os.environ.get("DSPEX_TEST_REDIS_URL", "redis://127.0.0.1:6379/3"),
-                                decode_responses=True)
+    return redis.Redis.from_url(suite_redis_url(), decode_responses=True)
 
 
 def count_call(key: str, field: str = "calls") -> int:
