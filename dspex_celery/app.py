@@ -9,7 +9,7 @@ from celery import Celery
 from dspex_celery import defaults
 from dspex_celery.errors import ConfigError
 from dspex_celery.routing import PRIORITY_LEVELS, control_queue
-from dspex_celery.settings import Settings
+from dspex_celery.settings import Settings, redact
 from dspex_celery.transport import TRANSPORT
 
 
@@ -58,12 +58,12 @@ def _result_backend(settings: Settings) -> str:
         return "cache+memory://"
     if settings.state_url is None:
         raise ConfigError(
-            f"no Redis result backend for broker {settings.broker_url}: set DSPEX_RESULT_BACKEND "
+            f"no Redis result backend for broker {redact(settings.broker_url)}: set DSPEX_RESULT_BACKEND "
             "(or --result-backend) to a redis:// URL; the execution state store lives there"
         )
     if not settings.state_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(
-            f"result backend {settings.state_url} is not Redis: dspex-celery keeps execution "
+            f"result backend {redact(settings.state_url)} is not Redis: dspex-celery keeps execution "
             "state in the result backend and needs a redis:// URL"
         )
     return settings.state_url

@@ -28,7 +28,7 @@ from dspex_celery.history.store import (
     sqlite_path,
 )
 from dspex_celery.plan import STRATEGIES, Plan
-from dspex_celery.settings import Settings
+from dspex_celery.settings import Settings, redact
 
 if TYPE_CHECKING:
     from dspex_celery.program import Program
@@ -270,7 +270,7 @@ def read_history(settings: Settings, read: Callable[[HistoryStore], T]) -> T | N
     try:
         return read(open_history(url, create=False))
     except Exception as exc:  # a history outage must not stop submissions
-        log.warning("cannot read history from %s (%s); going on without it", url, exc)
+        log.warning("cannot read history from %s (%s); going on without it", redact(url), exc)
         _unavailable[url] = time.monotonic() + PROFILE_RETRY_S
         return None
 

@@ -14,7 +14,7 @@ from dspex_celery.app import make_app
 from dspex_celery.errors import BrokerUnreachable
 from dspex_celery.hooks import HookChain
 from dspex_celery.redis_queues import RedisQueues
-from dspex_celery.settings import Settings, load_settings
+from dspex_celery.settings import Settings, load_settings, redact
 from dspex_celery.state import StateStore
 
 
@@ -56,7 +56,7 @@ class Runtime:
             self.store.client.ping()
         except redis.RedisError as exc:
             raise BrokerUnreachable(
-                f"cannot reach the result backend at {self.settings.state_url} ({_reason(exc)}): "
+                f"cannot reach the result backend at {redact(self.settings.state_url)} ({_reason(exc)}): "
                 "start Redis or pass --result-backend URL"
             ) from None
 
@@ -66,7 +66,7 @@ class Runtime:
                 connection.ensure_connection(max_retries=1, timeout=3)
         except Exception as exc:  # kombu raises many transport-specific errors
             raise BrokerUnreachable(
-                f"cannot reach the broker at {self.settings.broker_url} ({_reason(exc)}): "
+                f"cannot reach the broker at {redact(self.settings.broker_url)} ({_reason(exc)}): "
                 "start it or pass --broker URL"
             ) from None
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field
 from pydantic_settings import (
@@ -71,6 +73,49 @@ class Settings(BaseSettings):
     @property
     def allowed_packages(self) -> tuple[str, ...]:
         return tuple(name.strip() for name in self.modules.split(",") if name.strip())
+
+
+#: What a password in a URL becomes wherever the URL is printed or logged.
+PASSWORD_MASK = "***"
+
+
+def redact(url: str | None) -> str:
+    """``url`` with its password masked (``redis://:***@host/0``); lists of URLs (``;`` or ``,``) too.
+
+    The rest of the URL (user, host, path, query) is kept, so the line still names the server.
+    """
+    if not url:
+        return str(url)
+    return "".join(_redact_one(part) for part in _URL_LIST.split(url))
+
+
+#: A separator of a URL list: ``;`` or ``,`` where the next URL (a scheme) starts.
+_URL_LIST = re.compile(r"([;,])(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def _redact_one(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL urllib can take apart (e.g. a bad port)
+        return _mask_before_at(url)
+    if password is not None:
+        userinfo, _, host = parts.netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        return urlunsplit(parts._replace(netloc=f"{user}:{PASSWORD_MASK}@{host}"))
+    if "@" in parts.netloc:  # a user without a password
+        return url
+    return _mask_before_at(url)  # e.g. no scheme, or a '/' in the password
+
+
+def _mask_before_at(text: str) -> str:
+    """Mask from the ``:`` after the user to the last ``@`` (when there is one)."""
+    userinfo, at, host = text.rpartition("@")
+    after_scheme = userinfo.find("://") + 3 if "://" in userinfo else 0
+    colon = userinfo.find(":", after_scheme)
+    if not at or colon < 0:
+        return text
+    return f"{userinfo[:colon + 1]}{PASSWORD_MASK}@{host}"
 
 
 def load_settings(**overrides: Any) -> Settings:

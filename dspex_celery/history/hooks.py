@@ -25,7 +25,7 @@ from dspex_celery.history.events import (
 )
 from dspex_celery.hooks import Hook
 from dspex_celery.results import ExecutionResult, ModuleRecord
-from dspex_celery.settings import Settings
+from dspex_celery.settings import Settings, redact
 from dspex_celery.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class EmbeddedRecorder(Hook):
         try:
             open_history(self.url).apply(items, lambda execution_id: describe(store, execution_id))
         except Exception:  # history must never break a run
-            log.exception("could not write execution history to %s", self.url)
+            log.exception("could not write execution history to %s", redact(self.url))
         self.seen.update(item.execution_id for item in items)
         self.finished.update(item.execution_id for item in items if isinstance(item, FinishedEvent))
 

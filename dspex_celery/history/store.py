@@ -55,7 +55,7 @@ from dspex_celery.results import (
     parse_time,
     utcnow,
 )
-from dspex_celery.settings import Settings
+from dspex_celery.settings import Settings, redact
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +417,7 @@ def _engine(url: str, create: bool) -> Engine:
     try:
         engine = create_engine(url, pool_pre_ping=True, **_engine_options(url))
     except (SQLAlchemyError, ImportError, ValueError) as exc:
-        raise ConfigError(f"invalid history database URL {url} ({_reason(exc)}): fix DSPEX_HISTORY_URL") from None
+        raise ConfigError(f"invalid history database URL {redact(url)} ({_reason(exc)}): fix DSPEX_HISTORY_URL") from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine

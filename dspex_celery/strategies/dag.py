@@ -26,8 +26,8 @@ from dspex_celery.runtime import Runtime
 from dspex_celery.state import LuaStep, lua_call
 from dspex_celery.strategies import Strategy
 
-# A LuaStep body — KEYS[k..k+4]: deps hash, done set, open counter, blocking hash, queued set; when
-# enqueuing, then each child's queue list. ARGV[a..]: ttl, module, its status if it blocks its children
+# A LuaStep body — KEYS[k..k+4]: deps hash, done set (created by the first count, so each count sets its
+# TTL), open counter, blocking hash, queued set; when enqueuing, then each child's queue list. ARGV[a..]: ttl, module, its status if it blocks its children
 # ('' otherwise), number of children n, enqueue ('1'/'0'), children...; when enqueuing, then each
 # child's task message. Returns {repeated (0/1), open_left, #ready, ready..., blocking module, its
 # status, ...}: the ready children left to the caller — none when they were enqueued here (which
@@ -49,6 +49,7 @@ if repeated then
   local open = redis.call('GET', KEYS[k + 2])
   open_left = open and tonumber(open) or -1
 else
+  redis.call('EXPIRE', KEYS[k + 1], ARGV[a])
   if ARGV[a + 2] ~= '' then
     redis.call('HSET', KEYS[k + 3], ARGV[a + 1], ARGV[a + 2])
     redis.call('EXPIRE', KEYS[k + 3], ARGV[a])
