@@ -29,11 +29,12 @@ from dspex_celery.strategies import Strategy
 # A LuaStep body — KEYS[k..k+4]: deps hash, done set (created by the first count, so each count sets its
 # TTL), open counter, blocking hash, queued set; when enqueuing, then each child's queue list.
 # ARGV[a..]: ttl, module, its status if it blocks its children ('' otherwise), number of children n,
-# enqueue ('1'/'0'), children...; when enqueuing, then each child's task message. Returns {repeated (0/1), open_left, #ready, ready..., blocking module, its
-# status, ...}: the ready children left to the caller — none when they were enqueued here (which
-# happens only while no module blocks its children) — and the blocking modules only with ready ones.
-# A repeated count (a re-delivered task) changes nothing and reports the children this module made
-# ready that were not enqueued here: its first worker may have died before it dispatched them.
+# enqueue ('1'/'0'), children...; when enqueuing, then each child's task message. Returns {repeated
+# (0/1), open_left, #ready, ready..., blocking module, its status, ...}: the ready children left to the
+# caller — none when they were enqueued here (which happens only while no module blocks its children) —
+# and the blocking modules only with ready ones. A repeated count (a re-delivered task) changes nothing
+# and reports the children this module made ready that were not enqueued here: its first worker may have
+# died before it dispatched them.
 _COUNT_DONE = """
 local n = tonumber(ARGV[a + 3])
 local ready = {}
