@@ -1,5 +1,6 @@
 """The optimizer: per-module statistics from history, the critical path by observed durations,
-bottlenecks, learned timeouts and retries, a strategy advice, and a profile later runs use.
+bottlenecks, learned timeouts and retries, a strategy advice, and a profile later runs use
+(its priorities always; its timeouts only when learned timeouts are turned on).
 
 Numbers are over the finished executions of one program fingerprint, counting only attempts
 that really ran (``reused`` ones from a resume are left out). Durations are those of successful
@@ -13,7 +14,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import networkx as nx
@@ -52,6 +53,12 @@ TOP_BOTTLENECKS = 5
 PROFILE_RETRY_S = 60.0
 #: Finished executions that give expected durations (progress ETA) when no profile is saved.
 RECENT_EXECUTIONS = 20
+#: How to turn learned timeouts off, by what turned them on (see :func:`learned_timeouts_hint`).
+OFF_HINTS = {
+    "run": "set timeout_s in the program or run without --learned-timeouts",
+    "program": "set timeout_s in the program or drop its 'timeouts: learned'",
+    "settings": "set timeout_s in the program or turn off learned_timeouts (DSPEX_LEARNED_TIMEOUTS)",
+}
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -71,6 +78,7 @@ class ModuleStats:
 
     runs: int
     attempts: int
+    samples: int  # successful attempts: the durations the percentiles are of
     p50_s: float | None
     p95_s: float | None
     p99_s: float | None
@@ -110,6 +118,7 @@ class Report:
     bottlenecks: list[Bottleneck]
     strategy: StrategyAdvice
     profile: dict[str, Any] = field(default_factory=dict)
+    saved: bool = False  # False: analysed only (``optimize --dry-run``), the stored profile is unchanged
 
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,9 +138,11 @@ def analyze(plan: Plan, attempts: Iterable[AttemptRow], executions: int) -> Repo
     graph = plan_graph(plan)
     path = critical_path(graph, weights)
     length = path_length(graph, weights)
+    learned = {name: stats for name, stats in modules.items() if stats.recommended_timeout_s is not None}
     profile = {
         "weights": weights,
-        "timeouts": {n: s.recommended_timeout_s for n, s in modules.items() if s.recommended_timeout_s is not None},
+        "timeouts": {name: stats.recommended_timeout_s for name, stats in learned.items()},
+        "timeout_basis": {name: {"p99_s": stats.p99_s, "samples": stats.samples} for name, stats in learned.items()},
         "critical_path": path,
     }
     advice = advise_strategy(plan, weights, length)
@@ -160,6 +171,7 @@ def module_stats(plan: Plan, name: str, rows: list[AttemptRow]) -> ModuleStats:
     return ModuleStats(
         runs=count,
         attempts=len(rows),
+        samples=len(durations),
         p50_s=percentile(durations, 50) if durations else None,
         p95_s=percentile(durations, 95) if durations else None,
         p99_s=p99,
@@ -175,6 +187,12 @@ def learned_timeout(p99: float | None) -> float | None:
     if p99 is None:
         return None
     return math.ceil(max(p99 * TIMEOUT_FACTOR, p99 + TIMEOUT_FLOOR_S) * 10) / 10
+
+
+def timeout_basis(p99_s: float, samples: int) -> str:
+    """How a learned timeout came from its p99, e.g. ``p99 2.5 s of 40 runs × 1.5``."""
+    headroom = f"× {TIMEOUT_FACTOR:g}" if p99_s * TIMEOUT_FACTOR >= p99_s + TIMEOUT_FLOOR_S else f"+ {TIMEOUT_FLOOR_S:g} s"
+    return f"p99 {p99_s:.3g} s of {samples} runs {headroom}"
 
 
 def recommended_retry(plan: Plan, name: str, runs: list[list[AttemptRow]]) -> dict[str, int] | None:
@@ -231,7 +249,8 @@ def _share(part: int, whole: int) -> float:
 
 
 def optimize(history: HistoryStore, program: str, fingerprint: str | None = None, *, save: bool = True) -> Report:
-    """Analyse the finished executions of ``program`` (its latest fingerprint) and save the profile."""
+    """Analyse the finished executions of ``program`` (its latest fingerprint) and save the profile
+    (``save=False``: only analyse; the stored profile stays as it is)."""
     fingerprint = fingerprint or history.latest_fingerprint(program)
     if fingerprint is None:
         raise UsageError(f"no executions of program '{program}' in the history at {history.display_url}: run it first")
@@ -243,17 +262,29 @@ def optimize(history: HistoryStore, program: str, fingerprint: str | None = None
             f"{history.display_url}: wait for one to finish"
         )
     report = analyze(plan, history.attempts([row.id for row in executions]), len(executions))
-    if save:
-        history.save_profile(fingerprint, plan.program, len(executions), report.profile)
-    return report
+    if not save:
+        return report
+    history.save_profile(fingerprint, plan.program, len(executions), report.profile)
+    return replace(report, saved=True)
 
 
 @dataclass(frozen=True)
 class Profile:
-    """What a submission learns from history: weights (seconds per module) and timeouts."""
+    """What a submission learns from history: weights (seconds per module), timeouts and their basis."""
 
     weights: dict[str, float]
     timeouts: dict[str, float]
+    basis: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def timeout_sources(self, off_hint: str) -> dict[str, str]:
+        """Per learned timeout: where it came from and ``off_hint`` (how to turn it off)."""
+        return {name: f"{self._basis_of(name)}, from optimize; {off_hint}" for name in self.timeouts}
+
+    def _basis_of(self, name: str) -> str:
+        basis = self.basis.get(name)
+        if not basis or basis.get("p99_s") is None:  # a profile saved before bases were
+            return "learned from history"
+        return timeout_basis(float(basis["p99_s"]), int(basis.get("samples", 0)))
 
 
 _unavailable: dict[str, float] = {}
@@ -280,7 +311,7 @@ def load_profile(settings: Settings, fingerprint: str) -> Profile | None:
     data = read_history(settings, lambda history: history.profile(fingerprint))
     if data is None:
         return None
-    return Profile(dict(data.get("weights", {})), dict(data.get("timeouts", {})))
+    return Profile(dict(data.get("weights", {})), dict(data.get("timeouts", {})), dict(data.get("timeout_basis", {})))
 
 
 def expected_durations(settings: Settings, plan: Plan) -> dict[str, float] | None:
@@ -299,9 +330,24 @@ def _recent_weights(history: HistoryStore, plan: Plan) -> dict[str, float] | Non
     return dict(weights)
 
 
-def apply_profile(settings: Settings, program: Program, plan: Plan) -> Plan:
-    """``plan`` re-planned with its fingerprint's profile (priorities, learned timeouts), if any."""
+def apply_profile(settings: Settings, program: Program, plan: Plan, *, learned_timeouts: bool | None = None) -> Plan:
+    """``plan`` re-planned with its fingerprint's profile, if any: its priorities, and its timeouts
+    where the program sets none when learned timeouts are on (see :func:`learned_timeouts_hint`)."""
     profile = load_profile(settings, plan.fingerprint)
     if profile is None:
         return plan
-    return program.plan(weights=profile.weights, learned_timeouts=profile.timeouts)
+    off_hint = learned_timeouts_hint(settings, program, learned_timeouts)
+    if off_hint is None or not profile.timeouts:
+        return program.plan(weights=profile.weights)
+    return program.plan(weights=profile.weights, learned_timeouts=profile.timeouts,
+                        timeout_sources=profile.timeout_sources(off_hint))
+
+
+def learned_timeouts_hint(settings: Settings, program: Program, requested: bool | None) -> str | None:
+    """None when learned timeouts are off, else how to turn them off. The first that says decides:
+    ``requested`` (``run --learned-timeouts``), the program's ``timeouts:``, the ``learned_timeouts`` setting."""
+    if requested is not None:
+        return OFF_HINTS["run"] if requested else None
+    if program.spec.timeouts is not None:
+        return OFF_HINTS["program"] if program.spec.timeouts == "learned" else None
+    return OFF_HINTS["settings"] if settings.learned_timeouts else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,16 @@ class ModulePlan:
     retry: dict[str, Any] = field(default_factory=dict)
     circuit_breaker: dict[str, Any] = field(default_factory=dict)
     dspy: dict[str, str] = field(default_factory=dict)
+    #: None: ``timeout_s`` is the program's own (or unset); else where the learned one came from and
+    #: how to turn it off, for the ModuleTimeout message.
+    timeout_source: str | None = None
+
+    def overran(self) -> str:
+        """What a ModuleTimeout says: the module, its ``timeout_s``, and where a learned one came from."""
+        if self.timeout_source is None:
+            return f"module '{self.name}' ran longer than its timeout_s ({self.timeout_s or 0:g} s)"
+        return (f"module '{self.name}' ran longer than its learned timeout_s {self.timeout_s or 0:g} s "
+                f"({self.timeout_source})")
 
     @property
     def retry_policy(self) -> RetryPolicy:
@@ -153,10 +164,16 @@ def canonical_json(value: Any) -> bytes:
         return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
+#: Program keys that say how to run it, not what it computes: opting in to learned timeouts keeps the
+#: fingerprint, so the profile it opts in to is still found.
+_NOT_CONTENT = frozenset({"timeouts"})
+
+
 def fingerprint(spec: ProgramSpec) -> str:
     """A stable hash of the program's content: equal programs, equal fingerprints (whatever the order
     of their keys, and whether unset keys are left out or written as null)."""
-    return hashlib.sha256(canonical_json(spec.to_dict())).hexdigest()[:16]
+    content = {key: value for key, value in spec.to_dict().items() if key not in _NOT_CONTENT}
+    return hashlib.sha256(canonical_json(content)).hexdigest()[:16]
 
 
 def build_plan(
@@ -165,13 +182,15 @@ def build_plan(
     source: str = "program",
     resolve: bool = True,
     weights: dict[str, float] | None = None,
-    learned_timeouts: dict[str, float] | None = None,
+    learned_timeouts: Mapping[str, float] | None = None,
+    timeout_sources: Mapping[str, str] | None = None,
     base_dir: Path | None = None,
 ) -> Plan:
     """Validate ``spec`` and flatten it into a :class:`Plan`.
 
     ``weights`` (observed seconds per module) make priorities and the critical path
-    duration-based; ``learned_timeouts`` fill ``timeout_s`` where the program sets none;
+    duration-based; ``learned_timeouts`` fill ``timeout_s`` where the program sets none, and
+    ``timeout_sources`` say where each came from (``ModulePlan.timeout_source``);
     relative ``state:`` paths are made absolute against ``base_dir`` (the program file's folder).
     """
     try:
@@ -179,7 +198,7 @@ def build_plan(
     except ProgramError as exc:
         raise with_dspy_hint(exc, spec) from None
     priorities = dag.remaining_path_lengths(weights)
-    shared = _Shared.of(spec, learned_timeouts or {}, base_dir)
+    shared = _Shared.of(spec, learned_timeouts or {}, timeout_sources or {}, base_dir)
     level_of = {name: index for index, level in enumerate(dag.levels) for name in level}
     modules = {
         name: _module_plan(spec, name, module, dag, level_of[name], priorities[name], shared)
@@ -208,11 +227,13 @@ class _Shared:
     circuit_breaker: dict[str, Any]
     resource: str
     timeout_s: float | None
-    learned_timeouts: dict[str, float]
+    learned_timeouts: Mapping[str, float]
+    timeout_sources: Mapping[str, str]
     base_dir: Path | None
 
     @classmethod
-    def of(cls, spec: ProgramSpec, learned_timeouts: dict[str, float], base_dir: Path | None) -> _Shared:
+    def of(cls, spec: ProgramSpec, learned_timeouts: Mapping[str, float], timeout_sources: Mapping[str, str],
+           base_dir: Path | None) -> _Shared:
         chosen = spec.defaults
         return cls(
             retry=(chosen.retry or RetryPolicy()).model_dump(mode="json"),
@@ -220,6 +241,7 @@ class _Shared:
             resource=chosen.resource or defaults.RESOURCE,
             timeout_s=chosen.timeout_s,
             learned_timeouts=learned_timeouts,
+            timeout_sources=timeout_sources,
             base_dir=base_dir,
         )
 
@@ -227,6 +249,8 @@ class _Shared:
 def _module_plan(
     spec: ProgramSpec, name: str, module: ModuleSpec, dag: Dag, level: int, priority: float, shared: _Shared
 ) -> ModulePlan:
+    own_timeout = module.timeout_s or shared.timeout_s
+    learned = None if own_timeout or not shared.learned_timeouts else shared.learned_timeouts.get(name)
     return ModulePlan(
         name=name,
         uses=module.uses,
@@ -239,11 +263,12 @@ def _module_plan(
         priority=priority,
         with_=dict(module.with_),
         state=None if module.state is None else state_path(module.state, shared.base_dir),
-        timeout_s=module.timeout_s or shared.timeout_s or shared.learned_timeouts.get(name),
+        timeout_s=own_timeout or learned,
         retry=module.retry.model_dump(mode="json") if module.retry else shared.retry,
         circuit_breaker=(module.circuit_breaker.model_dump(mode="json") if module.circuit_breaker
                          else shared.circuit_breaker),
         dspy={} if module.dspy is None and spec.dspy is None else dspy_settings(spec, module),
+        timeout_source=None if learned is None else shared.timeout_sources.get(name, "from optimize"),
     )
 
 

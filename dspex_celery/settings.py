@@ -43,6 +43,12 @@ class Settings(BaseSettings):
         description="Send Celery's task-sent event per dispatched task (Flower then shows queued tasks); "
         "off like Celery's default: it costs one more publish per module.",
     )
+    learned_timeouts: bool = Field(
+        default=False,
+        description="Apply the optimizer's learned timeouts where a program sets no timeout_s (a program's "
+        "'timeouts:' key and run --learned-timeouts/--no-learned-timeouts decide first); off: a profile "
+        "changes priorities only.",
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -101,6 +101,9 @@ class ProgramSpec(_Frozen):
     failure_tolerance: FailureTolerance = "strict"
     description: str | None = None
     dspy: DspySettings | None = None
+    #: ``learned``: the optimizer's timeouts fill in where no ``timeout_s`` is set; ``program``: only
+    #: the program's own (unset: the ``learned_timeouts`` setting decides). Not part of the fingerprint.
+    timeouts: Literal["learned", "program"] | None = None
 
     @field_validator("modules")
     @classmethod

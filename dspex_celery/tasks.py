@@ -157,7 +157,7 @@ class ModuleRun:
             self.runtime.hooks.before_module(ctx)
             output = self._call(ctx, begin)
         except Exception as exc:  # a module may raise anything; each becomes a record
-            return self._failed(ctx, _as_timeout(exc))
+            return self._failed(ctx, _as_timeout(exc, ctx.module))
         except BaseException as exc:  # terminated (cancel, shutdown): release what hooks hold, no record
             self.runtime.hooks.after_failure(ctx, exc, False)
             raise
@@ -289,8 +289,8 @@ def call_module(module: ModulePlan, function: Callable[..., Any], kwargs: dict[s
     except FutureTimeout:
         if not future.done():
             raise ModuleTimeout(
-                f"module '{module.name}' ran longer than its timeout_s ({module.timeout_s:g} s); this worker "
-                "pool cannot stop a call, so it was abandoned (use the prefork pool to have it killed)"
+                f"{module.overran()}; this worker pool cannot stop a call, so it was abandoned "
+                "(use the prefork pool to have it killed)"
             ) from None
         return future.result()  # it returned just now, or raised a TimeoutError of its own
 
@@ -315,9 +315,9 @@ def _shutting_down() -> bool:
     return bool(terminate_handler_fired())
 
 
-def _as_timeout(error: Exception) -> Exception:
+def _as_timeout(error: Exception, module: ModulePlan) -> Exception:
     if isinstance(error, SoftTimeLimitExceeded):
-        return ModuleTimeout("the module ran longer than its timeout_s")
+        return ModuleTimeout(module.overran())
     return error
 
 

@@ -285,12 +285,14 @@ def test_optimize_names_the_slow_module_and_later_runs_use_the_profile(hc: Histo
     assert report["bottlenecks"][0]["module"] == "slow"
     assert report["critical_path"] == ["start", "slow", "end"]
     assert report["modules"]["slow"]["p50_s"] >= 0.4
-    # And the next submission plans with the profile: slow first, learned timeouts
+    # And the next submission plans with the profile: slow first (learned timeouts only when opted in)
     runtime = hc.cluster.runtime
     profiled = runtime.store.plan(hc.submit(prog).execution_id)
     priority = {name: module.priority for name, module in profiled.modules.items()}
     assert priority["start"] > priority["slow"] > max(priority[f"quick{i}"] for i in range(3))
-    assert profiled.modules["slow"].timeout_s == report["modules"]["slow"]["recommended_timeout_s"]
+    assert profiled.modules["slow"].timeout_s is None
+    learned = runtime.store.plan(hc.submit(prog, learned_timeouts=True).execution_id)
+    assert learned.modules["slow"].timeout_s == report["modules"]["slow"]["recommended_timeout_s"]
     # `run --no-profile` does not
     ran = hc.cli("run", str(write_program(hc, modules)), "--no-profile", "--json")
     assert ran.returncode == 0, ran.stderr

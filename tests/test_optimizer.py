@@ -22,9 +22,10 @@ from dspex_celery.optimizer import (
     optimize,
     percentile,
 )
+from dspex_celery.plan import Plan
 from dspex_celery.program import Program
 from dspex_celery.results import isoformat, utcnow
-from tests.conftest import program
+from tests.conftest import program, wait_for
 
 NOOP = "tests.modules.basic:echo"
 T0 = utcnow()
@@ -160,15 +161,85 @@ def test_profile_is_used_for_that_program_version_only(history: HistoryStore, tm
     assert {name: module.priority for name, module in plan.modules.items()} == pytest.approx(
         {"s": 3.8, "a": 3.5, "b": 2.5, "t": 0.5})
     assert plan.critical_path == ["s", "a", "t"]
-    # learned timeouts fill in where the program sets none; t keeps its own 9 s
-    assert plan.modules["a"].timeout_s == 7.5 and plan.modules["t"].timeout_s == 9.0
+    # By default a profile changes priorities only: no timeout nobody set
+    assert {name: module.timeout_s for name, module in plan.modules.items()} == {"s": None, "a": None, "b": None,
+                                                                                 "t": 9.0}
+    # Opted in, learned timeouts fill in where the program sets none; t keeps its own 9 s
+    learned = apply_profile(settings, DIAMOND, DIAMOND.plan(), learned_timeouts=True)
+    assert learned.modules["a"].timeout_s == 7.5 and learned.modules["t"].timeout_s == 9.0
+    assert learned.modules["t"].timeout_source is None
     # A changed program (new fingerprint) does not reuse the stale profile
     changed = program("diamond", {**DIAMOND.to_dict()["modules"], "u": {"uses": NOOP, "depends_on": ["t"]}})
-    fresh = apply_profile(settings, changed, changed.plan())
+    fresh = apply_profile(settings, changed, changed.plan(), learned_timeouts=True)
     assert fresh.fingerprint != plan.fingerprint
     assert fresh.modules["a"].timeout_s is None and fresh.modules["s"].priority == 4.0  # module counts
     # And history turned off means no profile
-    assert apply_profile(Settings(history_url="off"), DIAMOND, DIAMOND.plan()).modules["a"].timeout_s is None
+    off = apply_profile(Settings(history_url="off"), DIAMOND, DIAMOND.plan(), learned_timeouts=True)
+    assert off.modules["a"].timeout_s is None
+
+
+def test_learned_timeouts_are_opted_in_and_the_plan_says_where_they_came_from(history: HistoryStore) -> None:
+    optimize(history, "diamond")
+    settings = Settings(history_url=history.url)
+    opted_in = Settings(history_url=history.url, learned_timeouts=True)
+    keyed = program("diamond", DIAMOND.to_dict()["modules"], timeouts="learned")
+    refused = program("diamond", DIAMOND.to_dict()["modules"], timeouts="program")
+
+    def timeout_of(prog: Program, chosen: Settings, requested: bool | None = None) -> float | None:
+        return apply_profile(chosen, prog, prog.plan(), learned_timeouts=requested).modules["a"].timeout_s
+
+    # The program's timeouts: key is how to run it, not what it computes: same fingerprint, same profile
+    assert keyed.plan().fingerprint == refused.plan().fingerprint == DIAMOND.plan().fingerprint
+    # Off unless asked; the run's choice, then the program's key, then the setting decide
+    assert timeout_of(DIAMOND, settings) is None
+    assert timeout_of(DIAMOND, settings, True) == timeout_of(keyed, settings) == timeout_of(DIAMOND, opted_in) == 7.5
+    assert timeout_of(keyed, settings, False) is None and timeout_of(refused, opted_in) is None
+    assert timeout_of(refused, settings, True) == 7.5
+    # The plan records how each was learned and how to turn it off (for the worker's ModuleTimeout)
+    sources = {
+        name: apply_profile(chosen, prog, prog.plan(), learned_timeouts=requested).modules["a"].timeout_source
+        for name, prog, chosen, requested in [("run", DIAMOND, settings, True), ("program", keyed, settings, None),
+                                              ("settings", DIAMOND, opted_in, None)]
+    }
+    basis = "p99 4.96 s of 5 runs × 1.5, from optimize"
+    assert sources == {
+        "run": f"{basis}; set timeout_s in the program or run without --learned-timeouts",
+        "program": f"{basis}; set timeout_s in the program or drop its 'timeouts: learned'",
+        "settings": f"{basis}; set timeout_s in the program or turn off learned_timeouts (DSPEX_LEARNED_TIMEOUTS)",
+    }
+    # s: p99 0.496 s, the 1 s floor gives its headroom; the source survives the plan's JSON
+    plan = apply_profile(settings, DIAMOND, DIAMOND.plan(), learned_timeouts=True)
+    again = Plan.from_json(plan.to_json()).modules["s"]
+    assert again.timeout_source == plan.modules["s"].timeout_source
+    assert again.overran() == ("module 's' ran longer than its learned timeout_s 1.5 s (p99 0.496 s of 5 runs + 1 s, "
+                               "from optimize; set timeout_s in the program or run without --learned-timeouts)")
+
+
+def test_a_bad_timeouts_key_is_one_program_error() -> None:
+    from dspex_celery.errors import ProgramError
+
+    with pytest.raises(ProgramError, match="timeouts: Input should be 'learned' or 'program'"):
+        program("diamond", DIAMOND.to_dict()["modules"], timeouts="sometimes").plan()
+
+
+def test_optimize_without_saving_keeps_the_stored_profile(history: HistoryStore) -> None:
+    saved = optimize(history, "diamond")
+    fingerprint = DIAMOND.plan().fingerprint
+    stored = history.profile(fingerprint)
+    assert saved.saved and stored == saved.profile
+    # Two more runs where a takes 10 s: what would be saved changes, the stored profile does not
+    for index in (5, 6):
+        info = ExecutionInfo(f"diamond-{index}", "diamond", fingerprint, "levels",
+                             submitted_at=isoformat(T0 + timedelta(minutes=index)), plan=DIAMOND.plan())
+        events: list[Event] = [RecordEvent(info.execution_id, "a", attempt("a", 1, ModuleStatus.SUCCEEDED, 10.0))]
+        result = ExecutionResult(execution_id=info.execution_id, program="diamond", strategy="levels",
+                                 status=ExecutionStatus.SUCCEEDED, outputs={}, modules={},
+                                 submitted_at=info.submitted_at)
+        history.apply([*events, FinishedEvent(result)], lambda _id, info=info: info)
+    dry = optimize(history, "diamond", save=False)
+    assert not dry.saved and dry.executions == 7
+    assert dry.profile["timeouts"]["a"] > stored["timeouts"]["a"]
+    assert history.profile(fingerprint) == stored
 
 
 def test_optimize_without_history_is_a_clear_error(history: HistoryStore) -> None:
@@ -189,3 +260,71 @@ def test_progress_eta_durations_come_from_history(history: HistoryStore) -> None
     # A program history has never seen: no durations, so no ETA
     other = program("other", {"x": {"uses": NOOP}})
     assert expected_durations(runtime, other.plan()) is None
+
+
+# --- against real workers -------------------------------------------------------------------------
+
+NAP = "tests.modules.history_mods:nap"
+
+
+@pytest.mark.integration
+def test_learned_timeouts_fail_a_slow_run_only_when_opted_in(make_cluster, redis_url: str, tmp_path) -> None:
+    import json
+
+    from dspex_celery import create_runtime, submit_program
+    from tests.test_history_cluster import HistoryCluster
+
+    cluster = make_cluster()
+    cluster.start_worker("default", concurrency=2)  # prefork: Celery's soft time limit stops the call
+    hc = HistoryCluster(cluster, f"sqlite:///{tmp_path / 'history.db'}", redis_url)
+    hc.start_listener()
+    modules = {"nap": {"uses": NAP, "inputs": {"seconds": "$inputs.seconds"}, "retry": {"max_attempts": 1}}}
+    prog = program("napper", modules, inputs=["seconds"])
+    fingerprint = prog.plan().fingerprint
+
+    def run(chosen: Program, seconds: float, app=hc.runtime.app, **options):  # noqa: ANN001, ANN202
+        result = submit_program(chosen, {"seconds": seconds}, app=app, **options).get(timeout=60, propagate=False)
+        hc.recorded(result.execution_id)
+        return result
+
+    try:
+        # Given three 0.15 s runs and a saved profile
+        for _ in range(3):
+            assert run(prog, 0.15).succeeded
+        optimized = hc.cli("optimize", "napper", "--json")
+        assert optimized.returncode == 0, optimized.stderr
+        learned = json.loads(optimized.stdout)["modules"]["nap"]["recommended_timeout_s"]
+        assert learned < 1.5
+        stored = hc.history.profile(fingerprint)
+        # When a run takes 10x as long, by default it succeeds: the profile changed priorities only
+        slow = run(prog, 1.5)
+        assert slow.succeeded, slow.modules["nap"].error
+        assert cluster.runtime.store.plan(slow.execution_id).modules["nap"].timeout_s is None
+        # Opted in with `run --learned-timeouts`, the learned timeout fails it, and the error says so
+        path = tmp_path / "napper.json"
+        path.write_text(json.dumps({"name": "napper", "inputs": ["seconds"], "modules": modules}))
+        ran = hc.cli("run", str(path), "-i", "seconds=1.5", "--learned-timeouts", "--json")
+        assert ran.returncode == 1, ran.stderr
+        p99 = f"{stored['timeout_basis']['nap']['p99_s']:.3g}"  # about 0.15
+        assert (f"ModuleTimeout: module 'nap' ran longer than its learned timeout_s {learned:g} s (p99 {p99} s of "
+                "3 runs + 1 s, from optimize; set timeout_s in the program or run without --learned-timeouts)"
+                ) in ran.stdout + ran.stderr, ran.stdout + ran.stderr
+        # Opted in with the program's `timeouts: learned` (same fingerprint, same profile) or the setting
+        keyed = run(program("napper", modules, inputs=["seconds"], timeouts="learned"), 1.5)
+        assert keyed.modules["nap"].error.endswith("drop its 'timeouts: learned')")
+        opted = create_runtime(hc.runtime.settings.model_copy(update={"learned_timeouts": True}))
+        by_setting = run(prog, 1.5, app=opted.app)
+        assert by_setting.modules["nap"].error.endswith("turn off learned_timeouts (DSPEX_LEARNED_TIMEOUTS))")
+        # `optimize --dry-run` shows the profile the slower history gives, and leaves the stored one as it was
+        wait_for(lambda: len(hc.history.finished_executions(fingerprint)) == 7, 30, hc.logs)
+        dry = hc.cli("optimize", "napper", "--dry-run", "--json")
+        assert dry.returncode == 0, dry.stderr
+        report = json.loads(dry.stdout)
+        assert not report["saved"] and report["executions"] == 7
+        assert report["profile"]["timeouts"]["nap"] > learned
+        assert hc.history.profile(fingerprint) == stored
+        shown = hc.cli("optimize", "napper", "--dry-run")
+        assert "dry run, profile not saved (the stored one is unchanged)" in shown.stdout, shown.stderr
+        assert hc.history.profile(fingerprint) == stored
+    finally:
+        hc.stop()

@@ -148,11 +148,12 @@ def show(execution_id: str, as_json: bool, history_db: str | None) -> None:
 @cli.command("optimize")
 @click.argument("program")
 @click.option("--fingerprint", default=None, help="Program version to analyse (default: the latest run).")
+@click.option("--dry-run", is_flag=True, help="Show the profile that would be saved; keep the stored one.")
 @json_option
 @history_option
-def optimize_command(program: str, fingerprint: str | None, as_json: bool, history_db: str | None) -> None:
+def optimize_command(program: str, fingerprint: str | None, dry_run: bool, as_json: bool, history_db: str | None) -> None:
     """Analyse PROGRAM's history; save the profile its next runs use."""
-    report = optimize(open_store(load_settings(history_url=history_db)), program, fingerprint)
+    report = optimize(open_store(load_settings(history_url=history_db)), program, fingerprint, save=not dry_run)
     if as_json:
         print_json(report.to_json_dict())
     else:
@@ -174,7 +175,17 @@ def print_report(report: Report) -> None:
     for item in report.bottlenecks:
         console.print(f"  bottleneck {item.module}: p50 {item.p50_s:.3f} s, path {item.saving_s:.3f} s shorter if instant")
     console.print(f"strategy: {report.strategy.recommended} ({report.strategy.reason})")
-    console.print("profile saved: later runs of this version use its priorities and timeouts (--no-profile to skip)")
+    console.print(profile_line(report))
+
+
+def profile_line(report: Report) -> str:
+    """What happens to the profile: saved (and what later runs take from it), or not (``--dry-run``)."""
+    timeouts = len(report.profile["timeouts"])
+    uses = (f"priorities of {len(report.profile['weights'])} module(s) (run --no-profile to skip); its {timeouts} "
+            "timeout_s only with run --learned-timeouts, a program's 'timeouts: learned' or DSPEX_LEARNED_TIMEOUTS=1")
+    if report.saved:
+        return f"profile saved: later runs of this version use its {uses}"
+    return f"dry run, profile not saved (the stored one is unchanged): later runs would use its {uses}"
 
 
 # --- status -------------------------------------------------------------------------------------

@@ -68,6 +68,9 @@ def _read_inputs_file(path: str) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object (the execution result).")
 @click.option("-q", "--quiet", is_flag=True, help="No live progress display (there is none when not a terminal).")
 @click.option("--no-profile", is_flag=True, help="Ignore the optimizer's profile (learned priorities and timeouts).")
+@click.option("--learned-timeouts/--no-learned-timeouts", default=None,
+              help="Apply the profile's learned timeouts where the program sets no timeout_s "
+                   "(default: the program's 'timeouts:' key, else DSPEX_LEARNED_TIMEOUTS; off).")
 def run(
     program_file: str,
     pairs: tuple[str, ...],
@@ -79,6 +82,7 @@ def run(
     as_json: bool,
     quiet: bool,
     no_profile: bool,
+    learned_timeouts: bool | None,
 ) -> None:
     """Run PROGRAM and print its outputs (in-process when no broker is configured)."""
     program = Program.from_file(program_file)
@@ -86,7 +90,7 @@ def run(
     inputs = collect_inputs(pairs, inputs_file)
     runtime = create_runtime(load_settings(broker_url=broker, result_backend=result_backend))
     handle = submit_program(program, inputs, strategy=strategy, app=runtime.app, timeout=timeout,
-                            use_profile=not no_profile)
+                            use_profile=not no_profile, learned_timeouts=learned_timeouts)
     wait_and_report(handle, as_json, quiet)
 
 
