@@ -180,12 +180,11 @@ def print_report(report: Report) -> None:
 
 def profile_line(report: Report) -> str:
     """What happens to the profile: saved (and what later runs take from it), or not (``--dry-run``)."""
-    timeouts = len(report.profile["timeouts"])
-    uses = (f"priorities of {len(report.profile['weights'])} module(s) (run --no-profile to skip); its {timeouts} "
-            "timeout_s only with run --learned-timeouts, a program's 'timeouts: learned' or DSPEX_LEARNED_TIMEOUTS=1")
+    uses = ("its priorities (skip with run --no-profile), and its timeout_s only where learned timeouts are on "
+            "(run --learned-timeouts, 'timeouts: learned' in the program, or DSPEX_LEARNED_TIMEOUTS=1)")
     if report.saved:
-        return f"profile saved: later runs of this version use its {uses}"
-    return f"dry run, profile not saved (the stored one is unchanged): later runs would use its {uses}"
+        return f"profile saved: later runs of this version take {uses}"
+    return f"dry run, profile not saved (the stored one is unchanged): later runs would take {uses}"
 
 
 # --- status -------------------------------------------------------------------------------------
