@@ -334,9 +334,9 @@ def prepare_runtime(runtime: Runtime, packages: set[str], plan: Plan) -> None:
     if not runtime.settings.embedded:
         runtime.check_reachable()
         return
-    from dspex_celery.embedded import EmbeddedWorker
+    from dspex_celery.embedded import EmbeddedWorker, allow_program
 
-    runtime.allowed |= packages
+    allow_program(runtime, packages, plan)
     resources = sorted({module.resource for module in plan.modules.values()})
     queues = worker_queues(runtime.settings.namespace, resources)
     if runtime.embedded_worker is None:

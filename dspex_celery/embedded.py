@@ -1,20 +1,30 @@
 """The embedded worker: a Celery worker on the memory transport, in a thread of this process.
 
 It consumes the same tasks from the same canvas as a cluster worker; it exists so that
-``dspex-celery run`` works with no server at all.
+``dspex-celery run`` works with no server at all. It trusts the program it is given (its packages
+are allowed) unless an allow-list is configured (``run --modules``, ``DSPEX_MODULES``).
 """
 
 from __future__ import annotations
 
 import atexit
 import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from celery import Celery
 from celery._state import _set_task_join_will_block
 from celery.app import trace
 from celery.worker import WorkController
 
-from dspex_celery.errors import ConfigError
+from dspex_celery.errors import ConfigError, ProgramError
+from dspex_celery.graph import UsesRefused, resolve_uses
+from dspex_celery.integrations.dspy import dspy_factories
+from dspex_celery.runner import is_allowed, package_of
+
+if TYPE_CHECKING:
+    from dspex_celery.plan import Plan
+    from dspex_celery.runtime import Runtime
 
 START_TIMEOUT_S = 30.0
 EMBEDDED_HOSTNAME = "embedded@localhost"
@@ -75,3 +85,32 @@ class EmbeddedWorker:
             self.controller.stop(in_sighandler=False)
             if join:
                 self.thread.join(timeout=5)
+
+
+def allow_program(runtime: Runtime, packages: Iterable[str], plan: Plan) -> None:
+    """Embedded runs trust the program they are given: the top-level packages it imports from are
+    allowed. With an allow-list configured (``run --modules``, ``DSPEX_MODULES``) only that is, and
+    ``plan`` is checked against it now (a :class:`ProgramError` naming each refused ``uses``)."""
+    configured = runtime.settings.allowed_packages
+    if not configured:
+        runtime.allowed |= {package.partition(".")[0] for package in packages}
+        return
+    problems = [problem for module in plan.modules.values()
+                for uses in (module.uses, *dspy_factories(module.dspy))
+                if (problem := _refused(module.name, uses, configured))]
+    if problems:
+        raise ProgramError(problems, f"program '{plan.program}'")
+
+
+def _refused(name: str, uses: str, allowed: tuple[str, ...]) -> str | None:
+    """Why module ``name`` may not run ``uses`` with the allow-list ``allowed`` (None: it may)."""
+    if not is_allowed(uses, allowed):
+        return (f"module '{name}': '{uses}' is outside the allow-list ({', '.join(allowed)}): "
+                f"add --modules {package_of(uses).split('.')[0]} if you trust that package")
+    try:
+        resolve_uses(uses, allowed)
+    except UsesRefused as exc:
+        return f"module '{name}': '{uses}' is not allowed ({exc})"
+    except ImportError:
+        return None  # validation reports it
+    return None

@@ -12,6 +12,7 @@ import inspect
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
+from types import ModuleType
 
 import networkx as nx
 
@@ -234,19 +235,19 @@ def _cycle_problems(graph: nx.DiGraph) -> list[str]:
 
 
 def _uses_problems(modules: Mapping[str, ModuleSpec]) -> list[str]:
-    """Modules whose ``uses`` does not import, or whose inputs a plain function cannot take."""
+    """Modules whose ``uses`` does not import (or names what its package does not define), or whose
+    inputs a plain function cannot take."""
     targets: dict[str, Callable[..., object]] = {}
     failures: dict[str, str] = {}
     for uses in {module.uses for module in modules.values()}:
         try:
             targets[uses] = resolve_uses(uses)
+        except UsesRefused as exc:
+            failures[uses] = f"is refused: {exc}"
         except ImportError as exc:
-            failures[uses] = str(exc)
-    problems = [
-        f"module '{name}': uses '{module.uses}' cannot be resolved ({failures[module.uses]})"
-        for name, module in modules.items()
-        if module.uses in failures
-    ]
+            failures[uses] = f"cannot be resolved ({exc})"
+    problems = [f"module '{name}': uses '{module.uses}' {failures[module.uses]}"
+                for name, module in modules.items() if module.uses in failures]
     checked = {uses: keywords for uses, target in targets.items()
                if inspect.isfunction(target) and not (keywords := _Keywords.of(target)).takes_anything}
     for name, module in modules.items() if checked else ():
@@ -290,21 +291,60 @@ class _Keywords:
         return lines
 
 
-def resolve_uses(uses: str) -> Callable[..., object]:
-    """Import ``package.module:attribute`` and return the attribute; ImportError when it fails."""
+class UsesRefused(ImportError):
+    """``uses`` names something not *defined* in an allowed package (an import of it, a module, a dunder)."""
+
+
+def resolve_uses(uses: str, allowed: Collection[str] | None = None) -> Callable[..., object]:
+    """Import ``package.module:attribute`` and return the attribute; ImportError when it fails.
+
+    Only objects defined in ``allowed`` packages resolve (default: the top-level package ``uses``
+    imports from): the attribute path may not pass through a module or name a ``__dunder__``, and
+    every object on it must have its ``__module__`` inside them (:class:`UsesRefused` otherwise), so
+    what an allowed package merely imports (``os``, ``json.dumps``, a ``functools.partial``) is out.
+    """
     module_path, _, attribute = uses.partition(":")
+    packages = tuple(allowed) if allowed is not None else (module_path.partition(".")[0],)
+    if not in_packages(module_path, packages):
+        raise UsesRefused(f"'{module_path}' is outside the allowed packages ({_listed(packages)})")
     try:
         target: object = importlib.import_module(module_path)
     except ImportError as exc:
         raise ImportError(f"cannot import '{module_path}': {exc}") from exc
-    for part in attribute.split("."):
+    parts = attribute.split(".")
+    for index, part in enumerate(parts):
+        if part.startswith("__"):
+            raise UsesRefused(f"it names the special attribute '{part}' (uses may not name '__' attributes)")
         try:
             target = getattr(target, part)
         except AttributeError:
             raise ImportError(f"'{module_path}' has no attribute '{attribute}'") from None
+        _check_defined(".".join(parts[: index + 1]), ".".join(parts[index + 1:]), target, packages)
     if not callable(target):
         raise ImportError(f"'{uses}' is not callable")
     return target
+
+
+def in_packages(module: str, packages: Iterable[str]) -> bool:
+    """True when the dotted ``module`` is one of ``packages`` or below one."""
+    return any(module == package or module.startswith(package + ".") for package in packages)
+
+
+def _check_defined(path: str, rest: str, target: object, packages: tuple[str, ...]) -> None:
+    """:class:`UsesRefused` unless ``target`` (at attribute ``path``, ``rest`` to go) is defined in ``packages``."""
+    if isinstance(target, ModuleType):
+        hint = f" ('{target.__name__}:{rest}')" if rest else ""
+        raise UsesRefused(f"it passes through the module '{target.__name__}' ({path}): put the module "
+                          f"before ':'{hint}; uses may name only what an allowed package defines")
+    defined_in = getattr(target, "__module__", None)
+    if not isinstance(defined_in, str) or not in_packages(defined_in, packages):
+        where = f"defined in '{defined_in}'" if isinstance(defined_in, str) else "a built-in"
+        raise UsesRefused(f"{path} is {where}, not in {_listed(packages)}: uses may name only functions and "
+                          "classes (and their methods) defined in an allowed package, not what it imports")
+
+
+def _listed(packages: Collection[str]) -> str:
+    return ", ".join(f"'{package}'" for package in packages) or "none"
 
 
 # --- shape of a recorded plan (networkx) ------------------------------------------------------------

@@ -5,15 +5,18 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from dspex_celery.errors import ModuleImportError, ModuleInputError, ModuleNotAllowed, ModuleOutputError
-from dspex_celery.graph import resolve_uses
+from dspex_celery.graph import UsesRefused, in_packages, resolve_uses
 from dspex_celery.integrations.dspy import dspy_factories, load_state, state_version, wrap_dspy
 from dspex_celery.plan import ModulePlan
 from dspex_celery.spec import parse_ref, unescape
+
+log = logging.getLogger(__name__)
 
 _instances: dict[str, Callable[..., Any]] = {}
 _instances_lock = threading.Lock()
@@ -25,20 +28,33 @@ def package_of(uses: str) -> str:
 
 
 def is_allowed(uses: str, allowed: tuple[str, ...]) -> bool:
-    """True when ``uses`` lives in one of the allow-listed packages (or below one)."""
-    module = package_of(uses)
-    return any(module == package or module.startswith(package + ".") for package in allowed)
+    """True when the module ``uses`` imports from is one of the allow-listed packages (or below one)."""
+    return in_packages(package_of(uses), allowed)
 
 
-def check_allowed(module: ModulePlan, allowed: tuple[str, ...]) -> None:
+def check_allowed(module: ModulePlan, allowed: tuple[str, ...], program: str = "?") -> None:
+    """Refuse (:class:`ModuleNotAllowed`, logged at WARNING) a module whose ``uses`` or DSPy factories
+    name anything not defined in the allow-listed packages; nothing outside them is imported."""
     for uses in (module.uses, *dspy_factories(module.dspy)):
-        if not is_allowed(uses, allowed):
-            listed = ", ".join(allowed) or "none"
-            raise ModuleNotAllowed(
-                f"module '{module.name}': '{uses}' is not allowed on this worker "
-                f"(allow-listed packages: {listed}); start the worker with --modules "
-                f"{package_of(uses).split('.')[0]}"
-            )
+        refusal = _refusal(uses, allowed)
+        if refusal is not None:
+            error = ModuleNotAllowed(f"module '{module.name}': '{uses}' is not allowed on this worker{refusal}")
+            log.warning("program '%s': %s", program, error)
+            raise error
+
+
+def _refusal(uses: str, allowed: tuple[str, ...]) -> str | None:
+    """Why ``uses`` may not run with ``allowed``, or None (also when it does not import: loading says so)."""
+    if not is_allowed(uses, allowed):
+        top = package_of(uses).split(".")[0]
+        return f" (allow-listed packages: {', '.join(allowed) or 'none'}); start the worker with --modules {top}"
+    try:
+        resolve_uses(uses, allowed)
+    except UsesRefused as exc:
+        return f": {exc}"
+    except ImportError:
+        return None
+    return None
 
 
 def load_callable(module: ModulePlan) -> Callable[..., Any]:
@@ -117,13 +133,21 @@ def normalize_output(module: ModulePlan, result: Any) -> dict[str, Any]:
         )
     for field, value in output.items():
         try:
-            json.dumps(value)
+            json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
-            raise ModuleOutputError(
-                f"module '{module.name}' output '{field}' is not JSON-serialisable "
-                f"({type(value).__name__}): return JSON types (str, number, bool, list, dict, None)"
-            ) from exc
+            raise ModuleOutputError(_not_json(module, field, value)) from exc
     return output
+
+
+def _not_json(module: ModulePlan, field: str, value: Any) -> str:
+    """Why output ``field`` cannot be JSON: NaN/Infinity (JSON has no such numbers) or its type."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return (f"module '{module.name}' output '{field}' is not JSON-serialisable "
+                f"({type(value).__name__}): return JSON types (str, number, bool, list, dict, None)")
+    return (f"module '{module.name}' output '{field}' holds NaN or Infinity, which JSON cannot carry: "
+            "return a finite number or None")
 
 
 def _as_mapping(result: Any) -> dict[str, Any] | None:

@@ -209,7 +209,7 @@ class ModuleRun:
 
     def _call(self, ctx: ModuleContext, begin: ModuleStart) -> dict[str, Any]:
         module = ctx.module
-        check_allowed(module, self.runtime.allowed_packages)
+        check_allowed(module, self.runtime.allowed_packages, ctx.plan.program)
         function = load_callable(module)
         kwargs = resolve_inputs(module, begin.meta.get("inputs", {}), begin.upstream)
         ctx.extras["called"] = True  # hooks (the circuit breaker) count only failures of real calls

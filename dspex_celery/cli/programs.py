@@ -13,7 +13,7 @@ from dspex_celery.cli.batch import batch_options
 from dspex_celery.cli.progress import wait_and_report
 from dspex_celery.cli.render import print_json
 from dspex_celery.client import choose_strategy, submit_program
-from dspex_celery.errors import InputError
+from dspex_celery.errors import InputError, UsageError
 from dspex_celery.plan import STRATEGIES
 from dspex_celery.program import Program
 from dspex_celery.strategies import recommend_strategy
@@ -71,6 +71,9 @@ def _read_inputs_file(path: str) -> dict[str, Any]:
 @click.option("--learned-timeouts/--no-learned-timeouts", default=None,
               help="Apply the profile's learned timeouts where the program sets no timeout_s "
                    "(default: the program's 'timeouts:' key, else DSPEX_LEARNED_TIMEOUTS; off).")
+@click.option("-m", "--modules", multiple=True, metavar="PKG",
+              help="In-process runs: allow only modules defined in PKG (repeatable; or DSPEX_MODULES); "
+                   "without it an in-process run trusts the packages its program names.")
 def run(
     program_file: str,
     pairs: tuple[str, ...],
@@ -83,12 +86,17 @@ def run(
     quiet: bool,
     no_profile: bool,
     learned_timeouts: bool | None,
+    modules: tuple[str, ...],
 ) -> None:
     """Run PROGRAM and print its outputs (in-process when no broker is configured)."""
     program = Program.from_file(program_file)
     program.plan()
     inputs = collect_inputs(pairs, inputs_file)
-    runtime = create_runtime(load_settings(broker_url=broker, result_backend=result_backend))
+    settings = load_settings(broker_url=broker, result_backend=result_backend, modules=",".join(modules) or None)
+    if modules and not settings.embedded:
+        raise UsageError("--modules restricts in-process runs only: on a cluster, the workers' own --modules "
+                         "decide what runs (drop --modules or --broker)")
+    runtime = create_runtime(settings)
     handle = submit_program(program, inputs, strategy=strategy, app=runtime.app, timeout=timeout,
                             use_profile=not no_profile, learned_timeouts=learned_timeouts)
     wait_and_report(handle, as_json, quiet)

@@ -34,7 +34,7 @@ from dspex_celery.errors import (
     ProgramError,
     UsageError,
 )
-from dspex_celery.graph import resolve_uses
+from dspex_celery.graph import UsesRefused, resolve_uses
 
 if TYPE_CHECKING:
     from dspex_celery.plan import ModulePlan
@@ -150,6 +150,8 @@ def dspy_plan_problems(modules: Mapping[str, ModulePlan]) -> list[str]:
     for key, path in factories:
         try:
             resolve_uses(path)
+        except UsesRefused as exc:
+            problems.append(f"dspy.{key} '{path}' is refused: {exc}")
         except ImportError as exc:
             problems.append(f"dspy.{key} '{path}' cannot be resolved ({exc})")
     return problems
