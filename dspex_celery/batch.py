@@ -179,14 +179,16 @@ def make_item(
         error = (f"{where}: missing input {', '.join(missing)} "
                  f"(program '{plan.program}' takes {', '.join(plan.inputs)})")
     elif not _is_json(inputs):
-        error = f"{where}: inputs must be JSON values"
+        from dspex_celery.spec import non_finite_input
+
+        error = non_finite_input(inputs, f"{where}: input") or f"{where}: inputs must be JSON values"
     return BatchItem(index, inputs, labels, line_key(merged), error)
 
 
 def _is_json(value: Any) -> bool:
     try:
-        json.dumps(value)
-    except (TypeError, ValueError):
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
         return False
     return True
 

@@ -313,10 +313,12 @@ def check_inputs(plan: Plan, inputs: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         declared = ", ".join(plan.inputs) or "no inputs"
         raise InputError(f"unknown input {', '.join(unknown)}: program '{plan.program}' takes {declared}")
+    from dspex_celery.spec import non_finite_input
+
     try:
-        json.dumps(inputs)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"inputs must be JSON values ({exc})") from None
+        json.dumps(inputs, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InputError(non_finite_input(inputs) or f"inputs must be JSON values ({exc})") from None
     return inputs
 
 

@@ -9,7 +9,8 @@ mappings; anything else is a literal.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -196,28 +197,85 @@ def non_json_problems(value: Any, where: str) -> list[str]:
             "JSON: quote it in the program file, or pass a string, number, boolean, list or mapping"]
 
 
+def non_finite_input(values: Mapping[str, Any], where: str = "input") -> str | None:
+    """A line naming a NaN or infinity inside named input values (JSON cannot carry them), or None."""
+    stack = [(f"{where} '{name}'", value) for name, value in values.items()][::-1]
+    seen: set[int] = set()
+    while stack:
+        at, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return (f"{at}: {value} is not a JSON number (JSON cannot carry NaN or infinity): "
+                    "pass a finite number, or a string")
+        if isinstance(value, dict | list | tuple) and id(value) not in seen:
+            seen.add(id(value))
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack += [(f"{at}[{key!r}]", item) for key, item in items][::-1]
+    return None
+
+
 # --- loading --------------------------------------------------------------------------------------
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe YAML loader that rejects duplicate keys instead of silently keeping the last one."""
+#: How deep mappings and lists may nest in a program file, counted from the file's top mapping
+#: (serialising values to JSON fails past ~250 levels).
+MAX_NESTING = 100
+#: How many values YAML aliases may add beyond those the file spells out (a "billion laughs" file
+#: of 550 bytes would expand to billions).
+MAX_ALIAS_EXPANSION = 100_000
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_STR_TAG = "tag:yaml.org,2002:str"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+class _ProgramLoader(yaml.SafeLoader):
+    """A safe YAML loader for program files: duplicate keys are errors, YAML 1.1 booleans used as
+    mapping keys (``on``, ``off``, ``yes``, ``no``...) are strings, and nesting is bounded."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.nesting = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self.nesting += 1
+        try:
+            if self.nesting > MAX_NESTING and self.check_event(yaml.CollectionStartEvent):
+                line = self.peek_event().start_mark.line + 1
+                raise ProgramError([f"line {line}: {_too_deep()}"])
+            return super().compose_node(parent, index)
+        finally:
+            self.nesting -= 1
+
+
+def _too_deep() -> str:
+    return f"mappings and lists nest more than {MAX_NESTING} levels deep (the limit): flatten the value"
+
+
+def _string_key(node: yaml.Node) -> yaml.Node:
+    """A plain YAML 1.1 boolean key (``on:``) as the string it spells (values keep their type)."""
+    if isinstance(node, yaml.ScalarNode) and node.tag == _BOOL_TAG:
+        return yaml.ScalarNode(_STR_TAG, node.value, node.start_mark, node.end_mark, node.style)
+    return node
+
+
+def _construct_mapping(loader: _ProgramLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    node.value = [(_string_key(key), value) for key, value in node.value]
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        if key_node.tag == _MERGE_TAG:  # '<<: *base' merges base's keys (later keys override them)
+            continue
         key = loader.construct_object(key_node)
         if key in seen:
             raise ProgramError(
                 [f"duplicate key '{key}' at line {key_node.start_mark.line + 1}: names must be unique"]
             )
         seen.add(key)
+    loader.flatten_mapping(node)
+    node.value = [(_string_key(key), value) for key, value in node.value]
     return loader.construct_mapping(node)
 
 
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
-)
+_ProgramLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -229,7 +287,7 @@ def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def load_program_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON program file into a mapping (no validation beyond syntax)."""
+    """Read a YAML or JSON program file into a mapping (no validation beyond syntax and shape)."""
     file = Path(path)
     source = str(path)
     try:
@@ -243,27 +301,74 @@ def load_program_file(path: str | Path) -> dict[str, Any]:
         raise ProgramError([f"cannot read file ({exc.strerror})"], source) from None
     try:
         data = _parse_text(text, json_first=file.suffix.lower() == ".json")
+        if not isinstance(data, dict):
+            raise ProgramError(["a program file must be a mapping with 'name' and 'modules'"])
+        check_shape(data)
     except ProgramError as exc:
         raise ProgramError(exc.problems, source) from None
-    if not isinstance(data, dict):
-        raise ProgramError(["a program file must be a mapping with 'name' and 'modules'"], source)
-    if (where := _loop_in(data, set(), "")) is not None:
-        raise ProgramError([f"{where}: a YAML alias refers to a value that contains it (an endless loop): "
-                            "write the value out or anchor a different one"], source)
     return data
 
 
-def _loop_in(value: Any, ancestors: set[int], where: str) -> str | None:
-    """Where a mapping or list contains itself (a YAML alias to an ancestor), or None."""
-    if not isinstance(value, dict | list):
-        return None
-    if id(value) in ancestors:
-        return where.lstrip(".") or "program"
-    ancestors.add(id(value))
-    items = value.items() if isinstance(value, dict) else enumerate(value)
-    found = next((loop for key, item in items if (loop := _loop_in(item, ancestors, f"{where}.{key}"))), None)
-    ancestors.discard(id(value))
-    return found
+def check_shape(data: dict[str, Any]) -> None:
+    """Raise a ProgramError naming where loaded program data loops (an alias to an ancestor), nests
+    deeper than :data:`MAX_NESTING`, expands its aliases past :data:`MAX_ALIAS_EXPANSION` values, or
+    holds NaN or an infinity. One walk over its distinct mappings and lists (by ``id``)."""
+    _ShapeWalk().visit(data, 1)
+
+
+class _ShapeWalk:
+    """The state of :func:`check_shape`: each distinct container's size (values, aliases expanded)
+    and height (levels of containers, itself included), and the path being walked."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[int, int] = {}
+        self.heights: dict[int, int] = {}
+        self.open: set[int] = set()
+        self.path: list[Any] = []
+        self.expansion = 0
+
+    def visit(self, value: Any, depth: int) -> tuple[int, int]:
+        """The size and height of ``value``, which sits ``depth`` containers deep (itself counted)."""
+        if not isinstance(value, dict | list):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise self.problem(f"{value} is not a JSON number (JSON cannot carry NaN or infinity): "
+                                   "write a finite number, or quote it for a string")
+            return 1, 0
+        key = id(value)
+        if key in self.open:
+            raise self.problem("a YAML alias refers to a value that contains it (an endless loop): "
+                               "write the value out or anchor a different one")
+        if key in self.sizes:
+            return self.revisit(key, depth)
+        if depth > MAX_NESTING:
+            raise self.problem(_too_deep(), short=True)
+        self.open.add(key)
+        size, height = 1, 0
+        for name, item in value.items() if isinstance(value, dict) else enumerate(value):
+            self.path.append(name)
+            item_size, item_height = self.visit(item, depth + 1)
+            self.path.pop()
+            size, height = size + item_size, max(height, item_height)
+        self.open.discard(key)
+        self.sizes[key], self.heights[key] = size, height + 1
+        return size, height + 1
+
+    def revisit(self, key: int, depth: int) -> tuple[int, int]:
+        """A container met again (a YAML alias): counted, not walked again."""
+        size, height = self.sizes[key], self.heights[key]
+        if depth + height - 1 > MAX_NESTING:
+            raise self.problem(_too_deep(), short=True)
+        self.expansion += size
+        if self.expansion > MAX_ALIAS_EXPANSION:
+            raise self.problem(f"YAML aliases expand the file by more than {MAX_ALIAS_EXPANSION:,} values "
+                               "(the limit): alias fewer or smaller values, or write them out")
+        return size, height
+
+    def problem(self, text: str, *, short: bool = False) -> ProgramError:
+        """The problem at the path being walked (``short``: its first six steps)."""
+        parts = [str(part) for part in self.path]
+        where = ".".join(parts[:6]) + "..." if short and len(parts) > 6 else ".".join(parts)
+        return ProgramError([f"{where or 'program'}: {text}"])
 
 
 def _parse_text(text: str, *, json_first: bool) -> Any:
@@ -272,8 +377,10 @@ def _parse_text(text: str, *, json_first: bool) -> Any:
             return json.loads(text, object_pairs_hook=_unique_json_object)
         except json.JSONDecodeError as exc:
             raise ProgramError([f"invalid JSON at line {exc.lineno}: {exc.msg}"]) from None
+        except RecursionError:
+            raise ProgramError([_too_deep()]) from None
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+        return yaml.load(text, Loader=_ProgramLoader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -300,6 +407,9 @@ def _describe(error: Any) -> str:
         return f"{location}: required key is missing"
     if kind == "string_pattern_mismatch":
         return f"{location}: invalid value {error['input']!r} ({_pattern_hint(location)})"
+    if kind == "string_type" and isinstance(error["input"], bool):
+        return (f"{location}: {error['input']!r} is a boolean, not a string (YAML reads unquoted "
+                "on/off/yes/no/true/false as booleans): quote it")
     return f"{location}: {error['msg']}"
 
 

@@ -13,12 +13,12 @@ import yaml
 from tests.conftest import CLI, REDIS_URL, ROOT
 
 
-def dspex(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def dspex(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     import os
 
     base = {k: v for k, v in os.environ.items() if not k.startswith("DSPEX_") or k == "DSPEX_HISTORY_URL"}
     base["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([CLI, *args], cwd=ROOT, capture_output=True, text=True, env={**base, **(env or {})}, timeout=60)
+    return subprocess.run([CLI, *args], cwd=ROOT, capture_output=True, text=True, env={**base, **(env or {})}, timeout=timeout)
 
 
 def write(tmp_path: Path, data: object, name: str = "program.yaml") -> str:
@@ -161,3 +161,43 @@ def test_help_works(command: str) -> None:
 def test_module_entry_point() -> None:
     result = subprocess.run([sys.executable, "-m", "dspex_celery", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "run" in result.stdout
+
+
+def nan_program(tmp_path: Path) -> str:
+    return write(tmp_path, {"name": "n", "inputs": ["x"], "modules": {"m": {"uses": "tests.modules.basic:echo",
+                                                                             "inputs": {"x": "$inputs.x"}}}})
+
+
+@pytest.mark.parametrize(("value", "shown"), [("NaN", "'x': nan"), ("-Infinity", "'x': -inf"), ("1e999", "'x': inf"),
+                                              ('[1, {"a": NaN}]', "'x'[1]['a']: nan")])
+def test_nan_input_flag(tmp_path: Path, value: str, shown: str) -> None:
+    result = dspex("run", nan_program(tmp_path), "-i", f"x={value}")
+    assert_one_line_error(result, 2, f"-i {shown} is not a JSON number (JSON cannot carry NaN or infinity)")
+
+
+def test_nan_in_inputs_file(tmp_path: Path) -> None:
+    inputs = tmp_path / "inputs.json"
+    inputs.write_text('{"x": {"scores": [0.5, Infinity]}}')
+    result = dspex("run", nan_program(tmp_path), "--inputs", str(inputs))
+    assert_one_line_error(result, 2, f"inputs file {inputs}: input 'x'['scores'][1]: inf is not a JSON number")
+
+
+def test_nan_in_batch_lines(tmp_path: Path) -> None:
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text('{"x": 1}\n{"x": NaN}\n{"x": [-Infinity]}\n')
+    output = tmp_path / "out.jsonl"
+    result = dspex("run", nan_program(tmp_path), "--inputs-file", str(lines), "--output", str(output))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [record["status"] for record in records] == ["succeeded", "invalid", "invalid"]
+    assert records[1]["error"] == ("line 2: input 'x': nan is not a JSON number (JSON cannot carry NaN or "
+                                   "infinity): pass a finite number, or a string")
+    assert records[2]["error"].startswith("line 3: input 'x'[0]: -inf is not a JSON number")
+
+
+def test_deeply_nested_input_values(tmp_path: Path) -> None:
+    nested = "[" * 5000 + "]" * 5000
+    assert_one_line_error(dspex("run", nan_program(tmp_path), "-i", f"x={nested}"), 2, "-i value nests too deeply")
+    inputs = tmp_path / "inputs.json"
+    inputs.write_text('{"x": %s}' % nested)
+    assert_one_line_error(dspex("run", nan_program(tmp_path), "--inputs", str(inputs)), 2, "nests too deeply")

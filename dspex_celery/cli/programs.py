@@ -19,6 +19,7 @@ from dspex_celery.program import Program
 from dspex_celery.strategies import recommend_strategy
 from dspex_celery.runtime import create_runtime
 from dspex_celery.settings import load_settings
+from dspex_celery.spec import non_finite_input
 
 program_argument = click.argument("program_file", metavar="PROGRAM", type=click.Path(dir_okay=False))
 strategy_option = click.option(
@@ -32,16 +33,23 @@ def parse_value(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+    except RecursionError:
+        raise InputError("an -i value nests too deeply to parse as JSON: flatten it") from None
 
 
 def collect_inputs(pairs: tuple[str, ...], inputs_file: str | None) -> dict[str, Any]:
-    """Inputs from ``--inputs FILE.json`` overlaid with ``-i NAME=VALUE`` pairs."""
+    """Inputs from ``--inputs FILE.json`` overlaid with ``-i NAME=VALUE`` pairs (no NaN or infinity:
+    JSON cannot carry them)."""
     values: dict[str, Any] = _read_inputs_file(inputs_file) if inputs_file else {}
+    if inputs_file and (problem := non_finite_input(values, f"inputs file {inputs_file}: input")):
+        raise InputError(problem)
     for pair in pairs:
         name, sep, text = pair.partition("=")
         if not sep or not name:
             raise InputError(f"-i expects NAME=VALUE, got '{pair}'")
         values[name] = parse_value(text)
+        if problem := non_finite_input({name: values[name]}, "-i"):
+            raise InputError(problem)
     return values
 
 
@@ -52,6 +60,8 @@ def _read_inputs_file(path: str) -> dict[str, Any]:
         raise InputError(f"inputs file {path} not found: check the path") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"inputs file {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except RecursionError:
+        raise InputError(f"inputs file {path} nests too deeply to parse as JSON: flatten it") from None
     if not isinstance(data, dict):
         raise InputError(f"inputs file {path} must hold a JSON object of input names to values")
     return data
