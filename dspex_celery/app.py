@@ -10,7 +10,10 @@ from dspex_celery import defaults
 from dspex_celery.errors import ConfigError
 from dspex_celery.routing import PRIORITY_LEVELS, control_queue
 from dspex_celery.settings import Settings, redact
-from dspex_celery.transport import TRANSPORT
+from dspex_celery.transport import TRANSPORT, transport_options
+
+#: Celery's ``worker_consumer``: drops the task messages Celery cannot take in (imported by workers only).
+WORKER_CONSUMER = "dspex_celery.consumer:Consumer"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -43,10 +46,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_priority": PRIORITY_LEVELS // 2,
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
         "worker_hijack_root_logger": False,
+        "worker_consumer": WORKER_CONSUMER,
         "enable_utc": True,
     }
     if str(settings.broker_url).startswith(("redis://", "rediss://")):
         config["broker_transport"] = TRANSPORT
+        config["broker_transport_options"].update(transport_options(settings.namespace, settings.visibility_timeout_s))
     if settings.embedded:
         config["broker_transport_options"]["polling_interval"] = defaults.EMBEDDED_POLL_S
         config["result_chord_retry_interval"] = defaults.EMBEDDED_POLL_S

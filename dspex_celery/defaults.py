@@ -15,6 +15,10 @@ STATE_TTL_S = 7 * 24 * 3600
 #: is re-delivered after this long. Keep it above the longest module timeout plus retry backoff.
 VISIBILITY_TIMEOUT_S = 3600
 
+#: Longest pause between a Redis worker's sweeps for messages of dead workers (re-queued once their
+#: visibility timeout is over): a quarter of the visibility timeout, at most this.
+MAX_RESTORE_INTERVAL_S = 10.0
+
 #: Worker concurrency of the in-process (embedded) worker that runs when no broker is configured.
 EMBEDDED_CONCURRENCY = 4
 

@@ -103,11 +103,15 @@ def _over_budget(runtime: Runtime, execution_id: str, plan: Plan) -> bool:
 def settle_lost(runtime: Runtime, execution_id: str, name: str, error: str) -> bool:
     """Fail a module whose task ended without a final record (hard time limit, crash).
 
-    Idempotent: a module that is already final, or an execution that already ended, is left alone.
+    Idempotent: a module that is already final, or an execution that already ended, is left alone;
+    so is a module the execution's plan does not have.
     """
     store = runtime.store
+    plan = store.plan(execution_id)
+    if plan is None or name not in plan.modules:  # expired, or a stray message: nothing to settle
+        return False
     record = store.record(execution_id, name)
-    if record.status.final or store.is_finished(execution_id) or store.plan(execution_id) is None:
+    if record.status.final or store.is_finished(execution_id):
         return False
     now = utcnow()
     duration = (now - parse_time(record.started_at)).total_seconds() if record.started_at else None

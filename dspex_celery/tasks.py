@@ -79,6 +79,8 @@ class ModuleTask(Task):
 
     def on_failure(self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                    einfo: Any) -> None:
+        if len(args) < 2:  # a message not sent by the engine (the call itself raised TypeError)
+            return
         execution_id, name = args[0], args[1]
         try:
             settle_lost(runtime_of(self.app), execution_id, name, lost_reason(exc))
@@ -132,7 +134,11 @@ class ModuleRun:
         if plan is None:
             log.warning("execution %s is unknown or expired; dropping %s", self.execution_id, self.name)
             return {"module": self.name, "status": "expired"}
-        module = plan.modules[self.name]
+        module = plan.modules.get(self.name)
+        if module is None:  # a stray message: no record, the execution goes on as it was
+            log.warning("execution %s has no module %r; dropping a run_module message for it",
+                        self.execution_id, self.name)
+            return {"module": self.name, "status": "unknown"}
         first = self._running_record(plan, ModuleRecord())
         steps = self.runtime.hooks.begin_steps(self.runtime, plan, module)
         begin = self.store.begin(self.execution_id, self.name, module.parents, first, [step for _, step in steps])
