@@ -21,7 +21,7 @@ from dspex_celery.optimizer import plan_graph
 from dspex_celery.plan import Plan
 from dspex_celery.results import ExecutionResult, ModuleRecord, parse_time, utcnow
 from dspex_celery.runtime import Runtime
-from dspex_celery.settings import Settings
+from dspex_celery.settings import Settings, redact
 
 if TYPE_CHECKING:
     from dspex_celery.history.store import HistoryStore
@@ -86,7 +86,7 @@ def _from_store(runtime: Runtime, execution_id: str) -> tuple[ExecutionResult, P
         result = ExecutionHandle(runtime, execution_id).current()
     except UnknownExecution:
         raise UnknownExecution(
-            f"unknown or expired execution '{execution_id}' in the state store at {runtime.settings.state_url}: "
+            f"unknown or expired execution '{execution_id}' in the state store at {redact(runtime.settings.state_url)}: "
             "check the id, or pass --result-backend URL of the cluster that ran it"
         ) from None
     plan = runtime.store.plan(execution_id)
