@@ -442,3 +442,34 @@ def test_waiting_client_publishes_a_result_whose_finisher_died(make_cluster, wai
     assert status is ExecutionStatus.SUCCEEDED
     assert outputs == {"a": {"sum": 3}}
     assert cluster.runtime.store.meta(execution_id)["status"] == "succeeded"
+
+
+#: A short visibility timeout, so that recovery from a dead worker is quick to test.
+SHORT_VISIBILITY_S = 8
+
+
+def test_whole_worker_killed_its_module_reruns_elsewhere_within_1_5_visibility_timeouts(make_cluster) -> None:
+    # Given a module running on a worker, another worker of its class, and a short visibility timeout
+    cluster: Cluster = make_cluster(visibility_timeout_s=SHORT_VISIBILITY_S)
+    env = {"DSPEX_VISIBILITY_TIMEOUT_S": str(SHORT_VISIBILITY_S)}
+    doomed = cluster.start_worker("default", concurrency=1, env=env)
+    key = new_key(cluster, "dead-worker")
+    handle = cluster.submit(killed_program(key), strategy="dag")
+    first = int(wait_for(lambda: side_channel().lindex(f"{key}:pids", 0), what="the slow module to start"))
+    assert first in doomed.pool_pids()
+    survivor = cluster.start_worker("default", concurrency=1, env=env)
+    # When the whole worker is killed: its main process and its pool process
+    for pid in [doomed.process.pid, *doomed.pool_pids()]:
+        os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    doomed.process.wait(timeout=10)
+    # Then the module runs again on the other worker within 1.5 x the visibility timeout
+    second = int(wait_for(lambda: side_channel().lindex(f"{key}:pids", 1), timeout=3 * SHORT_VISIBILITY_S,
+                          what="the module to run again"))
+    elapsed = time.monotonic() - killed
+    assert elapsed <= 1.5 * SHORT_VISIBILITY_S, elapsed
+    assert second in survivor.pool_pids()
+    result = handle.get(timeout=30)
+    assert result.status is ExecutionStatus.SUCCEEDED and result.outputs == {"after": {"x": 3}}
+    record = result.modules["slow"]
+    assert record.attempts == 2 and record.lost_attempts == 1 and record.worker.startswith(survivor.name), record
