@@ -25,14 +25,24 @@ class DspexGroup(click.Group):
             ctx.exit(exc.exit_code)
 
 
+BROKER_HELP = "Celery broker URL (default: DSPEX_BROKER_URL, else broker_url in the config file)."
+RESULT_BACKEND_HELP = ("Redis URL of results and execution state (default: DSPEX_RESULT_BACKEND, "
+                       "else the broker when it is Redis).")
+
+
 def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """``--broker`` and ``--result-backend``, falling back to DSPEX_* env and config/."""
-    command = click.option(
-        "--result-backend", metavar="URL", default=None, help="Redis URL for results and execution state."
-    )(command)
-    return click.option(
-        "--broker", metavar="URL", default=None, help="Celery broker URL (none: run in-process)."
-    )(command)
+    """``--broker`` and ``--result-backend`` of a command that needs a cluster."""
+    return _connection_options(command, BROKER_HELP)
+
+
+def in_process_connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--broker`` and ``--result-backend`` of a command that runs in-process without a broker."""
+    return _connection_options(command, BROKER_HELP.replace(").", "; none: run in-process)."))
+
+
+def _connection_options(command: Callable[..., Any], broker_help: str) -> Callable[..., Any]:
+    command = click.option("--result-backend", metavar="URL", default=None, help=RESULT_BACKEND_HELP)(command)
+    return click.option("--broker", metavar="URL", default=None, help=broker_help)(command)
 
 
 @click.group(cls=DspexGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -90,8 +90,9 @@ def listener(
 
 @cli.command("history")
 @click.option("--program", default=None, help="Only executions of this program.")
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
-@json_option
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help="How many executions to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print the executions as one JSON list.")
 @history_option
 def history_command(program: str | None, limit: int, as_json: bool, history_db: str | None) -> None:
     """List recorded executions, most recent first."""
@@ -131,10 +132,10 @@ def execution_summary(row: ExecutionRow) -> dict[str, Any]:
 
 @cli.command()
 @click.argument("execution_id")
-@json_option
+@click.option("--json", "as_json", is_flag=True, help="Print the same JSON object as run --json.")
 @history_option
 def show(execution_id: str, as_json: bool, history_db: str | None) -> None:
-    """Show a recorded execution (the same JSON as ``run --json``)."""
+    """Show a recorded execution: status, outputs and one row per module (--json: as run --json)."""
     result = open_store(load_settings(history_url=history_db)).result(execution_id)
     if as_json:
         print_json(result.to_json_dict())

@@ -24,7 +24,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print exactl
 @connection_options
 @json_option
 def cancel(execution_id: str, broker: str | None, result_backend: str | None, as_json: bool) -> None:
-    """Cancel an execution: revoke its pending modules, terminate the running ones."""
+    """Cancel an execution: revoke its pending modules, terminate the running ones (prefork workers)."""
     runtime = cluster_runtime(broker, result_backend, "cancel")
     handle = ExecutionHandle(runtime, execution_id)
     was_running = not handle.status().final
@@ -42,7 +42,7 @@ def cancel(execution_id: str, broker: str | None, result_backend: str | None, as
 @cli.command()
 @execution_argument
 @connection_options
-@click.option("--strategy", type=click.Choice(STRATEGIES), default=None, help="Default: the original's.")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=None, help="Execution strategy (default: the original execution's).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Fail the new execution after SECONDS.")
 @json_option

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from dspex_celery.cli import cli, connection_options
+from dspex_celery.cli import cli, in_process_connection_options
 from dspex_celery.cli.batch import batch_options
 from dspex_celery.cli.progress import wait_and_report
 from dspex_celery.cli.render import print_json
@@ -23,7 +23,9 @@ from dspex_celery.spec import non_finite_input
 
 program_argument = click.argument("program_file", metavar="PROGRAM", type=click.Path(dir_okay=False))
 strategy_option = click.option(
-    "--strategy", type=click.Choice(STRATEGIES), default=None, help="Execution strategy (default: levels)."
+    "--strategy", type=click.Choice(STRATEGIES), default=None,
+    help="Execution strategy (default: chosen per program: levels when every module needs the whole level "
+         "above it, else dag; `plan` shows the choice and why).",
 )
 
 
@@ -72,7 +74,7 @@ def _read_inputs_file(path: str) -> dict[str, Any]:
 @program_argument
 @click.option("-i", "--input", "pairs", multiple=True, metavar="NAME=VALUE", help="A program input (repeatable).")
 @click.option("--inputs", "inputs_file", metavar="FILE.json", default=None, help="Program inputs as a JSON object.")
-@connection_options
+@in_process_connection_options
 @strategy_option
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Fail the execution after SECONDS.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object (the execution result).")

@@ -65,9 +65,9 @@ def worker_argv(settings: Settings, resources: tuple[str, ...], concurrency: int
 
 @cli.command()
 @click.option("--resource", "resources", multiple=True, metavar="CLASS", envvar="DSPEX_WORKER_RESOURCES",
-              help=f"Resource class to serve (repeatable; default {defaults.RESOURCE}).")
+              help=f"Resource class to serve (repeatable; default: {defaults.RESOURCE}).")
 @click.option("-c", "--concurrency", type=click.IntRange(min=1), default=None, envvar="DSPEX_WORKER_CONCURRENCY",
-              help="Processes or threads.")
+              help="Pool processes or threads (default: one per CPU).")
 @click.option("-P", "--pool", type=click.Choice(["prefork", "threads", "solo"]), default="prefork",
               envvar="DSPEX_WORKER_POOL",
               show_default=True, help="Execution pool (time limits need prefork).")
@@ -77,7 +77,7 @@ def worker_argv(settings: Settings, resources: tuple[str, ...], concurrency: int
               help="Extra Celery task module to import at start (repeatable), e.g. plain @shared_task tasks.")
 @connection_options
 @click.option("-n", "--name", default=None, help="Node name (default: dspex-CLASSES-PID@HOST).")
-@click.option("-l", "--loglevel", default="INFO", show_default=True)
+@click.option("-l", "--loglevel", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR.")
 @click.option("-E", "--task-events", is_flag=True, envvar="DSPEX_WORKER_TASK_EVENTS",
               help="Send task events from the start (as celery worker -E); Flower turns them on when it runs.")
 def worker(
