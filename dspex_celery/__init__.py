@@ -5,11 +5,14 @@ from dspex_celery.client import ExecutionHandle, submit_program
 from dspex_celery.errors import (
     CircuitOpen,
     DspexError,
+    ExecutionFailed,
     ExecutionTimeout,
     InputError,
     ModuleError,
     ModuleTimeout,
     ProgramError,
+    StateLost,
+    StateStoreUnreachable,
     TransientError,
     UnservedResourceWarning,
     UsageError,
@@ -46,6 +49,9 @@ __all__ = [
     "ModuleTimeout",
     "CircuitOpen",
     "ExecutionTimeout",
+    "ExecutionFailed",
+    "StateLost",
+    "StateStoreUnreachable",
     # warnings
     "UnservedResourceWarning",
 ]

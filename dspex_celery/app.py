@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from celery import Celery
+from celery.backends.redis import RedisBackend
 
 from dspex_celery import defaults
 from dspex_celery.errors import ConfigError
@@ -74,11 +78,44 @@ def _result_backend(settings: Settings) -> str:
     return settings.state_url
 
 
+_unsubscribed: ContextVar[bool] = ContextVar("dspex_unsubscribed_dispatch", default=False)
+
+
+@contextlib.contextmanager
+def unsubscribed_dispatch() -> Iterator[None]:
+    """Send tasks without subscribing this process to their results (see :class:`RedisResultBackend`)."""
+    token = _unsubscribed.set(True)
+    try:
+        yield
+    finally:
+        _unsubscribed.reset(token)
+
+
+class RedisResultBackend(RedisBackend):
+    """Celery's Redis result backend, except for tasks sent within :func:`unsubscribed_dispatch`.
+
+    Celery subscribes a sender to the results of the tasks (and canvas members) it sends, for a later
+    ``AsyncResult.get`` that a dspex client never makes (it waits on the execution's own result); a
+    subscription the garbage collector drops while Redis is down retries for 20 s, with tracebacks.
+    """
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        if not _unsubscribed.get():
+            super().on_task_call(producer, task_id)
+
+    def add_pending_result(self, result: Any, weak: bool = False, start_drainer: bool = True) -> Any:
+        if _unsubscribed.get():
+            return result
+        return super().add_pending_result(result, weak=weak, start_drainer=start_drainer)
+
+
 def make_app(settings: Settings) -> Celery:
     """A Celery app configured for ``settings`` with the engine's tasks registered."""
     from dspex_celery.tasks import register_tasks
 
     app = Celery(f"dspex-{settings.namespace}", set_as_current=False)
+    backend = f"{__name__}:{RedisResultBackend.__name__}"
+    app.loader.override_backends = {"redis": backend, "rediss": backend}
     app.conf.update(celery_config(settings))
     register_tasks(app)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -9,13 +10,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
-from celery.exceptions import TimeoutError as CeleryTimeout
-from celery.result import AsyncResult
+import redis
+from celery import Celery, states
+from celery.backends.redis import RedisBackend
 
 from dspex_celery import defaults
+from dspex_celery.app import unsubscribed_dispatch
 from dspex_celery.canvas import hard_time_limit
-from dspex_celery.errors import ConfigError, ExecutionTimeout, InputError, UnknownExecution, UsageError
+from dspex_celery.errors import (
+    ConfigError,
+    ExecutionFailed,
+    ExecutionTimeout,
+    InputError,
+    StateLost,
+    StateStoreUnreachable,
+    UnknownExecution,
+    UsageError,
+)
 from dspex_celery.execution import (
     TAKEOVER_CHECK_S,
     assemble_result,
@@ -38,6 +49,12 @@ ProgramLike = Program | ProgramSpec | dict[str, Any] | str | Path
 
 #: Seconds to wait for the result an execution publishes once it was ended (timeout, cancel).
 ENDED_WAIT_S = 30.0
+#: Seconds between a waiting client's checks that the execution's state still exists.
+STATE_CHECK_S = TAKEOVER_CHECK_S
+#: Seconds a waiting client keeps trying a state store that does not answer before it gives up.
+UNREACHABLE_GIVE_UP_S = 30.0
+#: Pause between two tries to reach a state store that does not answer.
+RECONNECT_PAUSE_S = 0.5
 
 
 class ExecutionHandle:
@@ -48,6 +65,8 @@ class ExecutionHandle:
         self.execution_id = execution_id
         self.timeout = timeout
         self._deadline = time.monotonic() + timeout if timeout is not None else None
+        #: The store held this execution's state once (so its absence means lost, not unknown).
+        self.state_seen = False
 
     def __repr__(self) -> str:
         return f"ExecutionHandle({self.execution_id!r})"
@@ -56,36 +75,61 @@ class ExecutionHandle:
         meta = self.runtime.store.meta(self.execution_id)
         if not meta:
             raise UnknownExecution(f"unknown or expired execution '{self.execution_id}'")
+        self.state_seen = True
         return ExecutionStatus(meta.get("status", ExecutionStatus.RUNNING.value))
 
     def records(self) -> dict[str, ModuleRecord]:
         """Current module records (while it runs, too)."""
         return self.runtime.store.records(self.execution_id)
 
-    def get(self, timeout: float | None = None) -> ExecutionResult:
+    def get(self, timeout: float | None = None, propagate: bool = True) -> ExecutionResult:
         """Wait for the result.
 
         With no ``timeout``, waits until the submission's timeout (counted from submission) is
         over and then ends the execution as failed (pending modules revoked). An explicit
         ``timeout`` only stops waiting: :class:`ExecutionTimeout` is raised and the execution goes on.
-        While it waits, a result whose finisher died after claiming it is published here.
+        ``propagate``: a failed or cancelled execution raises :class:`ExecutionFailed` (the result is
+        its ``.result``); ``propagate=False`` returns it.
+
+        While it waits, a result whose finisher died after claiming it is published here; state that
+        vanished from the store raises :class:`StateLost` within seconds, and a store that does not
+        answer for :data:`UNREACHABLE_GIVE_UP_S` raises :class:`StateStoreUnreachable`.
         """
-        wait = timeout if timeout is not None else self._remaining()
-        give_up = None if wait is None else time.monotonic() + wait
-        pending = AsyncResult(self.execution_id, app=self.runtime.app)
-        while (left := None if give_up is None else give_up - time.monotonic()) is None or left > 0:
-            try:
-                data = pending.get(timeout=TAKEOVER_CHECK_S if left is None else min(left, TAKEOVER_CHECK_S),
-                                   interval=defaults.EMBEDDED_POLL_S * 2, propagate=True,
-                                   disable_sync_subtasks=False)
-                return ExecutionResult.model_validate(data)
-            except CeleryTimeout:
-                if publish_abandoned(self.runtime, self.execution_id):
-                    return self.get(timeout=ENDED_WAIT_S)
+        try:
+            result = self._wait(timeout)
+        except redis.RedisError as exc:
+            raise self._unreachable(exc) from None
+        if propagate and result.status in (ExecutionStatus.FAILED, ExecutionStatus.CANCELLED):
+            raise ExecutionFailed(result)
+        return result
+
+    def _wait(self, timeout: float | None) -> ExecutionResult:
+        result = ResultWaiter(self).wait(timeout if timeout is not None else self._remaining())
+        if result is not None:
+            return result
         if timeout is not None:
-            raise ExecutionTimeout(f"execution {self.execution_id} did not finish within {timeout:g} s") from None
+            raise ExecutionTimeout(f"execution {self.execution_id} did not finish within {timeout:g} s")
+        self.check_state()  # never finish from what is left of lost state (all modules "cancelled")
         finish(self.runtime, self.execution_id, ExecutionStatus.FAILED, timeout_message(self.timeout))
-        return self.get(timeout=ENDED_WAIT_S)
+        return self._wait(ENDED_WAIT_S)
+
+    def check_state(self) -> None:
+        """Raise when the store no longer holds the execution: :class:`StateLost` if it did before,
+        else :class:`UnknownExecution`."""
+        if self.runtime.store.exists(self.execution_id):
+            self.state_seen = True
+            return
+        if self.state_seen:
+            raise StateLost(self.execution_id)
+        raise UnknownExecution(f"unknown or expired execution '{self.execution_id}'")
+
+    def _unreachable(self, exc: BaseException) -> StateStoreUnreachable:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return StateStoreUnreachable(
+            self.execution_id,
+            f"execution {self.execution_id}: the state store (result backend) does not answer ({reason}); "
+            f"the execution goes on if it comes back: check it later with dspex-celery show {self.execution_id}",
+        )
 
     def _remaining(self) -> float | None:
         return None if self._deadline is None else max(0.001, self._deadline - time.monotonic())
@@ -95,7 +139,7 @@ class ExecutionHandle:
         terminated (prefork workers); an execution that already ended keeps its result."""
         self.status()  # unknown or expired: UnknownExecution
         cancel_execution(self.runtime, self.execution_id)
-        return self.get(timeout=ENDED_WAIT_S)
+        return self.get(timeout=ENDED_WAIT_S, propagate=False)
 
     def current(self) -> ExecutionResult:
         """A snapshot of the execution as it is now (outputs so far, module records)."""
@@ -103,6 +147,93 @@ class ExecutionHandle:
         if plan is None:
             raise UnknownExecution(f"unknown or expired execution '{self.execution_id}'")
         return assemble_result(self.runtime, self.execution_id, plan, self.status())
+
+
+class ResultWaiter:
+    """Waits for one execution's published result (Redis pub/sub, else polling) and, every
+    :data:`STATE_CHECK_S`, checks that its state still exists and publishes an abandoned finish claim.
+
+    A store that does not answer is tried again for :data:`UNREACHABLE_GIVE_UP_S` (an outage the
+    execution can survive) before its error is raised.
+    """
+
+    def __init__(self, handle: ExecutionHandle) -> None:
+        self.handle = handle
+        self.runtime = handle.runtime
+        self.backend = handle.runtime.app.backend
+        self.key = self.backend.get_key_for_task(handle.execution_id)
+        self.pubsub: Any = None
+        self.failing_since: float | None = None
+
+    def wait(self, seconds: float | None) -> ExecutionResult | None:
+        """The result, or None when ``seconds`` (None: no limit) passed first."""
+        give_up = None if seconds is None else time.monotonic() + seconds
+        next_check = time.monotonic()
+        try:
+            while give_up is None or time.monotonic() < give_up:
+                until = next_check if give_up is None else min(next_check, give_up)
+                try:
+                    data = self._next(max(until - time.monotonic(), 0.0))
+                    if data is None and time.monotonic() >= next_check:
+                        next_check = time.monotonic() + STATE_CHECK_S
+                        data = self._check()
+                    self.failing_since = None
+                except redis.RedisError as exc:
+                    self._retry_later(exc)
+                    continue
+                if data is not None:
+                    return ExecutionResult.model_validate(data)
+            return None
+        finally:
+            self.close()
+
+    def _check(self) -> Any:
+        """The result if it was published meanwhile; else make sure the state exists and take over
+        an abandoned finish claim (its result then arrives like any other)."""
+        data = self._fetch()
+        if data is None:
+            self.handle.check_state()
+            publish_abandoned(self.runtime, self.handle.execution_id)
+        return data
+
+    def _next(self, seconds: float) -> Any:
+        """The published result if it arrives within ``seconds``, else None."""
+        if not isinstance(self.backend, RedisBackend):
+            data = self._fetch()
+            if data is None:
+                time.sleep(min(seconds, defaults.EMBEDDED_POLL_S * 2))
+            return data
+        if self.pubsub is None:
+            self.pubsub = self.backend.client.pubsub(ignore_subscribe_messages=True)
+            self.pubsub.subscribe(self.key)
+            data = self._fetch()  # published before the subscription took effect
+            if data is not None:
+                return data
+        message = self.pubsub.get_message(timeout=seconds)
+        return self._decode(message["data"]) if message and message["type"] == "message" else None
+
+    def _fetch(self) -> Any:
+        raw = self.backend.get(self.key)
+        return None if raw is None else self._decode(raw)
+
+    def _decode(self, raw: Any) -> Any:
+        meta = self.backend.decode_result(raw)
+        return meta.get("result") if meta.get("status") == states.SUCCESS else None
+
+    def _retry_later(self, exc: redis.RedisError) -> None:
+        """After a store error: drop the subscription and pause, or raise once it lasted too long."""
+        self.close()
+        now = time.monotonic()
+        self.failing_since = self.failing_since or now
+        if now - self.failing_since >= UNREACHABLE_GIVE_UP_S:
+            raise exc
+        time.sleep(RECONNECT_PAUSE_S)
+
+    def close(self) -> None:
+        if self.pubsub is not None:
+            pubsub, self.pubsub = self.pubsub, None
+            with contextlib.suppress(Exception):  # closing a dead connection
+                pubsub.close()
 
 
 def cancel_execution(runtime: Runtime, execution_id: str) -> bool:
@@ -182,7 +313,9 @@ def launch(
     if source is not None:
         source.copy_reusable(runtime, plan, execution_id)
     start_execution(runtime, execution_id, strategy)
-    return ExecutionHandle(runtime, execution_id, timeout)
+    handle = ExecutionHandle(runtime, execution_id, timeout)
+    handle.state_seen = True
+    return handle
 
 
 def start_execution(runtime: Runtime, execution_id: str, strategy: str) -> None:
@@ -191,7 +324,8 @@ def start_execution(runtime: Runtime, execution_id: str, strategy: str) -> None:
     The mark lets a batch re-run tell an execution its killed client stored but never started
     (start it) from one that runs (wait for it).
     """
-    get_strategy(strategy).start(runtime, execution_id)
+    with unsubscribed_dispatch():  # nothing here waits on the module tasks' own results
+        get_strategy(strategy).start(runtime, execution_id)
     runtime.store.update_meta(execution_id, started=True)
 
 

@@ -6,6 +6,11 @@ that line and exits with ``exit_code`` (2 for invalid input, 1 for a failed exec
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dspex_celery.results import ExecutionResult
+
 
 class DspexError(Exception):
     """Base of every error raised on purpose by dspex-celery."""
@@ -114,7 +119,37 @@ class ExecutionTimeout(DspexError):
 
 
 class ExecutionFailed(DspexError):
-    """The execution finished with status ``failed``."""
+    """The execution ended ``failed`` or ``cancelled``; ``result`` is its :class:`ExecutionResult`."""
+
+    def __init__(self, result: ExecutionResult) -> None:
+        from dspex_celery.results import describe_failure
+
+        self.result = result
+        super().__init__(describe_failure(result))
+
+
+class StateLost(DspexError):
+    """The execution's state vanished from the store while it ran (Redis restarted without persistence)."""
+
+    def __init__(self, execution_id: str) -> None:
+        self.execution_id = execution_id
+        super().__init__(f"execution {execution_id}: its state is gone (Redis restarted without persistence?)")
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """What ``--json`` prints instead of a result."""
+        return {"execution_id": self.execution_id, "status": "lost", "error": str(self)}
+
+
+class StateStoreUnreachable(DspexError):
+    """The state store stopped answering a waiting client for too long."""
+
+    def __init__(self, execution_id: str, message: str) -> None:
+        self.execution_id = execution_id
+        super().__init__(message)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """What ``--json`` prints instead of a result."""
+        return {"execution_id": self.execution_id, "status": "unknown", "error": str(self)}
 
 
 # --- warnings -------------------------------------------------------------------------------------

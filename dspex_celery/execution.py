@@ -195,8 +195,9 @@ def _publish(runtime: Runtime, execution_id: str, status: ExecutionStatus, error
     """Assemble and publish the result (Celery result, then the meta status that marks it published)."""
     store = runtime.store
     plan = store.plan(execution_id)
-    if plan is None:
-        log.warning("execution %s expired before it finished", execution_id)
+    if plan is None or not store.exists(execution_id):  # the plan may be cached: ask the store itself
+        log.warning("execution %s: its state is gone (expired, or Redis restarted without persistence): "
+                    "no result published", execution_id)
         return False
     result = assemble_result(runtime, execution_id, plan, status, error, cancel_open=True)
     runtime.app.backend.store_result(execution_id, result.to_json_dict(), states.SUCCESS)

@@ -80,6 +80,14 @@ class ExecutionResult(BaseModel):
         return self.model_dump(mode="json")
 
 
+def describe_failure(result: ExecutionResult) -> str:
+    """One line: which execution failed (or was cancelled) and why (failed modules first)."""
+    reasons = [f"module '{name}': {result.modules[name].error}" for name in result.failed_modules
+               if name in result.modules]
+    why = "; ".join(reasons) or result.error or "no error recorded"
+    return f"program '{result.program}' {result.status.value} (execution {result.execution_id}): {why}"
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

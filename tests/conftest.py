@@ -267,7 +267,7 @@ class Cluster:
         return submit_program(program, inputs or {}, app=self.runtime.app, **options)
 
     def run(self, program: Any, inputs: dict[str, Any] | None = None, timeout: float = 90, **options: Any) -> ExecutionResult:
-        return self.submit(program, inputs, **options).get(timeout=timeout)
+        return self.submit(program, inputs, **options).get(timeout=timeout, propagate=False)
 
     def cli(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -92,7 +92,7 @@ def test_100_wide_fan_out(cluster: Cluster) -> None:
 def test_embedded_equals_cluster(cluster: Cluster) -> None:
     data = synthetic.random_dag(30, seed=3)
     embedded = create_runtime(Settings(namespace="embedded-vs-cluster")).app
-    local = submit_program(Program.from_dict(data), {}, app=embedded).get(timeout=60)
+    local = submit_program(Program.from_dict(data), {}, app=embedded).get(timeout=60, propagate=False)
     remote = cluster.run(Program.from_dict(data))
     assert local.outputs == remote.outputs and local.status == remote.status
 

@@ -88,7 +88,7 @@ def test_missing_output_field_is_clear(embedded_app) -> None:
             "b": {"uses": "tests.modules.basic:echo", "inputs": {"v": "$a.total"}},
         },
     )
-    result = submit_program(prog, {}, app=embedded_app).get(timeout=30)
+    result = submit_program(prog, {}, app=embedded_app).get(timeout=30, propagate=False)
     assert result.status is ExecutionStatus.FAILED
     assert result.modules["b"].status is ModuleStatus.FAILED
     assert "refers to $a.total, but 'a' returned no field 'total' (fields: sum)" in result.modules["b"].error
@@ -96,7 +96,7 @@ def test_missing_output_field_is_clear(embedded_app) -> None:
 
 def test_not_a_mapping(embedded_app) -> None:
     prog = program("nm", {"a": {"uses": "tests.modules.basic:not_mapping"}})
-    result = submit_program(prog, {}, app=embedded_app).get(timeout=30)
+    result = submit_program(prog, {}, app=embedded_app).get(timeout=30, propagate=False)
     assert "returned list; return a mapping" in result.modules["a"].error
 
 

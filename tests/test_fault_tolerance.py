@@ -216,7 +216,7 @@ def test_program_timeout_fails_the_execution_and_stops_its_modules(cluster: Clus
         "after": {"uses": f"{BASIC}:inc", "inputs": {"x": 1}, "depends_on": ["slow"]},
     })
     handle = cluster.submit(prog, strategy="levels", timeout=1.5)
-    result = handle.get()
+    result = handle.get(propagate=False)
     # Then the execution failed as timed out; every unfinished module is cancelled
     assert result.status is ExecutionStatus.FAILED and result.error.startswith("timed out")
     assert statuses(result) == {"slow": "cancelled", "after": "cancelled"}
@@ -297,7 +297,7 @@ def test_resume_reruns_only_failed_and_not_run_modules(cluster: Cluster) -> None
     # When b is fixed (and c breaks) and the execution is resumed through the API
     redis_side.srem(f"{key}:broken", "b")
     redis_side.sadd(f"{key}:broken", "c")
-    second = cluster.submit(prog, resume_from=first.execution_id, strategy="levels").get(timeout=60)
+    second = cluster.submit(prog, resume_from=first.execution_id, strategy="levels").get(timeout=60, propagate=False)
     # Then a and d are reused, b ran again, c failed
     assert second.resumed_from == first.execution_id
     assert {name for name, record in second.modules.items() if record.reused} == {"a", "d"}
@@ -366,7 +366,7 @@ def test_cli_cancel(cluster: Cluster) -> None:
     cli = cluster.cli("cancel", handle.execution_id)
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.strip() == f"execution {handle.execution_id} cancelled: 1 module(s) cancelled"
-    assert handle.get(timeout=10).status is ExecutionStatus.CANCELLED
+    assert handle.get(timeout=10, propagate=False).status is ExecutionStatus.CANCELLED
     again = cluster.cli("cancel", handle.execution_id)
     assert again.returncode == 0 and "already ended: cancelled" in again.stdout
     unknown = cluster.cli("cancel", "nope")
@@ -392,7 +392,7 @@ def test_timeout_outside_prefork_abandons_the_call() -> None:
     prog = program("embedded_timeout", {"s": {"uses": f"{BASIC}:sleep", "inputs": {"seconds": 10}, "timeout_s": 0.3,
                                               "retry": {"max_attempts": 1}}})
     started = time.monotonic()
-    result = submit_program(prog, {}, app=app).get(timeout=30)
+    result = submit_program(prog, {}, app=app).get(timeout=30, propagate=False)
     assert result.status is ExecutionStatus.FAILED and time.monotonic() - started < 10
     assert result.modules["s"].error.startswith("ModuleTimeout: module 's' ran longer than its timeout_s (0.3 s)")
     assert "abandoned" in result.modules["s"].error

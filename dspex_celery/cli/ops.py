@@ -9,7 +9,7 @@ from rich.table import Table
 from dspex_celery.breaker import circuits, reset_circuit
 from dspex_celery.cli import cli, connection_options
 from dspex_celery.cli.monitor import cluster_runtime
-from dspex_celery.cli.progress import wait_and_report
+from dspex_celery.cli.progress import submit_and_report
 from dspex_celery.cli.render import print_json
 from dspex_celery.client import ExecutionHandle, resume_execution
 from dspex_celery.plan import STRATEGIES
@@ -51,8 +51,8 @@ def resume(execution_id: str, broker: str | None, result_backend: str | None, st
            timeout: float | None, as_json: bool, quiet: bool) -> None:
     """Run an ended execution again, reusing the outputs of its succeeded modules."""
     runtime = cluster_runtime(broker, result_backend, "resume")
-    handle = resume_execution(execution_id, app=runtime.app, strategy=strategy, timeout=timeout)
-    wait_and_report(handle, as_json, quiet)
+    submit_and_report(lambda: resume_execution(execution_id, app=runtime.app, strategy=strategy, timeout=timeout),
+                      as_json, quiet)
 
 
 @cli.group(invoke_without_command=True)

@@ -10,7 +10,7 @@ import click
 
 from dspex_celery.cli import cli, in_process_connection_options
 from dspex_celery.cli.batch import batch_options
-from dspex_celery.cli.progress import wait_and_report
+from dspex_celery.cli.progress import submit_and_report
 from dspex_celery.cli.render import print_json
 from dspex_celery.client import choose_strategy, submit_program
 from dspex_celery.errors import InputError, UsageError
@@ -79,6 +79,7 @@ def _read_inputs_file(path: str) -> dict[str, Any]:
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Fail the execution after SECONDS.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object (the execution result).")
 @click.option("-q", "--quiet", is_flag=True, help="No live progress display (there is none when not a terminal).")
+@click.option("--detach", is_flag=True, help="Submit, print the execution id and exit without waiting (cluster only).")
 @click.option("--no-profile", is_flag=True, help="Ignore the optimizer's profile (learned priorities and timeouts).")
 @click.option("--learned-timeouts/--no-learned-timeouts", default=None,
               help="Apply the profile's learned timeouts where the program sets no timeout_s "
@@ -96,6 +97,7 @@ def run(
     timeout: float | None,
     as_json: bool,
     quiet: bool,
+    detach: bool,
     no_profile: bool,
     learned_timeouts: bool | None,
     modules: tuple[str, ...],
@@ -109,9 +111,12 @@ def run(
         raise UsageError("--modules restricts in-process runs only: on a cluster, the workers' own --modules "
                          "decide what runs (drop --modules or --broker)")
     runtime = create_runtime(settings)
-    handle = submit_program(program, inputs, strategy=strategy, app=runtime.app, timeout=timeout,
-                            use_profile=not no_profile, learned_timeouts=learned_timeouts)
-    wait_and_report(handle, as_json, quiet)
+    if detach and settings.embedded:
+        raise UsageError("--detach needs a cluster (an in-process run ends with this process): "
+                         "pass --broker URL or set DSPEX_BROKER_URL")
+    submit_and_report(lambda: submit_program(program, inputs, strategy=strategy, app=runtime.app, timeout=timeout,
+                                             use_profile=not no_profile, learned_timeouts=learned_timeouts),
+                      as_json, quiet, detach)
 
 
 @cli.command()

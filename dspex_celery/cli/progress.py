@@ -8,12 +8,20 @@ registered with :func:`register_duration_source` (execution history registers on
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
+from types import FrameType
+from typing import NoReturn
+
+import click
+import redis
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -21,7 +29,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from dspex_celery.client import ExecutionHandle
+from dspex_celery.client import ENDED_WAIT_S, ExecutionHandle, cancel_execution
+from dspex_celery.errors import DspexError, StateLost, StateStoreUnreachable
 from dspex_celery.plan import Plan
 from dspex_celery.results import (
     ExecutionResult,
@@ -179,25 +188,115 @@ def show_progress(as_json: bool, quiet: bool) -> bool:
 
 def follow(handle: ExecutionHandle, console: Console | None = None,
            durations: Mapping[str, float] | None = None) -> ExecutionResult:
-    """Wait for the result (as ``handle.get()``) while a live display shows progress."""
+    """Wait for the result (as ``handle.get(propagate=False)``) while a live display shows progress."""
     console = console or Console()
     plan = handle.runtime.store.plan(handle.execution_id)
     if plan is None:  # expired already: nothing to show
-        return handle.get()
+        return handle.get(propagate=False)
     if durations is None:
         durations = expected_durations(handle.runtime, plan)
     view = ProgressView(handle, plan, durations, console)
     with Live(get_renderable=view.render, console=console, refresh_per_second=4, transient=True):
-        return handle.get()
+        return handle.get(propagate=False)
 
 
-def wait_and_report(handle: ExecutionHandle, as_json: bool, quiet: bool) -> None:
-    """Wait for the execution (with live progress on a terminal), print it, exit 0 or 1."""
+def submit_and_report(start: Callable[[], ExecutionHandle], as_json: bool, quiet: bool,
+                      detach: bool = False) -> NoReturn:
+    """Submit with ``start`` (a Ctrl-C meanwhile is held until the execution exists), then
+    :func:`report_detached` or :func:`wait_and_report`."""
+    with held_interrupt() as interrupted:
+        handle = start()
+    if interrupted:
+        cancel_and_exit(handle, as_json)
+    if detach:
+        report_detached(handle, as_json)
+    wait_and_report(handle, as_json, quiet)
+
+
+def report_detached(handle: ExecutionHandle, as_json: bool) -> NoReturn:
+    """``--detach``: print the execution id (``--json``: an object with it) and exit 0."""
+    from dspex_celery.cli.render import print_json
+
+    if as_json:
+        print_json({"execution_id": handle.execution_id})
+    else:
+        click.echo(handle.execution_id)
+    raise SystemExit(0)
+
+
+def wait_and_report(handle: ExecutionHandle, as_json: bool, quiet: bool) -> NoReturn:
+    """Wait for the execution (with live progress on a terminal), print it, exit 0 or 1.
+
+    Ctrl-C cancels it (exit 130); state lost from the store, or a store that stopped answering,
+    is one line (``--json``: one object too) and exit 1.
+    """
     from dspex_celery.cli.render import print_json, print_result
 
-    result = follow(handle) if show_progress(as_json, quiet) else handle.get()
+    try:
+        result = follow(handle) if show_progress(as_json, quiet) else handle.get(propagate=False)
+    except KeyboardInterrupt:
+        cancel_and_exit(handle, as_json)
+    except (StateLost, StateStoreUnreachable) as exc:
+        if as_json:
+            print_json(exc.to_json_dict())
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(exc.exit_code) from None
     if as_json:
         print_json(result.to_json_dict())
     else:
         print_result(result)
     raise SystemExit(0 if result.succeeded else 1)
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------------------
+
+#: The exit status of a command ended by Ctrl-C (128 + SIGINT), as a shell reports it.
+INTERRUPTED = 128 + signal.SIGINT
+
+
+@contextlib.contextmanager
+def held_interrupt() -> Iterator[list[int]]:
+    """Hold a Ctrl-C until the block ends (the yielded list is then non-empty); a second one leaves."""
+    received: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        if received:
+            leave_now(signum, frame)
+        received.append(signum)
+        click.echo("interrupted: cancelling once the execution is submitted (Ctrl-C again to leave now)",
+                   err=True)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def cancel_and_exit(handle: ExecutionHandle, as_json: bool) -> NoReturn:
+    """After Ctrl-C: cancel the execution as ``dspex-celery cancel`` would and exit 130.
+
+    A second Ctrl-C meanwhile leaves at once. ``--json`` prints the cancelled result.
+    """
+    from dspex_celery.cli.render import print_json
+
+    signal.signal(signal.SIGINT, leave_now)
+    execution_id = handle.execution_id
+    try:
+        if not cancel_execution(handle.runtime, execution_id):
+            click.echo(f"execution {execution_id} had already ended: not cancelled", err=True)
+        else:
+            click.echo(f"cancelled execution {execution_id}", err=True)
+        if as_json:
+            print_json(handle.get(timeout=ENDED_WAIT_S, propagate=False).to_json_dict())
+    except (DspexError, redis.RedisError) as exc:
+        click.echo(f"error: could not cancel execution {execution_id} ({exc}): "
+                   f"run dspex-celery cancel {execution_id}", err=True)
+    raise SystemExit(INTERRUPTED)
+
+
+def leave_now(signum: int, frame: FrameType | None) -> None:
+    """A second Ctrl-C: leave without waiting for anything."""
+    sys.stderr.write("interrupted again: leaving now\n")
+    sys.stderr.flush()
+    os._exit(INTERRUPTED)

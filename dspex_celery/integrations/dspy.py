@@ -28,18 +28,17 @@ from typing import TYPE_CHECKING, Any
 
 from dspex_celery.errors import (
     DspyMissing,
-    ExecutionFailed,
     LMFactoryError,
     ModuleStateError,
     ProgramError,
     UsageError,
 )
 from dspex_celery.graph import UsesRefused, resolve_uses
+from dspex_celery.results import describe_failure  # noqa: F401 (batch.py imports it from here)
 
 if TYPE_CHECKING:
     from dspex_celery.plan import ModulePlan
     from dspex_celery.program import Program
-    from dspex_celery.results import ExecutionResult
     from dspex_celery.spec import ModuleSpec, ProgramSpec
 
 INSTALL_HINT = "pip install 'dspex-celery[dspy]'"
@@ -305,14 +304,6 @@ def make_example(inputs: Mapping[str, Any], labels: Mapping[str, Any]) -> Any:
     return Outputs({**inputs, **labels})
 
 
-def describe_failure(result: ExecutionResult) -> str:
-    """One line: which execution failed and why (failed modules first)."""
-    reasons = [f"module '{name}': {result.modules[name].error}" for name in result.failed_modules
-               if name in result.modules]
-    why = "; ".join(reasons) or result.error or "no error recorded"
-    return f"program '{result.program}' {result.status.value} (execution {result.execution_id}): {why}"
-
-
 def run_program(program: Program, inputs: dict[str, Any], options: Mapping[str, Any]) -> Any:
     """Run ``program`` (embedded unless ``options``/settings name a cluster) and return a Prediction.
 
@@ -321,10 +312,7 @@ def run_program(program: Program, inputs: dict[str, Any], options: Mapping[str, 
     """
     from dspex_celery.client import submit_program
 
-    result = submit_program(program, inputs, **options).get()
-    if not result.succeeded:
-        raise ExecutionFailed(describe_failure(result))
-    return make_prediction(result.outputs)
+    return make_prediction(submit_program(program, inputs, **options).get().outputs)
 
 
 # --- client: a dspy.Module instance as a program module -------------------------------------------
