@@ -91,7 +91,8 @@ def _from_store(runtime: Runtime, execution_id: str) -> tuple[ExecutionResult, P
         ) from None
     plan = runtime.store.plan(execution_id)
     assert plan is not None  # current() checked it
-    return result, plan
+    finished_at = runtime.store.meta(execution_id).get("finished_at") if result.status.final else None
+    return result.model_copy(update={"finished_at": finished_at}), plan
 
 
 def open_history(settings: Settings) -> HistoryStore | None:
@@ -297,9 +298,30 @@ def module_rows(data: ReportData) -> list[dict[str, Any]]:
             "span": f"{spans[name]:.3f}" if name in spans else "",
             "workers": ", ".join(sorted({a.worker for a in mine})),
             "critical": name in critical,
-            "error": record.error or "",
+            "errors": module_errors(record, mine),
         })
     return rows
+
+
+def module_errors(record: ModuleRecord, attempts: list[Attempt]) -> list[str]:
+    """Every error of a module: each attempt's (numbered once it was retried), then its record's own."""
+    retried = record.attempts > 1 or len(attempts) > 1
+    errors = [f"attempt {a.attempt} ({a.status}): {a.error}" if retried else a.error
+              for a in attempts if a.error]
+    if record.error and all(a.error != record.error for a in attempts):
+        errors.append(record.error)  # e.g. skipped or cancelled before it started
+    return errors
+
+
+def headline(result: ExecutionResult) -> tuple[str, str]:
+    """The execution's status as the header shows it, and its CSS class.
+
+    A tolerant execution that succeeded with failed modules says so, in its own colour.
+    """
+    failed = len(result.failed_modules)
+    if result.succeeded and failed:
+        return f"succeeded with {failed} failed module{'s' if failed > 1 else ''}", "status-partial"
+    return result.status.value, f"status-{result.status.value}"
 
 
 # --- HTML ----------------------------------------------------------------------------------------
@@ -313,7 +335,8 @@ _TEMPLATE = """<!DOCTYPE html>
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
 h1 { font-size: 20px; margin: 0 0 4px; }
 .meta { color: #555; margin-bottom: 16px; }
-.status-succeeded { color: #2e7d32; } .status-failed { color: #c62828; }
+.status-succeeded { color: #2e7d32; } .status-failed { color: #c62828; } .status-partial { color: #e65100; }
+.status-cancelled { color: #616161; }
 svg text { font: 11px system-ui, sans-serif; }
 .lane { fill: #f4f5f7; } .lane-label { fill: #333; }
 .tick { stroke: #ddd; } .tick-label { fill: #777; }
@@ -333,9 +356,10 @@ tr.critical td { background: #fff8e1; }
 </style>
 </head>
 <body>
-<h1>{{ r.program }} <span class="status-{{ r.status.value }}">{{ r.status.value }}</span></h1>
+<h1>{{ r.program }} <span id="status" class="{{ status_class }}">{{ status_text }}</span></h1>
 <div class="meta">execution {{ r.execution_id }} &#183; strategy {{ r.strategy }} &#183;
-submitted {{ r.submitted_at or "?" }} &#183; finished {{ r.finished_at or "not yet" }} &#183;
+submitted <span id="submitted">{{ r.submitted_at or "?" }}</span> &#183;
+finished <span id="finished">{{ r.finished_at or "not yet" }}</span> &#183;
 {{ data.attempts | length }} attempts of {{ r.modules | length }} modules &#183; data from {{ data.source }}</div>
 {% if r.error %}<p class="error">error: {{ r.error }}</p>{% endif %}
 <div class="legend">
@@ -365,7 +389,7 @@ submitted {{ r.submitted_at or "?" }} &#183; finished {{ r.finished_at or "not y
 <table id="modules">
 <thead><tr><th>module</th><th>status</th><th>attempts</th><th>resource</th><th>waited s</th><th>run s</th><th>span s</th><th>worker</th><th>critical path</th><th>error</th></tr></thead>
 <tbody>
-{% for row in rows %}<tr{% if row.critical %} class="critical"{% endif %}><td>{{ row.module }}</td><td class="status-{{ row.status }}">{{ row.status }}</td><td class="num">{{ row.attempts }}</td><td>{{ row.resource }}</td><td class="num">{{ row.waited }}</td><td class="num">{{ row.run }}</td><td class="num">{{ row.span }}</td><td>{{ row.workers }}</td><td>{% if row.critical %}&#9733;{% endif %}</td><td class="error">{{ row.error }}</td></tr>
+{% for row in rows %}<tr{% if row.critical %} class="critical"{% endif %}><td>{{ row.module }}</td><td class="status-{{ row.status }}">{{ row.status }}</td><td class="num">{{ row.attempts }}</td><td>{{ row.resource }}</td><td class="num">{{ row.waited }}</td><td class="num">{{ row.run }}</td><td class="num">{{ row.span }}</td><td>{{ row.workers }}</td><td>{% if row.critical %}&#9733;{% endif %}</td><td class="error">{% for error in row.errors %}<div>{{ error }}</div>{% endfor %}</td></tr>
 {% endfor %}</tbody>
 </table>
 <p class="meta">critical path: {{ data.critical_path | join(" -> ") }} &#183; generated {{ data.generated_at.isoformat() }}</p>
@@ -378,6 +402,8 @@ _ENV = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, kee
 
 def render_html(data: ReportData) -> str:
     """The report as one HTML document: no scripts, no external resources; every value escaped."""
+    status_text, status_class = headline(data.result)
     return _ENV.from_string(_TEMPLATE).render(
-        data=data, r=data.result, g=layout(data), rows=module_rows(data), markers=MARKERS, row_h=ROW_H
+        data=data, r=data.result, g=layout(data), rows=module_rows(data), markers=MARKERS, row_h=ROW_H,
+        status_text=status_text, status_class=status_class,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 
 from dspex_celery import ExecutionResult, ExecutionStatus, ModuleRecord, ModuleStatus
 from dspex_celery.cli import cli
-from dspex_celery.report import ReportData, render_html, store_attempts
+from dspex_celery.report import ReportData, headline, render_html, store_attempts
 from dspex_celery.results import isoformat
 from tests.conftest import Cluster, program
 
@@ -48,8 +49,8 @@ def cluster(make_cluster) -> Cluster:
 
 
 @pytest.fixture(scope="module")
-def executed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """A real execution with a retried module and a failure with a hostile message; its report."""
+def executed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, ExecutionResult]:
+    """A real tolerant execution with a retried module and a failure with a hostile message; its report."""
     markers = tmp_path_factory.mktemp("markers")
     prog = program("reported", {
         "fetch": {"uses": "tests.modules.ops_mods:hold", "inputs": {"seconds": 0.2}, "resource": "io"},
@@ -59,16 +60,17 @@ def executed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> tupl
         "join": {"uses": "tests.modules.basic:add", "inputs": {"a": "$fetch.started", "b": "$flaky.calls"}},
     }, failure_tolerance="tolerant")
     handle = cluster.submit(prog)
-    handle.get(timeout=60)
+    finished = handle.get(timeout=60)
+    time.sleep(0.2)  # the report is written later than the execution finished
     out = markers / "report.html"
     result = CliRunner().invoke(cli, ["report", handle.execution_id, "-o", str(out)], env=cluster.env())
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out)
-    return handle.execution_id, out.read_text(encoding="utf-8")
+    return handle.execution_id, out.read_text(encoding="utf-8"), finished
 
 
-def test_report_shows_every_module_and_attempt(executed: tuple[str, str]) -> None:
-    execution_id, html = executed
+def test_report_shows_every_module_and_attempt(executed: tuple[str, str, ExecutionResult]) -> None:
+    execution_id, html, _ = executed
     root = parse(html)
     rows = [row.findall("td") for row in root.iter("tr") if row.findall("td")]
     assert [cells[0].text for cells in rows] == ["fetch", "flaky", "bad", "join"]  # plan order
@@ -83,8 +85,47 @@ def test_report_shows_every_module_and_attempt(executed: tuple[str, str]) -> Non
     assert execution_id in html
 
 
-def test_report_is_self_contained_and_escaped(executed: tuple[str, str]) -> None:
-    _, html = executed
+def test_report_header_is_the_executions_own(executed: tuple[str, str, ExecutionResult]) -> None:
+    # Given a tolerant execution that succeeded with one failed module, reported after it finished
+    _, html, finished = executed
+    root = parse(html)
+    # Then the header says so in its own colour, with the execution's own submit and finish times
+    status = by_id(root, "status")
+    assert (status.text, status.get("class")) == ("succeeded with 1 failed module", "status-partial")
+    assert re.search(r"\.status-partial \{ color: #e65100; \}", html)
+    assert finished.finished_at and by_id(root, "finished").text == finished.finished_at
+    assert by_id(root, "submitted").text == finished.submitted_at
+
+
+def test_report_shows_retried_attempts_errors(executed: tuple[str, str, ExecutionResult]) -> None:
+    # Given `flaky` failed once and succeeded on its retry
+    root = parse(executed[1])
+    errors = {cells[0].text: ["".join(line.itertext()) for line in cells[-1]]
+              for cells in (row.findall("td") for row in root.iter("tr")) if cells}
+    # Then its row shows the first attempt's error; the failed module shows its own, unnumbered
+    assert errors["flaky"] == ["attempt 1 (retrying): TransientError: flaky call 1 of r"]
+    assert len(errors["bad"]) == 1 and HOSTILE_ERROR in errors["bad"][0] and not errors["bad"][0].startswith("attempt")
+    assert errors["fetch"] == [] and errors["join"] == []
+
+
+def by_id(root: ET.Element, element_id: str) -> ET.Element:
+    return next(element for element in root.iter() if element.get("id") == element_id)
+
+
+@pytest.mark.parametrize(("status", "failed", "shown"), [
+    (ExecutionStatus.SUCCEEDED, [], ("succeeded", "status-succeeded")),
+    (ExecutionStatus.SUCCEEDED, ["a", "b"], ("succeeded with 2 failed modules", "status-partial")),
+    (ExecutionStatus.FAILED, ["a"], ("failed", "status-failed")),
+    (ExecutionStatus.CANCELLED, [], ("cancelled", "status-cancelled")),
+])
+def test_headline(status: ExecutionStatus, failed: list[str], shown: tuple[str, str]) -> None:
+    result = ExecutionResult(execution_id="e", program="p", strategy="dag", status=status, outputs={}, modules={},
+                             failed_modules=failed)
+    assert headline(result) == shown
+
+
+def test_report_is_self_contained_and_escaped(executed: tuple[str, str, ExecutionResult]) -> None:
+    _, html, _ = executed
     assert_self_contained(html)
     assert HOSTILE_ERROR not in html and "&lt;script&gt;alert(&#39;pwned&#39;)&lt;/script&gt;" in html
 
