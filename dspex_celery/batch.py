@@ -3,8 +3,9 @@
 Each input is a mapping: keys that are program inputs are the execution's inputs, the other keys
 are the line's *labels* (what a metric compares the outputs with, like ``dspy.Example`` labels).
 A batch yields one :class:`BatchLine` per input; :meth:`BatchRun.get` returns them in input order.
-Lines of an earlier run (``previous=``) are reused when they succeeded on the same input, and
-re-attached (not submitted again) when their execution was still running.
+Lines of an earlier run (``previous=``) are reused when *this program version* (its fingerprint,
+see :func:`program_fingerprint`) succeeded on the same input line, and re-attached (not submitted
+again) when their execution was still running; every other line runs, and the run counts why.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +25,14 @@ from typing import Any
 import redis
 from celery import states
 
-from dspex_celery.client import ProgramLike, choose_strategy, launch, new_execution_id, start_execution
+from dspex_celery.client import (
+    ProgramLike,
+    cancel_execution,
+    choose_strategy,
+    launch,
+    new_execution_id,
+    start_execution,
+)
 from dspex_celery.errors import UsageError
 from dspex_celery.execution import TAKEOVER_CHECK_S, finish, publish_abandoned
 from dspex_celery.graph import resolve_uses
@@ -45,8 +54,18 @@ POLL_S = 0.02
 #: Threads that submit lines: one submission is a few Redis round trips, mostly spent waiting.
 SUBMIT_THREADS = 4
 
-SUCCEEDED, FAILED, INVALID, SUBMITTED = "succeeded", "failed", "invalid", "submitted"
+SUCCEEDED, FAILED, INVALID, CANCELLED, SUBMITTED = "succeeded", "failed", "invalid", "cancelled", "submitted"
 Metric = Callable[..., Any]
+
+#: Why a line ran instead of being reused (``BatchResult.ran_because`` keys), as the summary says it.
+RAN_BECAUSE = {
+    "new": "not in the output yet",
+    "failed": "failed before",
+    "cancelled": "cancelled before",
+    "input_changed": "whose input line changed",
+    "other_version": "produced by another program version",
+    "fresh": "rerun with --fresh",
+}
 
 
 @dataclass(frozen=True)
@@ -72,6 +91,8 @@ class BatchLine:
     execution_id: str | None = None
     score: float | None = None
     metric_error: str | None = None
+    #: The program version that produced the line (:func:`program_fingerprint`).
+    fingerprint: str = ""
     reused: bool = field(default=False, compare=False)
 
     @property
@@ -86,6 +107,7 @@ class BatchLine:
             "error": self.error,
             "execution_id": self.execution_id,
             "key": self.key,
+            "fingerprint": self.fingerprint,
         }
         if self.score is not None:
             data["score"] = self.score
@@ -101,6 +123,7 @@ class BatchLine:
         return cls(
             index=data["index"], key=str(data.get("key", "")), status=str(data["status"]),
             outputs=data.get("outputs"), error=data.get("error"), execution_id=data.get("execution_id"),
+            fingerprint=str(data.get("fingerprint") or ""),
         )
 
 
@@ -114,6 +137,12 @@ class BatchResult:
     reattached: int
     reused: int
     metric: str | None = None
+    #: The program version this run is (lines it reused were produced by it).
+    fingerprint: str = ""
+    #: Lines that ran, per reason (``RAN_BECAUSE`` keys).
+    ran_because: dict[str, int] = field(default_factory=dict)
+    #: Lines that ran because another program version produced them, per that version's fingerprint.
+    other_versions: dict[str, int] = field(default_factory=dict)
 
     def count(self, status: str) -> int:
         return sum(line.status == status for line in self.lines)
@@ -141,7 +170,11 @@ class BatchResult:
             "succeeded": self.count(SUCCEEDED),
             "failed": self.count(FAILED),
             "invalid": self.count(INVALID),
+            "cancelled": self.count(CANCELLED),
+            "fingerprint": self.fingerprint,
             "ran": self.ran,
+            "ran_because": self.ran_because,
+            "other_versions": self.other_versions,
             "reattached": self.reattached,
             "reused": self.reused,
             "elapsed_s": round(self.elapsed_s, 3),
@@ -150,6 +183,64 @@ class BatchResult:
                 "name": self.metric, "total": round(self.metric_total, 4), "score": self.score,
             },
         }
+
+    def explain(self) -> str:
+        """What was reused and why the rest ran, in one line."""
+        plural = "s" if self.reused != 1 else ""
+        reused = f"reused {self.reused} line{plural} of this program (fingerprint {self.fingerprint})"
+        reasons = [f"{count} {RAN_BECAUSE[reason]}{self._versions() if reason == 'other_version' else ''}"
+                   for reason, count in self.ran_because.items() if count]
+        ran = f"ran {self.ran}" + (f": {', '.join(reasons)}" if reasons else "")
+        attached = f"; re-attached {self.reattached} left running by an interrupted run" if self.reattached else ""
+        return f"{reused}; {ran}{attached}"
+
+    def _versions(self) -> str:
+        shown = [fingerprint or "none recorded" for fingerprint in self.other_versions]
+        return f" (fingerprint{'s' if len(shown) > 1 else ''} {', '.join(shown)})"
+
+
+# --- program versions -----------------------------------------------------------------------------
+
+
+def program_fingerprint(plan: Plan) -> str:
+    """The program version a batch line belongs to: the program's fingerprint (its content), extended
+    with the content of its modules' ``state:`` files, so a re-compiled program is another version."""
+    states = sorted({module.state for module in plan.modules.values() if module.state})
+    if not states:
+        return plan.fingerprint
+    digest = hashlib.sha256(plan.fingerprint.encode())
+    for path in states:
+        with contextlib.suppress(OSError):  # a missing file fails validation or the module, not this
+            with open(path, "rb") as file:
+                digest.update(hashlib.sha256(file.read()).digest())
+    return digest.hexdigest()[:16]
+
+
+class EarlierLines:
+    """Lines of earlier runs, looked up by (index, program version, input key): what a run may reuse."""
+
+    def __init__(self, lines: Mapping[int, BatchLine] | Iterable[BatchLine] | None = None) -> None:
+        self._own: dict[tuple[int, str, str], BatchLine] = {}
+        self._latest: dict[int, BatchLine] = {}
+        for line in lines.values() if isinstance(lines, Mapping) else lines or ():
+            self.add(line)
+
+    def add(self, line: BatchLine) -> None:
+        """A later line wins, except that a not-succeeded one never hides a succeeded one of the same
+        version and input (a journal's ``submitted`` record after the output's result)."""
+        slot = (line.index, line.fingerprint, line.key)
+        known = self._own.get(slot)
+        if not (known is not None and known.succeeded and not line.succeeded):
+            self._own[slot] = line
+        self._latest[line.index] = line
+
+    def own(self, item: BatchItem, fingerprint: str) -> BatchLine | None:
+        """The latest line this program version produced for this same input line."""
+        return self._own.get((item.index, fingerprint, item.key))
+
+    def latest(self, index: int) -> BatchLine | None:
+        """The latest line at ``index``, whoever produced it."""
+        return self._latest.get(index)
 
 
 # --- input lines ----------------------------------------------------------------------------------
@@ -221,9 +312,10 @@ class BatchRun:
         strategy: str | None = None,
         timeout: float | None = None,
         metric: Metric | None = None,
-        previous: Mapping[int, BatchLine] | None = None,
+        previous: Mapping[int, BatchLine] | Iterable[BatchLine] | None = None,
         on_submit: Callable[[BatchLine], None] | None = None,
         submit_threads: int = SUBMIT_THREADS,
+        fresh: bool = False,
     ) -> None:
         if max_in_flight < 1:
             raise UsageError(f"max_in_flight must be at least 1, got {max_in_flight}")
@@ -238,10 +330,13 @@ class BatchRun:
         self.strategy = choose_strategy(self.plan, strategy)
         self.timeout = timeout
         self.metric = metric
-        self.previous = dict(previous or {})
+        self.fingerprint = program_fingerprint(self.plan)
+        self.fresh = fresh
+        self.previous = EarlierLines(None if fresh else previous)
         self.on_submit = on_submit
         self._items = self._as_items(inputs)
         self._pending: dict[str, tuple[BatchItem, float]] = {}
+        self._open: dict[str, BatchItem] = {}  # journaled executions whose line was not handed out yet
         self._submitting: dict[futures.Future[str], BatchItem] = {}
         self._lock = threading.Lock()
         self.submit_threads = submit_threads
@@ -250,6 +345,8 @@ class BatchRun:
         self.ran = 0
         self.reattached = 0
         self.reused = 0
+        self.ran_because: Counter[str] = Counter()
+        self.other_versions: Counter[str] = Counter()
 
     def _as_items(self, inputs: Iterable[Mapping[str, Any] | BatchItem]) -> Iterator[BatchItem]:
         for index, data in enumerate(inputs):
@@ -259,6 +356,12 @@ class BatchRun:
     def in_flight(self) -> int:
         """Executions submitted (or being submitted) whose result was not read yet."""
         return len(self._pending) + len(self._submitting)
+
+    @property
+    def open_lines(self) -> int:
+        """Lines whose execution this run submitted (or re-attached) and whose line it did not hand
+        out yet: what :meth:`cancel` cancels."""
+        return len(self._open)
 
     def as_completed(self) -> Iterator[BatchLine]:
         """Every line, in completion order, keeping at most ``max_in_flight`` executions running."""
@@ -275,28 +378,77 @@ class BatchRun:
                     yield from self._collect(wait=False)
                 while self.in_flight:
                     yield from self._collect(wait=True)
-            finally:  # stopped early (Ctrl-C, consumer gone): submissions under way still get journaled
-                pool.shutdown(wait=True)
-                self._harvest(wait=False)
+            finally:  # stopped early (Ctrl-C, consumer gone): submissions under way finish (journaled),
+                pool.shutdown(wait=True, cancel_futures=True)  # queued ones never start
+                self._drain()
 
     def get(self) -> BatchResult:
-        """Run to the end; the lines in input order."""
-        lines = sorted(self.as_completed(), key=lambda line: line.index)
-        elapsed = time.monotonic() - self._started
-        return BatchResult(lines, elapsed, self.ran, self.reattached, self.reused, metric_name(self.metric))
+        """Run to the end; the lines in input order. Ctrl-C cancels the executions in flight."""
+        try:
+            lines = list(self.as_completed())
+        except KeyboardInterrupt:
+            self.cancel()
+            raise
+        return self.result(lines)
+
+    def result(self, lines: Iterable[BatchLine]) -> BatchResult:
+        """The finished batch of ``lines`` (sorted into input order), with this run's counts."""
+        return BatchResult(
+            sorted(lines, key=lambda line: line.index), time.monotonic() - self._started, self.ran,
+            self.reattached, self.reused, metric_name(self.metric), self.fingerprint,
+            dict(self.ran_because), dict(self.other_versions),
+        )
+
+    def cancel(self) -> list[BatchLine]:
+        """Cancel every execution this run started whose line was not handed out yet (as
+        ``dspex-celery cancel`` does); call it once iteration stopped (e.g. after Ctrl-C).
+
+        Returns their lines: ``cancelled``, or what they ended with when they finished first. An
+        execution whose result is not published yet keeps no line (a re-run re-attaches to it).
+        """
+        with self._lock:
+            started = dict(self._open)
+            self._open.clear()
+            self._pending.clear()
+        stored = [execution_id for execution_id in started if self.runtime.store.exists(execution_id)]
+        for execution_id in stored:  # one never stored never runs
+            cancel_execution(self.runtime, execution_id)
+        lines = []
+        for execution_id, meta in self.runtime.app.backend.get_many(stored, interval=0, max_iterations=1):
+            item = started[execution_id]
+            lines.append(self._scored(self._line_from_meta(item, execution_id, meta), item))
+        return lines
 
     # --- one line ---
 
     def _without_running(self, item: BatchItem) -> BatchLine | None:
-        """The line's outcome when it needs no new execution: invalid, or reused from ``previous``."""
+        """The line's outcome when it needs no new execution: invalid, or reused from ``previous``
+        (only a line this same program version produced from this same input line)."""
         if item.error is not None:
-            return BatchLine(item.index, item.key, INVALID, error=item.error)
-        earlier = self.previous.get(item.index)
-        if earlier is not None and earlier.key == item.key and earlier.succeeded:
+            return BatchLine(item.index, item.key, INVALID, error=item.error, fingerprint=self.fingerprint)
+        earlier = self.previous.own(item, self.fingerprint)
+        if earlier is not None and earlier.succeeded:
             self.reused += 1
             return BatchLine(item.index, item.key, SUCCEEDED, earlier.outputs, None, earlier.execution_id,
-                             reused=True)
+                             fingerprint=self.fingerprint, reused=True)
         return None
+
+    def _count_why_it_runs(self, item: BatchItem) -> None:
+        """Count why ``item`` runs instead of being reused (``RAN_BECAUSE``)."""
+        earlier = self.previous.own(item, self.fingerprint)
+        latest = self.previous.latest(item.index)
+        if self.fresh:
+            reason = "fresh"
+        elif earlier is not None:
+            reason = {FAILED: "failed", INVALID: "failed", CANCELLED: "cancelled"}.get(earlier.status, "new")
+        elif latest is None:
+            reason = "new"
+        elif latest.fingerprint != self.fingerprint:
+            reason = "other_version"
+            self.other_versions[latest.fingerprint] += 1
+        else:
+            reason = "input_changed"
+        self.ran_because[reason] += 1
 
     def _start(self, item: BatchItem, pool: ThreadPoolExecutor) -> None:
         """Re-attach to the line's earlier execution, or submit it (the first one inline, the others
@@ -306,7 +458,9 @@ class BatchRun:
             self.reattached += 1
             self._journal(item, execution_id)
             self._pending[execution_id] = (item, time.monotonic())
-        elif self.ran == 0 and not self._submitting:
+            return
+        self._count_why_it_runs(item)
+        if self.ran == 0 and not self._submitting:
             self._pending[self._launch(item)] = (item, time.monotonic())
         else:
             self._submitting[pool.submit(self._launch, item)] = item
@@ -325,18 +479,21 @@ class BatchRun:
         return handle.execution_id
 
     def _journal(self, item: BatchItem, execution_id: str) -> None:
-        if self.on_submit is not None:
-            with self._lock:
-                self.on_submit(BatchLine(item.index, item.key, SUBMITTED, execution_id=execution_id))
+        with self._lock:
+            self._open[execution_id] = item
+            if self.on_submit is not None:
+                self.on_submit(BatchLine(item.index, item.key, SUBMITTED, execution_id=execution_id,
+                                         fingerprint=self.fingerprint))
 
     def _reattachable(self, item: BatchItem) -> str | None:
-        """The execution an interrupted run submitted for this same line, if the store still has it."""
-        earlier = self.previous.get(item.index)
-        if earlier is None or earlier.key != item.key or earlier.status != SUBMITTED or not earlier.execution_id:
+        """The execution an interrupted run of this program version submitted for this same line, if
+        the store still has it and it was not cancelled."""
+        earlier = self.previous.own(item, self.fingerprint)
+        if earlier is None or earlier.status != SUBMITTED or not earlier.execution_id:
             return None
         meta = self.runtime.store.meta(earlier.execution_id)
-        if not meta:
-            return None  # killed before it was stored: nothing ran
+        if not meta or meta.get("status") == ExecutionStatus.CANCELLED.value:
+            return None  # killed before it was stored (nothing ran), or cancelled: run it again
         if not meta.get("started") and not self.runtime.store.is_finished(earlier.execution_id):
             start_execution(self.runtime, earlier.execution_id, meta.get("strategy", self.strategy))
         return earlier.execution_id
@@ -349,6 +506,11 @@ class BatchRun:
         for future in done:
             item = self._submitting.pop(future)
             self._pending[future.result()] = (item, time.monotonic())
+
+    def _drain(self) -> None:
+        """Iteration stopped: forget the submissions (finished, failed or never started); the
+        executions they created are in ``_open`` for :meth:`cancel` or a re-run's journal."""
+        self._submitting.clear()
 
     def _collect(self, *, wait: bool) -> Iterator[BatchLine]:
         """Finished executions' lines; with ``wait``, polls until at least one finished."""
@@ -364,7 +526,9 @@ class BatchRun:
             ))
             for execution_id, meta in found:
                 item, _ = self._pending.pop(execution_id)
-                yield self._scored(_line_from_meta(item, execution_id, meta), item)
+                with self._lock:
+                    self._open.pop(execution_id, None)
+                yield self._scored(self._line_from_meta(item, execution_id, meta), item)
             if found or not wait:
                 return
 
@@ -395,14 +559,21 @@ class BatchRun:
         return line
 
 
-def _line_from_meta(item: BatchItem, execution_id: str, meta: Mapping[str, Any]) -> BatchLine:
-    if meta.get("status") != states.SUCCESS:
-        return BatchLine(item.index, item.key, FAILED, error=f"execution ended with {meta.get('status')}",
-                         execution_id=execution_id)
-    result = ExecutionResult.model_validate(meta["result"])
-    if result.succeeded:
-        return BatchLine(item.index, item.key, SUCCEEDED, result.outputs, None, execution_id)
-    return BatchLine(item.index, item.key, FAILED, result.outputs or None, describe_failure(result), execution_id)
+    def _line_from_meta(self, item: BatchItem, execution_id: str, meta: Mapping[str, Any]) -> BatchLine:
+        """The line of a finished execution (its Celery result ``meta``)."""
+        line = BatchLine(item.index, item.key, FAILED, execution_id=execution_id, fingerprint=self.fingerprint)
+        if meta.get("status") != states.SUCCESS:
+            line.error = f"execution ended with {meta.get('status')}"
+            return line
+        result = ExecutionResult.model_validate(meta["result"])
+        line.outputs = result.outputs or None
+        if result.succeeded:
+            line.status, line.outputs = SUCCEEDED, result.outputs
+        elif result.status is ExecutionStatus.CANCELLED:
+            line.status, line.error = CANCELLED, result.error or "cancelled"
+        else:
+            line.error = describe_failure(result)
+        return line
 
 
 def submit_batch(
@@ -414,24 +585,28 @@ def submit_batch(
     strategy: str | None = None,
     timeout: float | None = None,
     metric: Metric | str | None = None,
-    previous: Mapping[int, BatchLine] | None = None,
+    previous: Mapping[int, BatchLine] | Iterable[BatchLine] | None = None,
     on_submit: Callable[[BatchLine], None] | None = None,
     submit_threads: int = SUBMIT_THREADS,
+    fresh: bool = False,
 ) -> BatchRun:
     """Run ``program`` once per input mapping across the cluster (embedded when none is configured).
 
     Nothing runs until the returned :class:`BatchRun` is iterated (``as_completed()``) or
     ``get()`` is called; at most ``max_in_flight`` executions are submitted and unfinished at once.
     ``timeout`` bounds each execution (seconds); ``metric`` (a callable or ``"pkg.mod:fn"``) scores
-    each succeeded line as ``metric(example, prediction)``; ``previous`` lines (of an interrupted
-    run) are reused or re-attached; ``on_submit`` is called (under a lock, maybe from a submitting
-    thread) with each line's execution id as soon as it is submitted.
+    each succeeded line as ``metric(example, prediction)``; ``previous`` lines (an earlier run's
+    ``BatchResult.lines``, or an interrupted run's lines) are reused or re-attached when this same
+    program version (:func:`program_fingerprint`) produced them from the same input line;
+    ``fresh`` ignores them (every line runs); ``on_submit`` is called (under a lock, maybe from a
+    submitting thread) with each line's execution id as soon as it is submitted.
     """
     runtime = runtime_of(app) if app is not None else default_runtime()
     chosen = resolve_metric(metric) if isinstance(metric, str) else metric
     run = BatchRun(
         runtime, Program.coerce(program), inputs, max_in_flight=max_in_flight, strategy=strategy,
         timeout=timeout, metric=chosen, previous=previous, on_submit=on_submit, submit_threads=submit_threads,
+        fresh=fresh,
     )
     with contextlib.suppress(redis.RedisError):  # unreachable: the first submission says so, in one line
         warn_if_unserved(runtime, run.plan)

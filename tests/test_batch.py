@@ -16,9 +16,10 @@ import redis
 from click.testing import CliRunner
 
 from dspex_celery import Program, Settings, create_runtime, submit_batch
-from dspex_celery.batch import BatchItem
+from dspex_celery.batch import BatchItem, program_fingerprint
 from dspex_celery.cli import cli
-from tests.conftest import CLI, ROOT, Cluster
+from tests.conftest import CLI, ROOT, Cluster, wait_for
+from tests.modules import suite_redis_url
 from tests.modules.dspy_mods import ANSWERS, rag_program
 
 pytestmark = pytest.mark.integration
@@ -161,6 +162,7 @@ def test_rerun_retries_failed_lines_and_metric_is_the_mean(cluster: Cluster, tmp
     assert second.returncode == 0, second.stderr
     summary = json.loads(second.stdout)
     assert (summary["ran"], summary["reused"], summary["succeeded"]) == (3, 17, 20)
+    assert summary["ran_because"] == {"failed": 3}
     assert summary["metric"] == {"name": "exact_match", "total": 19.0, "score": 95.0}
     counts = calls(cluster, "flaky")
     assert sorted(index for index, line in enumerate(lines) if counts[line["question"]] == 2) == [3, 9, 14]
@@ -190,6 +192,7 @@ def test_progress_only_on_a_terminal(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("extra", "message"), [
     (["--inputs-file", "missing.jsonl"], "error: inputs file missing.jsonl not found: check the path"),
     (["--output", "x.jsonl", "-i", "question=q"], "error: --output needs --inputs-file FILE.jsonl"),
+    (["--fresh", "-i", "question=q"], "error: --fresh needs --inputs-file FILE.jsonl"),
     (["--inputs-file", "x.jsonl", "--metric", "tests.modules.dspy_mods:nope"],
      ("error: metric 'tests.modules.dspy_mods:nope' cannot be imported ('tests.modules.dspy_mods' has no "
       "attribute 'nope'): pass --metric package.module:function")),
@@ -210,3 +213,176 @@ def test_submit_batch_embedded_with_labels_metric_and_invalid_items() -> None:
     # Items can be given ready-made (how the CLI passes lines it could not parse)
     broken = BatchItem(0, {}, {}, "k", "line 1: invalid JSON")
     assert submit_batch(rag_program(), [broken], app=app).get().lines[0].error == "line 1: invalid JSON"
+
+
+# --- resume by program version, --fresh, Ctrl-C --------------------------------------------------
+
+
+def tagger(key: str, *, name: str = "tagger", tag: str = "A", seconds: float = 0.0) -> dict[str, Any]:
+    """A one-module program whose output is each line tagged with ``tag`` (counted under ``key``)."""
+    inputs = {"line": "$inputs.line", "tag": tag, "key": key, "seconds": seconds}
+    return {"name": name, "inputs": ["line"], "outputs": {"echo": "$step.echo"},
+            "modules": {"step": {"uses": "tests.modules.batch_mods:step", "inputs": inputs}}}
+
+
+def write_tagger(folder: Path, key: str, **options: Any) -> Path:
+    path = folder / f"{options.get('name', 'tagger')}.json"
+    path.write_text(json.dumps(tagger(key, **options)))
+    return path
+
+
+def fingerprint_of(path: Path) -> str:
+    return program_fingerprint(Program.from_file(str(path)).plan())
+
+
+def side_channel(key: str, name: str) -> dict[str, int]:
+    """What batch_mods.step counted under ``{key}:{name}`` (started / finished), per TAG:LINE."""
+    found = redis.Redis.from_url(suite_redis_url()).hgetall(f"{key}:{name}")
+    return {field.decode(): int(value) for field, value in found.items()}
+
+
+def journal_records(journal: Path) -> list[dict[str, Any]]:
+    return [json.loads(text) for text in journal.read_text().splitlines() if text.strip()]
+
+
+def test_rerun_reuses_only_the_lines_this_program_version_produced(cluster: Cluster, tmp_path: Path) -> None:
+    key = f"{cluster.settings.namespace}:versions"
+    program_a = write_tagger(tmp_path, key, tag="A")
+    program_b = write_tagger(tmp_path, key, name="shouter", tag="B")
+    inputs = write_inputs(tmp_path / "data.jsonl", [{"line": f"l{index}"} for index in range(3)])
+    output = tmp_path / "out.jsonl"
+
+    def batch(program: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+        done = cluster.cli("run", str(program), "--inputs-file", str(inputs), "--output", str(output), *extra)
+        assert done.returncode == 0, done.stderr
+        return done, [line["outputs"]["echo"] for line in read_output(output)]
+
+    fingerprint_a, fingerprint_b = fingerprint_of(program_a), fingerprint_of(program_b)
+    # Given program A's results in the output file
+    first, echoes = batch(program_a, "--json")
+    assert echoes == ["A:l0", "A:l1", "A:l2"]
+    assert json.loads(first.stdout)["ran_because"] == {"new": 3}
+    # When program B runs over the same inputs and output: it reuses nothing and writes its own outputs
+    second, echoes = batch(program_b)
+    assert echoes == ["B:l0", "B:l1", "B:l2"]
+    assert (f"reused 0 lines of this program (fingerprint {fingerprint_b}); ran 3: 3 produced by another "
+            f"program version (fingerprint {fingerprint_a})") in second.stdout.splitlines()
+    # When A is edited (a literal changed) it is another version: every line runs again
+    program_a.write_text(json.dumps(tagger(key, tag="A2")))
+    fingerprint_edited = fingerprint_of(program_a)
+    third, echoes = batch(program_a, "--json")
+    assert echoes == ["A2:l0", "A2:l1", "A2:l2"]
+    summary = json.loads(third.stdout)
+    assert (summary["ran"], summary["reused"], summary["ran_because"], summary["other_versions"]) == (
+        3, 0, {"other_version": 3}, {fingerprint_b: 3})
+    # When the unchanged program runs again, it reuses its own lines; a changed input line runs alone
+    fourth, echoes = batch(program_a)
+    assert echoes == ["A2:l0", "A2:l1", "A2:l2"]
+    assert f"reused 3 lines of this program (fingerprint {fingerprint_edited}); ran 0" in fourth.stdout.splitlines()
+    write_inputs(inputs, [{"line": "l0"}, {"line": "l1-changed"}, {"line": "l2"}])
+    fifth, echoes = batch(program_a, "--json")
+    assert echoes == ["A2:l0", "A2:l1-changed", "A2:l2"]
+    assert (json.loads(fifth.stdout)["reused"], json.loads(fifth.stdout)["ran_because"]) == (2, {"input_changed": 1})
+    # And --fresh runs every line again
+    fresh, echoes = batch(program_a, "--json", "--fresh")
+    assert echoes == ["A2:l0", "A2:l1-changed", "A2:l2"]
+    assert (json.loads(fresh.stdout)["reused"], json.loads(fresh.stdout)["ran_because"]) == (0, {"fresh": 3})
+    assert side_channel(key, "finished") == {
+        "A:l0": 1, "A:l1": 1, "A:l2": 1, "B:l0": 1, "B:l1": 1, "B:l2": 1,
+        "A2:l0": 2, "A2:l1": 1, "A2:l2": 2, "A2:l1-changed": 2,
+    }
+
+
+def test_submit_batch_reuses_previous_lines_of_the_same_program_version_only(cluster: Cluster) -> None:
+    key = f"{cluster.settings.namespace}:api-versions"
+    rows = [{"line": f"p{index}"} for index in range(3)]
+    program_a, program_b = Program.from_dict(tagger(key, tag="A")), Program.from_dict(tagger(key, name="b", tag="B"))
+    app = cluster.runtime.app
+    first = submit_batch(program_a, rows, app=app).get()
+    # Another program given A's lines as previous ones runs every line, with its own outputs
+    other = submit_batch(program_b, rows, app=app, previous=first.lines).get()
+    assert [line.outputs["echo"] for line in other.lines] == ["B:p0", "B:p1", "B:p2"]
+    assert (other.ran, other.reused, other.ran_because) == (3, 0, {"other_version": 3})
+    # A given both runs' lines reuses its own (even though B's came later)
+    again = submit_batch(program_a, rows, app=app, previous=[*first.lines, *other.lines]).get()
+    assert [line.outputs["echo"] for line in again.lines] == ["A:p0", "A:p1", "A:p2"]
+    assert (again.ran, again.reused) == (0, 3)
+    # fresh=True ignores them
+    fresh = submit_batch(program_a, rows, app=app, previous=first.lines, fresh=True).get()
+    assert (fresh.ran, fresh.reused, fresh.ran_because) == (3, 0, {"fresh": 3})
+    assert side_channel(key, "finished") == {"A:p0": 2, "A:p1": 2, "A:p2": 2, "B:p0": 1, "B:p1": 1, "B:p2": 1}
+
+
+def start_batch(
+    cluster: Cluster, program: Path, inputs: Path, output: Path, max_in_flight: int
+) -> subprocess.Popen[str]:
+    args = [CLI, "run", str(program), "--inputs-file", str(inputs), "--output", str(output),
+            "--max-in-flight", str(max_in_flight)]
+    return subprocess.Popen(args, cwd=ROOT, env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_ctrl_c_cancels_the_lines_in_flight_and_a_rerun_resumes(cluster: Cluster, tmp_path: Path) -> None:
+    key = f"{cluster.settings.namespace}:sigint"
+    program = write_tagger(tmp_path, key, tag="S", seconds=0.5)
+    inputs = write_inputs(tmp_path / "data.jsonl", [{"line": f"s{index}"} for index in range(30)])
+    output, journal = tmp_path / "out.jsonl", tmp_path / "out.jsonl.partial"
+    # Given a batch run on real workers, 4 lines in flight, interrupted (SIGINT) once 4 lines are done
+    client = start_batch(cluster, program, inputs, output, max_in_flight=4)
+    deadline = time.monotonic() + 60
+    while finished_in(journal) < 4 and client.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    client.send_signal(signal.SIGINT)
+    _, stderr = client.communicate(timeout=30)
+    # Then it exits 130, saying how many lines it cancelled and that a re-run resumes
+    assert client.returncode == 130, stderr
+    records = journal_records(journal)
+    cancelled = {record["index"] for record in records if record["status"] == "cancelled"}
+    succeeded = {record["index"] for record in records if record["status"] == "succeeded"}
+    assert cancelled and succeeded
+    assert f"cancelled {len(cancelled)} running line" in stderr and "re-run the same command to resume" in stderr
+    assert not output.exists()
+    # And the cancelled lines' executions ended cancelled, as `dspex-celery cancel` ends them
+    for record in records:
+        if record["status"] == "cancelled":
+            assert cluster.runtime.store.meta(record["execution_id"])["status"] == "cancelled"
+    # And lines not started then never run (nothing starts once the client left)
+    started = side_channel(key, "started")
+    time.sleep(1.5)
+    assert side_channel(key, "started") == started
+    journaled = {record["index"] for record in records}
+    assert {int(name.removeprefix("S:s")) for name in started} <= journaled and len(journaled) < 30
+    # When the same command runs again, it reuses the lines done, reruns the cancelled ones and the rest
+    rerun = cluster.cli("run", str(program), "--inputs-file", str(inputs), "--output", str(output), "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    assert [line["outputs"]["echo"] for line in read_output(output)] == [f"S:s{index}" for index in range(30)]
+    summary = json.loads(rerun.stdout)
+    assert (summary["reused"], summary["ran"]) == (len(succeeded), 30 - len(succeeded))
+    assert summary["ran_because"] == {"cancelled": len(cancelled), "new": 30 - len(succeeded) - len(cancelled)}
+    started = side_channel(key, "started")
+    assert all(started[f"S:s{index}"] == 1 for index in range(30) if index not in cancelled)
+
+
+def test_a_second_ctrl_c_leaves_at_once_and_a_rerun_still_resumes(cluster: Cluster, tmp_path: Path) -> None:
+    key = f"{cluster.settings.namespace}:sigint-twice"
+    program = write_tagger(tmp_path, key, tag="T", seconds=1.0)
+    inputs = write_inputs(tmp_path / "data.jsonl", [{"line": f"t{index}"} for index in range(24)])
+    output, journal = tmp_path / "out.jsonl", tmp_path / "out.jsonl.partial"
+    # Given a batch with 24 lines in flight, interrupted once
+    client = start_batch(cluster, program, inputs, output, max_in_flight=24)
+    wait_for(lambda: journal.exists() and len({r["index"] for r in journal_records(journal)}) == 24, timeout=60,
+             what="24 lines submitted")
+    client.send_signal(signal.SIGINT)
+    assert client.stderr is not None
+    assert client.stderr.readline().startswith("interrupted: cancelling 24 lines in flight")
+    # When Ctrl-C comes again while it cancels
+    client.send_signal(signal.SIGINT)
+    _, stderr = client.communicate(timeout=10)
+    # Then it leaves at once, exit 130
+    assert client.returncode == 130 and "interrupted again: left at once" in stderr, stderr
+    # And a re-run still completes every line with its own outputs
+    rerun = cluster.cli("run", str(program), "--inputs-file", str(inputs), "--output", str(output), "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    assert [line["outputs"]["echo"] for line in read_output(output)] == [f"T:t{index}" for index in range(24)]
+    summary = json.loads(rerun.stdout)
+    assert summary["ran"] + summary["reattached"] + summary["reused"] == 24

@@ -2,8 +2,9 @@
 
 While it runs, every submission and result is appended to ``OUTPUT.partial`` (a journal); at the
 end the output is written in input order and the journal removed. Running the same command again
-reuses the lines that succeeded on the same input, waits for executions an interrupted run left
-running, and runs only the missing or failed lines.
+reuses the lines this same program version succeeded on with the same input, waits for executions
+an interrupted run left running, and runs only the other lines (``--fresh``: all of them). Ctrl-C
+cancels the executions in flight, journals them and exits 130; a second Ctrl-C leaves at once.
 """
 
 from __future__ import annotations
@@ -11,16 +12,21 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from types import FrameType, TracebackType
+from typing import IO, Any, NoReturn
 
 import click
+import redis
 from click.core import ParameterSource
 
 from dspex_celery.batch import (
+    CANCELLED,
     DEFAULT_MAX_IN_FLIGHT,
     FAILED,
     INVALID,
@@ -28,9 +34,9 @@ from dspex_celery.batch import (
     BatchItem,
     BatchLine,
     BatchResult,
+    BatchRun,
     line_key,
     make_item,
-    metric_name,
     resolve_metric,
     submit_batch,
 )
@@ -40,7 +46,11 @@ from dspex_celery.program import Program
 from dspex_celery.runtime import create_runtime
 from dspex_celery.settings import load_settings
 
-BATCH_PARAMS = ("batch_file", "output", "max_in_flight", "metric")
+BATCH_PARAMS = ("batch_file", "output", "max_in_flight", "metric", "fresh")
+#: The journal's first record after ``--fresh``: the output file's lines are not reused on a resume.
+FRESH_MARK = {"fresh": True}
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED_EXIT = 130
 #: ``run`` parameters a batch uses; any other one given on the command line is refused.
 SHARED_PARAMS = ("program_file", "pairs", "inputs_file", "broker", "result_backend", "strategy", "timeout", "as_json")
 ACCEPTED_PARAMS = (*SHARED_PARAMS, "quiet")
@@ -71,6 +81,9 @@ def batch_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help=f"Batch: executions submitted and unfinished at once (default {DEFAULT_MAX_IN_FLIGHT})."),
         click.option("--metric", metavar="PKG.MOD:FN", default=None,
                      help="Batch: score each output with FN(example, prediction) and print the mean."),
+        click.option("--fresh", is_flag=True, default=False,
+                     help="Batch: run every line again (default: reuse the lines this program version "
+                          "already succeeded on with the same input)."),
     ]
     for option in reversed(options):
         run_or_batch = option(run_or_batch)
@@ -89,6 +102,7 @@ def run_batch(
     output: str | None,
     max_in_flight: int | None,
     metric: str | None,
+    fresh: bool,
     program_file: str,
     pairs: tuple[str, ...],
     inputs_file: str | None,
@@ -111,38 +125,92 @@ def run_batch(
     metric_fn = resolve_metric(metric) if metric else None
     total = count_lines(source)
     runtime = create_runtime(load_settings(broker_url=broker, result_backend=result_backend))
-    started = time.monotonic()
-    with journal.open("a", encoding="utf-8") as log:
+    previous = [] if fresh else read_previous(target, journal)
+    done: dict[int, BatchLine] = {}
+    with journal.open("w" if fresh else "a", encoding="utf-8") as log, SecondInterruptLeaves():
+        if fresh:
+            log.write(json.dumps(FRESH_MARK) + "\n")
         run = submit_batch(
             program, read_items(source, plan, base), app=runtime.app, strategy=strategy, timeout=timeout,
-            max_in_flight=max_in_flight or DEFAULT_MAX_IN_FLIGHT, metric=metric_fn,
-            previous=read_previous(target, journal), on_submit=lambda line: append_line(log, line),
+            max_in_flight=max_in_flight or DEFAULT_MAX_IN_FLIGHT, metric=metric_fn, previous=previous,
+            fresh=fresh, on_submit=lambda line: append_line(log, line),
         )
-        lines = collect(run.as_completed(), log, Progress(total, run, enabled=sys.stderr.isatty() and not quiet))
-    result = BatchResult(sorted(lines.values(), key=lambda line: line.index), time.monotonic() - started,
-                         run.ran, run.reattached, run.reused, metric_name(metric_fn))
+        progress = Progress(total, run, enabled=sys.stderr.isatty() and not quiet)
+        try:
+            collect(run.as_completed(), log, progress, done)
+        except KeyboardInterrupt:
+            progress.close()
+            interrupted(run, log, done, total)
+    result = run.result(done.values())
     write_output(target, result.lines)
     journal.unlink(missing_ok=True)
     report(program.name, target, result, as_json)
     raise SystemExit(0 if result.count(SUCCEEDED) == len(result.lines) else 1)
 
 
-def collect(lines: Iterator[BatchLine], log: IO[str], progress: Progress) -> dict[int, BatchLine]:
-    """Every finished line, journaled as it comes; Ctrl-C leaves the journal for a re-run."""
-    done: dict[int, BatchLine] = {}
-    try:
-        for line in lines:
-            done[line.index] = line
-            if not line.reused:
-                append_line(log, line)
-            progress.update(done)
-    except KeyboardInterrupt:
-        progress.close()
-        raise UsageError(
-            f"interrupted after {len(done)} of {progress.total} lines: re-run the same command to resume"
-        ) from None
+def collect(lines: Iterator[BatchLine], log: IO[str], progress: Progress, done: dict[int, BatchLine]) -> None:
+    """Every finished line into ``done``, journaled as it comes."""
+    for line in lines:
+        done[line.index] = line
+        if not line.reused:
+            append_line(log, line)
+        progress.update(done)
     progress.close()
-    return done
+
+
+def interrupted(run: BatchRun, log: IO[str], done: dict[int, BatchLine], total: int) -> NoReturn:
+    """Ctrl-C: cancel the executions in flight, journal their lines, say how to resume, exit 130."""
+    in_flight = run.open_lines
+    click.echo(f"interrupted: cancelling {in_flight} line{_s(in_flight)} in flight "
+               "(Ctrl-C again to leave at once)", err=True)
+    try:
+        ended = run.cancel()
+    except redis.RedisError as exc:
+        click.echo(f"error: cannot cancel the lines in flight ({exc}): a re-run of the same command "
+                   "re-attaches to them", err=True)
+        raise SystemExit(INTERRUPTED_EXIT) from None
+    for line in ended:
+        done[line.index] = line
+        append_line(log, line)
+    cancelled = sum(line.status == CANCELLED for line in ended)
+    click.echo(
+        f"cancelled {cancelled} running line{_s(cancelled)}; {len(done) - cancelled} of {total} lines done, "
+        f"{total - len(done)} not run: re-run the same command to resume (lines done are reused)", err=True,
+    )
+    raise SystemExit(INTERRUPTED_EXIT)
+
+
+class SecondInterruptLeaves:
+    """While a batch runs: the first Ctrl-C raises KeyboardInterrupt (the batch then cancels what it
+    started); a second one leaves at once, exit 130 (the journal is flushed line by line, so a re-run
+    re-attaches to whatever still runs)."""
+
+    def __init__(self) -> None:
+        self.interrupts = 0
+        self.previous: Any = None
+
+    def __enter__(self) -> SecondInterruptLeaves:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _on_interrupt(self, signum: int, frame: FrameType | None) -> None:
+        self.interrupts += 1
+        if self.interrupts == 1:
+            raise KeyboardInterrupt
+        os.write(2, b"\ninterrupted again: left at once; executions not cancelled yet go on and a re-run of "
+                    b"the same command re-attaches to them\n")
+        os._exit(INTERRUPTED_EXIT)
+
+
+def _s(count: int) -> str:
+    return "" if count == 1 else "s"
 
 
 # --- files ----------------------------------------------------------------------------------------
@@ -175,29 +243,30 @@ def read_items(path: Path, plan: Plan, base: dict[str, Any]) -> Iterator[BatchIt
             index += 1
 
 
-def read_previous(output: Path, journal: Path) -> dict[int, BatchLine]:
-    """Lines of an earlier run: the output file, then the journal (a later record wins, except
-    that a ``submitted`` record never hides a succeeded one)."""
-    lines: dict[int, BatchLine] = {}
-    for path in (output, journal):
-        for line in _read_lines(path):
-            known = lines.get(line.index)
-            if not (known is not None and known.succeeded and known.key == line.key and not line.succeeded):
-                lines[line.index] = line
-    return lines
+def read_previous(output: Path, journal: Path) -> list[BatchLine]:
+    """Lines of earlier runs, oldest first: the output file, then the journal (only the journal's
+    records after its ``--fresh`` mark when it has one)."""
+    journaled: list[BatchLine] = []
+    fresh = False
+    for record in _read_records(journal):
+        if record == FRESH_MARK:
+            journaled, fresh = [], True
+        elif (line := BatchLine.from_json(record)) is not None:
+            journaled.append(line)
+    if fresh:
+        return journaled
+    return [line for record in _read_records(output) if (line := BatchLine.from_json(record)) is not None] + journaled
 
 
-def _read_lines(path: Path) -> Iterator[BatchLine]:
+def _read_records(path: Path) -> Iterator[Any]:
     if not path.exists():
         return
     with path.open(encoding="utf-8") as file:
         for text in file:
             try:
-                line = BatchLine.from_json(json.loads(text))
+                yield json.loads(text)
             except json.JSONDecodeError:
                 continue  # e.g. the last line of a journal cut by a kill
-            if line is not None:
-                yield line
 
 
 def append_line(log: IO[str], line: BatchLine) -> None:
@@ -249,11 +318,13 @@ def report(program: str, output: Path, result: BatchResult, as_json: bool) -> No
     if as_json:
         click.echo(json.dumps({"program": program, "output": str(output), **result.summary()}, indent=2))
         return
+    cancelled = f", {result.count(CANCELLED)} cancelled" if result.count(CANCELLED) else ""
     click.echo(
         f"{program}: {len(result.lines)} lines -> {output}: {result.count(SUCCEEDED)} succeeded, "
-        f"{result.count(FAILED)} failed, {result.count(INVALID)} invalid (ran {result.ran}, "
+        f"{result.count(FAILED)} failed, {result.count(INVALID)} invalid{cancelled} (ran {result.ran}, "
         f"re-attached {result.reattached}, reused {result.reused}) in {result.elapsed_s:.2f} s"
     )
+    click.echo(result.explain())
     if result.metric is not None:
         click.echo(f"Average Metric: {result.metric_total:.2f} / {len(result.lines)} ({result.score:.1f}%)")
     unfinished = len(result.lines) - result.count(SUCCEEDED)
