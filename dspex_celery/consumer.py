@@ -22,6 +22,7 @@ from dspex_celery.transport import describe
 
 log = logging.getLogger(__name__)
 
+
 class Consumer(CeleryConsumer):
     """Celery's consumer, whose task handler drops a message it fails on instead of raising."""
 
@@ -49,7 +50,7 @@ class Consumer(CeleryConsumer):
         """Reject ``message`` (it does not come back) with an error line."""
         queue = (message.delivery_info or {}).get("routing_key", "?")
         log.error("dropped a message from queue %s: Celery cannot take it in (%s: %s); its headers were %s, "
-                  "its body %s", queue, type(error).__name__, error, message.headers, describe(message.body or b""))
+                  "its body %s", queue, type(error).__name__, error, message.headers, describe(message.body))
         try:
             message.reject_log_error(log, self.connection_errors)
         except MessageStateError:  # acknowledged or rejected already

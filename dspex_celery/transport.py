@@ -64,12 +64,12 @@ def envelope(raw: bytes | str, codecs: Mapping[str, Any]) -> dict[str, Any]:
             codec.decode(body)
         except Exception as exc:  # binascii.Error, a body that is not a string...
             raise BadMessage(f"its body is not valid {encoding} ({type(exc).__name__}: {exc})") from None
-    return dict(payload)
+    return payload
 
 
-def describe(raw: bytes | str) -> str:
-    """The first bytes of a message and its size, for a log line."""
-    data = raw.encode(errors="replace") if isinstance(raw, str) else raw
+def describe(raw: object) -> str:
+    """The first bytes of a message (or body) and its size, for a log line."""
+    data = raw if isinstance(raw, bytes) else str(raw).encode(errors="replace")
     shown = data[:SHOWN_BYTES]
     return f"{shown!r}{'...' if len(data) > len(shown) else ''} ({len(data)} bytes)"
 
