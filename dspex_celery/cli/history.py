@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections import Counter
@@ -67,7 +68,10 @@ def listener(
     broker: str | None, result_backend: str | None, history_db: str | None, consumer: str | None, group: str
 ) -> None:
     """Write execution history from the cluster's history stream (restart-safe, idempotent)."""
+    from dspex_celery.history import listener as listener_module
     from dspex_celery.history.listener import Listener
+
+    logging.getLogger(listener_module.__name__).setLevel(logging.INFO)  # its recoveries too, not only warnings
 
     settings = load_settings(broker_url=broker, result_backend=result_backend, history_url=history_db)
     runtime = cluster_runtime(broker, result_backend, "the listener")

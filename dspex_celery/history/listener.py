@@ -4,6 +4,10 @@ Restart-safe: an event is acknowledged only after its transaction committed, so 
 mid-batch re-reads its pending events on start (writes are idempotent). On start it also
 reconciles every execution the state store still holds that history does not have as finished,
 so events trimmed from the stream or published before any listener existed are not lost either.
+
+Outage-safe: while Redis or the database does not answer it logs one warning and tries again every
+:data:`RETRY_AFTER_ERROR_S`; when Redis comes back without the consumer group (restarted without
+persistence) it recreates the group and reconciles again, as on start.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
 
 from dspex_celery.history.events import Event, decode, describe, snapshot
 from dspex_celery.history.hooks import stream_key
 from dspex_celery.history.store import HistoryStore
 from dspex_celery.runtime import Runtime
+from dspex_celery.settings import redact
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,8 @@ class Listener:
         self.stream = stream_key(runtime.settings.namespace)
         self.batch = batch
         self.block_ms = block_ms
+        #: What has kept the listener from writing since its last success (None: all is well).
+        self.trouble: str | None = None
 
     def start(self) -> int:
         """Join the consumer group, take over abandoned events, reconcile; returns executions reconciled."""
@@ -63,18 +70,65 @@ class Listener:
         return self.reconcile()
 
     def run(self, stop: threading.Event) -> None:
-        """Write events until ``stop`` is set: first this consumer's pending ones, then new ones."""
+        """Write events until ``stop`` is set: first this consumer's pending ones, then new ones.
+
+        An outage leaves the events in the stream (pending or unread): they are written once it is over.
+        """
         start = "0"
         while not stop.is_set():
             try:
                 handled = self.poll(start)
-            except Exception:  # a database or Redis outage: the events stay pending; try again
-                log.exception("history listener: could not write events; retrying")
+            except Exception as exc:
                 start = "0"
-                stop.wait(RETRY_AFTER_ERROR_S)
+                if self.recover(exc):
+                    stop.wait(RETRY_AFTER_ERROR_S)
                 continue
+            self.recovered()
             if start == "0" and not handled:
                 start = ">"
+
+    def recover(self, exc: Exception) -> bool:
+        """Handle what stopped a poll; True when the listener should wait before the next one."""
+        if _group_gone(exc):
+            self.note(f"consumer group '{self.group}' of {self.stream} is gone (Redis restarted without "
+                      "persistence?): recreating it and reconciling")
+            try:
+                reconciled = self.start()
+            except Exception as again:  # Redis went away again, or the database is down
+                exc = again
+            else:
+                log.info("history listener: consumer group '%s' recreated, %d execution(s) reconciled",
+                         self.group, reconciled)
+                return False
+        self.note(self.outage(exc) or f"could not write events ({_reason(exc)})", exc,
+                  f"; retrying every {RETRY_AFTER_ERROR_S:g} s")
+        return True
+
+    def note(self, trouble: str, exc: Exception | None = None, then: str = "") -> None:
+        """Log ``trouble`` once: one warning per incident (an outage, a lost group), no traceback.
+
+        An unexpected error (a bug) is logged with its traceback, once per distinct message.
+        """
+        unexpected = exc is not None and self.outage(exc) is None
+        if unexpected and trouble != self.trouble:
+            log.error("history listener: %s%s", trouble, then, exc_info=exc)
+        elif self.trouble is None:
+            log.warning("history listener: %s%s", trouble, then)
+        if self.trouble is None or unexpected:
+            self.trouble = trouble
+
+    def recovered(self) -> None:
+        if self.trouble is not None:
+            log.info("history listener: writing again after: %s", self.trouble)
+            self.trouble = None
+
+    def outage(self, exc: Exception) -> str | None:
+        """A one-line description when ``exc`` is Redis or the database not answering, else None."""
+        if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+            return f"cannot reach Redis at {redact(self.runtime.settings.state_url)} ({_reason(exc)})"
+        if isinstance(exc, OperationalError | InterfaceError):
+            return f"cannot write the history database {self.history.display_url} ({_reason(exc)})"
+        return None
 
     def poll(self, start: str) -> int:
         """Read, write and acknowledge one batch; returns how many stream entries it handled."""
@@ -126,6 +180,16 @@ class Listener:
         meta = self.runtime.app.backend.get_task_meta(execution_id)
         result = meta.get("result")
         return result if meta.get("status") == "SUCCESS" and isinstance(result, dict) else None
+
+
+def _group_gone(exc: Exception) -> bool:
+    """The stream's consumer group no longer exists (UNBLOCKED: deleted while this listener waited)."""
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith(("NOGROUP", "UNBLOCKED"))
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)  # SQLAlchemy wraps the driver's error
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _decoded(entries: Iterable[tuple[str, dict[str, str] | None]]) -> list[Event]:
