@@ -110,6 +110,27 @@ def test_ctrl_c_on_run_cancels_the_execution(cluster: Cluster, tmp_path: Path, a
     assert ExecutionHandle(cluster.runtime, execution_id).status() is ExecutionStatus.CANCELLED
 
 
+def test_a_second_ctrl_c_leaves_at_once(own_cluster: Cluster, own_redis: RedisServer, tmp_path: Path) -> None:
+    # Given `run` waiting, and a Redis that hangs (stopped), so that cancelling cannot finish
+    run = start_run(own_cluster, str(sleepy_program(tmp_path, 6)))
+    execution_id = running_execution(own_cluster)
+    assert own_redis.process is not None
+    own_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        # When Ctrl-C is pressed, the client tries to cancel and waits for Redis
+        run.send_signal(signal.SIGINT)
+        time.sleep(1.5)
+        assert run.poll() is None
+        # Then a second Ctrl-C leaves at once, exit 130, without a traceback
+        run.send_signal(signal.SIGINT)
+        out, err = run.communicate(timeout=5)
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)
+    assert run.returncode == 130, (out, err)
+    assert err.strip() == "interrupted again: leaving now" and out == ""
+    assert ExecutionHandle(own_cluster.runtime, execution_id).status() is ExecutionStatus.RUNNING
+
+
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
 def test_detach_prints_the_id_and_leaves_it_running(cluster: Cluster, tmp_path: Path, as_json: bool) -> None:
     started = time.monotonic()
@@ -168,6 +189,25 @@ def test_redis_restarted_without_persistence_is_one_line(own_cluster: Cluster, o
         assert json.loads(out) == {"execution_id": execution_id, "status": "lost", "error": line}
     else:
         assert out == ""
+
+
+@pytest.mark.parametrize("strategy", ["levels", "dag"])
+def test_workers_publish_no_result_made_up_from_lost_state(own_cluster: Cluster, own_redis: RedisServer,
+                                                           strategy: str) -> None:
+    # Given a strict execution whose module times out (fails) after Redis restarted without its data
+    handle = own_cluster.submit(program(f"lost_{strategy}", {
+        "first": {"uses": f"{BASIC}:sleep", "inputs": {"seconds": 10}, "timeout_s": 3, "retry": {"max_attempts": 1}},
+        "other": {"uses": f"{BASIC}:sleep", "inputs": {"seconds": 10}},
+    }), strategy=strategy)
+    running_execution(own_cluster)
+    own_redis.shutdown_nosave()
+    own_redis.start()
+    # When the worker fails the execution from what is left (the plan it cached)
+    wait_for(lambda: own_redis.client().hget(f"{own_cluster.settings.namespace}:x:{handle.execution_id}:rec", "first"),
+             timeout=30, what="the failed record")
+    time.sleep(2)
+    # Then it published no result (one that would call every other module "cancelled", 0 attempts)
+    assert own_redis.client().exists(f"celery-task-meta-{handle.execution_id}") == 0
 
 
 def test_redis_restarted_with_its_data_is_waited_out(own_cluster: Cluster, own_redis: RedisServer,
