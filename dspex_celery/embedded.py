@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import atexit
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from celery import Celery
@@ -69,7 +69,7 @@ class EmbeddedWorker:
         # Starting a pool marks the whole process as "inside a worker", which would make every
         # later result.get() of the caller refuse to block; the caller is not a task.
         _set_task_join_will_block(False)
-        atexit.register(self.stop)
+        before_thread_shutdown(self.stop)
 
     def consume(self, queues: list[str]) -> None:
         """Make sure the worker consumes ``queues`` (new resource classes of a new program)."""
@@ -85,6 +85,21 @@ class EmbeddedWorker:
             self.controller.stop(in_sighandler=False)
             if join:
                 self.thread.join(timeout=5)
+
+
+def before_thread_shutdown(callback: Callable[[], None]) -> None:
+    """Call ``callback`` at interpreter exit before thread pools shut down (``atexit`` is too late).
+
+    At exit Python first stops every ``concurrent.futures`` thread pool (Celery's thread pool is
+    one), then runs ``atexit`` callbacks: a worker stopped from ``atexit`` can still take a message
+    off its queue meanwhile, and its dead pool fails it with ``cannot schedule new futures after
+    shutdown``. Callbacks registered here run first (CPython's hook for exactly this, 3.9+).
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:  # not CPython
+        atexit.register(callback)
+    else:
+        register(callback)
 
 
 def allow_program(runtime: Runtime, packages: Iterable[str], plan: Plan) -> None:
