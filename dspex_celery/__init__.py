@@ -19,7 +19,8 @@ from dspex_celery.errors import (
 )
 from dspex_celery.program import Program
 from dspex_celery.results import ExecutionResult, ExecutionStatus, ModuleRecord, ModuleStatus
-from dspex_celery.runtime import Runtime, create_runtime
+from dspex_celery.bootstrap import create_runtime
+from dspex_celery.runtime import Runtime
 from dspex_celery.settings import Settings, load_settings
 
 __all__ = [

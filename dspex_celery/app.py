@@ -110,12 +110,9 @@ class RedisResultBackend(RedisBackend):
 
 
 def make_app(settings: Settings) -> Celery:
-    """A Celery app configured for ``settings`` with the engine's tasks registered."""
-    from dspex_celery.tasks import register_tasks
-
+    """A Celery app configured for ``settings`` (``bootstrap.create_runtime`` registers the tasks)."""
     app = Celery(f"dspex-{settings.namespace}", set_as_current=False)
     backend = f"{__name__}:{RedisResultBackend.__name__}"
     app.loader.override_backends = {"redis": backend, "rediss": backend}
     app.conf.update(celery_config(settings))
-    register_tasks(app)
     return app

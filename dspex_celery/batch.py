@@ -25,6 +25,7 @@ from typing import Any
 import redis
 from celery import states
 
+from dspex_celery.bootstrap import default_runtime
 from dspex_celery.client import (
     ProgramLike,
     cancel_execution,
@@ -45,7 +46,7 @@ from dspex_celery.plan import Plan
 from dspex_celery.presence import warn_if_unserved
 from dspex_celery.program import Program
 from dspex_celery.results import ExecutionResult, ExecutionStatus
-from dspex_celery.runtime import Runtime, default_runtime, runtime_of
+from dspex_celery.runtime import Runtime, runtime_of
 
 #: Executions submitted and not yet finished, at most (the cluster's queue depth for this batch).
 DEFAULT_MAX_IN_FLIGHT = 16

@@ -23,6 +23,7 @@ from dspex_celery.canvas import hard_time_limit
 from dspex_celery.errors import CircuitOpen, UsageError
 from dspex_celery.hooks import Hook, ModuleContext
 from dspex_celery.plan import ModulePlan, Plan
+from dspex_celery.settings import Settings
 from dspex_celery.state import LuaStep, StateStore, lua_call
 
 if TYPE_CHECKING:
@@ -152,6 +153,11 @@ class CircuitBreaker(Hook):
         store = ctx.runtime.store
         args = [ticket.holder, outcome, policy.failures, int(policy.reset_s * 1000)]
         store.script(_REPORT)(keys=[circuit_key(store, ticket.name)], args=args)
+
+
+def breaker_hooks(settings: Settings) -> list[Hook]:
+    """The breaker hook (every runtime has one; a module's ``breaker`` policy turns it on or off)."""
+    return [CircuitBreaker()]
 
 
 @dataclass

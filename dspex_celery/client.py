@@ -16,6 +16,7 @@ from celery.backends.redis import RedisBackend
 
 from dspex_celery import defaults
 from dspex_celery.app import unsubscribed_dispatch
+from dspex_celery.bootstrap import default_runtime
 from dspex_celery.canvas import hard_time_limit
 from dspex_celery.errors import (
     ConfigError,
@@ -41,7 +42,7 @@ from dspex_celery.program import Program
 from dspex_celery.results import ExecutionResult, ExecutionStatus, ModuleRecord, ModuleStatus, isoformat, utcnow
 from dspex_celery.routing import worker_queues
 from dspex_celery.runner import package_of
-from dspex_celery.runtime import Runtime, default_runtime, runtime_of
+from dspex_celery.runtime import Runtime, runtime_of
 from dspex_celery.spec import ProgramSpec
 from dspex_celery.strategies import get_strategy, recommend_strategy
 

@@ -41,6 +41,7 @@ from pydantic import (
 from dspex_celery.errors import ConfigError, ResourceWaitAborted
 from dspex_celery.hooks import Hook, ModuleContext
 from dspex_celery.results import isoformat, utcnow
+from dspex_celery.settings import Settings
 from dspex_celery.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -300,9 +301,9 @@ class ResourceLimiter(Hook):
         write_record(ctx.runtime, ctx.execution_id, ctx.module.name, ctx.record)
 
 
-def limiter_hooks(raw: Mapping[str, Any]) -> list[Hook]:
-    """The limiter hook when any class is limited (validating the config either way)."""
-    limits = parse_limits(raw)
+def limiter_hooks(settings: Settings) -> list[Hook]:
+    """The limiter hook when any class is limited (validating ``resources:`` either way)."""
+    limits = parse_limits(settings.resources)
     return [ResourceLimiter(limits)] if limits else []
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -43,12 +44,25 @@ class Settings(BaseSettings):
         description="Send Celery's task-sent event per dispatched task (Flower then shows queued tasks); "
         "off like Celery's default: it costs one more publish per module.",
     )
+    hooks: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Hooks every runtime installs after the built-in ones: package.module:factory paths "
+        "(a list, or comma-separated in DSPEX_HOOKS), allow-listed like program modules.",
+    )
     learned_timeouts: bool = Field(
         default=False,
         description="Apply the optimizer's learned timeouts where a program sets no timeout_s (a program's "
         "'timeouts:' key and run --learned-timeouts/--no-learned-timeouts decide first); off: a profile "
         "changes priorities only.",
     )
+
+    @field_validator("hooks", mode="before")
+    @classmethod
+    def _split_hooks(cls, value: Any) -> Any:
+        """``DSPEX_HOOKS=a.b:f,c.d:g`` (or one string in the config file) is a list of paths."""
+        if isinstance(value, str):
+            return tuple(path.strip() for path in value.split(",") if path.strip())
+        return value
 
     @classmethod
     def settings_customise_sources(

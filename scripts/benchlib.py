@@ -30,9 +30,10 @@ from rich.console import Console
 from rich.table import Table
 
 from dspex_celery import ExecutionStatus, Program, submit_program
+from dspex_celery.bootstrap import create_runtime
 from dspex_celery.history.store import open_history
 from dspex_celery.optimizer import Report, optimize
-from dspex_celery.runtime import Runtime, create_runtime
+from dspex_celery.runtime import Runtime
 from dspex_celery.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,7 +23,8 @@ import pytest
 import redis
 
 from dspex_celery import ExecutionResult, Program, submit_program
-from dspex_celery.runtime import Runtime, create_runtime
+from dspex_celery.bootstrap import create_runtime
+from dspex_celery.runtime import Runtime
 from dspex_celery.settings import Settings
 from tests.modules import suite_redis_url
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dspex_celery.bootstrap import create_runtime
 from dspex_celery.history.hooks import stream_key
 from dspex_celery.history.listener import Listener
 from dspex_celery.history.store import HistoryStore
-from dspex_celery.runtime import create_runtime
 from tests.conftest import CLI, ROOT, Cluster, RedisServer, new_settings, wait_for
 
 pytestmark = pytest.mark.integration

@@ -8,11 +8,11 @@ import uuid
 
 import pytest
 
+from dspex_celery.bootstrap import create_runtime
 from dspex_celery.canvas import module_signature
 from dspex_celery.examples import synthetic
 from dspex_celery.program import Program
 from dspex_celery.redis_queues import RedisQueues
-from dspex_celery.runtime import create_runtime
 from dspex_celery.settings import Settings
 
 pytestmark = pytest.mark.integration

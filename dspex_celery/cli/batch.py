@@ -40,10 +40,10 @@ from dspex_celery.batch import (
     resolve_metric,
     submit_batch,
 )
+from dspex_celery.bootstrap import create_runtime
 from dspex_celery.errors import InputError, UsageError
 from dspex_celery.plan import Plan
 from dspex_celery.program import Program
-from dspex_celery.runtime import create_runtime
 from dspex_celery.settings import load_settings
 
 BATCH_PARAMS = ("batch_file", "output", "max_in_flight", "metric", "fresh")

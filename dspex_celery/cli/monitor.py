@@ -11,12 +11,13 @@ from celery.events.state import Task
 from rich.console import Console
 from rich.table import Table
 
+from dspex_celery.bootstrap import create_runtime
 from dspex_celery.cli import cli, connection_options
 from dspex_celery.cli.render import print_json
 from dspex_celery.errors import ConfigError, UsageError
 from dspex_celery.report import load_report, render_html
 from dspex_celery.resources import parse_limits, snapshot
-from dspex_celery.runtime import Runtime, create_runtime
+from dspex_celery.runtime import Runtime
 from dspex_celery.settings import load_settings
 
 

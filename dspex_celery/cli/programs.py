@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from dspex_celery.bootstrap import create_runtime
 from dspex_celery.cli import cli, in_process_connection_options
 from dspex_celery.cli.batch import batch_options
 from dspex_celery.cli.progress import submit_and_report
@@ -17,7 +18,6 @@ from dspex_celery.errors import InputError, UsageError
 from dspex_celery.plan import STRATEGIES
 from dspex_celery.program import Program
 from dspex_celery.strategies import recommend_strategy
-from dspex_celery.runtime import create_runtime
 from dspex_celery.settings import load_settings
 from dspex_celery.spec import non_finite_input
 

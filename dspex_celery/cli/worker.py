@@ -9,11 +9,11 @@ import sys
 import click
 
 from dspex_celery import defaults
+from dspex_celery.bootstrap import create_runtime
 from dspex_celery.cli import cli, connection_options
 from dspex_celery.errors import ConfigError
 from dspex_celery.presence import keep_announced
 from dspex_celery.routing import worker_queues
-from dspex_celery.runtime import create_runtime
 from dspex_celery.settings import Settings, load_settings
 
 
