@@ -19,12 +19,13 @@ from dspex_celery.results import (
     ExecutionStatus,
     ModuleRecord,
     ModuleStatus,
+    build_result,
+    cancelled_records,
     isoformat,
     parse_time,
     utcnow,
 )
 from dspex_celery.runtime import Runtime
-from dspex_celery.spec import iter_refs, parse_ref
 
 log = logging.getLogger(__name__)
 
@@ -220,36 +221,14 @@ def assemble_result(
     store = runtime.store
     meta = store.meta(execution_id)
     records = store.records(execution_id)
-    modules = {name: records.get(name, ModuleRecord(resource=plan.modules[name].resource)) for name in plan.modules}
     if cancel_open:
-        for name, record in modules.items():
-            if not record.status.final:
-                modules[name] = _cancelled(record, status)
-                write_record(runtime, execution_id, name, modules[name])
-    failed = [name for name, record in modules.items() if record.status is ModuleStatus.FAILED]
-    if error is None and failed and status is ExecutionStatus.FAILED:
-        error = modules[failed[0]].error
-    return ExecutionResult(
-        execution_id=execution_id,
-        program=plan.program,
-        strategy=meta.get("strategy", "levels"),
-        status=status,
-        outputs=program_outputs(plan, {"inputs": meta.get("inputs", {}), **store.outputs(execution_id, plan.modules)}),
-        modules=modules,
-        failed_modules=failed,
-        error=error,
-        submitted_at=meta.get("submitted_at"),
-        finished_at=isoformat(utcnow()) if status.final else None,
-        resumed_from=meta.get("resumed_from"),
-    )
-
-
-def _cancelled(record: ModuleRecord, status: ExecutionStatus) -> ModuleRecord:
-    reason = {
-        ExecutionStatus.CANCELLED: "cancelled: the execution was cancelled",
-        ExecutionStatus.FAILED: "cancelled: the execution failed before this module finished",
-    }.get(status, "cancelled")
-    return record.model_copy(update={"status": ModuleStatus.CANCELLED, "error": record.error or reason})
+        cancelled = cancelled_records(plan, records, status)
+        for name, record in cancelled.items():
+            write_record(runtime, execution_id, name, record)
+        records = {**records, **cancelled}
+    finished_at = isoformat(utcnow()) if status.final else None
+    outputs = store.outputs(execution_id, plan.modules)
+    return build_result(execution_id, plan, meta, records, outputs, status, error, finished_at)
 
 
 def revoke_open(runtime: Runtime, execution_id: str, plan: Plan, result: ExecutionResult) -> None:
@@ -263,27 +242,3 @@ def revoke_open(runtime: Runtime, execution_id: str, plan: Plan, result: Executi
     ]
     if open_ids and not runtime.settings.embedded:
         runtime.app.control.revoke(open_ids, terminate=True, signal="SIGTERM")
-
-
-def program_outputs(plan: Plan, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The program's ``outputs`` resolved; keys whose sources did not succeed are left out.
-
-    ``outputs`` maps module names (and ``"inputs"``) to their output mappings.
-    """
-    resolved: dict[str, Any] = {}
-    for key, value in plan.outputs.items():
-        if all(ref.source in outputs for ref in iter_refs(value)):
-            resolved[key] = _resolve_output(value, outputs)
-    return resolved
-
-
-def _resolve_output(value: Any, outputs: dict[str, dict[str, Any]]) -> Any:
-    if isinstance(value, list):
-        return [_resolve_output(item, outputs) for item in value]
-    if isinstance(value, dict):
-        return {key: _resolve_output(item, outputs) for key, item in value.items()}
-    ref = parse_ref(value) if isinstance(value, str) else None
-    if ref is None:
-        return value
-    source = outputs[ref.source]
-    return source if ref.field is None else source.get(ref.field)

@@ -10,16 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
-from dspex_celery.execution import assemble_result
 from dspex_celery.plan import Plan
 from dspex_celery.results import (
     ExecutionResult,
     ExecutionStatus,
     ModuleRecord,
     ModuleStatus,
+    build_result,
 )
 from dspex_celery.routing import queue_name
 from dspex_celery.state import StateStore
@@ -163,6 +162,5 @@ def finished_result(
     status = ExecutionStatus(meta.get("status", ExecutionStatus.RUNNING.value))
     if plan is None or not status.final:
         return None
-    # assemble_result reads only ``runtime.store`` when it does not cancel open modules.
-    result = assemble_result(SimpleNamespace(store=store), execution_id, plan, status)  # type: ignore[arg-type]
-    return result.model_copy(update={"finished_at": meta.get("finished_at")})
+    records, outputs = store.records(execution_id), store.outputs(execution_id, plan.modules)
+    return build_result(execution_id, plan, meta, records, outputs, status, finished_at=meta.get("finished_at"))
