@@ -38,6 +38,10 @@ class ModuleContext:
     extras: dict[str, Any] = field(default_factory=dict)
     begun: dict[Hook, Any] = field(default_factory=dict)  # replies of the hooks' begin steps, if they ran
 
+    def write_record(self) -> None:
+        """Store ``record`` as it is now (e.g. while the attempt waits for a slot) and tell the hooks."""
+        self.runtime.write_record(self.execution_id, self.module.name, self.record)
+
 
 class Hook:
     """Base class: every method is a no-op; override the ones you need."""

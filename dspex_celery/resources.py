@@ -236,7 +236,7 @@ class ResourceLimiter(Hook):
         ctx.record.started_at = isoformat(got_it)
         ctx.started_at = got_it  # the module's duration starts now; the wait is in waited_s
         if waited:
-            self._write(ctx)
+            ctx.write_record()
 
     def after_module(self, ctx: ModuleContext) -> None:
         # On success the record is written after this: stop renewing, release in after_success
@@ -267,7 +267,7 @@ class ResourceLimiter(Hook):
                 return tries > 0
             if tries == 0:
                 ctx.record.waiting_for = lease.resource
-                self._write(ctx)
+                ctx.write_record()
             elif store.is_finished(ctx.execution_id):
                 raise ResourceWaitAborted(
                     f"module '{ctx.module.name}': the execution ended while it waited for a '{lease.resource}' slot"
@@ -294,11 +294,6 @@ class ResourceLimiter(Hook):
         pipe.ltrim(wake, -WAKE_TOKENS, -1)
         pipe.expire(wake, 60)
         pipe.execute()
-
-    def _write(self, ctx: ModuleContext) -> None:
-        from dspex_celery.execution import write_record
-
-        write_record(ctx.runtime, ctx.execution_id, ctx.module.name, ctx.record)
 
 
 def limiter_hooks(settings: Settings) -> list[Hook]:

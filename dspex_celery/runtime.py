@@ -15,6 +15,7 @@ from celery import Celery
 from dspex_celery.errors import BrokerUnreachable
 from dspex_celery.hooks import HookChain
 from dspex_celery.redis_queues import RedisQueues
+from dspex_celery.results import ModuleRecord
 from dspex_celery.settings import Settings, redact
 from dspex_celery.state import StateStore
 
@@ -36,6 +37,11 @@ class Runtime:
     reachable_until: float = 0.0
     #: The broker's queues when state-store scripts can write them (Redis broker on the store's db).
     queues: RedisQueues | None = None
+
+    def write_record(self, execution_id: str, module: str, record: ModuleRecord, attempt: bool = False) -> None:
+        """Store a module record (``attempt``: it ends an attempt, which is logged) and tell the hooks."""
+        self.store.put_record(execution_id, module, record, attempt)
+        self.hooks.on_record(execution_id, module, record)
 
     @property
     def allowed_packages(self) -> tuple[str, ...]:
