@@ -37,15 +37,11 @@ from dspex_celery.client import (
 from dspex_celery.errors import UsageError
 from dspex_celery.execution import TAKEOVER_CHECK_S, finish, publish_abandoned
 from dspex_celery.graph import resolve_uses
-from dspex_celery.integrations.dspy import (
-    describe_failure,
-    make_example,
-    make_prediction,
-)
+from dspex_celery.integrations.dspy import make_example, make_prediction
 from dspex_celery.plan import Plan
 from dspex_celery.presence import warn_if_unserved
 from dspex_celery.program import Program
-from dspex_celery.results import ExecutionResult, ExecutionStatus
+from dspex_celery.results import ExecutionResult, ExecutionStatus, describe_failure
 from dspex_celery.runtime import Runtime, runtime_of
 
 #: Executions submitted and not yet finished, at most (the cluster's queue depth for this batch).

@@ -36,12 +36,20 @@ from dspex_celery.execution import (
     timeout_message,
     write_record,
 )
+from dspex_celery.graph import package_of
 from dspex_celery.plan import STRATEGIES, ModulePlan, Plan
 from dspex_celery.presence import warn_if_unserved
 from dspex_celery.program import Program
-from dspex_celery.results import ExecutionResult, ExecutionStatus, ModuleRecord, ModuleStatus, isoformat, utcnow
+from dspex_celery.results import (
+    ExecutionResult,
+    ExecutionStatus,
+    ModuleRecord,
+    ModuleStatus,
+    describe_failure,
+    isoformat,
+    utcnow,
+)
 from dspex_celery.routing import worker_queues
-from dspex_celery.runner import package_of
 from dspex_celery.runtime import Runtime, runtime_of
 from dspex_celery.spec import ProgramSpec
 from dspex_celery.strategies import get_strategy, recommend_strategy
@@ -101,7 +109,7 @@ class ExecutionHandle:
         except redis.RedisError as exc:
             raise self._unreachable(exc) from None
         if propagate and result.status in (ExecutionStatus.FAILED, ExecutionStatus.CANCELLED):
-            raise ExecutionFailed(result)
+            raise ExecutionFailed(result, describe_failure(result))
         return result
 
     def _wait(self, timeout: float | None) -> ExecutionResult:

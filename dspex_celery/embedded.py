@@ -10,7 +10,7 @@ from __future__ import annotations
 import atexit
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from celery import Celery
 from celery._state import _set_task_join_will_block
@@ -18,13 +18,12 @@ from celery.app import trace
 from celery.worker import WorkController
 
 from dspex_celery.errors import ConfigError, ProgramError
-from dspex_celery.graph import UsesRefused, resolve_uses
-from dspex_celery.integrations.dspy import dspy_factories
-from dspex_celery.runner import is_allowed, package_of
+from dspex_celery.graph import UsesRefused, is_allowed, package_of, resolve_uses
+from dspex_celery.integrations.dspy_plan import dspy_factories
 
 if TYPE_CHECKING:
     from dspex_celery.plan import Plan
-    from dspex_celery.runtime import Runtime
+    from dspex_celery.settings import Settings
 
 START_TIMEOUT_S = 30.0
 EMBEDDED_HOSTNAME = "embedded@localhost"
@@ -102,7 +101,14 @@ def before_thread_shutdown(callback: Callable[[], None]) -> None:
         register(callback)
 
 
-def allow_program(runtime: Runtime, packages: Iterable[str], plan: Plan) -> None:
+class Trusting(Protocol):
+    """What :func:`allow_program` needs of a runtime: its settings and the packages it allows."""
+
+    settings: Settings
+    allowed: set[str]
+
+
+def allow_program(runtime: Trusting, packages: Iterable[str], plan: Plan) -> None:
     """Embedded runs trust the program they are given: the top-level packages it imports from are
     allowed. With an allow-list configured (``run --modules``, ``DSPEX_MODULES``) only that is, and
     ``plan`` is checked against it now (a :class:`ProgramError` naming each refused ``uses``)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # errors is the lowest floor: it imports results for typing only
     from dspex_celery.results import ExecutionResult
 
 
@@ -119,13 +119,12 @@ class ExecutionTimeout(DspexError):
 
 
 class ExecutionFailed(DspexError):
-    """The execution ended ``failed`` or ``cancelled``; ``result`` is its :class:`ExecutionResult`."""
+    """The execution ended ``failed`` or ``cancelled``; ``result`` is its :class:`ExecutionResult`,
+    ``message`` the one line saying why (``results.describe_failure(result)``)."""
 
-    def __init__(self, result: ExecutionResult) -> None:
-        from dspex_celery.results import describe_failure
-
+    def __init__(self, result: ExecutionResult, message: str) -> None:
         self.result = result
-        super().__init__(describe_failure(result))
+        super().__init__(message)
 
 
 class StateLost(DspexError):

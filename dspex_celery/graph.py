@@ -330,6 +330,16 @@ def in_packages(module: str, packages: Iterable[str]) -> bool:
     return any(module == package or module.startswith(package + ".") for package in packages)
 
 
+def package_of(uses: str) -> str:
+    """The dotted Python module a ``uses`` string imports from."""
+    return uses.partition(":")[0]
+
+
+def is_allowed(uses: str, allowed: Iterable[str]) -> bool:
+    """True when the module ``uses`` imports from is one of the allow-listed packages (or below one)."""
+    return in_packages(package_of(uses), allowed)
+
+
 def _check_defined(path: str, rest: str, target: object, packages: tuple[str, ...]) -> None:
     """:class:`UsesRefused` unless ``target`` (at attribute ``path``, ``rest`` to go) is defined in ``packages``."""
     if isinstance(target, ModuleType):

@@ -18,7 +18,7 @@ import orjson
 from dspex_celery import defaults
 from dspex_celery.errors import ProgramError
 from dspex_celery.graph import Dag, validate
-from dspex_celery.integrations.dspy import (
+from dspex_celery.integrations.dspy_plan import (
     dspy_plan_problems,
     dspy_settings,
     state_path,

@@ -1,4 +1,8 @@
-"""``Program``: a program built in Python or loaded from a file, validated on demand."""
+"""``Program``: a program built in Python or loaded from a file, validated on demand.
+
+Running one is the client's job: :meth:`Program.forward` calls ``Program.runner``, which the DSPy
+integration (:mod:`dspex_celery.integrations.dspy`) installs, so this module imports no client.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,19 @@ import copy
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
-from dspex_celery.integrations.dspy import spec_factories
+from dspex_celery.errors import UsageError
+from dspex_celery.graph import package_of
+from dspex_celery.integrations.dspy_plan import module_reference, spec_factories
 from dspex_celery.plan import Plan, build_plan
-from dspex_celery.runner import package_of
 from dspex_celery.spec import ProgramSpec, load_program_file, parse_program
+
+
+class ProgramRunner(Protocol):
+    """Runs ``program`` on ``inputs`` with ``submit_program`` keywords and returns its prediction."""
+
+    def __call__(self, program: Program, inputs: dict[str, Any], options: Mapping[str, Any]) -> Any: ...
 
 
 class Program:
@@ -21,6 +32,8 @@ class Program:
     base_dir: Path | None = None
     #: ``submit_program`` keywords used by :meth:`forward` (set with :meth:`using`).
     run_options: Mapping[str, Any] = MappingProxyType({})
+    #: What :meth:`forward` runs the program with (installed by ``dspex_celery.integrations.dspy``).
+    runner: ClassVar[ProgramRunner | None] = None
 
     def __init__(self, name: str, inputs: list[str] | tuple[str, ...] = (), **keys: Any) -> None:
         self._data: dict[str, Any] = {"name": name, "inputs": list(inputs), "modules": {}, **keys}
@@ -68,8 +81,6 @@ class Program:
         JSON under ``state_dir=`` (default ``.dspex/state``) and workers rebuild it with ``with_``.
         """
         if not isinstance(uses, str):
-            from dspex_celery.integrations.dspy import module_reference
-
             uses, options = module_reference(name, uses, options)
         module: dict[str, Any] = {"uses": uses, "depends_on": list(depends_on)}
         if inputs is not None:
@@ -119,9 +130,11 @@ class Program:
         Embedded (in-process) unless :meth:`using` or ``DSPEX_*`` settings name a cluster; a failed
         execution raises :class:`~dspex_celery.errors.ExecutionFailed`.
         """
-        from dspex_celery.integrations.dspy import run_program
-
-        return run_program(self, inputs, self.run_options)
+        runner = type(self).runner
+        if runner is None:
+            raise UsageError("Program.forward: no runner is installed: import Program from dspex_celery "
+                             "(or import dspex_celery.integrations.dspy)")
+        return runner(self, inputs, self.run_options)
 
     def __call__(self, **inputs: Any) -> Any:
         return self.forward(**inputs)

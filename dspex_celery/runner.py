@@ -11,8 +11,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from dspex_celery.errors import ModuleImportError, ModuleInputError, ModuleNotAllowed, ModuleOutputError
-from dspex_celery.graph import UsesRefused, in_packages, resolve_uses
-from dspex_celery.integrations.dspy import dspy_factories, load_state, state_version, wrap_dspy
+from dspex_celery.graph import UsesRefused, is_allowed, package_of, resolve_uses
+from dspex_celery.integrations.dspy_plan import dspy_factories
+from dspex_celery.integrations.dspy_worker import load_state, state_version, wrap_dspy
 from dspex_celery.plan import ModulePlan
 from dspex_celery.spec import parse_ref, unescape
 
@@ -20,16 +21,6 @@ log = logging.getLogger(__name__)
 
 _instances: dict[str, Callable[..., Any]] = {}
 _instances_lock = threading.Lock()
-
-
-def package_of(uses: str) -> str:
-    """The dotted Python module a ``uses`` string imports from."""
-    return uses.partition(":")[0]
-
-
-def is_allowed(uses: str, allowed: tuple[str, ...]) -> bool:
-    """True when the module ``uses`` imports from is one of the allow-listed packages (or below one)."""
-    return in_packages(package_of(uses), allowed)
 
 
 def check_allowed(module: ModulePlan, allowed: tuple[str, ...], program: str = "?") -> None:

@@ -31,7 +31,7 @@ from dspex_celery.execution import (
 )
 from dspex_celery.graph import resolve_uses
 from dspex_celery.hooks import ModuleContext
-from dspex_celery.integrations.dspy import is_lm_transient
+from dspex_celery.integrations.dspy_worker import is_lm_transient
 from dspex_celery.plan import ModulePlan, Plan
 from dspex_celery.results import (
     ModuleRecord,

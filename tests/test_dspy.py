@@ -198,11 +198,12 @@ def run_without_dspy(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_without_dspy_core_works_and_dspy_programs_say_how_to_install() -> None:
     assert run_without_dspy("run", "examples/rag.yaml", "-i", "question=What is Redis?").returncode == 0
-    done = run_without_dspy("validate", "examples/dspy_rag.yaml")
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.splitlines()[-1] == (
-        "error: examples/dspy_rag.yaml: dspy is not installed: pip install 'dspex-celery[dspy]'"
-    )
+    for command in (["validate"], ["run", "-i", "question=What is Redis?"]):
+        done = run_without_dspy(command[0], "examples/dspy_rag.yaml", *command[1:])
+        # one line naming the extra (not also one line per dspy.Module that cannot be imported)
+        assert done.returncode == 2 and done.stderr.splitlines() == [
+            "error: examples/dspy_rag.yaml: dspy is not installed: pip install 'dspex-celery[dspy]'"
+        ]
 
 
 def test_program_needing_dspy_without_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,150 @@
+"""DSPy on the worker: LMs and adapters built once per process, ``dspy.context``, state, retries.
+
+- The LM (and adapter) are built once per process by calling the factories, and the module runs
+  inside ``dspy.context(lm=..., adapter=...)`` (DSPy lets only the configuring thread call
+  ``dspy.configure``, so workers never rely on it).
+- ``state:`` is loaded with the module's own ``load(path)`` (JSON; DSPy refuses pickles unless
+  asked); a changed state file (new mtime) makes the worker rebuild the module.
+- Retries: LM rate-limit, overload and connection errors count as transient.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dspex_celery.errors import LMFactoryError, ModuleStateError
+from dspex_celery.graph import resolve_uses
+from dspex_celery.integrations.dspy_plan import FACTORY_KEYS, require_dspy
+
+if TYPE_CHECKING:
+    from dspex_celery.plan import ModulePlan
+
+#: LM client errors worth a retry with backoff, by module; only modules already imported count
+#: (an error of a library that was never imported cannot have been raised).
+TRANSIENT_LM_ERRORS: dict[str, tuple[str, ...]] = {
+    "openai": ("RateLimitError", "APIConnectionError", "InternalServerError"),
+    "litellm.exceptions": (
+        "RateLimitError",
+        "ServiceUnavailableError",
+        "Timeout",
+        "APIConnectionError",
+        "InternalServerError",
+    ),
+    "anthropic": ("RateLimitError", "APIConnectionError", "InternalServerError"),
+}
+
+_built: dict[str, Any] = {}
+_built_lock = threading.Lock()
+
+
+def state_version(state: str | None) -> list[Any] | None:
+    """The state path and its mtime: a worker reloads a module whose state file changed."""
+    if state is None:
+        return None
+    try:
+        return [state, os.stat(state).st_mtime_ns]
+    except OSError:
+        return [state, None]
+
+
+def load_state(module: ModulePlan, instance: Any) -> None:
+    """Load ``module.state`` into ``instance`` with its own ``load(path)``; clear errors otherwise."""
+    path = str(module.state)
+    load = getattr(instance, "load", None)
+    if not callable(load):
+        raise ModuleStateError(
+            f"module '{module.name}': 'state' is set but {type(instance).__name__} has no load(path) method"
+        )
+    if not Path(path).is_file():
+        raise ModuleStateError(
+            f"module '{module.name}': state file {path} not found on this worker: "
+            "workers need the file at the same path (shared volume or image)"
+        )
+    try:
+        load(path)
+    except Exception as exc:  # the module's own loader may raise anything
+        raise ModuleStateError(
+            f"module '{module.name}': cannot load state {path} ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def build_factory(module: ModulePlan, key: str, path: str) -> Any:
+    """The LM or adapter made by the factory at ``path``, built once per process."""
+    with _built_lock:
+        if path not in _built:
+            _built[path] = _call_factory(module, key, path)
+        return _built[path]
+
+
+def _call_factory(module: ModulePlan, key: str, path: str) -> Any:
+    dspy = require_dspy(f"module '{module.name}' (dspy.{key} '{path}')")
+    where = f"module '{module.name}': dspy.{key} factory '{path}'"
+    try:
+        factory = resolve_uses(path)
+    except ImportError as exc:
+        raise LMFactoryError(f"{where} cannot be imported ({exc})") from exc
+    try:
+        built = factory()
+    except Exception as exc:  # a user factory may raise anything
+        raise LMFactoryError(
+            f"{where} failed ({type(exc).__name__}: {exc}): fix the factory or its settings (model, API key)"
+        ) from exc
+    expected = dspy.BaseLM if key == "lm" else dspy.Adapter
+    if not isinstance(built, expected):
+        raise LMFactoryError(f"{where} returned {type(built).__name__}, not a {expected.__name__}")
+    return built
+
+
+class DspyCall:
+    """A module callable that runs inside ``dspy.context(**settings)`` (thread- and task-local)."""
+
+    def __init__(self, function: Callable[..., Any], settings: dict[str, Any]) -> None:
+        self.function = function
+        self.settings = settings
+        self.__wrapped__ = function
+
+    def __call__(self, **kwargs: Any) -> Any:
+        import dspy  # optional dependency: only a module with dspy settings gets here (its factory needed it)
+
+        with dspy.context(**self.settings):
+            return self.function(**kwargs)
+
+
+def wrap_dspy(module: ModulePlan, function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` as is, or wrapped in a :class:`DspyCall` when the module has ``dspy`` settings."""
+    if not module.dspy:
+        return function
+    settings = {key: build_factory(module, key, path) for key in FACTORY_KEYS if (path := module.dspy.get(key))}
+    return DspyCall(function, settings)
+
+
+def lm_transient_errors() -> tuple[type[BaseException], ...]:
+    """The LM client error classes (of libraries already imported) that deserve a retry."""
+    classes: list[type[BaseException]] = []
+    for module_name, names in TRANSIENT_LM_ERRORS.items():
+        library = sys.modules.get(module_name)
+        for name in names if library is not None else ():
+            cls = getattr(library, name, None)
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                classes.append(cls)
+    return tuple(classes)
+
+
+def is_lm_transient(error: BaseException) -> bool:
+    """True for an LM rate-limit/overload/connection error, or one raised from such an error."""
+    classes = lm_transient_errors()
+    return bool(classes) and any(isinstance(exc, classes) for exc in _causes(error))
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
