@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -61,15 +62,14 @@ OFF_HINTS = {
 }
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0..100), linear interpolation between closest ranks."""
-    ordered = sorted(values)
-    if not ordered:
+def percentile(values: Sequence[float], q: int) -> float:
+    """The ``q``-th percentile (0..100), linear interpolation between closest ranks (numpy's default)."""
+    if not values:
         raise ValueError("percentile of no values")
-    position = (len(ordered) - 1) * q / 100.0
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    if len(values) == 1:  # statistics.quantiles needs two points (before Python 3.13)
+        return float(values[0])
+    cuts = statistics.quantiles(values, n=100, method="inclusive")  # the 1st..99th percentiles
+    return float([min(values), *cuts, max(values)][q])
 
 
 @dataclass(frozen=True)
