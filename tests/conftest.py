@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,11 +17,27 @@ from typing import Any
 
 import pytest
 import redis
+import sqlalchemy as sa
 
-from dspex_celery import ExecutionResult, Program, submit_program
 from dspex_celery.bootstrap import create_runtime
+from dspex_celery.client import ExecutionHandle, submit_program
+from dspex_celery.history.store import HistoryStore
+from dspex_celery.program import Program
+from dspex_celery.results import ExecutionResult
 from dspex_celery.runtime import Runtime
 from dspex_celery.settings import Settings
+from dspex_celery.testing import (  # noqa: F401  (the suite's test modules import these from here)
+    CLI,
+    ListenerProcess,
+    RedisServer,
+    WorkerProcess,
+    free_port,
+    fresh_namespace,
+    program,
+    subprocess_env,
+    wait_for,
+)
+from dspex_celery.testing import Cluster as BaseCluster
 from tests.modules import suite_redis_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,8 +46,9 @@ REDIS_URL = suite_redis_url()
 AMQP_URL = os.environ.get("DSPEX_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 POSTGRES_URL = os.environ.get("DSPEX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() == "true"
-CLI = str(Path(sys.executable).with_name("dspex-celery"))
 TEST_MODULES = "tests.modules"
+#: The caller's ``DSPEX_*`` variables a suite subprocess keeps: the suite's own, and its history database.
+INHERITED = ("DSPEX_TEST_", "DSPEX_HISTORY_URL")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,20 +61,6 @@ def _history_in_a_temp_file(tmp_path_factory: pytest.TempPathFactory) -> Iterato
     os.environ["DSPEX_HISTORY_URL"] = f"sqlite:///{path}"
     yield
     os.environ.pop("DSPEX_HISTORY_URL", None)
-
-
-def wait_for(predicate: Any, timeout: float = 20.0, what: Any = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy (returned); fail after ``timeout`` s.
-
-    ``what`` names the awaited thing in the failure (a string, or a callable giving one).
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
 
 
 def unavailable(service: str, reason: str) -> None:
@@ -79,59 +78,6 @@ def redis_url() -> str:
     except redis.RedisError as exc:
         unavailable("Redis", str(exc))
     return REDIS_URL
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class RedisServer:
-    """A `redis-server` of the test's own on a free loopback port (no persistence), to restart at will."""
-
-    tmp: Path
-    password: str | None = None
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-
-    def url(self, db: int = 0) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
-
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url(), socket_connect_timeout=2)
-
-    def start(self) -> RedisServer:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(self.tmp)]
-        if self.password:
-            args += ["--requirepass", self.password]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self._answers, timeout=10, what=f"redis-server on port {self.port}")
-        return self
-
-    def _answers(self) -> bool:
-        try:
-            return bool(self.client().ping())
-        except redis.RedisError:
-            return False
-
-    def shutdown_nosave(self) -> None:
-        """``SHUTDOWN NOSAVE``: every key is gone; clients see the connection drop."""
-        try:
-            self.client().shutdown(nosave=True)
-        except redis.ConnectionError:
-            pass  # the server closed the connection as it went
-        if self.process is not None:
-            self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
 
 
 @pytest.fixture
@@ -156,149 +102,58 @@ def amqp_url() -> str:
     return AMQP_URL
 
 
+@pytest.fixture(scope="session")
+def postgres_admin() -> sa.Engine:
+    """An engine on the test database (PostgreSQL)."""
+    engine = sa.create_engine(POSTGRES_URL)
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.OperationalError as exc:
+        unavailable("PostgreSQL", str(exc.orig).splitlines()[0])
+    return engine
+
+
+@pytest.fixture
+def postgres_url(postgres_admin: sa.Engine) -> Iterator[str]:
+    """A fresh schema of the test database, dropped afterwards."""
+    schema = f"h_{uuid.uuid4().hex[:12]}"
+    with postgres_admin.begin() as connection:
+        connection.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    yield postgres_schema_url(schema)
+    with postgres_admin.begin() as connection:
+        connection.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+
+
+def postgres_schema_url(schema: str) -> str:
+    """The test database with ``schema`` first on the search path (tables land there)."""
+    return f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+
+
 def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """Environment for a `dspex-celery` subprocess using ``settings``.
+    """Environment for a `dspex-celery` subprocess of the suite using ``settings``.
 
     The caller's ``DSPEX_*`` settings are left out (``settings`` decides); the suite's own
     ``DSPEX_TEST_*`` variables and ``DSPEX_HISTORY_URL`` are passed on.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPEX_") or _passed_on(k)}
-    env.update(
-        {
-            "DSPEX_TEST_REDIS_URL": REDIS_URL,
-            "DSPEX_NAMESPACE": settings.namespace,
-            "DSPEX_MODULES": settings.modules,
-            "PYTHONPATH": str(ROOT),
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    if settings.broker_url:
-        env["DSPEX_BROKER_URL"] = settings.broker_url
-    if settings.result_backend:
-        env["DSPEX_RESULT_BACKEND"] = settings.result_backend
-    env.update(extra)
-    return env
-
-
-def _passed_on(variable: str) -> bool:
-    return variable.startswith("DSPEX_TEST_") or variable == "DSPEX_HISTORY_URL"
+    return subprocess_env(settings, inherit=INHERITED, pythonpath=(ROOT,), DSPEX_TEST_REDIS_URL=REDIS_URL, **extra)
 
 
 @dataclass
-class WorkerProcess:
-    """A `dspex-celery worker` subprocess and its log file."""
+class Cluster(BaseCluster):
+    """A :class:`dspex_celery.testing.Cluster` of the suite: run from the repository root (``tests``
+    importable), the suite's Redis and history variables passed on."""
 
-    process: subprocess.Popen[bytes]
-    log: Path
-    resources: tuple[str, ...]
-
-    def wait_ready(self, timeout: float = 45) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log.read_text(errors="replace") if self.log.exists() else ""
-            if " ready." in text:
-                return
-            if self.process.poll() is not None:
-                raise AssertionError(f"worker exited with {self.process.returncode}:\n{text[-3000:]}")
-            time.sleep(0.1)
-        raise AssertionError(f"worker not ready after {timeout}s:\n{self.log.read_text(errors='replace')[-3000:]}")
-
-    @property
-    def name(self) -> str:
-        return f"dspex-{'+'.join(self.resources)}-{self.process.pid}"
-
-    def pool_pids(self) -> list[int]:
-        """Child (pool) process ids of this worker."""
-        out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True)
-        return [int(pid) for pid in out.stdout.split()]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-
-
-@dataclass
-class Cluster:
-    """Workers in their own namespace, and a client runtime that talks to them."""
-
-    settings: Settings
-    tmp: Path
-    workers: list[WorkerProcess] = field(default_factory=list)
-    _runtime: Runtime | None = None
-
-    @property
-    def runtime(self) -> Runtime:
-        if self._runtime is None:
-            self._runtime = create_runtime(self.settings)
-        return self._runtime
-
-    def env(self, **extra: str) -> dict[str, str]:
-        return cli_env(self.settings, **extra)
-
-    def start_worker(
-        self,
-        *resources: str,
-        concurrency: int = 2,
-        pool: str = "prefork",
-        extra_args: tuple[str, ...] = (),
-        env: dict[str, str] | None = None,
-        wait: bool = True,
-    ) -> WorkerProcess:
-        resources = resources or ("default",)
-        log = self.tmp / f"worker-{len(self.workers)}-{'+'.join(resources)}.log"
-        args = [CLI, "worker", "--concurrency", str(concurrency), "--pool", pool, "--loglevel", "INFO"]
-        for resource in resources:
-            args += ["--resource", resource]
-        handle = log.open("wb")
-        process = subprocess.Popen(
-            [*args, *extra_args], cwd=ROOT, env=self.env(**(env or {})), stdout=handle, stderr=subprocess.STDOUT
-        )
-        worker = WorkerProcess(process, log, tuple(resources))
-        self.workers.append(worker)
-        if wait:
-            worker.wait_ready()
-        return worker
-
-    def submit(self, program: Any, inputs: dict[str, Any] | None = None, **options: Any):  # noqa: ANN201
-        return submit_program(program, inputs or {}, app=self.runtime.app, **options)
-
-    def run(self, program: Any, inputs: dict[str, Any] | None = None, timeout: float = 90, **options: Any) -> ExecutionResult:
-        return self.submit(program, inputs, **options).get(timeout=timeout, propagate=False)
-
-    def cli(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [CLI, *args], cwd=ROOT, env=self.env(**(env or {})), capture_output=True, text=True, timeout=timeout
-        )
-
-    def stop(self) -> None:
-        for worker in self.workers:
-            worker.stop()
-        if self._runtime is not None:
-            purge_namespace(self._runtime)
-
-
-def purge_namespace(runtime: Runtime) -> None:
-    """Delete every key of this namespace (state store and queues)."""
-    client = runtime.store.client
-    for pattern in (f"{runtime.settings.namespace}:*", f"{runtime.settings.namespace}.*"):
-        keys = list(client.scan_iter(match=pattern, count=1000))
-        for start in range(0, len(keys), 500):
-            client.delete(*keys[start : start + 500])
+    cwd: Path | None = ROOT
+    pythonpath: tuple[str | Path, ...] = (ROOT,)
+    inherit: tuple[str, ...] = INHERITED
+    extra_env: dict[str, str] = field(default_factory=lambda: {"DSPEX_TEST_REDIS_URL": REDIS_URL})
 
 
 def new_settings(broker_url: str, result_backend: str | None = None, **extra: Any) -> Settings:
-    return Settings(
-        broker_url=broker_url,
-        result_backend=result_backend,
-        namespace=f"t{uuid.uuid4().hex[:10]}",
-        modules=TEST_MODULES + ",dspex_celery.examples",
-        **extra,
-    )
+    """Settings of a fresh namespace allowing the suite's modules and the examples."""
+    return Settings(broker_url=broker_url, result_backend=result_backend, namespace=fresh_namespace(),
+                    modules=TEST_MODULES + ",dspex_celery.examples", **extra)
 
 
 @pytest.fixture(scope="module")
@@ -317,6 +172,70 @@ def make_cluster(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
         cluster.stop()
 
 
-def program(name: str, modules: dict[str, Any], inputs: list[str] | None = None, **keys: Any) -> Program:
-    """A Program from a mapping, as a test writes it."""
-    return Program.from_dict({"name": name, "inputs": inputs or [], "modules": modules, **keys})
+@pytest.fixture(scope="module", params=["embedded", pytest.param("redis", marks=pytest.mark.integration)])
+def runtime(request: pytest.FixtureRequest) -> Runtime:
+    """Where both modes must behave alike: an embedded runtime (in-process worker), then the client
+    of a real `dspex-celery worker` on Redis (``default`` resource class)."""
+    if request.param == "embedded":
+        return create_runtime(Settings(namespace=fresh_namespace("embedded")))
+    cluster = request.getfixturevalue("make_cluster")()
+    cluster.start_worker("default", concurrency=4, pool="threads")
+    return cluster.runtime
+
+
+def dspex(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`dspex-celery ARGS` from the repository root, none of the caller's ``DSPEX_*`` settings but
+    the history database."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DSPEX_") or k == "DSPEX_HISTORY_URL"}
+    base["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([CLI, *args], cwd=ROOT, capture_output=True, text=True, env={**base, **(env or {})}, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *fragments: str) -> None:
+    """The command failed with ``code`` and only ``error: ...`` lines (no traceback) containing ``fragments``."""
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines), result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+class HistoryCluster:
+    """A cluster, its history database and its listener subprocesses."""
+
+    def __init__(self, cluster: Cluster, url: str, redis_url: str) -> None:
+        self.cluster = cluster
+        self.url = url
+        self.redis_url = redis_url
+        self.history = HistoryStore(url)
+        self.listeners: list[ListenerProcess] = []
+        self.runtime = create_runtime(cluster.settings.model_copy(update={"history_url": url}))
+
+    def submit(self, prog: Program, **options: Any) -> ExecutionHandle:
+        """Submit from a client that reads profiles from this history."""
+        return submit_program(prog, {}, app=self.runtime.app, **options)
+
+    def start_listener(self) -> ListenerProcess:
+        listener = self.cluster.start_listener(self.url)
+        self.listeners.append(listener)
+        return listener
+
+    def recorded(self, execution_id: str, timeout: float = 30) -> ExecutionResult:
+        """The execution's history once it is recorded as finished."""
+        wait_for(lambda: self.history.final_ids([execution_id]), timeout,
+                   lambda: f"execution {execution_id} not finished in history; listener logs:\n{self.logs()}")
+        return self.history.result(execution_id)
+
+    def attempts(self, execution_id: str) -> list[tuple[str, int, str]]:
+        return [(row.module, row.attempt, row.status) for row in self.history.attempts([execution_id])]
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.cluster.cli(*args, env={"DSPEX_HISTORY_URL": self.url})
+
+    def logs(self) -> str:
+        return "\n".join(listener.log.read_text(errors="replace")[-2000:] for listener in self.listeners)
+
+    def stop(self) -> None:
+        for listener in self.listeners:
+            listener.stop()

@@ -21,8 +21,7 @@ from dspex_celery.graph import UsesRefused, resolve_uses
 from dspex_celery.plan import Plan
 from dspex_celery.results import ExecutionResult
 from dspex_celery.runner import normalize_output
-from tests.conftest import Cluster, program
-from tests.test_cli_errors import assert_one_line_error, dspex
+from tests.conftest import Cluster, assert_one_line_error, dspex, program
 
 pytestmark = pytest.mark.integration
 

@@ -10,30 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import CLI, REDIS_URL, ROOT
-
-
-def dspex(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    import os
-
-    base = {k: v for k, v in os.environ.items() if not k.startswith("DSPEX_") or k == "DSPEX_HISTORY_URL"}
-    base["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([CLI, *args], cwd=ROOT, capture_output=True, text=True, env={**base, **(env or {})}, timeout=timeout)
+from tests.conftest import REDIS_URL, assert_one_line_error, dspex
 
 
 def write(tmp_path: Path, data: object, name: str = "program.yaml") -> str:
     path = tmp_path / name
     path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
     return str(path)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *fragments: str) -> None:
-    assert result.returncode == code, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert lines and all(line.startswith("error: ") for line in lines), result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr
 
 
 ADD = "tests.modules.basic:add"

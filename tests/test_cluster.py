@@ -20,21 +20,9 @@ from dspex_celery import (
 from dspex_celery.examples import synthetic
 from dspex_celery.examples.rag import retrieve
 from tests.conftest import Cluster, program
+from tests.modules.basic import DIAMOND
 
 pytestmark = pytest.mark.integration
-
-DIAMOND = {
-    "name": "diamond",
-    "inputs": ["x"],
-    "modules": {
-        "top": {"uses": "tests.modules.basic:add", "inputs": {"a": "$inputs.x", "b": 1}, "resource": "io"},
-        "left": {"uses": "tests.modules.basic:mul", "inputs": {"a": "$top.sum", "b": 2}, "resource": "llm"},
-        "right": {"uses": "tests.modules.basic:add", "inputs": {"a": "$top.sum", "b": 10}},
-        "bottom": {"uses": "tests.modules.basic:add", "inputs": {"a": "$left.product", "b": "$right.sum"}, "resource": "llm"},
-    },
-    "outputs": {"result": "$bottom.sum", "top": "$top"},
-}
-
 
 @pytest.fixture(scope="module")
 def cluster(make_cluster) -> Cluster:

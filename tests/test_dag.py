@@ -15,7 +15,7 @@ from dspex_celery.results import parse_time
 from dspex_celery.strategies import recommend_strategy
 from tests.conftest import Cluster, program
 from tests.modules import dag_mods
-from tests.test_cluster import DIAMOND
+from tests.modules.basic import DIAMOND
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,7 @@
-"""The embedded default: no server, the same planner and canvas in-process."""
+"""The embedded default: no server, the same planner and canvas in-process.
+
+Tests taking ``runtime`` run embedded and against a real Redis worker: both must behave alike.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,9 @@ import time
 
 import pytest
 
-from dspex_celery import ExecutionStatus, ModuleStatus, Program, Settings, create_runtime, submit_program
+from dspex_celery import ExecutionStatus, ModuleStatus, Program, Runtime, Settings, create_runtime, submit_program
 from dspex_celery.examples import synthetic
-from tests.conftest import program
-from tests.test_cli_errors import dspex
+from tests.conftest import dspex, program
 
 QUESTION = "What is a Celery chord?"
 
@@ -62,7 +64,7 @@ def test_plan_json() -> None:
     assert data["critical_path"] == ["retrieve", "generate"] and data["width"] == 1
 
 
-def test_module_kinds(embedded_app) -> None:
+def test_module_kinds(runtime: Runtime) -> None:
     # Given a class module with `with:`, a pydantic output, and omitted inputs (seed semantics)
     prog = program(
         "kinds",
@@ -73,14 +75,14 @@ def test_module_kinds(embedded_app) -> None:
         },
         inputs=["x", "q"],
     )
-    result = submit_program(prog, {"x": 2, "q": "hi"}, app=embedded_app).get(timeout=30)
+    result = submit_program(prog, {"x": 2, "q": "hi"}, app=runtime.app).get(timeout=30)
     assert result.status is ExecutionStatus.SUCCEEDED
     merged = result.outputs["merged"]
     assert merged["y"] == 6 and merged["text"] == "HI" and merged["score"] == 1.0
     assert merged["x"] == 2 and merged["q"] == "hi"  # program inputs merged first
 
 
-def test_missing_output_field_is_clear(embedded_app) -> None:
+def test_missing_output_field_is_clear(runtime: Runtime) -> None:
     prog = program(
         "field",
         {
@@ -88,15 +90,15 @@ def test_missing_output_field_is_clear(embedded_app) -> None:
             "b": {"uses": "tests.modules.basic:echo", "inputs": {"v": "$a.total"}},
         },
     )
-    result = submit_program(prog, {}, app=embedded_app).get(timeout=30, propagate=False)
+    result = submit_program(prog, {}, app=runtime.app).get(timeout=30, propagate=False)
     assert result.status is ExecutionStatus.FAILED
     assert result.modules["b"].status is ModuleStatus.FAILED
     assert "refers to $a.total, but 'a' returned no field 'total' (fields: sum)" in result.modules["b"].error
 
 
-def test_not_a_mapping(embedded_app) -> None:
+def test_not_a_mapping(runtime: Runtime) -> None:
     prog = program("nm", {"a": {"uses": "tests.modules.basic:not_mapping"}})
-    result = submit_program(prog, {}, app=embedded_app).get(timeout=30, propagate=False)
+    result = submit_program(prog, {}, app=runtime.app).get(timeout=30, propagate=False)
     assert "returned list; return a mapping" in result.modules["a"].error
 
 

@@ -14,15 +14,12 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dspex_celery import (
-    ExecutionHandle,
-    ExecutionResult,
     ExecutionStatus,
     Program,
     UnservedResourceWarning,
@@ -31,74 +28,11 @@ from dspex_celery import (
 )
 from dspex_celery.history.hooks import stream_key
 from dspex_celery.history.listener import Listener
-from dspex_celery.history.store import HistoryStore
-from tests.conftest import CLI, ROOT, Cluster, program, wait_for
-from tests.test_history_store import postgres_admin, postgres_url  # noqa: F401  (fixtures used below)
+from tests.conftest import ROOT, HistoryCluster, program, wait_for
 
 pytestmark = pytest.mark.integration
 
 MODS = "tests.modules.history_mods"
-
-
-@dataclass
-class ListenerProcess:
-    """A `dspex-celery listener` subprocess."""
-
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        wait_for(lambda: "listener ready" in self.log.read_text(errors="replace"), timeout,
-                   lambda: f"listener not ready:\n{self.log.read_text(errors='replace')[-3000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(timeout=15)
-
-
-class HistoryCluster:
-    """A cluster, its history database and its listener subprocesses."""
-
-    def __init__(self, cluster: Cluster, url: str, redis_url: str) -> None:
-        self.cluster = cluster
-        self.url = url
-        self.redis_url = redis_url
-        self.history = HistoryStore(url)
-        self.listeners: list[ListenerProcess] = []
-        self.runtime = create_runtime(cluster.settings.model_copy(update={"history_url": url}))
-
-    def submit(self, prog: Program, **options: Any) -> ExecutionHandle:
-        """Submit from a client that reads profiles from this history."""
-        return submit_program(prog, {}, app=self.runtime.app, **options)
-
-    def start_listener(self) -> ListenerProcess:
-        log = self.cluster.tmp / f"listener-{len(self.listeners)}.log"
-        process = subprocess.Popen([CLI, "listener"], cwd=ROOT, env=self.cluster.env(DSPEX_HISTORY_URL=self.url),
-                                   stdout=log.open("wb"), stderr=subprocess.STDOUT)
-        listener = ListenerProcess(process, log)
-        self.listeners.append(listener)
-        listener.wait_ready()
-        return listener
-
-    def recorded(self, execution_id: str, timeout: float = 30) -> ExecutionResult:
-        """The execution's history once it is recorded as finished."""
-        wait_for(lambda: self.history.final_ids([execution_id]), timeout,
-                   lambda: f"execution {execution_id} not finished in history; listener logs:\n{self.logs()}")
-        return self.history.result(execution_id)
-
-    def attempts(self, execution_id: str) -> list[tuple[str, int, str]]:
-        return [(row.module, row.attempt, row.status) for row in self.history.attempts([execution_id])]
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.cluster.cli(*args, env={"DSPEX_HISTORY_URL": self.url})
-
-    def logs(self) -> str:
-        return "\n".join(listener.log.read_text(errors="replace")[-2000:] for listener in self.listeners)
-
-    def stop(self) -> None:
-        for listener in self.listeners:
-            listener.stop()
 
 
 @pytest.fixture(scope="module")

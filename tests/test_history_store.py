@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import random
 import subprocess
-import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -16,36 +14,9 @@ from dspex_celery.errors import ConfigError, UnknownExecution
 from dspex_celery.history.events import Event, ExecutionInfo, FinishedEvent, RecordEvent
 from dspex_celery.history.store import HistoryStore
 from dspex_celery.results import isoformat, utcnow
-from tests.conftest import CLI, POSTGRES_URL, ROOT, program, unavailable
+from tests.conftest import CLI, ROOT, program
 
 T0 = utcnow()
-
-
-def postgres_schema_url(schema: str) -> str:
-    """The test database with ``schema`` first on the search path (tables land there)."""
-    return f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-
-
-@pytest.fixture(scope="session")
-def postgres_admin() -> sa.Engine:
-    engine = sa.create_engine(POSTGRES_URL)
-    try:
-        with engine.connect():
-            pass
-    except sa.exc.OperationalError as exc:
-        unavailable("PostgreSQL", str(exc.orig).splitlines()[0])
-    return engine
-
-
-@pytest.fixture
-def postgres_url(postgres_admin: sa.Engine) -> Iterator[str]:
-    """A fresh schema of the test database, dropped afterwards."""
-    schema = f"h_{uuid.uuid4().hex[:12]}"
-    with postgres_admin.begin() as connection:
-        connection.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    yield postgres_schema_url(schema)
-    with postgres_admin.begin() as connection:
-        connection.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

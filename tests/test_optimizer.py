@@ -272,7 +272,7 @@ def test_learned_timeouts_fail_a_slow_run_only_when_opted_in(make_cluster, redis
     import json
 
     from dspex_celery import create_runtime, submit_program
-    from tests.test_history_cluster import HistoryCluster
+    from tests.conftest import HistoryCluster
 
     cluster = make_cluster()
     cluster.start_worker("default", concurrency=2)  # prefork: Celery's soft time limit stops the call

@@ -14,8 +14,7 @@ import pytest
 
 from dspex_celery import Program, ProgramError
 from dspex_celery.errors import InputError
-from tests.conftest import ROOT, Cluster
-from tests.test_cli_errors import assert_one_line_error, dspex
+from tests.conftest import ROOT, Cluster, assert_one_line_error, dspex
 
 ECHO = "tests.modules.basic:echo"
 TIMES_OUT_ONCE = "tests.modules.program_files_mods:times_out_once"

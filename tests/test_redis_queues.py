@@ -1,24 +1,45 @@
-"""``dag`` pushes ready children's task messages from a Lua step: they must be what Celery would send."""
+"""``dag`` pushes ready children's task messages from a Lua step: they must be what Celery would send.
+
+The contract is kombu's Redis message format, checked against stock Celery and kombu (no dspex
+transport or consumer): the envelope the step writes equals the one a plain Celery app's
+``apply_async`` sends, and a plain Celery worker runs it. A kombu or Celery upgrade that changes the
+format fails here.
+"""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+from celery import Celery
 
+from dspex_celery import UnservedResourceWarning
 from dspex_celery.bootstrap import create_runtime
-from dspex_celery.canvas import module_signature
+from dspex_celery.canvas import RUN_MODULE, module_signature, task_id
 from dspex_celery.examples import synthetic
 from dspex_celery.program import Program
 from dspex_celery.redis_queues import RedisQueues
+from dspex_celery.routing import queue_name
 from dspex_celery.settings import Settings
+from dspex_celery.testing import WorkerProcess
+from tests.conftest import ROOT, Cluster, program, wait_for
+from tests.modules.stock_celery import stock_app
 
 pytestmark = pytest.mark.integration
 
-#: Unique per message (or per publishing thread): not compared.
+#: Not compared: unique per message (or per publishing thread), or (argsrepr, kwargsrepr) options that
+#: apply_async also copies into the properties, where no consumer reads them (the headers carry them).
 PER_MESSAGE = {"delivery_tag", "reply_to", "argsrepr", "kwargsrepr"}
+#: A resource class no dspex worker serves: its queue is read by a stock Celery worker.
+STOCK = "stock"
 
 
 def decoded(raw: str | bytes) -> dict:
@@ -27,6 +48,11 @@ def decoded(raw: str | bytes) -> dict:
     message["properties"] = {k: v for k, v in message["properties"].items() if k not in PER_MESSAGE}
     message["headers"].pop("origin")
     return message
+
+
+def stock_publisher(broker_url: str, queues: RedisQueues) -> Celery:
+    """A plain Celery app on the same Redis with the deployment's priority steps (a transport option)."""
+    return stock_app(broker_url, RUN_MODULE, f"unused:{uuid.uuid4().hex}", list(queues.priority_steps))
 
 
 @pytest.mark.parametrize("timeout_s", [None, 5.0])
@@ -42,14 +68,96 @@ def test_enqueued_message_is_the_one_apply_async_sends(redis_url: str, timeout_s
     assert queues is not None
     client = runtime.store.client
     try:
-        # When Celery publishes it, and RedisQueues builds it
-        signature.apply_async(ignore_result=True)
+        # When a stock Celery app publishes it, and RedisQueues builds it
+        stock = stock_publisher(redis_url, queues)
+        stock.signature(signature.task, signature.args, signature.kwargs, **signature.options).apply_async(
+            ignore_result=True)
         key, message = queues.message(signature)
         # Then it lands on the same list, with the same body, headers and properties
         assert client.llen(key) == 1
         assert decoded(message) == decoded(client.lindex(key, 0))
     finally:
         client.delete(*client.keys(f"{runtime.settings.namespace}*"))
+
+
+@pytest.fixture
+def stock_worker(redis_url: str, tmp_path: Path) -> Iterator[Any]:
+    """Starts a stock Celery worker (``celery -A tests.modules.stock_celery worker``) on one queue;
+    gives the Redis list its task records its calls in."""
+    started: list[WorkerProcess] = []
+    record_key = f"stock-calls:{uuid.uuid4().hex}"
+
+    def start(queue: str, priority_steps: tuple[int, ...]) -> str:
+        env = {"PYTHONPATH": str(ROOT), "STOCK_BROKER_URL": redis_url, "STOCK_TASK_NAME": RUN_MODULE,
+               "STOCK_RECORD_KEY": record_key, "STOCK_PRIORITY_STEPS": ",".join(map(str, priority_steps))}
+        log = tmp_path / "stock-worker.log"
+        args = [sys.executable, "-m", "celery", "-A", "tests.modules.stock_celery", "worker", "-Q", queue,
+                "-P", "solo", "-c", "1", "--without-mingle", "--without-gossip", "--without-heartbeat",
+                "-l", "INFO", "-n", f"stock-{uuid.uuid4().hex[:6]}@%h"]
+        with log.open("wb") as handle:
+            process = subprocess.Popen(args, cwd=ROOT, env={**_inherited(), **env}, stdout=handle,
+                                       stderr=subprocess.STDOUT)
+        worker = WorkerProcess(process, log, (STOCK,))
+        started.append(worker)
+        worker.wait_ready()
+        return record_key
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def _inherited() -> dict[str, str]:
+    """The test's environment without dspex or Celery settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("DSPEX_", "CELERY_"))}
+
+
+def test_a_stock_celery_worker_runs_the_message_the_dag_step_pushed(make_cluster, redis_url: str,
+                                                                     stock_worker: Any) -> None:
+    # Given a dspex worker for `default`, and a child module of a class only a stock Celery worker reads
+    cluster: Cluster = make_cluster()
+    cluster.start_worker("default", pool="threads")
+    prog = program("contract", {
+        "parent": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 2}},
+        "child": {"uses": "tests.modules.basic:add", "inputs": {"a": "$parent.sum", "b": 1}, "resource": STOCK,
+                  "timeout_s": 5},
+    })
+    runtime, namespace = cluster.runtime, cluster.settings.namespace
+    queues, client = runtime.queues, runtime.store.client
+    assert queues is not None
+    with pytest.warns(UnservedResourceWarning):
+        handle = cluster.submit(prog, strategy="dag")
+    execution_id = handle.execution_id
+    try:
+        plan = runtime.store.plan(execution_id)
+        assert plan is not None
+        signature = module_signature(runtime.app, plan, execution_id, "child", namespace)
+        queue = queue_name(namespace, STOCK)
+        key = queues.key(queue, int(signature.options["priority"]))
+        # When the parent finishes: the Lua step that stores its output pushes the child's message
+        pushed = wait_for(lambda: client.lindex(key, 0), 30, "the child's message on its queue")
+        # Then it is the message a stock Celery app's apply_async sends from inside the parent's task
+        parent_id = task_id(execution_id, "parent")
+        stock = stock_publisher(redis_url, queues)
+        stock.signature(signature.task, signature.args, signature.kwargs, **signature.options).apply_async(
+            ignore_result=True, root_id=parent_id, parent_id=parent_id)
+        assert client.llen(key) == 2
+        assert decoded(client.lpop(key)) == decoded(pushed)  # LPUSH: the newest is first
+        # And a stock Celery worker on that queue runs the module task with its args, ids and time limits
+        record_key = stock_worker(queue, queues.priority_steps)
+        call = json.loads(wait_for(lambda: client.lpop(record_key), 30, "the stock worker's call"))
+        assert call == {
+            "args": [execution_id, "child"],
+            "kwargs": {"program": "contract"},
+            "id": task_id(execution_id, "child"),
+            "root_id": parent_id,
+            "parent_id": parent_id,
+            "timelimit": [signature.options["time_limit"], 5.0],
+            "delivery_info": {"exchange": "", "routing_key": queue},
+        }
+        assert client.llen(key) == 0
+    finally:
+        handle.cancel()
 
 
 def test_atomic_enqueue_only_where_a_store_script_reaches_the_queues(redis_url: str) -> None:

@@ -73,3 +73,17 @@ class Scaler:
     def __call__(self, x: float) -> dict[str, Any]:
         self.calls += 1
         return {"y": x * self.factor, "pid": os.getpid()}
+
+
+#: A diamond of these modules on three resource classes (io, default, llm): result = 2(x+1) + (x+1) + 10.
+DIAMOND = {
+    "name": "diamond",
+    "inputs": ["x"],
+    "modules": {
+        "top": {"uses": "tests.modules.basic:add", "inputs": {"a": "$inputs.x", "b": 1}, "resource": "io"},
+        "left": {"uses": "tests.modules.basic:mul", "inputs": {"a": "$top.sum", "b": 2}, "resource": "llm"},
+        "right": {"uses": "tests.modules.basic:add", "inputs": {"a": "$top.sum", "b": 10}},
+        "bottom": {"uses": "tests.modules.basic:add", "inputs": {"a": "$left.product", "b": "$right.sum"}, "resource": "llm"},
+    },
+    "outputs": {"result": "$bottom.sum", "top": "$top"},
+}
