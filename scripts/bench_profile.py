@@ -134,8 +134,7 @@ def main() -> None:
                           f"({report.critical_path_s:.2f} s), top bottleneck {report.bottlenecks[0].module}")
             samples = measure(runtime, 1 if args.quick else args.repeats)
         finally:
-            listener.terminate()
-            listener.wait(timeout=15)
+            listener.stop()
     headers = ["strategy", "runs", "no profile: makespan s", "learned profile: makespan s", "shorter by", "LB s"]
     rows = table_rows(samples)
     print_table(HEADING, headers, rows)

@@ -11,13 +11,9 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,20 +21,24 @@ from pathlib import Path
 from typing import Any
 
 import celery
-import redis
 from rich.console import Console
 from rich.table import Table
 
 from dspex_celery import ExecutionStatus, Program, submit_program
-from dspex_celery.bootstrap import create_runtime
 from dspex_celery.history.store import open_history
 from dspex_celery.optimizer import Report, optimize
 from dspex_celery.runtime import Runtime
 from dspex_celery.settings import Settings
+from dspex_celery.testing import (  # noqa: F401  (purge_namespace: used by the bench scripts)
+    Cluster,
+    ListenerProcess,
+    WorkerProcess,
+    fresh_namespace,
+    purge_namespace,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
-CLI = str(Path(sys.executable).with_name("dspex-celery"))
 REDIS_URL = os.environ.get("DSPEX_BENCH_REDIS_URL", "redis://127.0.0.1:6379/4")
 BENCH_MODULES = "dspex_celery.examples"
 BENCH_TTL_S = 900  # state and results of benchmark runs expire quickly
@@ -65,47 +65,19 @@ class WorkerSpec:
 
 
 @dataclass
-class Worker:
-    """A running worker subprocess and its log file."""
-
-    spec: WorkerSpec
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        """Wait for Celery's " ready." log line."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log.read_text(errors="replace") if self.log.exists() else ""
-            if " ready." in text:
-                return
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{text[-3000:]}")
-            time.sleep(0.1)
-        raise RuntimeError(f"worker not ready after {timeout}s:\n{self.log.read_text(errors='replace')[-3000:]}")
-
-    def stop(self, timeout: float = 20) -> None:
-        """SIGTERM (warm shutdown), then SIGKILL of the worker's process group if it hangs."""
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-
-@dataclass
 class BenchCluster:
     """Workers in a fresh namespace on real Redis, plus the client runtime that talks to them."""
 
     specs: Sequence[WorkerSpec]
     redis_url: str = REDIS_URL
-    namespace: str = field(default_factory=lambda: f"bench{uuid.uuid4().hex[:8]}")
-    workers: list[Worker] = field(default_factory=list)
+    namespace: str = field(default_factory=lambda: fresh_namespace("bench"))
     logdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dspex-bench-")))
-    _runtime: Runtime | None = None
+    cluster: Cluster = field(init=False)
+
+    def __post_init__(self) -> None:
+        # own sessions: a hung worker's pool is killed with it; the scripts directory importable for --include
+        self.cluster = Cluster(self.settings, self.logdir, cwd=ROOT, pythonpath=(ROOT, SCRIPTS),
+                               extra_env={"DSPEX_STATE_TTL_S": str(BENCH_TTL_S)}, new_session=True)
 
     @property
     def settings(self) -> Settings:
@@ -114,44 +86,31 @@ class BenchCluster:
 
     @property
     def runtime(self) -> Runtime:
-        if self._runtime is None:
-            self._runtime = create_runtime(self.settings)
-        return self._runtime
+        return self.cluster.runtime
+
+    @property
+    def workers(self) -> list[WorkerProcess]:
+        return self.cluster.workers
 
     def env(self) -> dict[str, str]:
-        """Environment of a worker subprocess (the scripts directory importable for --include)."""
-        env = {key: value for key, value in os.environ.items() if not key.startswith("DSPEX_")}
-        env.update({
-            "DSPEX_BROKER_URL": self.redis_url,
-            "DSPEX_NAMESPACE": self.namespace,
-            "DSPEX_MODULES": BENCH_MODULES,
-            "DSPEX_STATE_TTL_S": str(BENCH_TTL_S),
-            "PYTHONPATH": os.pathsep.join([str(ROOT), str(SCRIPTS)]),
-            "PYTHONUNBUFFERED": "1",
-        })
-        return env
+        """Environment of a subprocess of this cluster."""
+        return self.cluster.env()
 
     def start(self) -> None:
         """Start every worker, then wait until all are ready."""
-        for index, spec in enumerate(self.specs):
-            args = [CLI, "worker", "--concurrency", str(spec.concurrency), "--pool", spec.pool,
-                    "--loglevel", "INFO"]
-            args += [arg for resource in spec.resources for arg in ("--resource", resource)]
-            args += [arg for module in spec.includes for arg in ("--include", module)]
-            log = self.logdir / f"worker-{index}-{len(self.workers)}.log"
-            with log.open("wb") as handle:
-                process = subprocess.Popen(args, cwd=ROOT, env=self.env(), stdout=handle,
-                                           stderr=subprocess.STDOUT, start_new_session=True)
-            self.workers.append(Worker(spec, process, log))
+        for spec in self.specs:
+            includes = tuple(arg for module in spec.includes for arg in ("--include", module))
+            self.cluster.start_worker(*spec.resources, concurrency=spec.concurrency, pool=spec.pool,
+                                      extra_args=includes, wait=False)
         for worker in self.workers:
-            worker.wait_ready()
+            worker.wait_ready(timeout=60)
 
     def stop(self) -> None:
-        """Stop the workers and delete this namespace's queues and state keys."""
+        """Stop the workers (SIGKILL of a worker still running after 20 s) and delete this namespace's
+        queues and state keys."""
         for worker in self.workers:
-            worker.stop()
-        self.workers.clear()
-        purge_namespace(redis.Redis.from_url(self.redis_url), self.namespace)
+            worker.stop(timeout=20)
+        self.cluster.stop()
 
     def restart(self) -> None:
         """Fresh workers and empty queues: used after a run timed out and left work behind."""
@@ -169,17 +128,11 @@ class BenchCluster:
         return wall
 
 
-def start_listener(bench: BenchCluster, url: str) -> subprocess.Popen[bytes]:
+def start_listener(bench: BenchCluster, url: str) -> ListenerProcess:
     """A `dspex-celery listener` recording the cluster's history into ``url``, once it is ready."""
-    log = bench.logdir / "listener.log"
-    process = subprocess.Popen([CLI, "listener"], cwd=ROOT, env={**bench.env(), "DSPEX_HISTORY_URL": url},
-                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while "listener ready" not in log.read_text(errors="replace"):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"listener did not start:\n{log.read_text(errors='replace')}")
-        time.sleep(0.1)
-    return process
+    listener = bench.cluster.start_listener(url, wait=False)
+    listener.wait_ready(timeout=60)
+    return listener
 
 
 def learn_profile(url: str, program: str, execution_ids: Sequence[str], timeout: float = 60) -> Report:
@@ -202,14 +155,6 @@ def cluster(specs: Sequence[WorkerSpec]) -> Iterator[BenchCluster]:
         yield bench
     finally:
         bench.stop()
-
-
-def purge_namespace(client: redis.Redis, namespace: str) -> None:
-    """Delete every key of ``namespace`` (state store keys and queues)."""
-    for pattern in (f"{namespace}:*", f"{namespace}.*", namespace):
-        keys = list(client.scan_iter(match=pattern, count=1000))
-        for start in range(0, len(keys), 500):
-            client.delete(*keys[start : start + 500])
 
 
 # --- timing -----------------------------------------------------------------------------------
