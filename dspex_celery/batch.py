@@ -29,13 +29,12 @@ from dspex_celery.bootstrap import default_runtime
 from dspex_celery.client import (
     ProgramLike,
     cancel_execution,
-    choose_strategy,
     launch,
     new_execution_id,
     start_execution,
 )
 from dspex_celery.errors import UsageError
-from dspex_celery.execution import TAKEOVER_CHECK_S, finish, publish_abandoned
+from dspex_celery.execution import TAKEOVER_CHECK_S, Execution
 from dspex_celery.graph import resolve_uses
 from dspex_celery.integrations.dspy import make_example, make_prediction
 from dspex_celery.plan import Plan
@@ -43,6 +42,7 @@ from dspex_celery.presence import warn_if_unserved
 from dspex_celery.program import Program
 from dspex_celery.results import ExecutionResult, ExecutionStatus, describe_failure
 from dspex_celery.runtime import Runtime, runtime_of
+from dspex_celery.strategies.registry import choose_strategy
 
 #: Executions submitted and not yet finished, at most (the cluster's queue depth for this batch).
 DEFAULT_MAX_IN_FLIGHT = 16
@@ -535,12 +535,13 @@ class BatchRun:
         if now - self._checked >= TAKEOVER_CHECK_S:
             self._checked = now
             for execution_id in list(self._pending):
-                publish_abandoned(self.runtime, execution_id)
+                Execution(self.runtime, execution_id).publish_abandoned()
         if self.timeout is None:
             return
         for execution_id, (_, started) in self._pending.items():
             if now - started > self.timeout:
-                finish(self.runtime, execution_id, ExecutionStatus.FAILED, f"timed out after {self.timeout:g} s")
+                timed_out = f"timed out after {self.timeout:g} s"
+                Execution(self.runtime, execution_id).finish(ExecutionStatus.FAILED, timed_out)
 
     def _scored(self, line: BatchLine, item: BatchItem) -> BatchLine:
         """``line`` with its metric score: failed lines score 0, like ``dspy.Evaluate``."""

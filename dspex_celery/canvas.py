@@ -1,9 +1,9 @@
 """Compile a plan into Celery signatures: pure functions, no I/O.
 
-``levels``: one chord per dependency level; the chord's body is a small ``advance`` task that
-dispatches the next level's chord. This is a chain of chords whose messages stay O(1) in program
-size: Celery's own nested chain-of-chords copies the rest of the chain into every message.
-``sequential``: the same mechanism with one module per stage, in topological order.
+A module is one ``run_module`` task. A stage of the ``levels`` family (the strategy decides what its
+stages are) is a chord whose body is a small ``advance`` task that dispatches the next stage's
+chord: a chain of chords whose messages stay O(1) in program size (Celery's own nested
+chain-of-chords copies the rest of the chain into every message).
 """
 
 from __future__ import annotations
@@ -11,18 +11,12 @@ from __future__ import annotations
 from celery import Celery, chord, group
 from celery.canvas import Signature
 
+from dspex_celery.defaults import HARD_TIMEOUT_GRACE_S
 from dspex_celery.plan import Plan
 from dspex_celery.routing import control_queue, message_priority, queue_name
 
 RUN_MODULE = "dspex.run_module"
 ADVANCE = "dspex.advance"
-
-
-def stages(plan: Plan, strategy: str) -> list[list[str]]:
-    """Groups of modules dispatched together, in order."""
-    if strategy == "sequential":
-        return [[name] for name in plan.topological_order()]
-    return plan.levels
 
 
 def task_id(execution_id: str, module: str) -> str:
@@ -64,8 +58,6 @@ def _immutable(app: Celery, task: str, args: tuple[object, ...], kwargs: dict[st
 
 def hard_time_limit(timeout_s: float) -> float:
     """When the pool process is killed: ``timeout_s`` plus a grace of ``timeout_s`` (1 to 5 s)."""
-    from dspex_celery.defaults import HARD_TIMEOUT_GRACE_S
-
     return timeout_s + min(HARD_TIMEOUT_GRACE_S, max(1.0, timeout_s))
 
 

@@ -30,14 +30,12 @@ from dspex_celery.errors import (
 )
 from dspex_celery.execution import (
     TAKEOVER_CHECK_S,
+    Execution,
     assemble_result,
-    finish,
-    publish_abandoned,
     timeout_message,
-    write_record,
 )
 from dspex_celery.graph import package_of
-from dspex_celery.plan import STRATEGIES, ModulePlan, Plan
+from dspex_celery.plan import ModulePlan, Plan
 from dspex_celery.presence import warn_if_unserved
 from dspex_celery.program import Program
 from dspex_celery.results import (
@@ -52,7 +50,7 @@ from dspex_celery.results import (
 from dspex_celery.routing import worker_queues
 from dspex_celery.runtime import Runtime, runtime_of
 from dspex_celery.spec import ProgramSpec
-from dspex_celery.strategies import get_strategy, recommend_strategy
+from dspex_celery.strategies.registry import choose_strategy, get_strategy
 
 ProgramLike = Program | ProgramSpec | dict[str, Any] | str | Path
 
@@ -119,7 +117,7 @@ class ExecutionHandle:
         if timeout is not None:
             raise ExecutionTimeout(f"execution {self.execution_id} did not finish within {timeout:g} s")
         self.check_state()  # never finish from what is left of lost state (all modules "cancelled")
-        finish(self.runtime, self.execution_id, ExecutionStatus.FAILED, timeout_message(self.timeout))
+        Execution(self.runtime, self.execution_id).finish(ExecutionStatus.FAILED, timeout_message(self.timeout))
         return self._wait(ENDED_WAIT_S)
 
     def check_state(self) -> None:
@@ -202,7 +200,7 @@ class ResultWaiter:
         data = self._fetch()
         if data is None:
             self.handle.check_state()
-            publish_abandoned(self.runtime, self.handle.execution_id)
+            Execution(self.runtime, self.handle.execution_id).publish_abandoned()
         return data
 
     def _next(self, seconds: float) -> Any:
@@ -248,7 +246,7 @@ class ResultWaiter:
 def cancel_execution(runtime: Runtime, execution_id: str) -> bool:
     """End ``execution_id`` as ``cancelled`` (as ``dspex-celery cancel``) without waiting for anything:
     pending modules are revoked, running ones terminated. False when it had already ended."""
-    return finish(runtime, execution_id, ExecutionStatus.CANCELLED, "cancelled on request")
+    return Execution(runtime, execution_id).finish(ExecutionStatus.CANCELLED, "cancelled on request")
 
 
 def submit_program(
@@ -321,20 +319,21 @@ def launch(
     runtime.store.create(execution_id, plan, _meta(plan, strategy, inputs, timeout, source))
     if source is not None:
         source.copy_reusable(runtime, plan, execution_id)
-    start_execution(runtime, execution_id, strategy)
+    start_execution(runtime, execution_id, strategy, plan)
     handle = ExecutionHandle(runtime, execution_id, timeout)
     handle.state_seen = True
     return handle
 
 
-def start_execution(runtime: Runtime, execution_id: str, strategy: str) -> None:
-    """Dispatch a stored execution's first modules, then mark it ``started`` in its meta.
+def start_execution(runtime: Runtime, execution_id: str, strategy: str, plan: Plan | None = None) -> None:
+    """Dispatch a stored execution's first modules, then mark it ``started`` in its meta (``plan``:
+    the one it was stored with, if at hand: the strategy then does not read it back).
 
     The mark lets a batch re-run tell an execution its killed client stored but never started
     (start it) from one that runs (wait for it).
     """
     with unsubscribed_dispatch():  # nothing here waits on the module tasks' own results
-        get_strategy(strategy).start(runtime, execution_id)
+        get_strategy(strategy).start(Execution(runtime, execution_id, plan))
     runtime.store.update_meta(execution_id, started=True)
 
 
@@ -400,10 +399,11 @@ class ResumeSource:
         """Copy outputs and records (marked ``reused``) of the reusable modules into the new execution."""
         names = self.reusable(plan)
         outputs = runtime.store.outputs(self.execution_id, names)
+        execution = Execution(runtime, execution_id, plan)
         for name in names:
             if name in outputs:
                 runtime.store.put_output(execution_id, name, outputs[name])
-                write_record(runtime, execution_id, name, self.records[name].model_copy(update={"reused": True}))
+                execution.write_record(name, self.records[name].model_copy(update={"reused": True}))
 
 
 def _definition(module: ModulePlan) -> tuple[Any, ...]:
@@ -463,15 +463,6 @@ def check_inputs(plan: Plan, inputs: dict[str, Any]) -> dict[str, Any]:
     except (TypeError, ValueError, RecursionError) as exc:
         raise InputError(non_finite_input(inputs) or f"inputs must be JSON values ({exc})") from None
     return inputs
-
-
-def choose_strategy(plan: Plan, requested: str | None) -> str:
-    """The strategy to run with: the requested one, else the recommended one."""
-    if requested is None:
-        return recommend_strategy(plan)[0]
-    if requested not in STRATEGIES:
-        raise UsageError(f"unknown strategy '{requested}': choose one of {', '.join(STRATEGIES)}")
-    return requested
 
 
 def prepare_runtime(runtime: Runtime, packages: set[str], plan: Plan) -> None:

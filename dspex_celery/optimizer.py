@@ -29,7 +29,7 @@ from dspex_celery.history.store import (
     open_history,
     sqlite_path,
 )
-from dspex_celery.plan import STRATEGIES, Plan
+from dspex_celery.plan import Plan
 from dspex_celery.settings import Settings, redact
 
 if TYPE_CHECKING:
@@ -234,7 +234,7 @@ def advise_strategy(plan: Plan, weights: Mapping[str, float], path_s: float) -> 
     """``dag`` when level barriers would add more than 10 % to the critical path, else ``levels``."""
     levels_s = sum(max((weights.get(name, 0.0) for name in level), default=0.0) for level in plan.levels)
     extra = levels_s - path_s
-    if "dag" in STRATEGIES and path_s > 0 and extra > DAG_ADVICE_THRESHOLD * path_s:
+    if path_s > 0 and extra > DAG_ADVICE_THRESHOLD * path_s:
         reason = f"level barriers add {extra:.3f} s ({extra / path_s:.0%}) to the {path_s:.3f} s critical path"
         return StrategyAdvice("dag", levels_s, path_s, reason)
     reason = f"level barriers add {max(extra, 0.0):.3f} s to the {path_s:.3f} s critical path"

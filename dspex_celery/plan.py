@@ -32,8 +32,6 @@ from dspex_celery.spec import (
     Threshold,
 )
 
-STRATEGIES = ("levels", "sequential", "dag")
-
 
 @dataclass(slots=True)
 class ModulePlan:

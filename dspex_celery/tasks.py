@@ -16,19 +16,9 @@ from celery.signals import worker_process_init
 from celery.utils.time import get_exponential_backoff_interval
 
 from dspex_celery.call_threads import CallThreads
-from dspex_celery.canvas import ADVANCE, RUN_MODULE, stages
+from dspex_celery.canvas import ADVANCE, RUN_MODULE
 from dspex_celery.errors import ModuleError, ModuleTimeout, TransientError, WorkerLost
-from dspex_celery.execution import (
-    deadline_passed,
-    fail_module,
-    finish_abandoned,
-    lost_reason,
-    module_failed,
-    notify_strategy,
-    settle_lost,
-    settle_stage,
-    write_record,
-)
+from dspex_celery.execution import Execution, lost_reason
 from dspex_celery.graph import resolve_uses
 from dspex_celery.hooks import ModuleContext
 from dspex_celery.integrations.dspy_worker import is_lm_transient
@@ -49,7 +39,9 @@ from dspex_celery.runner import (
 from dspex_celery.runtime import Runtime, runtime_of
 from dspex_celery.spec import RetryPolicy
 from dspex_celery.state import ModuleStart
-from dspex_celery.strategies import get_strategy
+from dspex_celery.strategies.base import Strategy
+from dspex_celery.strategies.levels import StagedStrategy
+from dspex_celery.strategies.registry import FALLBACK_STRATEGY, get_strategy, strategy_of
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +75,10 @@ class ModuleTask(Task):
             return
         execution_id, name = args[0], args[1]
         try:
-            settle_lost(runtime_of(self.app), execution_id, name, lost_reason(exc))
+            execution = Execution(runtime_of(self.app), execution_id)
+            if execution.settle_lost(name, lost_reason(exc)):
+                strategy = execution.store.meta_field(execution_id, "strategy", FALLBACK_STRATEGY)
+                get_strategy(strategy).module_finished(execution, name, ModuleStatus.FAILED)
         except Exception:  # the store may be what failed; the stage's advance settles it then
             log.exception("could not record the failure of %s in %s", name, execution_id)
 
@@ -103,19 +98,12 @@ def register_tasks(app: Celery) -> None:
 
 
 def advance_stage(runtime: Runtime, execution_id: str, strategy: str, stage: int) -> None:
-    """After a stage's chord (or its errback): settle that stage, check the deadline, go on."""
-    from dspex_celery.strategies.levels import advance_execution
-
-    plan = runtime.store.plan(execution_id)
-    if plan is None:
+    """After a stage's chord (or its errback): its strategy settles that stage and goes on."""
+    staged = get_strategy(strategy)
+    if not isinstance(staged, StagedStrategy):  # not sent by the engine
+        log.warning("execution %s: strategy %r has no stages; dropping an advance message", execution_id, strategy)
         return
-    if runtime.store.is_finished(execution_id):  # re-delivered after its worker died while finishing?
-        finish_abandoned(runtime, execution_id, runtime.store.meta(execution_id))
-        return
-    if stage > 0:
-        settle_stage(runtime, execution_id, stages(plan, strategy)[stage - 1])
-    if not deadline_passed(runtime, execution_id):
-        advance_execution(runtime, execution_id, strategy, stage)
+    staged.stage_done(Execution(runtime, execution_id), stage)
 
 
 class ModuleRun:
@@ -125,12 +113,13 @@ class ModuleRun:
         self.task = task
         self.runtime = runtime
         self.store = runtime.store
+        self.execution = Execution(runtime, execution_id)
         self.execution_id = execution_id
         self.name = name
-        self.strategy: str | None = None  # from the execution's meta, once read
+        self.strategy: Strategy = get_strategy(FALLBACK_STRATEGY)  # the execution's, once its meta is read
 
     def run(self) -> dict[str, Any]:
-        plan = self.store.plan(self.execution_id)
+        plan = self.execution.plan
         if plan is None:
             log.warning("execution %s is unknown or expired; dropping %s", self.execution_id, self.name)
             return {"module": self.name, "status": "expired"}
@@ -142,15 +131,15 @@ class ModuleRun:
         first = self._running_record(plan, ModuleRecord())
         steps = self.runtime.hooks.begin_steps(self.runtime, plan, module)
         begin = self.store.begin(self.execution_id, self.name, module.parents, first, [step for _, step in steps])
-        self.strategy = begin.meta.get("strategy", "levels")
+        self.strategy = strategy_of(begin.meta)
         previous = begin.record
         if begin.finished:  # re-delivered after its worker died while finishing the execution?
-            finish_abandoned(self.runtime, self.execution_id, begin.meta)
+            self.execution.finish_abandoned(begin.meta)
         if previous.status.final:
             # Re-delivered after its worker died: the strategy may not have heard (idempotent).
-            self._notify_strategy(previous.status)
+            self.strategy.module_finished(self.execution, self.name, previous.status)
             return {"module": self.name, "status": previous.status.value}
-        if begin.finished or deadline_passed(self.runtime, self.execution_id, begin.meta):
+        if begin.finished or self.execution.deadline_passed(begin.meta):
             return {"module": self.name, "status": ModuleStatus.CANCELLED.value}
         if previous.status is ModuleStatus.RUNNING:
             previous = self._lost(previous)
@@ -182,7 +171,7 @@ class ModuleRun:
                            "(killed or out of memory); not re-running it again")
         failed = lost.model_copy(update={"status": ModuleStatus.FAILED, "error": f"WorkerLost: {error}",
                                          "finished_at": isoformat(utcnow())})
-        fail_module(self.runtime, self.execution_id, self.name, failed)
+        self._fail(failed)
         return failed
 
     def _running_record(self, plan: Plan, previous: ModuleRecord) -> ModuleRecord:
@@ -201,7 +190,7 @@ class ModuleRun:
         if stored:
             self.runtime.hooks.on_record(self.execution_id, self.name, record)
         else:
-            write_record(self.runtime, self.execution_id, self.name, record)
+            self.execution.write_record(self.name, record)
         return ModuleContext(
             runtime=self.runtime,
             execution_id=self.execution_id,
@@ -232,9 +221,7 @@ class ModuleRun:
         record = self._finished_record(ctx, status=ModuleStatus.SUCCEEDED)
         # One atomic store call (unless the execution ended meanwhile); children go out first:
         # they are on the critical path, the hooks are not.
-        if not get_strategy(self.strategy or "levels").module_succeeded(
-            self.runtime, self.execution_id, self.name, output, record
-        ):
+        if not self.strategy.module_succeeded(self.execution, self.name, output, record):
             return self._too_late(ctx, lambda: self.runtime.hooks.after_success(ctx, output))
         ctx.record = record
         self.runtime.hooks.on_record(self.execution_id, self.name, record)
@@ -249,12 +236,13 @@ class ModuleRun:
         will_retry = is_transient(error, ctx.module) and ctx.attempt < policy.max_attempts
         status = ModuleStatus.RETRYING if will_retry else ModuleStatus.FAILED
         record = self._finished_record(ctx, status=status, error=message)
-        write_record(self.runtime, self.execution_id, self.name, record, attempt=True)
+        self.execution.write_record(self.name, record, attempt=True)
         ctx.record = record
         self.runtime.hooks.after_failure(ctx, error, will_retry)
         if will_retry:
             raise self.task.retry(countdown=self._backoff(ctx), exc=error, max_retries=None)
-        module_failed(self.runtime, self.execution_id, self.name, self.strategy)
+        self.execution.module_failed(self.name)
+        self.strategy.module_finished(self.execution, self.name, ModuleStatus.FAILED)
         return {"module": self.name, "status": record.status.value}
 
     def _too_late(self, ctx: ModuleContext, after: Callable[[], None]) -> dict[str, Any]:
@@ -263,8 +251,10 @@ class ModuleRun:
         after()
         return {"module": self.name, "status": ModuleStatus.CANCELLED.value}
 
-    def _notify_strategy(self, status: ModuleStatus) -> None:
-        notify_strategy(self.runtime, self.execution_id, self.name, status, self.strategy)
+    def _fail(self, record: ModuleRecord) -> None:
+        """Write this module's final ``failed`` record; the execution and its strategy hear of it."""
+        self.execution.fail_module(self.name, record)
+        self.strategy.module_finished(self.execution, self.name, ModuleStatus.FAILED)
 
     def _backoff(self, ctx: ModuleContext) -> float:
         return backoff_delay(ctx.module.retry_policy, ctx.attempt, self.runtime.settings.visibility_timeout_s)

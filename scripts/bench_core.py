@@ -26,7 +26,7 @@ from celery import chain, chord, group
 from celery.canvas import Signature
 
 from dspex_celery import Program, Settings, create_runtime, submit_program
-from dspex_celery.canvas import stage_signature, stages
+from dspex_celery.canvas import stage_signature
 from dspex_celery.examples import synthetic
 from dspex_celery.routing import queue_name
 
@@ -79,7 +79,7 @@ def full_compile(data: dict[str, Any], app: Any) -> list[Signature]:
     plan = Program.from_dict(data).plan()
     execution_id = uuid.uuid4().hex
     return [stage_signature(app, plan, execution_id, "levels", index, names, "bench")
-            for index, names in enumerate(stages(plan, "levels"))]
+            for index, names in enumerate(plan.levels)]
 
 
 def measure_planner(config: Config) -> list[list[str]]:

@@ -41,7 +41,7 @@ from dspex_celery import (
     create_runtime,
     submit_program,
 )
-from dspex_celery.canvas import module_signature, stage_signature, stages
+from dspex_celery.canvas import module_signature, stage_signature
 from dspex_celery.examples import synthetic
 from dspex_celery.plan import Plan
 from dspex_celery.results import ExecutionResult, parse_time
@@ -613,7 +613,7 @@ def compile_levels(data: dict[str, Any], app: Celery) -> list[Signature]:
     plan = Program.from_dict(data).plan()
     execution_id = uuid.uuid4().hex
     return [stage_signature(app, plan, execution_id, "levels", index, names, "bench")
-            for index, names in enumerate(stages(plan, "levels"))]
+            for index, names in enumerate(plan.levels)]
 
 
 def compile_dag(data: dict[str, Any], app: Celery) -> list[Signature]:

@@ -37,7 +37,7 @@ from dspex_celery.examples.synthetic import WORK
 from dspex_celery.optimizer import Report
 from dspex_celery.results import ExecutionResult, parse_time
 from dspex_celery.runtime import Runtime
-from dspex_celery.strategies import get_strategy
+from dspex_celery.strategies.registry import get_strategy
 
 HEADING = "Learned profile: critical path first (issue 4)"
 NAME = "late-chain"

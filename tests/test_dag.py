@@ -12,7 +12,7 @@ from dspex_celery import ExecutionStatus, ModuleStatus, Program
 from dspex_celery.examples import synthetic
 from dspex_celery.plan import build_plan
 from dspex_celery.results import parse_time
-from dspex_celery.strategies import recommend_strategy
+from dspex_celery.strategies.registry import recommend_strategy
 from tests.conftest import Cluster, program
 from tests.modules import dag_mods
 from tests.modules.basic import DIAMOND

@@ -12,7 +12,7 @@ from dspex_celery.cli.monitor import cluster_runtime
 from dspex_celery.cli.progress import submit_and_report
 from dspex_celery.cli.render import print_json
 from dspex_celery.client import ExecutionHandle, resume_execution
-from dspex_celery.plan import STRATEGIES
+from dspex_celery.strategies.registry import STRATEGIES
 from dspex_celery.results import ModuleStatus
 
 execution_argument = click.argument("execution_id", metavar="EXECUTION_ID")

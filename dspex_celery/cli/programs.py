@@ -13,11 +13,10 @@ from dspex_celery.cli import cli, in_process_connection_options
 from dspex_celery.cli.batch import batch_options
 from dspex_celery.cli.progress import submit_and_report
 from dspex_celery.cli.render import print_json
-from dspex_celery.client import choose_strategy, submit_program
+from dspex_celery.client import submit_program
 from dspex_celery.errors import InputError, UsageError
-from dspex_celery.plan import STRATEGIES
 from dspex_celery.program import Program
-from dspex_celery.strategies import recommend_strategy
+from dspex_celery.strategies.registry import STRATEGIES, choose_strategy, recommend_strategy
 from dspex_celery.settings import load_settings
 from dspex_celery.spec import non_finite_input
 

@@ -14,17 +14,16 @@ from "returned" to "children queued", and no window in which a dying worker coul
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
 
 from dspex_celery.canvas import module_signature
-from dspex_celery.execution import BLOCKING, finish, skip
+from dspex_celery.execution import Execution
 from dspex_celery.plan import Plan
 from dspex_celery.redis_queues import RedisQueues
 from dspex_celery.results import ExecutionStatus, ModuleRecord, ModuleStatus
-from dspex_celery.runtime import Runtime
 from dspex_celery.state import LuaStep, lua_call
-from dspex_celery.strategies import Strategy
+from dspex_celery.strategies.base import BLOCKING, Strategy, blocking_of, split_blocked
 
 # A LuaStep body — KEYS[k..k+4]: deps hash, done set (created by the first count, so each count sets its
 # TTL), open counter, blocking hash, queued set; when enqueuing, then each child's queue list.
@@ -84,51 +83,48 @@ class DagStrategy(Strategy):
 
     name = "dag"
 
-    def start(self, runtime: Runtime, execution_id: str) -> None:
-        plan = _plan(runtime, execution_id)
-        records = {name: record for name, record in runtime.store.records(execution_id).items() if record.status.final}
-        self._init_counters(runtime, execution_id, plan, records)
+    def start(self, execution: Execution) -> None:
+        plan = execution.require_plan()
+        records = {name: record for name, record in execution.store.records(execution.id).items()
+                   if record.status.final}
+        self._init_counters(execution, plan, records)
         if len(records) == len(plan.modules):
-            finish(runtime, execution_id, ExecutionStatus.SUCCEEDED)
+            execution.finish(ExecutionStatus.SUCCEEDED)
             return
-        roots = [
-            name
-            for name, module in plan.modules.items()
-            if name not in records and all(parent in records for parent in module.parents)
-        ]
-        blocking = {name: record.status.value for name, record in records.items() if record.status in BLOCKING}
-        self._drain(runtime, execution_id, plan, self._dispatch_ready(runtime, execution_id, plan, roots, blocking))
+        ready = self._dispatch_ready(execution, plan, roots(plan, records), blocking_of(records))
+        self._drain(execution, plan, ready)
 
-    def module_finished(self, runtime: Runtime, execution_id: str, module: str, status: ModuleStatus) -> None:
-        if runtime.store.is_finished(execution_id):
+    def module_finished(self, execution: Execution, module: str, status: ModuleStatus) -> None:
+        if execution.store.is_finished(execution.id):
             return
-        plan = _plan(runtime, execution_id)
-        self._drain(runtime, execution_id, plan, [self._count_alone(runtime, execution_id, plan, module, status)])
+        plan = execution.require_plan()
+        self._drain(execution, plan, [self._count_alone(execution, plan, module, status)])
 
-    def module_succeeded(self, runtime: Runtime, execution_id: str, module: str, output: dict[str, Any],
+    def module_succeeded(self, execution: Execution, module: str, output: dict[str, Any],
                          record: ModuleRecord) -> bool:
-        plan = _plan(runtime, execution_id)
-        step = self._count_step(runtime, execution_id, plan, module, ModuleStatus.SUCCEEDED, runtime.queues)
-        reply = runtime.store.save_success(execution_id, module, output, record, then=step)
+        plan = execution.require_plan()
+        step = self._count_step(execution, plan, module, ModuleStatus.SUCCEEDED, execution.runtime.queues)
+        reply = execution.store.save_success(execution.id, module, output, record, then=step)
         if reply is None:
             return False
-        self._drain(runtime, execution_id, plan, [reply])
+        self._drain(execution, plan, [reply])
         return True
 
     # --- counters -------------------------------------------------------------------------------
 
-    def _keys(self, runtime: Runtime, execution_id: str) -> list[str]:
+    def _keys(self, execution: Execution) -> list[str]:
         parts = ("dag:deps", "dag:done", "dag:open", "dag:blocking", "dag:queued")
-        return [runtime.store.key(execution_id, part) for part in parts]
+        return [execution.store.key(execution.id, part) for part in parts]
 
-    def _init_counters(self, runtime: Runtime, execution_id: str, plan: Plan, records: dict[str, ModuleRecord]) -> None:
-        deps_key, done_key, open_key, blocking_key, _ = self._keys(runtime, execution_id)
+    def _init_counters(self, execution: Execution, plan: Plan, records: dict[str, ModuleRecord]) -> None:
+        deps_key, done_key, open_key, blocking_key, _ = self._keys(execution)
         counts: dict[str | bytes, int] = {
             name: sum(parent not in records for parent in module.parents)
             for name, module in plan.modules.items()
         }
-        blocking = {name: record.status.value for name, record in records.items() if record.status in BLOCKING}
-        pipe = runtime.store.client.pipeline()
+        blocking = blocking_of(records)
+        store = execution.store
+        pipe = store.client.pipeline()
         pipe.hset(deps_key, mapping=counts)
         if records:
             pipe.sadd(done_key, *records)
@@ -136,83 +132,98 @@ class DagStrategy(Strategy):
             pipe.hset(blocking_key, mapping=blocking)
         pipe.set(open_key, len(plan.modules) - len(records))
         for key in (deps_key, done_key, open_key, blocking_key):
-            pipe.expire(key, runtime.store.ttl_s)
+            pipe.expire(key, store.ttl_s)
         pipe.execute()
 
-    def _count_step(self, runtime: Runtime, execution_id: str, plan: Plan, module: str,
+    def _count_step(self, execution: Execution, plan: Plan, module: str,
                     status: ModuleStatus, queues: RedisQueues | None = None) -> LuaStep:
         """The count of a finished ``module``; with ``queues``, its ready children are enqueued by it."""
+        runtime = execution.runtime
         blocks = status.value if status in BLOCKING else ""
         children = _by_urgency(plan, plan.modules[module].children)
-        keys = self._keys(runtime, execution_id)
+        keys = self._keys(execution)
         args = [runtime.store.ttl_s, module, blocks, len(children), "1" if queues else "0", *children]
         if queues is not None:
             namespace = runtime.settings.namespace
-            messages = [queues.message(module_signature(runtime.app, plan, execution_id, child, namespace))
+            messages = [queues.message(module_signature(runtime.app, plan, execution.id, child, namespace))
                         for child in children]
             keys += [key for key, _ in messages]
             args += [message for _, message in messages]
         return LuaStep(_COUNT_DONE, keys, args)
 
-    def _count_alone(self, runtime: Runtime, execution_id: str, plan: Plan, module: str,
-                     status: ModuleStatus) -> list[Any]:
+    def _count_alone(self, execution: Execution, plan: Plan, module: str, status: ModuleStatus) -> list[Any]:
         """Count a finished module in a script of its own (failed, skipped, cancelled, or repeated)."""
-        step = self._count_step(runtime, execution_id, plan, module, status)
-        return list(runtime.store.script(_COUNT_ALONE)(keys=step.keys, args=step.args))
+        step = self._count_step(execution, plan, module, status)
+        return list(execution.store.script(_COUNT_ALONE)(keys=step.keys, args=step.args))
 
-    def _drain(self, runtime: Runtime, execution_id: str, plan: Plan, replies: list[list[Any]]) -> None:
+    def _drain(self, execution: Execution, plan: Plan, replies: list[list[Any]]) -> None:
         """Act on count replies until none is left: the counts of skipped modules join the work list,
         so a failure above a branch of any depth is settled in a loop, not by recursion."""
         while replies:
-            replies += self._go_on(runtime, execution_id, plan, replies.pop())
+            replies += self._go_on(execution, plan, parse_count(replies.pop()))
 
-    def _go_on(self, runtime: Runtime, execution_id: str, plan: Plan, reply: list[Any]) -> list[list[Any]]:
+    def _go_on(self, execution: Execution, plan: Plan, count: Count) -> list[list[Any]]:
         """Dispatch the children a count made ready and finish when nothing is left open; returns the
         count replies of the children it skipped.
 
         After a repeated count (the module's task was re-delivered: its worker died), only the ready
         children that never started are dispatched — at least once, as Celery's late acks promise.
         """
-        repeated, left, count = (int(item) for item in reply[:3])
-        ready = [str(name) for name in reply[3:3 + count]]
-        flat = [str(item) for item in reply[3 + count:]]
-        if repeated and ready:
-            started = runtime.store.records_of(execution_id, ready)
+        ready = count.ready
+        if count.repeated and ready:
+            started = execution.store.records_of(execution.id, ready)
             ready = [name for name in ready if name not in started]
-        skipped = self._dispatch_ready(runtime, execution_id, plan, ready, dict(zip(flat[::2], flat[1::2], strict=True)))
-        if left == 0:
-            finish(runtime, execution_id, ExecutionStatus.SUCCEEDED)
+        skipped = self._dispatch_ready(execution, plan, ready, count.blocking)
+        if count.open_left == 0:
+            execution.finish(ExecutionStatus.SUCCEEDED)
         return skipped
 
     # --- dispatch -------------------------------------------------------------------------------
 
-    def _dispatch_ready(self, runtime: Runtime, execution_id: str, plan: Plan, ready: list[str],
-                        blocking: dict[str, str]) -> list[list[Any]]:
+    def _dispatch_ready(self, execution: Execution, plan: Plan, ready: list[str],
+                        blocking: Mapping[str, str]) -> list[list[Any]]:
         """Send ready modules, most urgent (longest remaining path) first; skip blocked ones and
         return the replies of their counts.
 
         Module results are not stored in the result backend: records and outputs live in the state store.
         """
-        namespace = runtime.settings.namespace
+        runtime = execution.runtime
+        runnable, blocked = split_blocked(plan, _by_urgency(plan, ready), blocking)
+        for name in runnable:
+            module_signature(runtime.app, plan, execution.id, name, runtime.settings.namespace).apply_async(
+                ignore_result=True)
         skipped: list[list[Any]] = []
-        for name in _by_urgency(plan, ready):
-            parent = next((parent for parent in plan.modules[name].parents if parent in blocking), None)
-            if parent is not None:
-                skip(runtime, execution_id, name, parent, blocking[parent])
-                if not runtime.store.is_finished(execution_id):
-                    skipped.append(self._count_alone(runtime, execution_id, plan, name, ModuleStatus.SKIPPED))
-                continue
-            module_signature(runtime.app, plan, execution_id, name, namespace).apply_async(ignore_result=True)
+        for name, parent in blocked:
+            execution.skip(name, parent, blocking[parent])
+            if not execution.store.is_finished(execution.id):
+                skipped.append(self._count_alone(execution, plan, name, ModuleStatus.SKIPPED))
         return skipped
+
+
+class Count(NamedTuple):
+    """A count step's reply: whether it repeated an earlier count, how many modules are still open,
+    the children it made ready (and left to the caller) and the modules blocking their children."""
+
+    repeated: bool
+    open_left: int
+    ready: list[str]
+    blocking: dict[str, str]
+
+
+def parse_count(reply: list[Any]) -> Count:
+    """The :class:`Count` of a raw Lua reply ``{repeated, open_left, #ready, ready..., module, status, ...}``."""
+    repeated, left, count = (int(item) for item in reply[:3])
+    flat = [str(item) for item in reply[3 + count:]]
+    return Count(bool(repeated), left, [str(name) for name in reply[3:3 + count]],
+                 dict(zip(flat[::2], flat[1::2], strict=True)))
+
+
+def roots(plan: Plan, done: Mapping[str, ModuleRecord]) -> list[str]:
+    """The modules not ``done`` whose parents all are: what a (resumed) execution starts with."""
+    return [name for name, module in plan.modules.items()
+            if name not in done and all(parent in done for parent in module.parents)]
 
 
 def _by_urgency(plan: Plan, names: Iterable[str]) -> list[str]:
     """Most urgent (longest remaining path) first, then by name."""
     return sorted(names, key=lambda name: (-plan.modules[name].priority, name))
-
-
-def _plan(runtime: Runtime, execution_id: str) -> Plan:
-    plan = runtime.store.plan(execution_id)
-    if plan is None:
-        raise LookupError(f"execution {execution_id} has no plan in the state store")
-    return plan
