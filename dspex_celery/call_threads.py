@@ -5,7 +5,9 @@ Where Celery's time limits do nothing (threads and solo pools, the embedded work
 Starting a thread per call costs more than many module calls; these threads are reused once their
 call returns. A call that outlives its timeout keeps its thread until it returns (Python cannot
 stop it); a new thread is started whenever no idle one is left. Daemon threads: a hung call never
-blocks the worker's exit.
+blocks the worker's exit. That is what ``concurrent.futures.ThreadPoolExecutor`` cannot give: its
+threads are joined at interpreter exit, so an abandoned call would hold a stopping worker for as
+long as the call hangs (and a bounded pool would run out of threads to hung calls).
 """
 
 from __future__ import annotations
