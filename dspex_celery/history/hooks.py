@@ -23,6 +23,7 @@ from dspex_celery.history.events import (
     finished_result,
     record_event,
 )
+from dspex_celery.history.location import history_url
 from dspex_celery.hooks import Hook
 from dspex_celery.results import ExecutionResult, ModuleRecord
 from dspex_celery.settings import Settings, redact
@@ -47,8 +48,6 @@ def stream_key(namespace: str) -> str:
 
 def history_hooks(settings: Settings) -> list[Hook]:
     """The history hook of a runtime: publish (cluster) or record in-process (embedded); none when off."""
-    from dspex_celery.history.store import history_url
-
     url = history_url(settings)
     if url is None:
         return []

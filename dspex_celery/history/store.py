@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -37,6 +35,7 @@ from dspex_celery.history.events import (
     FinishedEvent,
     RecordEvent,
 )
+from dspex_celery.history.location import DISABLED, data_dir, history_url, sqlite_path  # noqa: F401 (importers)
 from dspex_celery.history.models import (
     SCHEMA_VERSION,
     AttemptRow,
@@ -62,31 +61,7 @@ log = logging.getLogger(__name__)
 #: Tries to create/check the schema: processes starting together race to create the tables.
 SCHEMA_TRIES = 5
 
-#: ``DSPEX_HISTORY_URL`` values that turn history off.
-DISABLED = ("off", "none", "")
-
 Describe = Callable[[str], ExecutionInfo]
-
-
-def data_dir() -> Path:
-    """The per-user data directory (XDG_DATA_HOME, else ~/.local/share; LOCALAPPDATA on Windows)."""
-    base = os.environ.get("XDG_DATA_HOME") or os.environ.get("LOCALAPPDATA")
-    return (Path(base) if base else Path.home() / ".local" / "share") / "dspex-celery"
-
-
-def history_url(settings: Settings) -> str | None:
-    """The history database URL in force: ``DSPEX_HISTORY_URL``, else a SQLite file; None = off."""
-    url = settings.history_url
-    if url is None:
-        return f"sqlite:///{data_dir() / 'history.db'}"
-    return None if url.strip().lower() in DISABLED else url
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The file of a ``sqlite:///`` URL (None for other databases and in-memory SQLite)."""
-    if not url.startswith("sqlite:///") or url in ("sqlite://", "sqlite:///:memory:"):
-        return None
-    return Path(url.removeprefix("sqlite:///").split("?")[0])
 
 
 class HistoryStore:
