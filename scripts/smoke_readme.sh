@@ -26,8 +26,11 @@ exe = str(Path(sys.executable).with_name("dspex-celery"))
 
 
 def commands(group: click.Group, prefix: tuple[str, ...] = ()):
+    """Every command path; the group's commands are lazy: list_commands + get_command find them."""
     yield prefix
-    for name, command in sorted(group.commands.items()):
+    context = click.Context(group)
+    for name in group.list_commands(context):
+        command = group.get_command(context, name)
         if isinstance(command, click.Group):
             yield from commands(command, (*prefix, name))
         else:

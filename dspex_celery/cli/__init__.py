@@ -1,19 +1,105 @@
-"""The ``dspex-celery`` command line: a click group; each command family lives in its own module."""
+"""The ``dspex-celery`` command line: a click group whose commands are imported only when used.
+
+:data:`COMMANDS` names each command's module and attribute and its one-line help, which
+``dspex-celery --help`` lists without importing anything heavy; a command's module is imported when
+it runs or shows its own help (tests/test_help.py checks the help lines are the commands' own).
+A new command is a function in a module of this package plus one line in :data:`COMMANDS`.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import warnings
-from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 
 from dspex_celery.errors import DspexError, ProgramError, UnservedResourceWarning
 
 
+class LazyCommand(NamedTuple):
+    """Where a command lives (``module:attribute``) and the first line of its help."""
+
+    target: str
+    short_help: str
+
+
+COMMANDS: dict[str, LazyCommand] = {
+    "breakers": LazyCommand(
+        "dspex_celery.cli.ops:breakers",
+        "Show the circuit breakers (named PROGRAM.MODULE) that are open or have counted failures."),
+    "cancel": LazyCommand(
+        "dspex_celery.cli.ops:cancel",
+        "Cancel an execution: revoke its pending modules, terminate the running ones (prefork workers)."),
+    "flower": LazyCommand(
+        "dspex_celery.cli.monitor:flower",
+        "Start the Flower monitoring UI (and its /api and /metrics) on this cluster."),
+    "history": LazyCommand(
+        "dspex_celery.cli.history:history_command", "List recorded executions, most recent first."),
+    "listener": LazyCommand(
+        "dspex_celery.cli.history:listener",
+        "Write execution history from the cluster's history stream (restart-safe, idempotent)."),
+    "optimize": LazyCommand(
+        "dspex_celery.cli.history:optimize_command",
+        "Analyse PROGRAM's history; save the profile its next runs use."),
+    "plan": LazyCommand(
+        "dspex_celery.cli.programs:plan", "Show how PROGRAM would run: levels, width, critical path."),
+    "report": LazyCommand(
+        "dspex_celery.cli.monitor:report",
+        "Write a self-contained HTML report of an execution: timeline, critical path, durations."),
+    "resources": LazyCommand(
+        "dspex_celery.cli.monitor:resources",
+        "Show resource-class limits, who holds a slot now, and utilization."),
+    "resume": LazyCommand(
+        "dspex_celery.cli.ops:resume",
+        "Run an ended execution again, reusing the outputs of its succeeded modules."),
+    "run": LazyCommand(
+        "dspex_celery.cli.programs:run",
+        "Run PROGRAM and print its outputs (in-process when no broker is configured)."),
+    "show": LazyCommand(
+        "dspex_celery.cli.history:show",
+        "Show a recorded execution: status, outputs and one row per module (--json: as run --json)."),
+    "status": LazyCommand(
+        "dspex_celery.cli.history:status",
+        "Live executions, queue depths per resource class, and the workers that serve them."),
+    "validate": LazyCommand(
+        "dspex_celery.cli.programs:validate",
+        "Check PROGRAM: schema, references, cycles, and that every module imports and takes its inputs."),
+    "worker": LazyCommand(
+        "dspex_celery.cli.worker:worker", "Start a worker consuming the queues of its resource classes."),
+}
+
+
 class DspexGroup(click.Group):
-    """A click group that turns errors of the dspex tree into one line and an exit code."""
+    """A click group of lazily imported commands that turns errors of the dspex tree into one line
+    and an exit code."""
+
+    def __init__(self, *args: Any, lazy_commands: dict[str, LazyCommand] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy_commands:
+            self.add_command(load_command(self.lazy_commands[cmd_name].target), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The commands and their help lines as click lists them, importing none not loaded yet."""
+        commands = [(name, self.commands.get(name) or self._help_stub(name)) for name in self.list_commands(ctx)]
+        shown = [(name, command) for name, command in commands if not command.hidden]
+        if not shown:
+            return
+        limit = formatter.width - 6 - max(len(name) for name, _ in shown)
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, command.get_short_help_str(limit)) for name, command in shown])
+
+    def _help_stub(self, name: str) -> click.Command:
+        """A stand-in that has only the help line of the lazy command ``name``."""
+        return click.Command(name, help=self.lazy_commands[name].short_help)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -25,27 +111,16 @@ class DspexGroup(click.Group):
             ctx.exit(exc.exit_code)
 
 
-BROKER_HELP = "Celery broker URL (default: DSPEX_BROKER_URL, else broker_url in the config file)."
-RESULT_BACKEND_HELP = ("Redis URL of results and execution state (default: DSPEX_RESULT_BACKEND, "
-                       "else the broker when it is Redis).")
+def load_command(target: str) -> click.Command:
+    """The click command at ``module:attribute``."""
+    module, _, attribute = target.partition(":")
+    command = getattr(importlib.import_module(module), attribute)
+    if not isinstance(command, click.Command):
+        raise TypeError(f"{target} is not a click command")
+    return command
 
 
-def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """``--broker`` and ``--result-backend`` of a command that needs a cluster."""
-    return _connection_options(command, BROKER_HELP)
-
-
-def in_process_connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """``--broker`` and ``--result-backend`` of a command that runs in-process without a broker."""
-    return _connection_options(command, BROKER_HELP.replace(").", "; none: run in-process)."))
-
-
-def _connection_options(command: Callable[..., Any], broker_help: str) -> Callable[..., Any]:
-    command = click.option("--result-backend", metavar="URL", default=None, help=RESULT_BACKEND_HELP)(command)
-    return click.option("--broker", metavar="URL", default=None, help=broker_help)(command)
-
-
-@click.group(cls=DspexGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=DspexGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dspex-celery")
 def cli() -> None:
     """Run DSPy-style programs (DAGs of modules) on a Celery cluster."""
@@ -69,9 +144,6 @@ def main() -> None:
     """Console-script entry point."""
     cli(prog_name="dspex-celery")
 
-
-# Command families register themselves on ``cli``.
-from dspex_celery.cli import history, monitor, ops, programs, worker  # noqa: E402,F401
 
 if __name__ == "__main__":  # pragma: no cover
     main()

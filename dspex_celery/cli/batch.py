@@ -23,7 +23,9 @@ from typing import IO, Any, NoReturn
 
 import click
 import redis
+import rich.progress
 from click.core import ParameterSource
+from rich.console import Console
 
 from dspex_celery.batch import (
     CANCELLED,
@@ -40,11 +42,11 @@ from dspex_celery.batch import (
     resolve_metric,
     submit_batch,
 )
-from dspex_celery.bootstrap import create_runtime
+from dspex_celery.cli.inputs import collect_inputs
+from dspex_celery.cli.options import open_runtime
 from dspex_celery.errors import InputError, UsageError
 from dspex_celery.plan import Plan
 from dspex_celery.program import Program
-from dspex_celery.settings import load_settings
 
 BATCH_PARAMS = ("batch_file", "output", "max_in_flight", "metric", "fresh")
 #: The journal's first record after ``--fresh``: the output file's lines are not reused on a resume.
@@ -114,8 +116,6 @@ def run_batch(
     quiet: bool = False,
 ) -> None:
     """Run PROGRAM once per line of ``batch_file``; exit 0 when every line succeeded, else 1."""
-    from dspex_celery.cli.programs import collect_inputs
-
     program = Program.from_file(program_file)
     plan = program.plan()
     base = collect_inputs(pairs, inputs_file)
@@ -124,7 +124,7 @@ def run_batch(
     journal = target.with_name(target.name + ".partial")
     metric_fn = resolve_metric(metric) if metric else None
     total = count_lines(source)
-    runtime = create_runtime(load_settings(broker_url=broker, result_backend=result_backend))
+    runtime = open_runtime(broker, result_backend)
     previous = [] if fresh else read_previous(target, journal)
     done: dict[int, BatchLine] = {}
     with journal.open("w" if fresh else "a", encoding="utf-8") as log, SecondInterruptLeaves():
@@ -135,7 +135,7 @@ def run_batch(
             max_in_flight=max_in_flight or DEFAULT_MAX_IN_FLIGHT, metric=metric_fn, previous=previous,
             fresh=fresh, on_submit=lambda line: append_line(log, line),
         )
-        progress = Progress(total, run, enabled=sys.stderr.isatty() and not quiet)
+        progress = BatchProgress(total, run, enabled=sys.stderr.isatty() and not quiet)
         try:
             collect(run.as_completed(), log, progress, done)
         except KeyboardInterrupt:
@@ -148,7 +148,7 @@ def run_batch(
     raise SystemExit(0 if result.count(SUCCEEDED) == len(result.lines) else 1)
 
 
-def collect(lines: Iterator[BatchLine], log: IO[str], progress: Progress, done: dict[int, BatchLine]) -> None:
+def collect(lines: Iterator[BatchLine], log: IO[str], progress: BatchProgress, done: dict[int, BatchLine]) -> None:
     """Every finished line into ``done``, journaled as it comes."""
     for line in lines:
         done[line.index] = line
@@ -286,31 +286,32 @@ def write_output(path: Path, lines: list[BatchLine]) -> None:
 # --- terminal -------------------------------------------------------------------------------------
 
 
-class Progress:
-    """One self-rewriting status line on stderr (only on a terminal)."""
+class BatchProgress:
+    """The batch's status line on stderr while it runs, only on a terminal (rich.progress): lines
+    done of the total, failed, in flight, and lines run per second."""
 
-    def __init__(self, total: int, run: Any, *, enabled: bool) -> None:
+    LINE = ("batch {task.completed:.0f}/{task.total:.0f} · {task.fields[failed]} failed · "
+            "{task.fields[in_flight]} in flight · {task.fields[rate]:.1f} lines/s")
+
+    def __init__(self, total: int, run: BatchRun, *, enabled: bool) -> None:
         self.total = total
         self.run = run
-        self.enabled = enabled
         self.started = time.monotonic()
-        self.shown = 0.0
+        self.display = rich.progress.Progress(
+            rich.progress.TextColumn(self.LINE, markup=False), console=Console(stderr=True), transient=True,
+            disable=not enabled, redirect_stdout=False, redirect_stderr=False,
+        )
+        self.task = self.display.add_task("batch", total=total, failed=0, in_flight=0, rate=0.0)
+        self.display.start()
 
     def update(self, done: dict[int, BatchLine]) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self.shown < 0.1 and len(done) < self.total):
-            return
-        self.shown = now
-        failed = sum(not line.succeeded for line in done.values())
-        rate = (self.run.ran + self.run.reattached) / max(now - self.started, 1e-9)
-        sys.stderr.write(f"\r\x1b[Kbatch {len(done)}/{self.total} · {failed} failed · "
-                         f"{self.run.in_flight} in flight · {rate:.1f} lines/s")
-        sys.stderr.flush()
+        rate = (self.run.ran + self.run.reattached) / max(time.monotonic() - self.started, 1e-9)
+        self.display.update(self.task, completed=len(done), failed=sum(not line.succeeded for line in done.values()),
+                            in_flight=self.run.in_flight, rate=rate, refresh=len(done) == self.total)
 
     def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
+        """Take the line off the terminal (a second call does nothing)."""
+        self.display.stop()
 
 
 def report(program: str, output: Path, result: BatchResult, as_json: bool) -> None:

@@ -14,9 +14,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from dspex_celery.cli import cli, connection_options
-from dspex_celery.cli.monitor import cluster_runtime
-from dspex_celery.cli.progress import register_duration_source
+from dspex_celery.cli.options import cluster_runtime, connection_options
 from dspex_celery.cli.render import print_json, print_result
 from dspex_celery.errors import ConfigError
 from dspex_celery.history.models import ExecutionRow
@@ -26,7 +24,7 @@ from dspex_celery.history.store import (
     open_history,
     optional_iso,
 )
-from dspex_celery.optimizer import Report, expected_durations, optimize
+from dspex_celery.optimizer import Report, optimize
 from dspex_celery.presence import live_workers
 from dspex_celery.results import isoformat, utcnow
 from dspex_celery.routing import CONTROL, queue_name
@@ -51,14 +49,10 @@ def open_store(settings: Settings, *, create: bool = False) -> HistoryStore:
     return open_history(url, create=create)
 
 
-# The live progress of `run` shows an ETA from these durations.
-register_duration_source(lambda runtime, plan: expected_durations(runtime.settings, plan))
-
-
 # --- listener ------------------------------------------------------------------------------------
 
 
-@cli.command()
+@click.command()
 @connection_options
 @history_option
 @click.option("--consumer", default=None, help="Consumer name in the stream's group (default: listener@HOST).")
@@ -92,7 +86,7 @@ def listener(
 # --- history and show ---------------------------------------------------------------------------
 
 
-@cli.command("history")
+@click.command("history")
 @click.option("--program", default=None, help="Only executions of this program.")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
               help="How many executions to list.")
@@ -134,7 +128,7 @@ def execution_summary(row: ExecutionRow) -> dict[str, Any]:
     }
 
 
-@cli.command()
+@click.command()
 @click.argument("execution_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the same JSON object as run --json.")
 @history_option
@@ -150,7 +144,7 @@ def show(execution_id: str, as_json: bool, history_db: str | None) -> None:
 # --- optimize -----------------------------------------------------------------------------------
 
 
-@cli.command("optimize")
+@click.command("optimize")
 @click.argument("program")
 @click.option("--fingerprint", default=None, help="Program version to analyse (default: the latest run).")
 @click.option("--dry-run", is_flag=True, help="Show the profile that would be saved; keep the stored one.")
@@ -195,7 +189,7 @@ def profile_line(report: Report) -> str:
 # --- status -------------------------------------------------------------------------------------
 
 
-@cli.command()
+@click.command()
 @connection_options
 @json_option
 def status(broker: str | None, result_backend: str | None, as_json: bool) -> None:

@@ -11,24 +11,11 @@ from celery.events.state import Task
 from rich.console import Console
 from rich.table import Table
 
-from dspex_celery.bootstrap import create_runtime
-from dspex_celery.cli import cli, connection_options
+from dspex_celery.cli.options import cluster_runtime, connection_options
 from dspex_celery.cli.render import print_json
-from dspex_celery.errors import ConfigError, UsageError
+from dspex_celery.errors import UsageError
 from dspex_celery.report import load_report, render_html
 from dspex_celery.resources import parse_limits, snapshot
-from dspex_celery.runtime import Runtime
-from dspex_celery.settings import load_settings
-
-
-def cluster_runtime(broker: str | None, result_backend: str | None, command: str) -> Runtime:
-    """A reachable runtime of a cluster (these commands mean nothing in-process)."""
-    settings = load_settings(broker_url=broker, result_backend=result_backend)
-    if settings.embedded:
-        raise ConfigError(f"{command} needs a cluster: pass --broker URL or set DSPEX_BROKER_URL")
-    runtime = create_runtime(settings)
-    runtime.check_reachable()
-    return runtime
 
 
 def is_loopback(address: str) -> bool:
@@ -71,7 +58,7 @@ def flower_argv(port: int, address: str, basic_auth: str | None) -> list[str]:
     return argv + [f"--basic-auth={basic_auth}"] if basic_auth else argv
 
 
-@cli.command()
+@click.command()
 @click.option("--port", type=click.IntRange(1, 65535), default=5555, show_default=True, help="HTTP port.")
 @click.option("--address", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--basic-auth", metavar="USER:PASSWORD", envvar="DSPEX_FLOWER_BASIC_AUTH", default=None,
@@ -85,7 +72,7 @@ def flower(port: int, address: str, basic_auth: str | None, broker: str | None, 
     raise SystemExit(runtime.app.start(flower_argv(port, address, basic_auth)) or 0)
 
 
-@cli.command()
+@click.command()
 @connection_options
 @click.option("--json", "as_json", is_flag=True, help="Print the classes as one JSON object.")
 def resources(broker: str | None, result_backend: str | None, as_json: bool) -> None:
@@ -123,7 +110,7 @@ def resource_table(classes: list[dict[str, object]]) -> Table:
     return table
 
 
-@cli.command()
+@click.command()
 @click.argument("execution_id")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="HTML file to write (default: report-EXECUTION_ID.html).")

@@ -7,19 +7,17 @@ from rich.console import Console
 from rich.table import Table
 
 from dspex_celery.breaker import circuits, reset_circuit
-from dspex_celery.cli import cli, connection_options
-from dspex_celery.cli.monitor import cluster_runtime
+from dspex_celery.cli.options import cluster_runtime, connection_options, strategy_option
 from dspex_celery.cli.progress import submit_and_report
 from dspex_celery.cli.render import print_json
 from dspex_celery.client import ExecutionHandle, resume_execution
-from dspex_celery.strategies.registry import STRATEGIES
 from dspex_celery.results import ModuleStatus
 
 execution_argument = click.argument("execution_id", metavar="EXECUTION_ID")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object.")
 
 
-@cli.command()
+@click.command()
 @execution_argument
 @connection_options
 @json_option
@@ -39,10 +37,10 @@ def cancel(execution_id: str, broker: str | None, result_backend: str | None, as
     click.echo(f"execution {execution_id} {result.status.value}: {cancelled} module(s) cancelled")
 
 
-@cli.command()
+@click.command()
 @execution_argument
 @connection_options
-@click.option("--strategy", type=click.Choice(STRATEGIES), default=None, help="Execution strategy (default: the original execution's).")
+@strategy_option("Execution strategy (default: the original execution's).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Fail the new execution after SECONDS.")
 @json_option
@@ -55,7 +53,7 @@ def resume(execution_id: str, broker: str | None, result_backend: str | None, st
                       as_json, quiet)
 
 
-@cli.group(invoke_without_command=True)
+@click.group(invoke_without_command=True)
 @connection_options
 @json_option
 @click.pass_context

@@ -2,79 +2,33 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
 import click
 
-from dspex_celery.bootstrap import create_runtime
-from dspex_celery.cli import cli, in_process_connection_options
 from dspex_celery.cli.batch import batch_options
+from dspex_celery.cli.inputs import collect_inputs
+from dspex_celery.cli.options import in_process_connection_options, open_runtime, program_argument, strategy_option
 from dspex_celery.cli.progress import submit_and_report
 from dspex_celery.cli.render import print_json
 from dspex_celery.client import submit_program
-from dspex_celery.errors import InputError, UsageError
+from dspex_celery.errors import UsageError
 from dspex_celery.program import Program
-from dspex_celery.strategies.registry import STRATEGIES, choose_strategy, recommend_strategy
-from dspex_celery.settings import load_settings
-from dspex_celery.spec import non_finite_input
+from dspex_celery.settings import Settings
+from dspex_celery.client import choose_strategy
+from dspex_celery.strategies import recommend_strategy
 
-program_argument = click.argument("program_file", metavar="PROGRAM", type=click.Path(dir_okay=False))
-strategy_option = click.option(
-    "--strategy", type=click.Choice(STRATEGIES), default=None,
-    help="Execution strategy (default: chosen per program: levels when every module needs the whole level "
-         "above it, else dag; `plan` shows the choice and why).",
+chosen_strategy_option = strategy_option(
+    "Execution strategy (default: chosen per program: levels when every module needs the whole level "
+    "above it, else dag; `plan` shows the choice and why).",
 )
 
 
-def parse_value(text: str) -> Any:
-    """A ``-i`` value: JSON when it parses as JSON, else the string itself."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-    except RecursionError:
-        raise InputError("an -i value nests too deeply to parse as JSON: flatten it") from None
-
-
-def collect_inputs(pairs: tuple[str, ...], inputs_file: str | None) -> dict[str, Any]:
-    """Inputs from ``--inputs FILE.json`` overlaid with ``-i NAME=VALUE`` pairs (no NaN or infinity:
-    JSON cannot carry them)."""
-    values: dict[str, Any] = _read_inputs_file(inputs_file) if inputs_file else {}
-    if inputs_file and (problem := non_finite_input(values, f"inputs file {inputs_file}: input")):
-        raise InputError(problem)
-    for pair in pairs:
-        name, sep, text = pair.partition("=")
-        if not sep or not name:
-            raise InputError(f"-i expects NAME=VALUE, got '{pair}'")
-        values[name] = parse_value(text)
-        if problem := non_finite_input({name: values[name]}, "-i"):
-            raise InputError(problem)
-    return values
-
-
-def _read_inputs_file(path: str) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"inputs file {path} not found: check the path") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"inputs file {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    except RecursionError:
-        raise InputError(f"inputs file {path} nests too deeply to parse as JSON: flatten it") from None
-    if not isinstance(data, dict):
-        raise InputError(f"inputs file {path} must hold a JSON object of input names to values")
-    return data
-
-
-@cli.command()
+@click.command()
 @batch_options  # --inputs-file data.jsonl [--output] [--max-in-flight] [--metric]: dspex_celery/cli/batch.py
 @program_argument
 @click.option("-i", "--input", "pairs", multiple=True, metavar="NAME=VALUE", help="A program input (repeatable).")
 @click.option("--inputs", "inputs_file", metavar="FILE.json", default=None, help="Program inputs as a JSON object.")
 @in_process_connection_options
-@strategy_option
+@chosen_strategy_option
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Fail the execution after SECONDS.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object (the execution result).")
 @click.option("-q", "--quiet", is_flag=True, help="No live progress display (there is none when not a terminal).")
@@ -105,12 +59,9 @@ def run(
     program = Program.from_file(program_file)
     program.plan()
     inputs = collect_inputs(pairs, inputs_file)
-    settings = load_settings(broker_url=broker, result_backend=result_backend, modules=",".join(modules) or None)
-    if modules and not settings.embedded:
-        raise UsageError("--modules restricts in-process runs only: on a cluster, the workers' own --modules "
-                         "decide what runs (drop --modules or --broker)")
-    runtime = create_runtime(settings)
-    if detach and settings.embedded:
+    runtime = open_runtime(broker, result_backend, modules=modules,
+                           check=refuse_modules_on_a_cluster if modules else None)
+    if detach and runtime.settings.embedded:
         raise UsageError("--detach needs a cluster (an in-process run ends with this process): "
                          "pass --broker URL or set DSPEX_BROKER_URL")
     submit_and_report(lambda: submit_program(program, inputs, strategy=strategy, app=runtime.app, timeout=timeout,
@@ -118,7 +69,14 @@ def run(
                       as_json, quiet, detach)
 
 
-@cli.command()
+def refuse_modules_on_a_cluster(settings: Settings) -> None:
+    """``run --modules`` restricts in-process runs only."""
+    if not settings.embedded:
+        raise UsageError("--modules restricts in-process runs only: on a cluster, the workers' own --modules "
+                         "decide what runs (drop --modules or --broker)")
+
+
+@click.command()
 @program_argument
 def validate(program_file: str) -> None:
     """Check PROGRAM: schema, references, cycles, and that every module imports and takes its inputs."""
@@ -126,9 +84,9 @@ def validate(program_file: str) -> None:
     click.echo(f"{program_file}: ok ({len(plan.modules)} modules, {len(plan.levels)} levels)")
 
 
-@cli.command()
+@click.command()
 @program_argument
-@strategy_option
+@chosen_strategy_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(program_file: str, strategy: str | None, as_json: bool) -> None:
     """Show how PROGRAM would run: levels, width, critical path."""

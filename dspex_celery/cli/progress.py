@@ -1,9 +1,9 @@
 """Live progress of ``run`` in a terminal: per-module state, counts, elapsed time and ETA.
 
 The display polls the state store (``ExecutionHandle.records()``) while the main thread waits for
-the result. ETA needs expected module durations: a *duration source* (e.g. execution history)
-registered with :func:`register_duration_source` (execution history registers one in
-``cli/history.py``: the saved profile, else medians of recent runs); without durations, no ETA.
+the result. ETA needs expected module durations from a *duration source*: execution history (the
+saved profile, else medians of recent runs), then any added with :func:`register_duration_source`;
+without durations, no ETA.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from dspex_celery.cli.render import print_json, print_result
 from dspex_celery.client import ENDED_WAIT_S, ExecutionHandle, cancel_execution
 from dspex_celery.errors import DspexError, StateLost, StateStoreUnreachable
+from dspex_celery.optimizer import expected_durations as profile_durations
 from dspex_celery.plan import Plan
 from dspex_celery.results import (
     ExecutionResult,
@@ -58,7 +60,14 @@ ACTIVE = ("waiting", "running", "retrying")
 POLL_S = 0.25
 
 DurationSource = Callable[[Runtime, Plan], Mapping[str, float] | None]
-_duration_sources: list[DurationSource] = []
+
+
+def history_durations(runtime: Runtime, plan: Plan) -> Mapping[str, float] | None:
+    """Expected seconds per module from execution history (the saved profile, else recent runs)."""
+    return profile_durations(runtime.settings, plan)
+
+
+_duration_sources: list[DurationSource] = [history_durations]
 
 
 def register_duration_source(source: DurationSource) -> None:
@@ -215,8 +224,6 @@ def submit_and_report(start: Callable[[], ExecutionHandle], as_json: bool, quiet
 
 def report_detached(handle: ExecutionHandle, as_json: bool) -> NoReturn:
     """``--detach``: print the execution id (``--json``: an object with it) and exit 0."""
-    from dspex_celery.cli.render import print_json
-
     if as_json:
         print_json({"execution_id": handle.execution_id})
     else:
@@ -230,8 +237,6 @@ def wait_and_report(handle: ExecutionHandle, as_json: bool, quiet: bool) -> NoRe
     Ctrl-C cancels it (exit 130); state lost from the store, or a store that stopped answering,
     is one line (``--json``: one object too) and exit 1.
     """
-    from dspex_celery.cli.render import print_json, print_result
-
     try:
         result = follow(handle) if show_progress(as_json, quiet) else handle.get(propagate=False)
     except KeyboardInterrupt:
@@ -278,8 +283,6 @@ def cancel_and_exit(handle: ExecutionHandle, as_json: bool) -> NoReturn:
 
     A second Ctrl-C meanwhile leaves at once. ``--json`` prints the cancelled result.
     """
-    from dspex_celery.cli.render import print_json
-
     signal.signal(signal.SIGINT, leave_now)
     execution_id = handle.execution_id
     try:

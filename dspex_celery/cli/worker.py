@@ -9,12 +9,11 @@ import sys
 import click
 
 from dspex_celery import defaults
-from dspex_celery.bootstrap import create_runtime
-from dspex_celery.cli import cli, connection_options
+from dspex_celery.cli.options import connection_options, open_runtime
 from dspex_celery.errors import ConfigError
 from dspex_celery.presence import keep_announced
 from dspex_celery.routing import worker_queues
-from dspex_celery.settings import Settings, load_settings
+from dspex_celery.settings import Settings
 
 
 def import_allowed(packages: tuple[str, ...]) -> None:
@@ -63,7 +62,7 @@ def worker_argv(settings: Settings, resources: tuple[str, ...], concurrency: int
     return argv
 
 
-@cli.command()
+@click.command()
 @click.option("--resource", "resources", multiple=True, metavar="CLASS", envvar="DSPEX_WORKER_RESOURCES",
               help=f"Resource class to serve (repeatable; default: {defaults.RESOURCE}).")
 @click.option("-c", "--concurrency", type=click.IntRange(min=1), default=None, envvar="DSPEX_WORKER_CONCURRENCY",
@@ -94,15 +93,16 @@ def worker(
 ) -> None:
     """Start a worker consuming the queues of its resource classes."""
     resources = resources or (defaults.RESOURCE,)
-    settings = load_settings(broker_url=broker, result_backend=result_backend,
-                             modules=",".join(modules) if modules else None)
-    if settings.embedded:
-        raise ConfigError("a worker needs a broker: pass --broker URL or set DSPEX_BROKER_URL")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # like the celery command: project modules import from cwd
-    import_allowed(settings.allowed_packages)
-    runtime = create_runtime(settings)
+    runtime = open_runtime(broker, result_backend, modules=modules, cluster="a worker needs a broker",
+                           check=import_project_modules)
     import_includes(includes)
     runtime.check_reachable()
     keep_announced(runtime, resources)
-    runtime.app.worker_main(worker_argv(settings, resources, concurrency, pool, name, loglevel, task_events))
+    runtime.app.worker_main(worker_argv(runtime.settings, resources, concurrency, pool, name, loglevel, task_events))
+
+
+def import_project_modules(settings: Settings) -> None:
+    """Import the allow-listed packages from the cwd too (like the celery command), before the app exists."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    import_allowed(settings.allowed_packages)

@@ -1,0 +1,50 @@
+"""Program inputs from the command line: ``-i NAME=VALUE`` pairs and ``--inputs FILE.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dspex_celery.errors import InputError
+from dspex_celery.spec import non_finite_input
+
+
+def parse_value(text: str) -> Any:
+    """A ``-i`` value: JSON when it parses as JSON, else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    except RecursionError:
+        raise InputError("an -i value nests too deeply to parse as JSON: flatten it") from None
+
+
+def collect_inputs(pairs: tuple[str, ...], inputs_file: str | None) -> dict[str, Any]:
+    """Inputs from ``--inputs FILE.json`` overlaid with ``-i NAME=VALUE`` pairs (no NaN or infinity:
+    JSON cannot carry them)."""
+    values: dict[str, Any] = _read_inputs_file(inputs_file) if inputs_file else {}
+    if inputs_file and (problem := non_finite_input(values, f"inputs file {inputs_file}: input")):
+        raise InputError(problem)
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise InputError(f"-i expects NAME=VALUE, got '{pair}'")
+        values[name] = parse_value(text)
+        if problem := non_finite_input({name: values[name]}, "-i"):
+            raise InputError(problem)
+    return values
+
+
+def _read_inputs_file(path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"inputs file {path} not found: check the path") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"inputs file {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except RecursionError:
+        raise InputError(f"inputs file {path} nests too deeply to parse as JSON: flatten it") from None
+    if not isinstance(data, dict):
+        raise InputError(f"inputs file {path} must hold a JSON object of input names to values")
+    return data
