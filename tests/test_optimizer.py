@@ -250,7 +250,6 @@ def test_optimize_without_history_is_a_clear_error(history: HistoryStore) -> Non
 
 
 def test_progress_eta_durations_come_from_history(history: HistoryStore) -> None:
-    import dspex_celery.cli  # noqa: F401  (registers history as the duration source of `run`'s progress)
     from dspex_celery.cli.progress import expected_durations
     from dspex_celery.bootstrap import create_runtime
 
