@@ -56,7 +56,8 @@ return {2, 0, ARGV[a]}
 """
 _ACQUIRE = "return " + lua_call(_ACQUIRE_BODY, 1, 1)
 
-# KEYS: circuit. ARGV: holder, outcome (success | failure | release), failures threshold, reset_ms.
+# KEYS: circuit. ARGV: holder, outcome (success | failure | release), failures threshold, reset_ms,
+# ttl_ms (a circuit nobody fails for that long is forgotten: the key never outlives it).
 _REPORT = _NOW + """
 local is_trial = redis.call('HGET', KEYS[1], 'trial') == ARGV[1]
 if ARGV[2] == 'release' then
@@ -77,6 +78,7 @@ else
   redis.call('HSETNX', KEYS[1], 'state', 'closed')
   redis.call('HSET', KEYS[1], 'threshold', ARGV[3], 'reset_ms', ARGV[4])
 end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return failures
 """
 
@@ -151,8 +153,14 @@ class CircuitBreaker(Hook):
         ticket.trial = False  # a verdict (or a release) ends the trial
         policy = ctx.module.breaker_policy
         store = ctx.runtime.store
-        args = [ticket.holder, outcome, policy.failures, int(policy.reset_s * 1000)]
+        reset_ms = int(policy.reset_s * 1000)
+        args = [ticket.holder, outcome, policy.failures, reset_ms, circuit_ttl_ms(store.ttl_s, reset_ms)]
         store.script(_REPORT)(keys=[circuit_key(store, ticket.name)], args=args)
+
+
+def circuit_ttl_ms(state_ttl_s: int, reset_ms: int) -> int:
+    """How long a circuit's counts outlive its last failure: the state TTL, and at least two resets."""
+    return max(state_ttl_s * 1000, 2 * reset_ms)
 
 
 def breaker_hooks(settings: Settings) -> list[Hook]:

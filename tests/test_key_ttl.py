@@ -43,9 +43,9 @@ def failing(name: str) -> object:
     })
 
 
-#: Keys of the deployment, shared by its executions: the history stream (capped in length) and
-#: the circuits of program modules (kept until a success closes them or ``breakers reset``).
-DEPLOYMENT_KEYS = ("history", "breaker:")
+#: Keys of the deployment, shared by its executions: the history stream (capped in length). The
+#: circuits of program modules are not among them: a failure counted there expires too.
+DEPLOYMENT_KEYS = ("history",)
 
 
 def keys_without_ttl(cluster: Cluster, execution_ids: list[str]) -> dict[str, str]:
@@ -66,6 +66,8 @@ def test_no_execution_key_outlives_the_state_ttl(cluster: Cluster, strategy: str
     assert succeeded.status is ExecutionStatus.SUCCEEDED
     failed = cluster.submit(failing(f"ttl_fail_{strategy}"), strategy=strategy).get(timeout=90, propagate=False)
     assert failed.status is ExecutionStatus.FAILED
+    breaker = f"{cluster.settings.namespace}:breaker:ttl_fail_{strategy}.a"
+    assert cluster.runtime.store.client.hget(breaker, "failures") == "1"  # the failure was counted
     key = f"{cluster.settings.namespace}:side:{uuid.uuid4().hex[:8]}"
     handle = cluster.submit(program(f"ttl_cancel_{strategy}", {
         "long": {"uses": f"{FAULTY}:sleeper", "inputs": {"key": key, "seconds": 30}},
