@@ -31,7 +31,6 @@ from dspex_celery.errors import (
 from dspex_celery.execution import (
     TAKEOVER_CHECK_S,
     Execution,
-    assemble_result,
     timeout_message,
 )
 from dspex_celery.graph import package_of
@@ -150,10 +149,10 @@ class ExecutionHandle:
 
     def current(self) -> ExecutionResult:
         """A snapshot of the execution as it is now (outputs so far, module records)."""
-        plan = self.runtime.store.plan(self.execution_id)
-        if plan is None:
+        execution = Execution(self.runtime, self.execution_id)
+        if execution.plan is None:
             raise UnknownExecution(f"unknown or expired execution '{self.execution_id}'")
-        return assemble_result(self.runtime, self.execution_id, plan, self.status())
+        return execution.result(self.status())
 
 
 class ResultWaiter:

@@ -209,12 +209,27 @@ class Execution:
             log.warning("execution %s: its state is gone (expired, or Redis restarted without persistence): "
                         "no result published", self.id)
             return False
-        result = assemble_result(self.runtime, self.id, plan, status, error, cancel_open=True)
+        result = self.result(status, error, cancel_open=True)
         self.runtime.app.backend.store_result(self.id, result.to_json_dict(), states.SUCCESS)
         store.update_meta(self.id, status=result.status.value, finished_at=result.finished_at)
         self._revoke_open(result)
         self.runtime.hooks.on_execution_finished(result)
         return True
+
+    def result(self, status: ExecutionStatus, error: str | None = None, *,
+               cancel_open: bool = False) -> ExecutionResult:
+        """The execution's result from the store (``cancel_open`` marks unfinished modules cancelled)."""
+        store, plan = self.store, self.require_plan()
+        meta = store.meta(self.id)
+        records = store.records(self.id)
+        if cancel_open:
+            cancelled = cancelled_records(plan, records, status)
+            for name, record in cancelled.items():
+                self.write_record(name, record)
+            records = {**records, **cancelled}
+        finished_at = (meta.get("finished_at") or isoformat(utcnow())) if status.final else None
+        outputs = store.outputs(self.id, plan.modules)
+        return build_result(self.id, plan, meta, records, outputs, status, error, finished_at)
 
     def _revoke_open(self, result: ExecutionResult) -> None:
         """Revoke the Celery tasks of modules that were still pending or running."""
@@ -225,26 +240,3 @@ class Execution:
         ]
         if open_ids and not self.runtime.settings.embedded:
             self.runtime.app.control.revoke(open_ids, terminate=True, signal="SIGTERM")
-
-
-def assemble_result(
-    runtime: Runtime,
-    execution_id: str,
-    plan: Plan,
-    status: ExecutionStatus,
-    error: str | None = None,
-    *,
-    cancel_open: bool = False,
-) -> ExecutionResult:
-    """The execution's result from the store (``cancel_open`` marks unfinished modules cancelled)."""
-    store = runtime.store
-    meta = store.meta(execution_id)
-    records = store.records(execution_id)
-    if cancel_open:
-        cancelled = cancelled_records(plan, records, status)
-        for name, record in cancelled.items():
-            runtime.write_record(execution_id, name, record)
-        records = {**records, **cancelled}
-    finished_at = isoformat(utcnow()) if status.final else None
-    outputs = store.outputs(execution_id, plan.modules)
-    return build_result(execution_id, plan, meta, records, outputs, status, error, finished_at)

@@ -46,8 +46,9 @@ def test_a_threads_pool_worker_stops_at_once_after_abandoning_a_hung_call(make_c
     # Given a threads-pool worker whose module outlived its timeout_s (the call is abandoned, still running)
     cluster: Cluster = make_cluster()
     worker = cluster.start_worker(concurrency=1, pool="threads")
-    hung = program(f"hung_{uuid.uuid4().hex[:6]}", {"s": {"uses": "tests.modules.basic:sleep", "inputs": {"seconds": 40},
-                                                        "timeout_s": 0.5, "retry": {"max_attempts": 1}}})
+    sleeper = {"uses": "tests.modules.basic:sleep", "inputs": {"seconds": 40}, "timeout_s": 0.5,
+               "retry": {"max_attempts": 1}}
+    hung = program(f"hung_{uuid.uuid4().hex[:6]}", {"s": sleeper})
     result = cluster.run(hung, timeout=30)
     assert result.status is ExecutionStatus.FAILED and "abandoned" in (result.modules["s"].error or "")
     # When it is stopped (warm shutdown)

@@ -30,9 +30,9 @@ def _die_after_returning(args: tuple[Any, ...] | None = None, **_: Any) -> None:
 
 
 if os.environ.get("DSPEX_TEST_DIE_IN_FINISH"):
-    from dspex_celery import execution
+    from dspex_celery.execution import Execution
 
     def _die_while_publishing(*_: Any, **__: Any) -> Any:
         os._exit(1)
 
-    execution.assemble_result = _die_while_publishing  # called after the finish claim, before publishing
+    Execution.result = _die_while_publishing  # type: ignore[method-assign]  # after the finish claim, before publishing
