@@ -244,3 +244,13 @@ def test_redis_gone_for_good_is_one_line(own_cluster: Cluster, own_redis: RedisS
     [line] = stderr_lines(err)
     assert line.startswith(f"error: execution {execution_id}: the state store (result backend) does not answer")
     assert line.endswith(f"check it later with dspex-celery show {execution_id}")
+
+
+def test_a_snapshot_of_an_ended_execution_keeps_its_own_finish_time(cluster: Cluster) -> None:
+    # Given an execution that ended
+    handle = cluster.submit(program("ended", {"a": {"uses": f"{BASIC}:inc", "inputs": {"x": 1}}}))
+    result = handle.get(timeout=60)
+    # When its snapshot is taken a while later
+    time.sleep(1.1)
+    # Then it says when the execution finished, not when the snapshot was taken
+    assert handle.current().finished_at == result.finished_at
