@@ -16,7 +16,7 @@ from dspex_celery.bootstrap import create_runtime
 from dspex_celery.errors import ConfigError
 from dspex_celery.runtime import Runtime
 from dspex_celery.settings import Settings, load_settings
-from dspex_celery.plan import STRATEGIES
+from dspex_celery.strategies.registry import STRATEGIES
 
 BROKER_HELP = "Celery broker URL (default: DSPEX_BROKER_URL, else broker_url in the config file)."
 RESULT_BACKEND_HELP = ("Redis URL of results and execution state (default: DSPEX_RESULT_BACKEND, "

@@ -13,8 +13,7 @@ from dspex_celery.client import submit_program
 from dspex_celery.errors import UsageError
 from dspex_celery.program import Program
 from dspex_celery.settings import Settings
-from dspex_celery.client import choose_strategy
-from dspex_celery.strategies import recommend_strategy
+from dspex_celery.strategies.registry import choose_strategy, recommend_strategy
 
 chosen_strategy_option = strategy_option(
     "Execution strategy (default: chosen per program: levels when every module needs the whole level "
