@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -19,7 +20,6 @@ from dspex_celery.call_threads import CallThreads
 from dspex_celery.canvas import ADVANCE, RUN_MODULE
 from dspex_celery.errors import ModuleError, ModuleTimeout, TransientError, WorkerLost
 from dspex_celery.execution import Execution, lost_reason
-from dspex_celery.graph import resolve_uses
 from dspex_celery.hooks import ModuleContext
 from dspex_celery.integrations.dspy_worker import is_lm_transient
 from dspex_celery.plan import ModulePlan, Plan
@@ -329,9 +329,13 @@ def is_transient(error: BaseException, module: ModulePlan) -> bool:
 
 
 def _error_class(path: str) -> type[BaseException] | None:
-    try:
-        target = resolve_uses(path)
-    except ImportError:
-        log.warning("retry.on names %s, which cannot be imported; ignoring it", path)
-        return None
+    """The exception class ``retry.on`` names, looked up among the modules this process has already
+    imported: an error of a module never imported cannot have been raised, and a plan (which anyone
+    with queue access can forge) must not make a worker import a module it names."""
+    module_path, _, attribute = path.partition(":")
+    target: object = sys.modules.get(module_path)
+    for part in attribute.split(".") if target is not None else ():
+        if part.startswith("__"):
+            return None
+        target = getattr(target, part, None)
     return target if isinstance(target, type) and issubclass(target, BaseException) else None

@@ -58,10 +58,17 @@ REEXPORTED = {"json_dumps": "dspex_celery.examples.rag:json.dumps", "imported_ca
 
 
 @pytest.fixture(scope="module")
-def cluster(make_cluster) -> Cluster:
+def canary_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where ``tests.modules.import_canary`` leaves a file when a worker imports it."""
+    return tmp_path_factory.mktemp("import-canary")
+
+
+@pytest.fixture(scope="module")
+def cluster(make_cluster, canary_dir: Path) -> Cluster:
     """One prefork worker (the README's) with a secret in its environment."""
     cluster = make_cluster()
-    cluster.start_worker("default", concurrency=2, env={"ALLOWLIST_SECRET": SECRET})
+    cluster.start_worker("default", concurrency=2,
+                         env={"ALLOWLIST_SECRET": SECRET, "IMPORT_CANARY_DIR": str(canary_dir)})
     return cluster
 
 
@@ -124,6 +131,17 @@ def test_refused_dspy_factory_is_not_built(cluster: Cluster) -> None:
     result = forged_run(cluster, spec, edit=edit)
     assert_refused(result, ["greet"])
     assert "random._os.getpid" in (result.modules["greet"].error or "")
+
+
+def test_retry_on_never_makes_a_worker_import_a_module(cluster: Cluster, canary_dir: Path) -> None:
+    # Given a forged plan whose failing module names, in retry.on, a module nobody imported
+    spec = program("retry_import", {"a": {"uses": "tests.modules.basic:fail",
+                                          "retry": {"on": ["tests.modules.import_canary:Boom"], "max_attempts": 2}}})
+    # When the module fails on the worker
+    result = forged_run(cluster, spec)
+    # Then it is not retried as that class, and the worker never imported the module it named
+    assert result.modules["a"].status is ModuleStatus.FAILED and result.modules["a"].attempts == 1
+    assert list(canary_dir.iterdir()) == []
 
 
 def test_refusals_are_warnings_in_the_worker_log(cluster: Cluster) -> None:
