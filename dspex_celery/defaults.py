@@ -1,4 +1,7 @@
-"""Every default value in one place, each with the reason it has that value."""
+"""Defaults several modules share, each with the reason it has that value.
+
+A tunable that only one module uses lives beside its code.
+"""
 
 from __future__ import annotations
 
