@@ -1,4 +1,4 @@
-"""The history database: open it (``create_all`` + schema version check), write events, query it."""
+"""The history database: open it (migrated to this release's schema), write events, query it."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
-    inspect,
     select,
     update,
 )
@@ -36,15 +35,8 @@ from dspex_celery.history.events import (
     RecordEvent,
 )
 from dspex_celery.history.location import DISABLED, data_dir, history_url, sqlite_path  # noqa: F401 (importers)
-from dspex_celery.history.models import (
-    SCHEMA_VERSION,
-    AttemptRow,
-    Base,
-    ExecutionRow,
-    ProfileRow,
-    ProgramPlanRow,
-    SchemaVersion,
-)
+from dspex_celery.history.migrations import at_head, migrate
+from dspex_celery.history.models import AttemptRow, Base, ExecutionRow, ProfileRow, ProgramPlanRow
 from dspex_celery.plan import Plan
 from dspex_celery.results import (
     ExecutionResult,
@@ -58,7 +50,7 @@ from dspex_celery.settings import Settings, redact
 
 log = logging.getLogger(__name__)
 
-#: Tries to create/check the schema: processes starting together race to create the tables.
+#: Tries to migrate the schema (a process waiting on another's migration lock may time out).
 SCHEMA_TRIES = 5
 
 Describe = Callable[[str], ExecutionInfo]
@@ -81,32 +73,20 @@ class HistoryStore:
     # --- schema -----------------------------------------------------------------------------
 
     def check_schema(self, create: bool) -> None:
-        """Create missing tables (when ``create``) and refuse a database of another schema version."""
+        """Bring the schema to this release's revision (see :mod:`~dspex_celery.history.migrations`);
+        one query when it is there already. ``create=False`` refuses a database without tables."""
+        if at_head(self.engine):
+            return
         for attempt in range(SCHEMA_TRIES):
             try:
-                self._check_schema(create)
+                migrate(self.engine, self.display_url, create=create)
                 return
-            except SQLAlchemyError as exc:  # another process creating the schema at the same time
+            except SQLAlchemyError as exc:  # e.g. the lock wait timed out: look again
                 if attempt == SCHEMA_TRIES - 1:
                     raise ConfigError(
                         f"cannot open the history database {self.display_url} ({_reason(exc)}): check DSPEX_HISTORY_URL"
                     ) from None
                 time.sleep(0.1 * (attempt + 1))
-
-    def _check_schema(self, create: bool) -> None:
-        if create:
-            Base.metadata.create_all(self.engine)
-        elif not inspect(self.engine).has_table(SchemaVersion.__tablename__):
-            raise ConfigError(f"no history database at {self.display_url}: run a program or start the listener first")
-        with Session(self.engine) as session, session.begin():
-            row = session.get(SchemaVersion, "history")
-            if row is None:
-                session.add(SchemaVersion(name="history", version=SCHEMA_VERSION))
-            elif row.version != SCHEMA_VERSION:
-                raise ConfigError(
-                    f"history database {self.display_url} has schema version {row.version}, this dspex-celery "
-                    f"uses {SCHEMA_VERSION}: point DSPEX_HISTORY_URL at a new database"
-                )
 
     @contextmanager
     def session(self) -> Iterator[Session]:
