@@ -1,8 +1,8 @@
 """The history schema: SQLAlchemy 2 typed ORM models (SQLite and PostgreSQL).
 
-No Alembic: ``HistoryStore`` runs ``create_all`` and checks :data:`SCHEMA_VERSION` against the
-``dspex_schema`` row; a database made by another schema version is refused with one clear line.
-Bump the version whenever a table changes.
+The tables are made and changed by the Alembic scripts in ``history/migrations/versions`` (applied
+when ``HistoryStore`` opens a database): a change here needs a new script that makes it (a test
+compares the migrated database with these models).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+#: The ``dspex_schema`` row's version, which releases before Alembic check (they refuse any other).
+#: Bump it, in the migration that rewrites the row, only for a change those releases cannot use.
 SCHEMA_VERSION = 1
 
 
