@@ -29,8 +29,10 @@ from dspex_celery.bootstrap import default_runtime
 from dspex_celery.client import (
     ProgramLike,
     cancel_execution,
+    check_visibility_timeout,
     launch,
     new_execution_id,
+    prepare_runtime,
     start_execution,
 )
 from dspex_celery.errors import UsageError
@@ -313,6 +315,8 @@ class BatchRun:
         on_submit: Callable[[BatchLine], None] | None = None,
         submit_threads: int = SUBMIT_THREADS,
         fresh: bool = False,
+        use_profile: bool = True,
+        learned_timeouts: bool | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise UsageError(f"max_in_flight must be at least 1, got {max_in_flight}")
@@ -321,7 +325,8 @@ class BatchRun:
 
         self.runtime = runtime
         self.program = program
-        self.plan = apply_profile(runtime.settings, program, program.plan())  # planned once, as submit does
+        plan = program.plan()  # planned once, as submit_program plans each submission
+        self.plan = apply_profile(runtime.settings, program, plan, learned_timeouts=learned_timeouts) if use_profile else plan
         self.packages = program.packages()
         self.max_in_flight = max_in_flight
         self.strategy = choose_strategy(self.plan, strategy)
@@ -343,6 +348,7 @@ class BatchRun:
         self.reattached = 0
         self.reused = 0
         self.ran_because: Counter[str] = Counter()
+        self._prepared = False
         self.other_versions: Counter[str] = Counter()
 
     def _as_items(self, inputs: Iterable[Mapping[str, Any] | BatchItem]) -> Iterator[BatchItem]:
@@ -465,6 +471,10 @@ class BatchRun:
     def _launch(self, item: BatchItem) -> str:
         """Submit one line (in a pool thread), journaling its execution id before anything is
         stored, so a re-run after a kill finds every execution this client may have created."""
+        if not self._prepared:  # the first line: a refused program or an unreachable broker journals nothing
+            check_visibility_timeout(self.runtime, self.plan)
+            prepare_runtime(self.runtime, self.packages, self.plan)
+            self._prepared = True
         execution_id = new_execution_id()
         self._journal(item, execution_id)
         handle = launch(
@@ -587,6 +597,8 @@ def submit_batch(
     on_submit: Callable[[BatchLine], None] | None = None,
     submit_threads: int = SUBMIT_THREADS,
     fresh: bool = False,
+    use_profile: bool = True,
+    learned_timeouts: bool | None = None,
 ) -> BatchRun:
     """Run ``program`` once per input mapping across the cluster (embedded when none is configured).
 
@@ -597,14 +609,15 @@ def submit_batch(
     ``BatchResult.lines``, or an interrupted run's lines) are reused or re-attached when this same
     program version (:func:`program_fingerprint`) produced them from the same input line;
     ``fresh`` ignores them (every line runs); ``on_submit`` is called (under a lock, maybe from a
-    submitting thread) with each line's execution id as soon as it is submitted.
+    submitting thread) with each line's execution id as soon as it is submitted; ``use_profile`` and
+    ``learned_timeouts`` are :func:`~dspex_celery.client.submit_program`'s.
     """
     runtime = runtime_of(app) if app is not None else default_runtime()
     chosen = resolve_metric(metric) if isinstance(metric, str) else metric
     run = BatchRun(
         runtime, Program.coerce(program), inputs, max_in_flight=max_in_flight, strategy=strategy,
         timeout=timeout, metric=chosen, previous=previous, on_submit=on_submit, submit_threads=submit_threads,
-        fresh=fresh,
+        fresh=fresh, use_profile=use_profile, learned_timeouts=learned_timeouts,
     )
     with contextlib.suppress(redis.RedisError):  # unreachable: the first submission says so, in one line
         warn_if_unserved(runtime, run.plan)

@@ -247,6 +247,18 @@ def test_embedded_modules_restricts_the_allow_list() -> None:
     assert json.loads(allowed.stdout)["status"] == "succeeded"
 
 
+def test_embedded_modules_restricts_a_batch_run_too(tmp_path: Path) -> None:
+    lines = tmp_path / "q.jsonl"
+    lines.write_text('{"question": "What is Redis?"}\n')
+    batch = ["run", "examples/rag.yaml", "--inputs-file", str(lines), "--output", str(tmp_path / "out.jsonl")]
+    refused = dspex(*batch, "-m", "tests.modules")
+    assert refused.returncode == 2 and "is outside the allow-list (tests.modules)" in refused.stderr, refused.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["q.jsonl"]  # no output, no journal left
+    allowed = dspex(*batch, "-m", "dspex_celery.examples", "--json")
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads(allowed.stdout)["succeeded"] == 1
+
+
 def test_modules_flag_is_refused_for_a_cluster_run(cluster: Cluster) -> None:
     result = cluster.cli("run", "examples/rag.yaml", "-m", "dspex_celery.examples", "-i", "question=x",
                          "--broker", cluster.settings.broker_url or "")

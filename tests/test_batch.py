@@ -196,7 +196,7 @@ def test_progress_only_on_a_terminal(tmp_path: Path) -> None:
     (["--inputs-file", "x.jsonl", "--metric", "tests.modules.dspy_mods:nope"],
      ("error: metric 'tests.modules.dspy_mods:nope' cannot be imported ('tests.modules.dspy_mods' has no "
       "attribute 'nope'): pass --metric package.module:function")),
-    (["--inputs-file", "x.jsonl", "--no-profile"], "error: --no-profile cannot be combined with --inputs-file"),
+    (["--inputs-file", "x.jsonl", "--detach"], "error: --detach cannot be combined with --inputs-file"),
 ])
 def test_batch_usage_errors_are_one_line(extra: list[str], message: str) -> None:
     bad = CliRunner().invoke(cli, ["run", "examples/dspy_rag.yaml", *extra])

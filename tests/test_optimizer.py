@@ -324,5 +324,13 @@ def test_learned_timeouts_fail_a_slow_run_only_when_opted_in(make_cluster, redis
         shown = hc.cli("optimize", "napper", "--dry-run")
         assert "dry run, profile not saved (the stored one is unchanged)" in shown.stdout, shown.stderr
         assert hc.history.profile(fingerprint) == stored
+        # A batch run takes the same switch: its slow line fails on the learned timeout only when opted in
+        lines, output = tmp_path / "lines.jsonl", tmp_path / "out.jsonl"
+        lines.write_text('{"seconds": 1.5}\n')
+        batch = hc.cli("run", str(path), "--inputs-file", str(lines), "--output", str(output), "--learned-timeouts")
+        assert batch.returncode == 1, batch.stderr
+        assert "learned timeout_s" in output.read_text()
+        batch = hc.cli("run", str(path), "--inputs-file", str(lines), "--output", str(output), "--fresh")
+        assert batch.returncode == 0, batch.stderr + output.read_text()
     finally:
         hc.stop()

@@ -9,6 +9,7 @@ cancels the executions in flight, journals them and exits 130; a second Ctrl-C l
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -43,8 +44,8 @@ from dspex_celery.batch import (
     submit_batch,
 )
 from dspex_celery.cli.inputs import collect_inputs
-from dspex_celery.cli.options import open_runtime
-from dspex_celery.errors import InputError, UsageError
+from dspex_celery.cli.options import open_runtime, refuse_modules_on_a_cluster
+from dspex_celery.errors import DspexError, InputError, UsageError
 from dspex_celery.plan import Plan
 from dspex_celery.program import Program
 
@@ -54,7 +55,8 @@ FRESH_MARK = {"fresh": True}
 #: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED_EXIT = 130
 #: ``run`` parameters a batch uses; any other one given on the command line is refused.
-SHARED_PARAMS = ("program_file", "pairs", "inputs_file", "broker", "result_backend", "strategy", "timeout", "as_json")
+SHARED_PARAMS = ("program_file", "pairs", "inputs_file", "broker", "result_backend", "strategy", "timeout", "as_json",
+                 "no_profile", "learned_timeouts", "modules")
 ACCEPTED_PARAMS = (*SHARED_PARAMS, "quiet")
 
 
@@ -113,6 +115,9 @@ def run_batch(
     strategy: str | None,
     timeout: float | None,
     as_json: bool,
+    no_profile: bool = False,
+    learned_timeouts: bool | None = None,
+    modules: tuple[str, ...] = (),
     quiet: bool = False,
 ) -> None:
     """Run PROGRAM once per line of ``batch_file``; exit 0 when every line succeeded, else 1."""
@@ -124,16 +129,19 @@ def run_batch(
     journal = target.with_name(target.name + ".partial")
     metric_fn = resolve_metric(metric) if metric else None
     total = count_lines(source)
-    runtime = open_runtime(broker, result_backend)
+    runtime = open_runtime(broker, result_backend, modules=modules,
+                           check=refuse_modules_on_a_cluster if modules else None)
     previous = [] if fresh else read_previous(target, journal)
     done: dict[int, BatchLine] = {}
-    with journal.open("w" if fresh else "a", encoding="utf-8") as log, SecondInterruptLeaves():
+    with journal.open("w" if fresh else "a", encoding="utf-8") as log, SecondInterruptLeaves(), \
+            dropped_if_unused(journal):
         if fresh:
             log.write(json.dumps(FRESH_MARK) + "\n")
         run = submit_batch(
             program, read_items(source, plan, base), app=runtime.app, strategy=strategy, timeout=timeout,
             max_in_flight=max_in_flight or DEFAULT_MAX_IN_FLIGHT, metric=metric_fn, previous=previous,
-            fresh=fresh, on_submit=lambda line: append_line(log, line),
+            fresh=fresh, on_submit=lambda line: append_line(log, line), use_profile=not no_profile,
+            learned_timeouts=learned_timeouts,
         )
         progress = BatchProgress(total, run, enabled=sys.stderr.isatty() and not quiet)
         try:
@@ -146,6 +154,23 @@ def run_batch(
     journal.unlink(missing_ok=True)
     report(program.name, target, result, as_json)
     raise SystemExit(0 if result.count(SUCCEEDED) == len(result.lines) else 1)
+
+
+@contextlib.contextmanager
+def dropped_if_unused(journal: Path) -> Iterator[None]:
+    """A journal this run created is removed when an error stops the run before any line was journaled
+    (an invalid program, a refused module): a failed command leaves no file behind."""
+    created = not journal.exists() or journal.stat().st_size == 0
+    try:
+        yield
+    except DspexError:
+        if created and not any(json.loads(text) != FRESH_MARK for text in _lines_of(journal)):
+            journal.unlink(missing_ok=True)
+        raise
+
+
+def _lines_of(path: Path) -> list[str]:
+    return [text for text in path.read_text(encoding="utf-8").splitlines() if text.strip()] if path.exists() else []
 
 
 def collect(lines: Iterator[BatchLine], log: IO[str], progress: BatchProgress, done: dict[int, BatchLine]) -> None:

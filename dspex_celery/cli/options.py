@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from dspex_celery.bootstrap import create_runtime
-from dspex_celery.errors import ConfigError
+from dspex_celery.errors import ConfigError, UsageError
 from dspex_celery.runtime import Runtime
 from dspex_celery.settings import Settings, load_settings
 from dspex_celery.strategies.registry import STRATEGIES
@@ -68,6 +68,13 @@ def open_runtime(
     if check is not None:
         check(settings)
     return create_runtime(settings)
+
+
+def refuse_modules_on_a_cluster(settings: Settings) -> None:
+    """``run --modules`` restricts in-process runs only."""
+    if not settings.embedded:
+        raise UsageError("--modules restricts in-process runs only: on a cluster, the workers' own --modules "
+                         "decide what runs (drop --modules or --broker)")
 
 
 def cluster_runtime(broker: str | None, result_backend: str | None, command: str) -> Runtime:

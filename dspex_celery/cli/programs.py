@@ -6,13 +6,18 @@ import click
 
 from dspex_celery.cli.batch import batch_options
 from dspex_celery.cli.inputs import collect_inputs
-from dspex_celery.cli.options import in_process_connection_options, open_runtime, program_argument, strategy_option
+from dspex_celery.cli.options import (
+    in_process_connection_options,
+    open_runtime,
+    program_argument,
+    refuse_modules_on_a_cluster,
+    strategy_option,
+)
 from dspex_celery.cli.progress import submit_and_report
 from dspex_celery.cli.render import print_json
 from dspex_celery.client import submit_program
 from dspex_celery.errors import UsageError
 from dspex_celery.program import Program
-from dspex_celery.settings import Settings
 from dspex_celery.strategies.registry import choose_strategy, recommend_strategy
 
 chosen_strategy_option = strategy_option(
@@ -66,13 +71,6 @@ def run(
     submit_and_report(lambda: submit_program(program, inputs, strategy=strategy, app=runtime.app, timeout=timeout,
                                              use_profile=not no_profile, learned_timeouts=learned_timeouts),
                       as_json, quiet, detach)
-
-
-def refuse_modules_on_a_cluster(settings: Settings) -> None:
-    """``run --modules`` restricts in-process runs only."""
-    if not settings.embedded:
-        raise UsageError("--modules restricts in-process runs only: on a cluster, the workers' own --modules "
-                         "decide what runs (drop --modules or --broker)")
 
 
 @click.command()
