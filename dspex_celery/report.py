@@ -91,8 +91,7 @@ def _from_store(runtime: Runtime, execution_id: str) -> tuple[ExecutionResult, P
         ) from None
     plan = runtime.store.plan(execution_id)
     assert plan is not None  # current() checked it
-    finished_at = runtime.store.meta(execution_id).get("finished_at") if result.status.final else None
-    return result.model_copy(update={"finished_at": finished_at}), plan
+    return result, plan  # an ended execution's snapshot keeps its own finish time
 
 
 def open_history(settings: Settings) -> HistoryStore | None:
