@@ -44,6 +44,7 @@ from dspex_celery.presence import warn_if_unserved
 from dspex_celery.program import Program
 from dspex_celery.results import ExecutionResult, ExecutionStatus, describe_failure
 from dspex_celery.runtime import Runtime, runtime_of
+from dspex_celery.spec import non_finite_input
 from dspex_celery.strategies.registry import choose_strategy
 
 #: Executions submitted and not yet finished, at most (the cluster's queue depth for this batch).
@@ -269,8 +270,6 @@ def make_item(
         error = (f"{where}: missing input {', '.join(missing)} "
                  f"(program '{plan.program}' takes {', '.join(plan.inputs)})")
     elif not _is_json(inputs):
-        from dspex_celery.spec import non_finite_input
-
         error = non_finite_input(inputs, f"{where}: input") or f"{where}: inputs must be JSON values"
     return BatchItem(index, inputs, labels, line_key(merged), error)
 

@@ -48,7 +48,7 @@ from dspex_celery.results import (
 )
 from dspex_celery.routing import worker_queues
 from dspex_celery.runtime import Runtime, runtime_of
-from dspex_celery.spec import ProgramSpec
+from dspex_celery.spec import ProgramSpec, non_finite_input
 from dspex_celery.strategies.registry import choose_strategy, get_strategy
 
 ProgramLike = Program | ProgramSpec | dict[str, Any] | str | Path
@@ -455,8 +455,6 @@ def check_inputs(plan: Plan, inputs: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         declared = ", ".join(plan.inputs) or "no inputs"
         raise InputError(f"unknown input {', '.join(unknown)}: program '{plan.program}' takes {declared}")
-    from dspex_celery.spec import non_finite_input
-
     try:
         json.dumps(inputs, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:

@@ -45,6 +45,7 @@ from dspex_celery.batch import (
 )
 from dspex_celery.cli.inputs import collect_inputs
 from dspex_celery.cli.options import open_runtime, refuse_modules_on_a_cluster
+from dspex_celery.cli.progress import INTERRUPTED
 from dspex_celery.errors import DspexError, InputError, UsageError
 from dspex_celery.plan import Plan
 from dspex_celery.program import Program
@@ -52,8 +53,6 @@ from dspex_celery.program import Program
 BATCH_PARAMS = ("batch_file", "output", "max_in_flight", "metric", "fresh")
 #: The journal's first record after ``--fresh``: the output file's lines are not reused on a resume.
 FRESH_MARK = {"fresh": True}
-#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
-INTERRUPTED_EXIT = 130
 #: ``run`` parameters a batch uses; any other one given on the command line is refused.
 SHARED_PARAMS = ("program_file", "pairs", "inputs_file", "broker", "result_backend", "strategy", "timeout", "as_json",
                  "no_profile", "learned_timeouts", "modules")
@@ -193,7 +192,7 @@ def interrupted(run: BatchRun, log: IO[str], done: dict[int, BatchLine], total: 
     except redis.RedisError as exc:
         click.echo(f"error: cannot cancel the lines in flight ({exc}): a re-run of the same command "
                    "re-attaches to them", err=True)
-        raise SystemExit(INTERRUPTED_EXIT) from None
+        raise SystemExit(INTERRUPTED) from None
     for line in ended:
         done[line.index] = line
         append_line(log, line)
@@ -202,7 +201,7 @@ def interrupted(run: BatchRun, log: IO[str], done: dict[int, BatchLine], total: 
         f"cancelled {cancelled} running line{_s(cancelled)}; {len(done) - cancelled} of {total} lines done, "
         f"{total - len(done)} not run: re-run the same command to resume (lines done are reused)", err=True,
     )
-    raise SystemExit(INTERRUPTED_EXIT)
+    raise SystemExit(INTERRUPTED)
 
 
 class SecondInterruptLeaves:
@@ -231,7 +230,7 @@ class SecondInterruptLeaves:
             raise KeyboardInterrupt
         os.write(2, b"\ninterrupted again: left at once; executions not cancelled yet go on and a re-run of "
                     b"the same command re-attaches to them\n")
-        os._exit(INTERRUPTED_EXIT)
+        os._exit(INTERRUPTED)
 
 
 def _s(count: int) -> str:
