@@ -27,6 +27,7 @@ from dspex_celery.errors import (
     StateStoreUnreachable,
     UnknownExecution,
     UsageError,
+    reason_of,
 )
 from dspex_celery.execution import (
     TAKEOVER_CHECK_S,
@@ -130,7 +131,7 @@ class ExecutionHandle:
         raise UnknownExecution(f"unknown or expired execution '{self.execution_id}'")
 
     def _unreachable(self, exc: BaseException) -> StateStoreUnreachable:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = reason_of(exc)
         return StateStoreUnreachable(
             self.execution_id,
             f"execution {self.execution_id}: the state store (result backend) does not answer ({reason}); "

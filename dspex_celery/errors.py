@@ -12,6 +12,13 @@ if TYPE_CHECKING:  # errors is the lowest floor: it imports results for typing o
     from dspex_celery.results import ExecutionResult
 
 
+def reason_of(exc: BaseException) -> str:
+    """The first line of an error's message, for a one-line report (SQLAlchemy's wrapped driver error
+    unwrapped; the error's type when it says nothing)."""
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class DspexError(Exception):
     """Base of every error raised on purpose by dspex-celery."""
 

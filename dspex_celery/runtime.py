@@ -12,7 +12,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from dspex_celery.errors import BrokerUnreachable
+from dspex_celery.errors import BrokerUnreachable, reason_of
 from dspex_celery.hooks import HookChain
 from dspex_celery.redis_queues import RedisQueues
 from dspex_celery.results import ModuleRecord
@@ -63,7 +63,7 @@ class Runtime:
             self.store.client.ping()
         except redis.RedisError as exc:
             raise BrokerUnreachable(
-                f"cannot reach the result backend at {redact(self.settings.state_url)} ({_reason(exc)}): "
+                f"cannot reach the result backend at {redact(self.settings.state_url)} ({reason_of(exc)}): "
                 "start Redis or pass --result-backend URL"
             ) from None
 
@@ -73,13 +73,9 @@ class Runtime:
                 connection.ensure_connection(max_retries=1, timeout=3)
         except Exception as exc:  # kombu raises many transport-specific errors
             raise BrokerUnreachable(
-                f"cannot reach the broker at {redact(self.settings.broker_url)} ({_reason(exc)}): "
+                f"cannot reach the broker at {redact(self.settings.broker_url)} ({reason_of(exc)}): "
                 "start it or pass --broker URL"
             ) from None
-
-
-def _reason(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def runtime_of(app: Celery) -> Runtime:

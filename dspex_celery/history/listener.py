@@ -21,6 +21,7 @@ from typing import Any
 import redis
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
 
+from dspex_celery.errors import reason_of
 from dspex_celery.history.events import Event, decode, describe, snapshot
 from dspex_celery.history.hooks import stream_key
 from dspex_celery.history.store import HistoryStore
@@ -100,7 +101,7 @@ class Listener:
                 log.info("history listener: consumer group '%s' recreated, %d execution(s) reconciled",
                          self.group, reconciled)
                 return False
-        self.note(self.outage(exc) or f"could not write events ({_reason(exc)})", exc,
+        self.note(self.outage(exc) or f"could not write events ({reason_of(exc)})", exc,
                   f"; retrying every {RETRY_AFTER_ERROR_S:g} s")
         return True
 
@@ -125,9 +126,9 @@ class Listener:
     def outage(self, exc: Exception) -> str | None:
         """A one-line description when ``exc`` is Redis or the database not answering, else None."""
         if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
-            return f"cannot reach Redis at {redact(self.runtime.settings.state_url)} ({_reason(exc)})"
+            return f"cannot reach Redis at {redact(self.runtime.settings.state_url)} ({reason_of(exc)})"
         if isinstance(exc, OperationalError | InterfaceError):
-            return f"cannot write the history database {self.history.display_url} ({_reason(exc)})"
+            return f"cannot write the history database {self.history.display_url} ({reason_of(exc)})"
         return None
 
     def poll(self, start: str) -> int:
@@ -185,11 +186,6 @@ class Listener:
 def _group_gone(exc: Exception) -> bool:
     """The stream's consumer group no longer exists (UNBLOCKED: deleted while this listener waited)."""
     return isinstance(exc, redis.ResponseError) and str(exc).startswith(("NOGROUP", "UNBLOCKED"))
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc)  # SQLAlchemy wraps the driver's error
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _decoded(entries: Iterable[tuple[str, dict[str, str] | None]]) -> list[Event]:

@@ -23,7 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, aliased
 
-from dspex_celery.errors import ConfigError, UnknownExecution
+from dspex_celery.errors import ConfigError, UnknownExecution, reason_of
 from dspex_celery.history.events import (
     ATTEMPT_RANK,
     FINAL_RANK,
@@ -84,7 +84,7 @@ class HistoryStore:
             except SQLAlchemyError as exc:  # e.g. the lock wait timed out: look again
                 if attempt == SCHEMA_TRIES - 1:
                     raise ConfigError(
-                        f"cannot open the history database {self.display_url} ({_reason(exc)}): check DSPEX_HISTORY_URL"
+                        f"cannot open the history database {self.display_url} ({reason_of(exc)}): check DSPEX_HISTORY_URL"
                     ) from None
                 time.sleep(0.1 * (attempt + 1))
 
@@ -342,11 +342,6 @@ def optional_iso(moment: datetime | None) -> str | None:
     return None if moment is None else isoformat(moment)
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc)
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 _stores: dict[str, HistoryStore] = {}
 _stores_lock = threading.Lock()
 
@@ -372,7 +367,7 @@ def _engine(url: str, create: bool) -> Engine:
     try:
         engine = create_engine(url, pool_pre_ping=True, **_engine_options(url))
     except (SQLAlchemyError, ImportError, ValueError) as exc:
-        raise ConfigError(f"invalid history database URL {redact(url)} ({_reason(exc)}): fix DSPEX_HISTORY_URL") from None
+        raise ConfigError(f"invalid history database URL {redact(url)} ({reason_of(exc)}): fix DSPEX_HISTORY_URL") from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
