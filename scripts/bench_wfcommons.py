@@ -1,0 +1,309 @@
+"""WfCommons workflows (issue 18): makespan / LB of dspex `dag` (cold, learned profile), `levels`,
+Dask distributed and Ray on the same 8 slots, next to the informed greedy schedule and the Celery floor.
+
+    .venv/bin/python scripts/bench_wfcommons.py [--rounds 3] [--only montage ...] [--quick]
+
+The workflows are the committed JSON DAGs of ``scripts/data/wfcommons/`` (``wfcommons_data.py``
+regenerates them): ~200 tasks each, runtimes scaled so that work / 8 slots ≈ 1.2 s; every task
+sleeps its runtime. dspex: two `dspex-celery worker` subprocesses (threads pool, concurrency 4);
+Dask: a ``LocalCluster`` of 2 processes × 4 threads; Ray: ``ray.init(num_cpus=8)``, one CPU per
+task, parents passed as ObjectRefs. Makespan = first task start to last task end, from times each
+engine's tasks record themselves. Cases run in interleaved rounds (order rotated each round);
+medians. Writes its section of docs/benchmarks.md (not with ``--only`` or ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import benchlib as bench
+import redis
+from bench_dag_tasks import SLEEP
+from celery import chain, group
+from wfcommons_data import RECIPES, SLOTS, Workflow, load_all
+
+from dspex_celery import ExecutionStatus, Program, create_runtime, submit_program
+from dspex_celery.examples.synthetic import WORK
+from dspex_celery.results import parse_time
+from dspex_celery.routing import queue_name
+from dspex_celery.runtime import Runtime
+
+HEADING = "WfCommons workflows: dspex vs Ray and Dask (issue 18)"
+WORKERS = [bench.WorkerSpec(("default",), concurrency=4, pool="threads", includes=("bench_dag_tasks",))] * 2
+RUN_TIMEOUT_S = 90.0
+LEARNING_RUNS = 2
+DAG, PROFILED, LEVELS, DASK, RAY, FLOOR = "dag", "dag + learned profile", "levels", "Dask", "Ray", "Celery floor"
+ENGINES = (DAG, PROFILED, LEVELS, DASK, RAY, FLOOR)
+INFORMED = "informed greedy"
+Times = dict[str, tuple[float, float]]
+
+
+def sleep_task(ms: float, *parents: Any) -> tuple[float, float]:
+    """A task of the Ray and Dask runs: sleep ``ms``; its own (start, end), epoch seconds."""
+    start = time.time()
+    time.sleep(ms / 1000)
+    return start, time.time()
+
+
+def makespan(times: Times) -> float:
+    return max(end for _, end in times.values()) - min(start for start, _ in times.values())
+
+
+def checked(workflow: Workflow, times: Times) -> float:
+    if len(times) != len(workflow.ms):
+        raise RuntimeError(f"{workflow.name}: {len(times)} of {len(workflow.ms)} tasks recorded times")
+    return makespan(times)
+
+
+# --- dspex -------------------------------------------------------------------------------------
+
+
+def program_of(workflow: Workflow) -> dict[str, Any]:
+    modules = {name: {"uses": WORK, "inputs": {"ms": ms, **{f"p_{p}": f"${p}.value" for p in workflow.parents[name]}}}
+               for name, ms in workflow.ms.items()}
+    return {"name": f"wf-{workflow.name}", "modules": modules}
+
+
+def run_dspex(runtime: Runtime, workflow: Workflow, strategy: str, use_profile: bool = False) -> tuple[str, Times]:
+    handle = submit_program(Program.from_dict(program_of(workflow)), {}, strategy=strategy, app=runtime.app,
+                            use_profile=use_profile)
+    result = handle.get(timeout=RUN_TIMEOUT_S)
+    if result.status is not ExecutionStatus.SUCCEEDED:
+        raise RuntimeError(f"{workflow.name} ({strategy}) {result.status.value}: {result.error}")
+    times = {name: (parse_time(r.started_at).timestamp(), parse_time(r.finished_at).timestamp())
+             for name, r in result.modules.items() if r.started_at and r.finished_at}
+    return result.execution_id, times
+
+
+def learn_profiles(cluster: bench.BenchCluster, workflows: list[Workflow]) -> Runtime:
+    """``LEARNING_RUNS`` recorded dag runs of each workflow, ``optimize``d; a runtime planning with them."""
+    url = f"sqlite:///{cluster.logdir / 'history.db'}"
+    listener = bench.start_listener(cluster, url)
+    try:
+        for workflow in workflows:
+            ids = [run_dspex(cluster.runtime, workflow, DAG)[0] for _ in range(LEARNING_RUNS)]
+            bench.learn_profile(url, f"wf-{workflow.name}", ids)
+    finally:
+        listener.stop()
+    return create_runtime(cluster.settings.model_copy(update={"history_url": url}))
+
+
+def run_floor(cluster: bench.BenchCluster, workflow: Workflow) -> float:
+    """Plain Celery with no dependency tracking: the slower of a chain of the critical path's sleeps
+    and a group of every sleep at once (longest first), results ignored."""
+    app, queue = cluster.runtime.app, queue_name(cluster.namespace, "default")
+    client = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
+    longest_first = sorted(workflow.ms, key=lambda name: (-workflow.ms[name], name))
+    spans = []
+    for canvas, names in ((chain, workflow.critical_chain()), (group, longest_first)):
+        key = f"{cluster.namespace}:rawtimes:{uuid.uuid4().hex}"
+        canvas(*[app.signature(SLEEP, args=(workflow.ms[n], key, n), immutable=True, queue=queue,
+                               ignore_result=True) for n in names]).apply_async()
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while client.hlen(key) < len(names):
+            if time.monotonic() > deadline:
+                raise bench.Timeout(f"{FLOOR}: {client.hlen(key)} of {len(names)} tasks")
+            time.sleep(0.02)
+        stored = client.hgetall(key)
+        client.delete(key)
+        spans.append(makespan({n: tuple(map(float, v.strip("[]").split(","))) for n, v in stored.items()}))
+    return max(spans)
+
+
+# --- peers -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Peers:
+    """Dask distributed and Ray, started once for the whole invocation (bench-only dependencies)."""
+
+    dask: Any = None
+    ray: Any = None
+    ray_task: Any = None
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def start(self) -> None:
+        # bench-only peers (the `bench` extra), imported only by this script
+        import distributed
+        import ray
+
+        dask_cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=SLOTS // 2, processes=True,
+                                                dashboard_address=None)
+        self.dask = distributed.Client(dask_cluster)
+        self.closers += [self.dask.close, dask_cluster.close]
+        ray.init(num_cpus=SLOTS, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        self.ray, self.ray_task = ray, ray.remote(num_cpus=1)(sleep_task)
+        self.closers.append(ray.shutdown)
+
+    def stop(self) -> None:
+        for close in reversed(self.closers):
+            try:
+                close()
+            except Exception as exc:  # noqa: BLE001 - best effort at exit
+                bench.console.print(f"[yellow]closing a peer: {exc}[/yellow]")
+
+    def run_dask(self, workflow: Workflow) -> Times:
+        futures: dict[str, Any] = {}
+        for name in workflow.order:
+            futures[name] = self.dask.submit(sleep_task, workflow.ms[name], *[futures[p] for p in workflow.parents[name]],
+                                             key=f"{name}-{uuid.uuid4().hex}", pure=False)
+        values = self.dask.gather(list(futures.values()))
+        return dict(zip(futures, values, strict=True))
+
+    def run_ray(self, workflow: Workflow) -> Times:
+        refs: dict[str, Any] = {}
+        for name in workflow.order:
+            refs[name] = self.ray_task.remote(workflow.ms[name], *[refs[p] for p in workflow.parents[name]])
+        return dict(zip(refs, self.ray.get(list(refs.values()), timeout=RUN_TIMEOUT_S), strict=True))
+
+
+# --- schedules and cases ------------------------------------------------------------------------
+
+
+def list_schedule_s(workflow: Workflow, priority: dict[str, float], slots: int = SLOTS) -> float:
+    """Greedy list scheduling with zero overhead: a free slot takes the ready task of highest priority."""
+    import heapq
+
+    left = {name: len(parents) for name, parents in workflow.parents.items()}
+    ready = [(-priority[name], name) for name, count in left.items() if count == 0]
+    heapq.heapify(ready)
+    running: list[tuple[float, str]] = []
+    now = 0.0
+    while ready or running:
+        while ready and len(running) < slots:
+            name = heapq.heappop(ready)[1]
+            heapq.heappush(running, (now + workflow.ms[name] / 1000, name))
+        now, done = heapq.heappop(running)
+        for child in workflow.children[done]:
+            left[child] -= 1
+            if left[child] == 0:
+                heapq.heappush(ready, (-priority[child], child))
+    return now
+
+
+def cases(cluster: bench.BenchCluster, profiled: Runtime, peers: Peers,
+          workflows: list[Workflow]) -> dict[str, Callable[[], float]]:
+    def dspex(workflow: Workflow, strategy: str, runtime: Runtime, use_profile: bool) -> float:
+        return checked(workflow, run_dspex(runtime, workflow, strategy, use_profile)[1])
+
+    engines: dict[str, Callable[[Workflow], float]] = {
+        DAG: partial(dspex, strategy=DAG, runtime=cluster.runtime, use_profile=False),
+        PROFILED: partial(dspex, strategy=DAG, runtime=profiled, use_profile=True),
+        LEVELS: partial(dspex, strategy=LEVELS, runtime=cluster.runtime, use_profile=False),
+        DASK: lambda w: checked(w, peers.run_dask(w)),
+        RAY: lambda w: checked(w, peers.run_ray(w)),
+        FLOOR: partial(run_floor, cluster),
+    }
+    return {f"{w.name}/{engine}": partial(run, w) for w in workflows for engine, run in engines.items()}
+
+
+def warm_up(cluster: bench.BenchCluster, peers: Peers, workflow: Workflow) -> None:
+    for strategy in (DAG, LEVELS):
+        run_dspex(cluster.runtime, workflow, strategy)
+    peers.run_dask(workflow)
+    peers.run_ray(workflow)
+    run_floor(cluster, workflow)
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def geomean(values: list[float]) -> float | None:
+    return math.exp(statistics.fmean(math.log(v) for v in values)) if values else None
+
+
+def table(workflows: list[Workflow], samples: dict[str, bench.Samples]) -> tuple[list[str], list[list[str]], dict[str, float | None]]:
+    headers = ["workflow", "tasks", "LB s", INFORMED, *ENGINES]
+    rows, ratios = [], {engine: [] for engine in (INFORMED, *ENGINES)}
+    for w in workflows:
+        lb = w.lower_bound_s()
+        informed = list_schedule_s(w, w.remaining_s()) / lb
+        ratios[INFORMED].append(informed)
+        cells = [w.name, str(len(w.ms)), f"{lb:.2f}", f"{informed:.2f}"]
+        for engine in ENGINES:
+            sample = samples[f"{w.name}/{engine}"]
+            if sample.median is None:
+                cells.append("failed")
+                continue
+            ratio = sample.median / lb
+            ratios[engine].append(ratio)
+            cells.append(f"{ratio:.2f}")
+        rows.append(cells)
+    means = {engine: geomean(values) if len(values) == len(workflows) else None for engine, values in ratios.items()}
+    rows.append(["geomean", "", "", *[bench.fmt(means[engine]) for engine in (INFORMED, *ENGINES)]])
+    return headers, rows, means
+
+
+def goal_lines(means: dict[str, float | None]) -> list[str]:
+    def met(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    dag, ray, profiled, informed = means[DAG], means[RAY], means[PROFILED], means[INFORMED]
+    lines = []
+    if dag is not None and ray is not None:
+        lines.append(f"- goal `dag` cold geomean ≤ Ray's: {dag:.2f} vs {ray:.2f} — {met(dag <= ray)}")
+    if profiled is not None and informed is not None:
+        lines.append(f"- goal `dag` + learned profile ≤ 1.05 × informed greedy: {profiled:.2f} vs "
+                     f"{1.05 * informed:.2f} — {met(profiled <= 1.05 * informed)}")
+    return lines
+
+
+def docs_body(headers: list[str], rows: list[list[str]], goals: list[str], rounds: int, elapsed: float) -> str:
+    intro = (
+        "`scripts/bench_wfcommons.py`: workflows generated from WfCommons recipes (WfChef, ~200 tasks, "
+        "`scripts/data/wfcommons/`, runtimes scaled so work / 8 slots ≈ 1.2 s; every task sleeps its runtime), "
+        f"8 slots for every engine, medians of {rounds} interleaved rounds in one invocation ({elapsed:.0f} s). "
+        "Cells are makespan / LB (LB = max(critical path, work / 8)); makespan = first task start to last task end "
+        "as the tasks record them. *informed greedy*: a zero-overhead list schedule that knows every duration "
+        "(longest remaining path first). *dag + learned profile*: "
+        f"{LEARNING_RUNS} recorded `dag` runs per workflow, `optimize`d, then `use_profile`. *Celery floor*: no "
+        "engine at all — the slower of a plain Celery chain of the critical path's sleeps and a group of every "
+        "sleep (longest first). Dask: `LocalCluster` 2 processes × 4 threads; Ray: `ray.init(num_cpus=8)`, "
+        "parents passed as ObjectRefs. The machine is shared with other jobs: numbers are noisy."
+    )
+    return "\n".join([intro, "", *bench.machine_lines(WORKERS), "", bench.markdown_table(headers, rows), "", *goals])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", action="append", choices=RECIPES, metavar="WORKFLOW", help="repeatable; no docs")
+    parser.add_argument("--engine", action="append", choices=ENGINES, help="only these engines (repeatable); no docs")
+    parser.add_argument("--quick", action="store_true", help="one round, no docs")
+    args = parser.parse_args()
+    workflows = load_all(tuple(args.only or RECIPES))
+    rounds = 1 if args.quick else args.rounds
+    started = time.perf_counter()
+    peers = Peers()
+    with bench.cluster(WORKERS) as cluster:
+        try:
+            peers.start()
+            warm_up(cluster, peers, workflows[0])
+            profiled = learn_profiles(cluster, workflows)
+            chosen = {name: case for name, case in cases(cluster, profiled, peers, workflows).items()
+                      if not args.engine or name.split("/", 1)[1] in args.engine}
+            samples = bench.interleaved(chosen, rounds, on_failure=lambda *_: cluster.restart())
+        finally:
+            peers.stop()
+    samples = {f"{w.name}/{e}": samples.get(f"{w.name}/{e}", bench.Samples()) for w in workflows for e in ENGINES}
+    elapsed = time.perf_counter() - started
+    headers, rows, means = table(workflows, samples)
+    bench.print_table(f"{HEADING} — {elapsed:.0f} s", headers, rows)
+    goals = goal_lines(means)
+    for line in goals:
+        bench.console.print(line)
+    if not (args.only or args.quick or args.engine):
+        bench.write_section(HEADING, docs_body(headers, rows, goals, rounds, elapsed))
+        bench.console.print(f"written to {bench.BENCHMARKS_MD.relative_to(bench.ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
