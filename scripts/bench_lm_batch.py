@@ -1,0 +1,240 @@
+"""LM batch throughput: ``dspy.Evaluate`` in one process vs a dspex-celery batch on real workers.
+
+    .venv/bin/python scripts/bench_lm_batch.py [--lines 480] [--threads 16] [--rounds 3] [--write-docs]
+    .venv/bin/python scripts/bench_lm_batch.py --quick     # smoke run: few lines, one round, no docs
+
+The same program on both sides: ``examples/dspy_rag.yaml`` (Retrieve -> Generate, a ChainOfThought
+with its compiled demos) whose LM is ``dspex_celery.examples.latency_lm`` (the offline DummyLM, 100 ms per call,
+uncached). ``dspy.Evaluate(num_threads=T)`` runs it in this process; ``submit_batch`` runs it on
+``--workers`` real ``dspex-celery worker`` subprocesses with T threads in all, on this machine.
+Rounds interleaved; medians of lines/s and of CPU ms per module (client + worker processes' CPU
+time over the modules run; Evaluate: this process over its module calls, two per line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dspy
+import psutil
+import redis
+import yaml
+from benchlib import (
+    REDIS_URL,
+    ROOT,
+    WorkerSpec,
+    cluster,
+    fmt,
+    interleaved,
+    machine_lines,
+    markdown_table,
+    print_table,
+    ratio,
+    write_section,
+)
+from dspex_celery.examples.latency_lm import LATENCY_S, latency_lm
+
+from dspex_celery import Program, submit_batch
+from dspex_celery.examples.dspy_rag import OFFLINE_ANSWERS, Generate, Retrieve
+
+HEADING = "LM batch throughput vs dspy.Evaluate (issue 17)"
+EXAMPLE = ROOT / "examples" / "dspy_rag.yaml"
+MODULES_PER_LINE = 2
+QUESTIONS = [f"What is {topic}?" for topic in OFFLINE_ANSWERS] + ["How do I bake bread?"]
+
+
+def dataset(count: int) -> list[dict[str, str]]:
+    """Distinct questions (a line number in each), cycling over the example's topics."""
+    return [{"question": f"{QUESTIONS[index % len(QUESTIONS)]} (line {index})"} for index in range(count)]
+
+
+def cluster_program() -> Program:
+    """The RAG example with the latency LM (allow-listed on the workers)."""
+    data = yaml.safe_load(EXAMPLE.read_text())
+    data["dspy"] = {"lm": "dspex_celery.examples.latency_lm:latency_lm"}
+    program = Program.from_dict(data)
+    program.base_dir = EXAMPLE.parent  # its state: path is relative to the example
+    return program
+
+
+class RAG(dspy.Module):
+    """The same two modules, composed in-process as a DSPy user would for ``dspy.Evaluate``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.retrieve = Retrieve(k=2)
+        self.generate = Generate()
+        self.generate.load(str(EXAMPLE.parent / "dspy_rag.state.json"))
+
+    def forward(self, question: str) -> dspy.Prediction:
+        found = self.retrieve(question=question)
+        return self.generate(question=question, context=found.passages)
+
+
+def answered(example: Any, prediction: Any, trace: Any = None) -> bool:
+    return bool(getattr(prediction, "answer", None))
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Meter:
+    """CPU seconds of a set of processes (their pool children included) between two readings."""
+
+    pids: Sequence[int]
+    _start: float = 0.0
+
+    def cpu_s(self) -> float:
+        total = 0.0
+        for pid in self.pids:
+            try:
+                process = psutil.Process(pid)
+                for each in [process, *process.children(recursive=True)]:
+                    times = each.cpu_times()
+                    total += times.user + times.system
+            except psutil.NoSuchProcess:
+                continue
+        return total
+
+    def __enter__(self) -> Meter:
+        self._start = self.cpu_s()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.used_s = self.cpu_s() - self._start
+
+
+@dataclass
+class Case:
+    """lines/s (returned to ``interleaved``) and CPU ms per module of each run."""
+
+    run_once: Callable[[], tuple[float, float]]
+    cpu_ms: list[float] = field(default_factory=list)
+
+    def __call__(self) -> float:
+        lines_per_s, cpu_ms = self.run_once()
+        self.cpu_ms.append(cpu_ms)
+        return lines_per_s
+
+
+def evaluate_case(lines: int, threads: int) -> Case:
+    rag = RAG()
+    devset = [dspy.Example(**line).with_inputs("question") for line in dataset(lines)]
+
+    def run() -> tuple[float, float]:
+        evaluate = dspy.Evaluate(devset=devset, metric=answered, num_threads=threads, display_progress=False)
+        with Meter([psutil.Process().pid]) as meter:
+            start = time.perf_counter()
+            result = evaluate(rag)
+            wall = time.perf_counter() - start
+        if round(result.score) != 100:
+            raise RuntimeError(f"dspy.Evaluate scored {result.score}")
+        return lines / wall, 1000 * meter.used_s / (lines * MODULES_PER_LINE)
+
+    return Case(run)
+
+
+def batch_case(bench: Any, program: Program, lines: int, max_in_flight: int) -> Case:
+    pids = [psutil.Process().pid, *(worker.process.pid for worker in bench.workers)]
+
+    def run() -> tuple[float, float]:
+        with Meter(pids) as meter:
+            start = time.perf_counter()
+            result = submit_batch(program, dataset(lines), app=bench.runtime.app, max_in_flight=max_in_flight).get()
+            wall = time.perf_counter() - start
+        failed = [line for line in result.lines if not line.succeeded]
+        if failed:
+            raise RuntimeError(f"{len(failed)} lines did not succeed, e.g. {failed[0].status}: {failed[0].error}")
+        return lines / wall, 1000 * meter.used_s / (lines * MODULES_PER_LINE)
+
+    return Case(run)
+
+
+def redis_cpu_s() -> float:
+    info = redis.Redis.from_url(REDIS_URL).info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lines", type=int, default=480, help="lines per run (default 480)")
+    parser.add_argument("--threads", type=int, default=16, help="threads in all, both sides (default 16)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes sharing the threads (default 2)")
+    parser.add_argument("--pool", default="threads", choices=["threads", "prefork"], help="worker pool")
+    parser.add_argument("--max-in-flight", type=int, default=None, help="batch bound (default 2 x threads)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per case (median reported)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 64 lines, 1 round, no docs")
+    parser.add_argument("--write-docs", action="store_true", help=f"write the '{HEADING}' section")
+    args = parser.parse_args()
+    if args.quick:
+        args.lines, args.rounds, args.write_docs = 64, 1, False
+    args.max_in_flight = args.max_in_flight or 2 * args.threads
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    dspy.configure(lm=latency_lm())
+    program = cluster_program()
+    per_worker = max(1, args.threads // args.workers)
+    workers = [WorkerSpec(resources=("default", "io", "llm"), concurrency=per_worker, pool=args.pool)] * args.workers
+    started = time.monotonic()
+    redis_before = redis_cpu_s()
+    with cluster(workers) as bench:
+        cases = {
+            f"dspy.Evaluate(num_threads={args.threads})": evaluate_case(args.lines, args.threads),
+            f"dspex-celery batch ({args.workers}×{per_worker} threads)": batch_case(
+                bench, program, args.lines, args.max_in_flight),
+        }
+        for case in cases.values():  # warm-up: imports, adapters, LMs built once per process
+            case()
+            case.cpu_ms.clear()
+        samples = interleaved(dict(cases), args.rounds)
+    elapsed = time.monotonic() - started
+    redis_used = redis_cpu_s() - redis_before
+    names = list(cases)
+    baseline = samples[names[0]].median
+    headers = ["case", "lines", "runs", "lines/s median", "min", "max", "vs dspy.Evaluate", "CPU ms / module"]
+    rows = [
+        [name, str(args.lines), str(len(sample.values)), fmt(sample.median, 1),
+         fmt(min(sample.values, default=None), 1), fmt(max(sample.values, default=None), 1),
+         fmt(ratio(sample.median, baseline), 2) + "×",
+         fmt(statistics.median(cases[name].cpu_ms) if cases[name].cpu_ms else None, 1)]
+        for name, sample in samples.items()
+    ]
+    print_table("LM batch throughput", headers, rows)
+    print(f"shared Redis CPU over the whole run (all its clients): {redis_used:.1f} s")
+    if args.write_docs:
+        write_docs(args, workers, rows, headers, elapsed)
+
+
+def write_docs(args: argparse.Namespace, workers: list[WorkerSpec], rows: list[list[str]], headers: list[str],
+               elapsed: float) -> None:
+    intro = (
+        "`.venv/bin/python scripts/bench_lm_batch.py --write-docs` — the same two-module DSPy program "
+        "(`examples/dspy_rag.yaml`: Retrieve → Generate, a ChainOfThought with compiled demos) over "
+        f"{args.lines} distinct questions, its LM the offline DummyLM taking {LATENCY_S * 1000:g} ms per "
+        f"call, uncached (`dspex_celery/examples/latency_lm.py`). `dspy.Evaluate(num_threads={args.threads})` runs it in "
+        f"the benchmark's process; `submit_batch(max_in_flight={args.max_in_flight})` runs one execution "
+        f"per line on {args.workers} real `dspex-celery worker` subprocesses ({args.threads} threads in all) "
+        "on the same machine, Redis as broker and state store. Rounds interleaved, medians of "
+        f"{args.rounds}. CPU ms / module: CPU time of the client and worker processes (Evaluate: its one "
+        "process) over the modules run (two per line); Redis's own CPU is not in it. Other jobs share "
+        "the machine's 2 cores, so the numbers are noisy."
+    )
+    body = "\n".join([intro, "", *machine_lines(workers), f"- whole run {elapsed:.0f} s", "",
+                      markdown_table(headers, rows)])
+    write_section(HEADING, body)
+
+
+if __name__ == "__main__":
+    main()
