@@ -24,6 +24,12 @@ def task_id(execution_id: str, module: str) -> str:
     return f"{execution_id}.{module}"
 
 
+def advance_task_id(execution_id: str, stage: int, *, errback: bool = False) -> str:
+    """Celery task id of the ``advance`` task that moves an execution to ``stage``: ``EXEC.advance.N``
+    (``EXEC.advance.N.errback`` for the chord's errback), so Flower's search by execution id finds it."""
+    return f"{execution_id}.advance.{stage}" + (".errback" if errback else "")
+
+
 def module_signature(app: Celery, plan: Plan, execution_id: str, name: str, namespace: str) -> Signature:
     """The task that runs one module on a worker of its resource class."""
     return _module_signature(app, plan, execution_id, name, namespace, str(app.conf.broker_url))
@@ -62,10 +68,11 @@ def hard_time_limit(timeout_s: float) -> float:
 
 
 def advance_signature(app: Celery, execution_id: str, strategy: str, stage: int, namespace: str,
-                      broker_url: str | None = None) -> Signature:
+                      broker_url: str | None = None, *, errback: bool = False) -> Signature:
     """The small control task that moves an execution on to ``stage``."""
     options = {
         "queue": control_queue(namespace),
+        "task_id": advance_task_id(execution_id, stage, errback=errback),
         # bookkeeping goes first
         "priority": message_priority(1.0, broker_url or str(app.conf.broker_url)),
     }
@@ -83,5 +90,6 @@ def stage_signature(
     body = advance_signature(app, execution_id, strategy, stage + 1, namespace, broker_url)
     # A header task that fails instead of returning (hard time limit, revoked, crashed) makes Celery
     # skip the body and call its errbacks: advancing from there too means no chord is left hanging.
-    body.on_error(advance_signature(app, execution_id, strategy, stage + 1, namespace, broker_url))
+    body.on_error(advance_signature(app, execution_id, strategy, stage + 1, namespace, broker_url,
+                                    errback=True))
     return chord(header, body, app=app)

@@ -35,3 +35,15 @@ HARD_TIMEOUT_GRACE_S = 5.0
 
 #: Default configuration file, relative to the working directory (``DSPEX_CONFIG`` overrides).
 CONFIG_FILE = "config/dspex.yaml"
+
+#: Characters of the output (or error) summary a module task returns as its Celery result, which
+#: Flower shows in its task list; the output itself stays in the state store.
+RESULT_SUMMARY_CHARS = 200
+
+#: Seconds an entry of the shared LM cache lives after it was written: a week, long enough for the
+#: reruns of an evaluation, short enough that a changed model behind the same name is seen again.
+LM_CACHE_TTL_S = 7 * 24 * 3600
+
+#: Entries the shared LM cache keeps (least recently used go first): ~100k answers of a few KB each
+#: stay within a few hundred MB of a Redis that others share (its maxmemory is not ours to set).
+LM_CACHE_MAX_ENTRIES = 100_000

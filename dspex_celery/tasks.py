@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import reprlib
 import sys
 import threading
 from collections.abc import Callable
@@ -17,12 +18,14 @@ from celery.signals import worker_process_init
 from celery.utils.time import get_exponential_backoff_interval
 
 from dspex_celery.call_threads import CallThreads
+from dspex_celery.defaults import RESULT_SUMMARY_CHARS
 from dspex_celery.canvas import ADVANCE, RUN_MODULE
 from dspex_celery.errors import ModuleError, ModuleTimeout, TransientError, WorkerLost
 from dspex_celery.execution import Execution, lost_reason
 from dspex_celery.hooks import ModuleContext
 from dspex_celery.integrations.dspy_worker import is_lm_transient
 from dspex_celery.plan import ModulePlan, Plan
+from dspex_celery.rate_limits import is_rate_limit, retry_after_s
 from dspex_celery.results import (
     ModuleRecord,
     ModuleStatus,
@@ -148,6 +151,7 @@ class ModuleRun:
         record = first if begin.running_written else self._running_record(plan, previous)
         ctx = self._start(plan, record, stored=begin.running_written)
         ctx.begun = {hook: reply for (hook, _), reply in zip(steps, begin.step_replies, strict=False)}
+        ctx.extras["meta"] = begin.meta  # the execution's meta as begin read it (tracing, metrics)
         try:
             self.runtime.hooks.before_module(ctx)
             output = self._call(ctx, begin)
@@ -226,7 +230,7 @@ class ModuleRun:
         ctx.record = record
         self.runtime.hooks.on_record(self.execution_id, self.name, record)
         self.runtime.hooks.after_success(ctx, output)
-        return {"module": self.name, "status": record.status.value}
+        return {"module": self.name, "status": record.status.value, "output": output_summary(output)}
 
     def _failed(self, ctx: ModuleContext, error: Exception) -> dict[str, Any]:
         if self.store.is_finished(self.execution_id):
@@ -240,10 +244,10 @@ class ModuleRun:
         ctx.record = record
         self.runtime.hooks.after_failure(ctx, error, will_retry)
         if will_retry:
-            raise self.task.retry(countdown=self._backoff(ctx), exc=error, max_retries=None)
+            raise self.task.retry(countdown=self._backoff(ctx, error), exc=error, max_retries=None)
         self.execution.module_failed(self.name)
         self.strategy.module_finished(self.execution, self.name, ModuleStatus.FAILED)
-        return {"module": self.name, "status": record.status.value}
+        return {"module": self.name, "status": record.status.value, "error": short_text(message)}
 
     def _too_late(self, ctx: ModuleContext, after: Callable[[], None]) -> dict[str, Any]:
         """The execution ended (cancel, timeout, strict failure) during the call: its published
@@ -256,8 +260,45 @@ class ModuleRun:
         self.execution.fail_module(self.name, record)
         self.strategy.module_finished(self.execution, self.name, ModuleStatus.FAILED)
 
-    def _backoff(self, ctx: ModuleContext) -> float:
-        return backoff_delay(ctx.module.retry_policy, ctx.attempt, self.runtime.settings.visibility_timeout_s)
+    def _backoff(self, ctx: ModuleContext, error: BaseException) -> float:
+        """The retry's countdown: the policy's backoff, and at least a rate limit's Retry-After (up to
+        half the visibility timeout, as any countdown)."""
+        visibility = self.runtime.settings.visibility_timeout_s
+        delay = backoff_delay(ctx.module.retry_policy, ctx.attempt, visibility)
+        return max(delay, min(retry_after_s(error) or 0.0, visibility / 2))
+
+
+def _summary_repr() -> reprlib.Repr:
+    short = reprlib.Repr()  # keyword arguments need Python 3.12
+    short.maxlevel, short.maxdict, short.maxlist, short.maxstring, short.maxother = 2, 4, 4, 40, 40
+    return short
+
+
+_SUMMARY = _summary_repr()
+#: Keys of a module's output shown in its task result; the rest are counted.
+SUMMARY_KEYS = 6
+
+
+def output_summary(output: dict[str, Any]) -> dict[str, Any]:
+    """A size-bounded copy of a module's output for its task result (what Flower shows): the first
+    keys, numbers as they are, strings cut short, containers as a short repr."""
+    shown = dict(list(output.items())[:SUMMARY_KEYS])
+    summary = {key[:40]: _short(value) for key, value in shown.items()}
+    if len(output) > SUMMARY_KEYS:
+        summary["..."] = f"{len(output) - SUMMARY_KEYS} more keys"
+    return summary
+
+
+def _short(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    text = value if isinstance(value, str) else _SUMMARY.repr(value)
+    return short_text(text, RESULT_SUMMARY_CHARS // SUMMARY_KEYS)
+
+
+def short_text(text: str, limit: int = RESULT_SUMMARY_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (ending with ``...`` when cut)."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def backoff_delay(policy: RetryPolicy, attempt: int, visibility_timeout_s: float) -> float:
@@ -325,7 +366,8 @@ def is_transient(error: BaseException, module: ModulePlan) -> bool:
     extra = tuple(_error_class(path) for path in module.retry_policy.on)
     if isinstance(error, BUILTIN_TRANSIENT + tuple(cls for cls in extra if cls is not None)):
         return True
-    return is_lm_transient(error)  # DSPy integration: LM rate limits, overload, connection errors
+    # DSPy integration: LM rate limits, overload, connection errors; and any HTTP 429
+    return is_lm_transient(error) or is_rate_limit(error)
 
 
 def _error_class(path: str) -> type[BaseException] | None:

@@ -110,6 +110,41 @@ def test_every_module_run_is_in_flower(cluster: Cluster, flower: str, tmp_path) 
     assert tasks[f"{handle.execution_id}.first"]["retries"] == 0
 
 
+def test_search_by_execution_id_lists_every_task_of_a_levels_run(cluster: Cluster, flower: str) -> None:
+    # Given a two-level program run by the levels strategy (a chord per level, an advance task after each)
+    prog = program("leveled", {
+        "first": {"uses": "tests.modules.basic:echo", "inputs": {"text": "x" * 500, "n": 7}},
+        "second": {"uses": "tests.modules.basic:add", "inputs": {"a": "$first.n", "b": 1}},
+    })
+    handle = cluster.submit(prog, strategy="levels")
+    assert handle.get(timeout=60).status is ExecutionStatus.SUCCEEDED
+    execution = handle.execution_id
+    # When Flower is searched by the execution id, Then it lists the module runs and the advances too
+    wanted = {f"{execution}.first", f"{execution}.second", f"{execution}.advance.1", f"{execution}.advance.2"}
+    tasks = wait_for_task_ids(flower, execution, wanted)
+    advances = {tid: task["name"] for tid, task in tasks.items() if ".advance." in tid}
+    assert set(advances.values()) == {"dspex.advance"}, advances
+    # And every task of the execution carries its id (none has a random UUID)
+    assert all(tid.startswith(f"{execution}.") for tid in tasks), sorted(tasks)
+    # And a module's result shows a short summary of its output, bounded in size
+    first = tasks[f"{execution}.first"]["result"]
+    assert "'status': 'succeeded'" in first and "'output': {'n': 7, 'text': 'xxx" in first, first
+    assert "x" * 100 not in first and len(first) < 400, first
+    assert "'sum': 8" in tasks[f"{execution}.second"]["result"]
+
+
+def wait_for_task_ids(base: str, execution_id: str, wanted: set[str], timeout: float = 30) -> dict[str, dict]:
+    """Flower's tasks found by searching for ``execution_id``, once ``wanted`` have all succeeded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = get(f"{base}/api/tasks?search={execution_id}", AUTH)
+        tasks = json.loads(body) if status == 200 else {}
+        if {tid for tid in wanted if tasks.get(tid, {}).get("state") == "SUCCESS"} == wanted:
+            return tasks
+        assert time.monotonic() < deadline, f"flower has {sorted(tasks)} ({status}), wanted {sorted(wanted)}"
+        time.sleep(0.3)
+
+
 def test_api_needs_credentials(flower: str) -> None:
     assert get(f"{flower}/api/tasks")[0] == 401
     assert get(f"{flower}/api/tasks", "ops:wrong")[0] == 401
