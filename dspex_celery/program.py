@@ -10,7 +10,7 @@ import copy
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, Self
 
 from dspex_celery.errors import UsageError
 from dspex_celery.graph import package_of
@@ -41,7 +41,7 @@ class Program:
         self._spec: ProgramSpec | None = None
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "program") -> Program:
+    def from_dict(cls, data: dict[str, Any], source: str = "program") -> Self:
         program = cls.__new__(cls)
         program._data = _copy(data)
         program.source = source
@@ -49,7 +49,7 @@ class Program:
         return program
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Program:
+    def from_file(cls, path: str | Path) -> Self:
         program = cls.from_dict(load_program_file(path), source=str(path))
         program.base_dir = Path(path).resolve().parent
         return program
@@ -74,7 +74,7 @@ class Program:
         depends_on: list[str] | tuple[str, ...] = (),
         resource: str | None = None,
         **options: Any,
-    ) -> Program:
+    ) -> Self:
         """Add a module (``options`` are other module keys: ``with_``, ``retry``, ``timeout_s``).
 
         ``uses`` may be a ``dspy.Module`` instance of an importable class: its state is saved as
@@ -94,7 +94,7 @@ class Program:
         self._spec = None
         return self
 
-    def set_outputs(self, outputs: dict[str, Any]) -> Program:
+    def set_outputs(self, outputs: dict[str, Any]) -> Self:
         self._data["outputs"] = outputs
         self._spec = None
         return self
@@ -119,7 +119,7 @@ class Program:
         uses = [module.uses for module in self.spec.modules.values()] + spec_factories(self.spec)
         return {package_of(path) for path in uses}
 
-    def using(self, **options: Any) -> Program:
+    def using(self, **options: Any) -> Self:
         """How :meth:`forward` runs: ``submit_program`` keywords (``app``, ``strategy``, ``timeout``)."""
         self.run_options = MappingProxyType({**self.run_options, **options})
         return self
@@ -130,11 +130,19 @@ class Program:
         Embedded (in-process) unless :meth:`using` or ``DSPEX_*`` settings name a cluster; a failed
         execution raises :class:`~dspex_celery.errors.ExecutionFailed`.
         """
+        return self.run(inputs)
+
+    def run(self, inputs: dict[str, Any]) -> Any:
+        """:meth:`forward` with its inputs as one mapping: runs :meth:`runnable` through ``Program.runner``."""
         runner = type(self).runner
         if runner is None:
             raise UsageError("Program.forward: no runner is installed: import Program from dspex_celery "
                              "(or import dspex_celery.integrations.dspy)")
-        return runner(self, inputs, self.run_options)
+        return runner(self.runnable(), inputs, self.run_options)
+
+    def runnable(self) -> Program:
+        """The program that :meth:`run` submits: this one (a DSPy ``Program`` adds its compiled state)."""
+        return self
 
     def __call__(self, **inputs: Any) -> Any:
         return self.forward(**inputs)

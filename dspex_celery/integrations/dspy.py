@@ -3,6 +3,9 @@
 - ``Program.forward`` / ``Program(...)`` run the program through the client and return a
   ``dspy.Prediction``: this module installs :func:`run_program` as ``Program.runner`` (importing
   ``Program`` from ``dspex_celery`` imports this module), so ``program.py`` never imports the client.
+- With dspy installed, the ``Program`` exported here (``dspex_celery.Program``) is
+  :class:`~dspex_celery.integrations.dspy_program.DspyProgram`, a ``dspy.Module``: DSPy's tools
+  (``Evaluate``, ``batch``, ``acall``, ``save``/``load``, optimizers) take it.
 - Batch runs score lines with a DSPy metric: :func:`make_example` and :func:`make_prediction`.
 
 Plan-time checks live in :mod:`~dspex_celery.integrations.dspy_plan`, the worker's LMs, state and
@@ -17,7 +20,7 @@ from typing import Any
 
 from dspex_celery.client import submit_program
 from dspex_celery.integrations.dspy_plan import dspy_available
-from dspex_celery.program import Program
+from dspex_celery.program import Program as BaseProgram
 
 __all__ = ["Outputs", "Program", "make_example", "make_prediction", "run_program"]
 
@@ -53,7 +56,7 @@ def make_example(inputs: Mapping[str, Any], labels: Mapping[str, Any]) -> Any:
     return Outputs({**inputs, **labels})
 
 
-def run_program(program: Program, inputs: dict[str, Any], options: Mapping[str, Any]) -> Any:
+def run_program(program: BaseProgram, inputs: dict[str, Any], options: Mapping[str, Any]) -> Any:
     """Run ``program`` (embedded unless ``options``/settings name a cluster) and return a Prediction.
 
     ``options`` are ``submit_program`` keywords (``app``, ``strategy``, ``timeout``); a failed
@@ -62,4 +65,11 @@ def run_program(program: Program, inputs: dict[str, Any], options: Mapping[str, 
     return make_prediction(submit_program(program, inputs, **options).get().outputs)
 
 
-Program.runner = run_program
+BaseProgram.runner = run_program
+
+#: ``dspex_celery.Program``: a ``dspy.Module`` when the [dspy] extra is installed (importing dspy costs ~0.5 s).
+Program: type[BaseProgram] = BaseProgram
+if dspy_available():
+    from dspex_celery.integrations.dspy_program import DspyProgram
+
+    Program = DspyProgram
