@@ -17,19 +17,22 @@ from dspex_celery.errors import ConfigError
 from dspex_celery.graph import UsesRefused, resolve_uses
 from dspex_celery.history.hooks import history_hooks
 from dspex_celery.hooks import Hook, HookChain
+from dspex_celery.integrations.distribute_worker import register_call_task
 from dspex_celery.redis_queues import RedisQueues
 from dspex_celery.resources import limiter_hooks
 from dspex_celery.runtime import Runtime
 from dspex_celery.settings import Settings, load_settings
 from dspex_celery.state import StateStore
 from dspex_celery.tasks import register_tasks
+from dspex_celery.tracing import tracing_hooks
 
 #: Builds a plug-in's hooks for a runtime's settings (none when the plug-in is off).
 HookFactory = Callable[[Settings], Sequence[Hook]]
 
-#: The hooks every runtime installs, in order. The breaker comes first: an open circuit fails the
-#: attempt before it waits for a resource slot.
-DEFAULT_HOOKS: tuple[HookFactory, ...] = (breaker_hooks, limiter_hooks, history_hooks)
+#: The hooks every runtime installs, in order. Tracing comes first, so a module's span covers its
+#: breaker check and slot wait; then the breaker: an open circuit fails the attempt before it waits
+#: for a resource slot.
+DEFAULT_HOOKS: tuple[HookFactory, ...] = (tracing_hooks, breaker_hooks, limiter_hooks, history_hooks)
 
 
 def create_runtime(settings: Settings | None = None, *, hooks: Iterable[Hook] | None = None) -> Runtime:
@@ -41,6 +44,7 @@ def create_runtime(settings: Settings | None = None, *, hooks: Iterable[Hook] | 
     settings = settings or load_settings()
     app = make_app(settings)
     register_tasks(app)
+    register_call_task(app)  # distribute(): one sub-module call of a dspy.Module
     chain = HookChain(default_hooks(settings) if hooks is None else list(hooks))
     runtime = Runtime(settings, app, state_store(settings), chain, set(settings.allowed_packages),
                       queues=RedisQueues.of(settings, app))
@@ -53,7 +57,7 @@ def state_store(settings: Settings) -> StateStore:
     if settings.embedded:
         return StateStore.in_memory(settings.namespace, settings.state_ttl_s)
     assert settings.state_url is not None  # make_app checked it
-    return StateStore.from_url(settings.state_url, settings.namespace, settings.state_ttl_s)
+    return StateStore.from_url(settings.state_url, settings.namespace, settings.state_ttl_s, settings.sentinel_master)
 
 
 def default_hooks(settings: Settings) -> list[Hook]:

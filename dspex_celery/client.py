@@ -51,6 +51,7 @@ from dspex_celery.routing import worker_queues
 from dspex_celery.runtime import Runtime, runtime_of
 from dspex_celery.spec import ProgramSpec, non_finite_input
 from dspex_celery.strategies.registry import choose_strategy, get_strategy
+from dspex_celery.tracing import execution_span
 
 ProgramLike = Program | ProgramSpec | dict[str, Any] | str | Path
 
@@ -316,10 +317,14 @@ def launch(
     check_visibility_timeout(runtime, plan)
     prepare_runtime(runtime, packages, plan)
     execution_id = execution_id or new_execution_id()
-    runtime.store.create(execution_id, plan, _meta(plan, strategy, inputs, timeout, source))
-    if source is not None:
-        source.copy_reusable(runtime, plan, execution_id)
-    start_execution(runtime, execution_id, strategy, plan)
+    meta = _meta(plan, strategy, inputs, timeout, source)
+    with execution_span(plan.program, execution_id, strategy) as trace_context:
+        if trace_context:
+            meta["trace"] = trace_context  # the workers' module spans are its children
+        runtime.store.create(execution_id, plan, meta)
+        if source is not None:
+            source.copy_reusable(runtime, plan, execution_id)
+        start_execution(runtime, execution_id, strategy, plan)
     handle = ExecutionHandle(runtime, execution_id, timeout)
     handle.state_seen = True
     return handle

@@ -43,6 +43,9 @@ COMMANDS: dict[str, LazyCommand] = {
     "optimize": LazyCommand(
         "dspex_celery.cli.history:optimize_command",
         "Analyse PROGRAM's history; save the profile its next runs use."),
+    "ping": LazyCommand(
+        "dspex_celery.cli.health:ping",
+        "Exit 0 when a worker (or --listener) of this deployment on this host answers; 1 when none does."),
     "plan": LazyCommand(
         "dspex_celery.cli.programs:plan", "Show how PROGRAM would run: levels, width, critical path."),
     "report": LazyCommand(

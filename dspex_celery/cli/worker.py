@@ -11,6 +11,7 @@ import click
 from dspex_celery import defaults
 from dspex_celery.cli.options import connection_options, open_runtime
 from dspex_celery.errors import ConfigError
+from dspex_celery.metrics_endpoint import prepare_metrics_dir, serve_metrics
 from dspex_celery.presence import keep_announced
 from dspex_celery.routing import worker_queues
 from dspex_celery.settings import Settings
@@ -77,6 +78,11 @@ def worker_argv(settings: Settings, resources: tuple[str, ...], concurrency: int
 @connection_options
 @click.option("-n", "--name", default=None, help="Node name (default: dspex-CLASSES-PID@HOST).")
 @click.option("-l", "--loglevel", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, envvar="DSPEX_METRICS_PORT",
+              help="Serve Prometheus metrics (module durations, attempts, failures, queue waits, breakers, "
+                   "resource slots) on this port.")
+@click.option("--metrics-address", default="127.0.0.1", show_default=True, envvar="DSPEX_METRICS_ADDRESS",
+              help="Address the metrics endpoint binds (0.0.0.0 for a scraper on another host).")
 @click.option("-E", "--task-events", is_flag=True, envvar="DSPEX_WORKER_TASK_EVENTS",
               help="Send task events from the start (as celery worker -E); Flower turns them on when it runs.")
 def worker(
@@ -90,14 +96,20 @@ def worker(
     name: str | None,
     loglevel: str,
     task_events: bool,
+    metrics_port: int | None,
+    metrics_address: str,
 ) -> None:
     """Start a worker consuming the queues of its resource classes."""
     resources = resources or (defaults.RESOURCE,)
+    if metrics_port is not None:
+        prepare_metrics_dir()  # before the pool forks and before prometheus_client is imported
     runtime = open_runtime(broker, result_backend, modules=modules, cluster="a worker needs a broker",
                            check=import_project_modules)
     import_includes(includes)
     runtime.check_reachable()
     keep_announced(runtime, resources)
+    if metrics_port is not None:
+        serve_metrics(runtime, metrics_port, metrics_address)
     runtime.app.worker_main(worker_argv(runtime.settings, resources, concurrency, pool, name, loglevel, task_events))
 
 
