@@ -13,14 +13,15 @@ from dspex_celery.errors import UsageError
 from dspex_celery.plan import Plan
 from dspex_celery.strategies.base import Strategy
 from dspex_celery.strategies.dag import DagStrategy
+from dspex_celery.strategies.forward import ForwardStrategy
 from dspex_celery.strategies.levels import LevelsStrategy, SequentialStrategy
 
 #: Strategies are stateless: one instance of each per process (asked for on every module).
-_STRATEGIES: tuple[Strategy, ...] = (LevelsStrategy(), SequentialStrategy(), DagStrategy())
+_STRATEGIES: tuple[Strategy, ...] = (LevelsStrategy(), SequentialStrategy(), DagStrategy(), ForwardStrategy())
 _BY_NAME: dict[str, Strategy] = {strategy.name: strategy for strategy in _STRATEGIES}
 
-#: The strategies' names (what ``--strategy`` accepts).
-STRATEGIES: tuple[str, ...] = tuple(_BY_NAME)
+#: The strategies' names (what ``--strategy`` accepts; ``forward`` is only for ``distribute``'s executions).
+STRATEGIES: tuple[str, ...] = tuple(name for name in _BY_NAME if name != ForwardStrategy.name)
 
 #: What an execution whose meta names no strategy (it expired meanwhile) is taken to run with.
 FALLBACK_STRATEGY = "levels"

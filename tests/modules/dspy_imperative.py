@@ -1,0 +1,132 @@
+"""Imperative dspy.Modules that ``dspex_celery.distribute`` runs unchanged (tests/test_distribute.py).
+
+``Slow`` is a leaf sub-module (no sub-modules of its own: one call on a worker) that sleeps and counts
+its calls in a Redis hash when given a counter; ``dspy.Predict`` calls use ``dummy_lm`` (DummyLM in
+dict mode) with ``tests.modules.dspy_mods:inline_demos_adapter``, which puts demos in the last
+message, so a compiled demo (with ``DEMO_MARKER``) changes the answer.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import dspy
+import redis
+from dspy.utils import DummyLM
+
+DEMO_MARKER = "DEMO-91c2"
+COMPILED_ANSWER = "answered with the demo"
+ANSWERS: dict[str, dict[str, str]] = {
+    DEMO_MARKER: {"answer": COMPILED_ANSWER},
+    "capital of france": {"answer": "Paris"},
+    "[[ ## question ## ]]": {"answer": "unknown"},
+}
+LM = "tests.modules.dspy_imperative:dummy_lm"
+ADAPTER = "tests.modules.dspy_mods:inline_demos_adapter"
+
+
+def dummy_lm() -> DummyLM:
+    return DummyLM(ANSWERS)
+
+
+def count(counter: tuple[str | None, str | None], field: str) -> None:
+    url, key = counter
+    if url and key:
+        redis.Redis.from_url(url).hincrby(key, field, 1)
+
+
+class Slow(dspy.Module):
+    """``label(text)`` appended to the previous call's text, after ``seconds``."""
+
+    def __init__(self, label: str = "S", seconds: float = 0.0, counter_url: str | None = None,
+                 counter_key: str | None = None) -> None:
+        super().__init__()
+        self.label, self.seconds, self.counter = label, seconds, (counter_url, counter_key)
+
+    def forward(self, text: str, previous: Any = None) -> dspy.Prediction:
+        count(self.counter, self.label)
+        time.sleep(self.seconds)
+        prior = previous.text if previous is not None else ""
+        return dspy.Prediction(text=f"{prior}{self.label}({text})")
+
+
+class TwoAndLoop(dspy.Module):
+    """Two independent slow calls, a loop of dependent ones (each gets the last's lazy result) and an
+    LM call whose answer decides a branch."""
+
+    def __init__(self, hops: int = 3, seconds: float = 0.0) -> None:
+        super().__init__()
+        self.hops = hops
+        self.left = Slow("L", seconds)
+        self.right = Slow("R", seconds)
+        self.step = Slow("S")
+        self.respond = dspy.Predict("question -> answer")
+
+    def forward(self, question: str) -> dspy.Prediction:
+        left = self.left(text=question)
+        right = self.right(text=question)
+        draft = None
+        for _ in range(self.hops):
+            draft = self.step(text=question, previous=draft)
+        answer = self.respond(question=question).answer
+        verdict = "known" if answer != "unknown" else "unknown"
+        assert draft is not None
+        return dspy.Prediction(left=left.text, right=right.text, draft=draft.text, answer=answer, verdict=verdict)
+
+
+class Chain(dspy.Module):
+    """``steps`` sequential slow calls, each waiting for the one before (for the replay test)."""
+
+    def __init__(self, steps: int = 4, seconds: float = 0.3, counter_url: str | None = None,
+                 counter_key: str | None = None) -> None:
+        super().__init__()
+        self.steps = steps
+        self.step = Slow("C", seconds, counter_url, counter_key)
+
+    def forward(self, text: str) -> dspy.Prediction:
+        out = ""
+        for index in range(self.steps):
+            out = self.step(text=f"{text}{index}{out[-3:]}").text
+        return dspy.Prediction(text=out)
+
+
+class QA(dspy.Module):
+    """One Predict; forward returns its (lazy) result as it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.respond = dspy.Predict("question -> answer")
+
+    def forward(self, question: str) -> dspy.Prediction:
+        return self.respond(question=question)
+
+
+class NeedsArgs(dspy.Module):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.respond = dspy.Predict("question -> answer")
+
+    def forward(self, question: str) -> dspy.Prediction:
+        return self.respond(question=question)
+
+
+class NotJson(dspy.Module):
+    """A leaf whose output is a set (not JSON)."""
+
+    def forward(self, question: str) -> dspy.Prediction:
+        return dspy.Prediction(words=set(question.split()))
+
+
+class UsesNotJson(dspy.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.split = NotJson()
+
+    def forward(self, question: str) -> dspy.Prediction:
+        return dspy.Prediction(words=sorted(self.split(question=question).words))
+
+
+def exact_answer(example: Any, prediction: Any, trace: Any = None) -> bool:
+    return bool(example.answer == prediction.answer)
