@@ -8,10 +8,11 @@ from contextvars import ContextVar
 from typing import Any
 
 from celery import Celery
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 
 from dspex_celery import defaults
 from dspex_celery.errors import ConfigError
+from dspex_celery.redis_clients import CLUSTER_SCHEMES, SENTINEL_SCHEMES, connect, is_sentinel_url, require_master
 from dspex_celery.routing import PRIORITY_LEVELS, control_queue
 from dspex_celery.settings import Settings, redact
 from dspex_celery.transport import TRANSPORT, transport_options
@@ -56,6 +57,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if str(settings.broker_url).startswith(("redis://", "rediss://")):
         config["broker_transport"] = TRANSPORT
         config["broker_transport_options"].update(transport_options(settings.namespace, settings.visibility_timeout_s))
+    if is_sentinel_url(settings.broker_url):  # kombu's Sentinel transport, with this deployment's unacked keys
+        config["broker_transport_options"].update(transport_options(settings.namespace, settings.visibility_timeout_s))
+        config["broker_transport_options"]["master_name"] = require_master(settings.broker_url, settings.sentinel_master)
+    if not settings.embedded and is_sentinel_url(settings.state_url):
+        config["result_backend_transport_options"]["master_name"] = require_master(settings.state_url,
+                                                                                   settings.sentinel_master)
     if settings.embedded:
         config["broker_transport_options"]["polling_interval"] = defaults.EMBEDDED_POLL_S
         config["result_chord_retry_interval"] = defaults.EMBEDDED_POLL_S
@@ -70,10 +77,10 @@ def _result_backend(settings: Settings) -> str:
             f"no Redis result backend for broker {redact(settings.broker_url)}: set DSPEX_RESULT_BACKEND "
             "(or --result-backend) to a redis:// URL; the execution state store lives there"
         )
-    if not settings.state_url.startswith(("redis://", "rediss://", "unix://")):
+    if not settings.state_url.startswith(("redis://", "rediss://", "unix://", *CLUSTER_SCHEMES, *SENTINEL_SCHEMES)):
         raise ConfigError(
             f"result backend {redact(settings.state_url)} is not Redis: dspex-celery keeps execution "
-            "state in the result backend and needs a redis:// URL"
+            "state in the result backend and needs a redis://, redis-cluster:// or sentinel:// URL"
         )
     return settings.state_url
 
@@ -109,10 +116,45 @@ class RedisResultBackend(RedisBackend):
         return super().add_pending_result(result, weak=weak, start_drainer=start_drainer)
 
 
+class SentinelResultBackend(RedisResultBackend, SentinelBackend):
+    """Celery's Sentinel result backend (the master named in ``master_name``), subscribing as above."""
+
+
+class ClusterResultBackend(RedisResultBackend):
+    """The Redis result backend on a Redis Cluster (Celery has none built in): a ``RedisCluster``
+    client, a group's keys (``celery-taskset-meta-{GROUP}.j``, ``.t``, ...) under one hash tag, so
+    Celery's chord scripts touch one slot, ``mget`` split by slot, and a result stored, then published
+    (no pipeline) on the task's channel; a cluster's PUBLISH reaches subscribers on every node."""
+
+    def _params_from_url(self, url: str, defaults: dict[str, Any]) -> dict[str, Any]:
+        return {"url": url}
+
+    def as_uri(self, include_password: bool = False) -> str:
+        return str(self.url) if include_password else redact(self.url)
+
+    def _create_client(self, **params: Any) -> Any:
+        return connect(params["url"], decode_responses=False)
+
+    def get_key_for_group(self, group_id: str, key: str = "") -> Any:
+        return super().get_key_for_group(f"{{{group_id}}}", key)
+
+    def mget(self, keys: list[Any]) -> Any:
+        return self.client.mget_nonatomic(keys)
+
+    def _set(self, key: Any, value: Any, expires: int | None = None) -> None:
+        """Store, then publish (a cluster pipeline cannot publish)."""
+        expires = self.expires if expires is None else expires
+        self.client.set(key, value, ex=expires or None)
+        self.client.publish(key, value)
+
+
 def make_app(settings: Settings) -> Celery:
     """A Celery app configured for ``settings`` (``bootstrap.create_runtime`` registers the tasks)."""
     app = Celery(f"dspex-{settings.namespace}", set_as_current=False)
     backend = f"{__name__}:{RedisResultBackend.__name__}"
-    app.loader.override_backends = {"redis": backend, "rediss": backend}
+    app.loader.override_backends = {
+        "redis": backend, "rediss": backend, "sentinel": f"{__name__}:{SentinelResultBackend.__name__}",
+        **{scheme.removesuffix("://"): f"{__name__}:{ClusterResultBackend.__name__}" for scheme in CLUSTER_SCHEMES},
+    }
     app.conf.update(celery_config(settings))
     return app

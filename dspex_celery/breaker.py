@@ -96,7 +96,10 @@ class CircuitBreaker(Hook):
     """Fails attempts of a module fast while its circuit is open; counts its failed calls."""
 
     def begin_step(self, runtime: Runtime, plan: Plan, module: ModulePlan) -> LuaStep | None:
-        """Take the circuit's verdict in the same round trip that starts a first attempt."""
+        """Take the circuit's verdict in the same round trip that starts a first attempt (on one Redis: on
+        a Redis Cluster the circuit's key is in another slot than the execution's, so it is asked apart)."""
+        if runtime.store.clustered:
+            return None
         acquire = self._acquire(runtime.store, plan, module)
         return None if acquire is None else LuaStep(_ACQUIRE_BODY, *acquire)
 

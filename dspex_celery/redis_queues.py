@@ -96,8 +96,9 @@ class RedisQueues:
 
 
 def _same_redis(broker_url: str | None, state_url: str | None) -> bool:
-    """True when both URLs are Redis and name the same server and database."""
-    if not broker_url or not state_url or not broker_url.startswith(("redis://", "rediss://")):
+    """True when both URLs are Redis and name the same server and database (never a Redis Cluster or a
+    Sentinel-managed store: a cluster's script may not write a queue's key, in another slot)."""
+    if not broker_url or not state_url or not all(url.startswith(("redis://", "rediss://")) for url in (broker_url, state_url)):
         return False
     try:
         broker, state = parse_url(broker_url), parse_url(state_url)

@@ -134,13 +134,19 @@ def parse_limits(raw: Mapping[str, Any]) -> dict[str, ResourceLimit]:
 
 def lease_keys(store: StateStore, resource: str) -> tuple[str, str, str]:
     """Redis keys of a class: leases (zset holder -> expiry ms), holders (hash), starts (zset)."""
-    base = store.global_key(f"res:{resource}")
+    base = class_key(store, resource)
     return f"{base}:leases", f"{base}:holders", f"{base}:starts"
+
+
+def class_key(store: StateStore, resource: str) -> str:
+    """``{ns}:res:{CLASS}``, the start of a class's keys: the hash tag ``{CLASS}`` keeps them in one
+    Redis Cluster slot, so one script may touch them all."""
+    return store.global_key(f"res:{{{resource}}}")
 
 
 def wake_key(store: StateStore, resource: str) -> str:
     """A list a release pushes a token to; a waiter blocks on it (BLPOP) between tries."""
-    return store.global_key(f"res:{resource}:wake")
+    return f"{class_key(store, resource)}:wake"
 
 
 # --- leases ----------------------------------------------------------------------------------
@@ -315,7 +321,7 @@ def snapshot(store: StateStore, limits: Mapping[str, ResourceLimit]) -> list[dic
 def _seen(store: StateStore) -> set[str]:
     prefix, suffix = store.global_key("res:"), ":leases"
     keys = store.client.scan_iter(match=f"{prefix}*{suffix}", count=500)
-    return {key[len(prefix) : -len(suffix)] for key in keys}
+    return {key[len(prefix) : -len(suffix)].strip("{}") for key in keys}
 
 
 def _class_snapshot(store: StateStore, name: str, limit: ResourceLimit | None, now_ms: int) -> dict[str, Any]:

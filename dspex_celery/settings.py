@@ -31,7 +31,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DSPEX_", extra="ignore", frozen=True)
 
     broker_url: str | None = Field(default=None, description="Celery broker; none = embedded.")
-    result_backend: str | None = Field(default=None, description="Redis URL of results + state.")
+    result_backend: str | None = Field(
+        default=None,
+        description="Redis URL of results + state: redis://, rediss://, unix://, redis-cluster://HOST:PORT[,HOST:PORT...] "
+        "(a Redis Cluster) or sentinel://HOST:PORT[;sentinel://...] (with sentinel_master).",
+    )
+    sentinel_master: str | None = Field(
+        default=None,
+        description="The master name Sentinel monitors, for sentinel:// result backend and broker URLs.",
+    )
     modules: str = Field(default="", description="Comma-separated allow-listed packages.")
     namespace: str = defaults.NAMESPACE
     state_ttl_s: int = defaults.STATE_TTL_S
@@ -86,7 +94,7 @@ class Settings(BaseSettings):
         """Redis URL of the execution state store (the result backend, else a Redis broker)."""
         if self.result_backend:
             return self.result_backend
-        if self.broker_url and self.broker_url.startswith(("redis://", "rediss://")):
+        if self.broker_url and self.broker_url.startswith(("redis://", "rediss://", "sentinel://")):
             return self.broker_url
         return None
 

@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from dspex_celery.plan import Plan
+from dspex_celery.redis_clients import connect, is_cluster_client
 from dspex_celery.results import ModuleRecord
 
 PLAN_CACHE_SIZE = 512
@@ -110,8 +111,9 @@ class StateStore:
         self._scripts: dict[str, Any] = {}
 
     @classmethod
-    def from_url(cls, url: str, namespace: str, ttl_s: int) -> StateStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True), namespace, ttl_s)
+    def from_url(cls, url: str, namespace: str, ttl_s: int, sentinel_master: str | None = None) -> StateStore:
+        """A store on one Redis, a Redis Cluster or a Sentinel-managed master (see :mod:`redis_clients`)."""
+        return cls(connect(url, sentinel_master=sentinel_master), namespace, ttl_s)
 
     @classmethod
     def in_memory(cls, namespace: str, ttl_s: int) -> StateStore:
@@ -126,7 +128,19 @@ class StateStore:
         return self._scripts[source]
 
     def key(self, execution_id: str, part: str) -> str:
-        return f"{self.namespace}:x:{execution_id}:{part}"
+        """``{ns}:x:{EXEC}:part``: the hash tag ``{EXEC}`` puts one execution's keys in one Redis
+        Cluster slot, so each of its scripts and transactions may touch them all."""
+        return f"{self.namespace}:x:{{{execution_id}}}:{part}"
+
+    @staticmethod
+    def execution_of(key: str) -> str:
+        """The execution id in a key made by :meth:`key`."""
+        return key.rpartition("{")[2].partition("}")[0]
+
+    @property
+    def clustered(self) -> bool:
+        """A Redis Cluster: a script touches one execution's keys, or one cross-execution key, only."""
+        return is_cluster_client(self.client)
 
     def global_key(self, part: str) -> str:
         return f"{self.namespace}:{part}"

@@ -32,6 +32,7 @@ import redis
 from dspex_celery.bootstrap import create_runtime
 from dspex_celery.client import ExecutionHandle, submit_program
 from dspex_celery.program import Program
+from dspex_celery.redis_clients import connect
 from dspex_celery.results import ExecutionResult
 from dspex_celery.runtime import Runtime
 from dspex_celery.settings import Settings
@@ -64,6 +65,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_cluster_port() -> int:
+    """A free loopback port whose cluster bus port (the port + 10000) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 <= 65535 and _port_free(port + 10000):
+            return port
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def fresh_namespace(prefix: str = "t") -> str:
@@ -100,6 +118,8 @@ def subprocess_env(settings: Settings, *, inherit: Sequence[str] = (), pythonpat
         env["DSPEX_BROKER_URL"] = settings.broker_url
     if settings.result_backend:
         env["DSPEX_RESULT_BACKEND"] = settings.result_backend
+    if settings.sentinel_master:
+        env["DSPEX_SENTINEL_MASTER"] = settings.sentinel_master
     env.update(extra)
     return env
 
@@ -278,9 +298,9 @@ class Cluster:
         except redis.ConnectionError:
             pass  # a Redis that is gone (a test's own, stopped) holds no keys to delete
 
-    def _state_client(self) -> redis.Redis | None:
+    def _state_client(self) -> Any:
         url = self.settings.state_url
-        return redis.Redis.from_url(url) if url else None
+        return connect(url, sentinel_master=self.settings.sentinel_master) if url else None
 
 
 @dataclass
@@ -328,3 +348,129 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=10)
+
+
+def _redis_server(port: int, workdir: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """A `redis-server` on loopback ``port`` without persistence, its files in ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(workdir), *extra]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _answers(port: int) -> bool:
+    try:
+        return bool(redis.Redis(port=port, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def _terminate(processes: Sequence[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@dataclass
+class RedisClusterServers:
+    """A Redis Cluster of ``masters`` masters (no replicas) on free loopback ports, in ``tmp``."""
+
+    tmp: Path
+    masters: int = 3
+    ports: list[int] = field(default_factory=list)
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def url(self) -> str:
+        """``redis-cluster://127.0.0.1:P1,127.0.0.1:P2,...``"""
+        return "redis-cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def start(self) -> RedisClusterServers:
+        """Start the servers, join them (``redis-cli --cluster create``) and return once every slot is served."""
+        self.ports = [free_cluster_port() for _ in range(self.masters)]
+        for port in self.ports:
+            self.processes.append(_redis_server(port, self.tmp / str(port), "--cluster-enabled", "yes",
+                                                "--cluster-config-file", f"nodes-{port}.conf",
+                                                "--cluster-node-timeout", "2000"))
+        for port in self.ports:
+            wait_for(lambda port=port: _answers(port), timeout=10, what=f"cluster node on port {port}")
+        nodes = [f"127.0.0.1:{port}" for port in self.ports]
+        subprocess.run(["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=30)
+        wait_for(self._ok, timeout=20, what="cluster_state:ok on every node")
+        return self
+
+    def _ok(self) -> bool:
+        return all(redis.Redis(port=port).cluster("info").get("cluster_state") == "ok" for port in self.ports)
+
+    def stop(self) -> None:
+        _terminate(self.processes)
+        self.processes.clear()
+
+
+@dataclass
+class SentinelServers:
+    """A Sentinel set-up on free loopback ports: a master, one replica and one sentinel watching it as
+    ``master_name`` (quorum 1, a master is down after ``down_after_ms``)."""
+
+    tmp: Path
+    master_name: str = "dspex"
+    down_after_ms: int = 1000
+    master_port: int = field(default_factory=free_port)
+    replica_port: int = field(default_factory=free_port)
+    sentinel_port: int = field(default_factory=free_port)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def url(self, db: int = 0) -> str:
+        """``sentinel://127.0.0.1:PORT/DB`` (with :attr:`master_name` as the settings' sentinel_master)."""
+        return f"sentinel://127.0.0.1:{self.sentinel_port}/{db}"
+
+    def start(self) -> SentinelServers:
+        """Start master, replica (in sync) and sentinel; return once the sentinel knows the replica."""
+        self.processes["master"] = _redis_server(self.master_port, self.tmp / "master")
+        self.processes["replica"] = _redis_server(self.replica_port, self.tmp / "replica",
+                                                  "--replicaof", "127.0.0.1", str(self.master_port))
+        wait_for(lambda: _answers(self.master_port) and _answers(self.replica_port), timeout=10, what="master and replica")
+        wait_for(self._replica_in_sync, timeout=15, what="the replica in sync")
+        config = self.tmp / "sentinel.conf"
+        config.write_text(
+            f"port {self.sentinel_port}\nbind 127.0.0.1\ndir {self.tmp}\n"
+            f"sentinel monitor {self.master_name} 127.0.0.1 {self.master_port} 1\n"
+            f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.master_name} 10000\n"
+            f"sentinel parallel-syncs {self.master_name} 1\n"
+        )
+        self.processes["sentinel"] = subprocess.Popen(["redis-server", str(config), "--sentinel"],
+                                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._sentinel_sees_replica, timeout=20, what="the sentinel to discover the replica")
+        return self
+
+    def _replica_in_sync(self) -> bool:
+        info = redis.Redis(port=self.replica_port).info("replication")
+        return info.get("master_link_status") == "up"
+
+    def _sentinel_sees_replica(self) -> bool:
+        try:
+            replicas = redis.Redis(port=self.sentinel_port).sentinel_slaves(self.master_name)
+        except redis.RedisError:
+            return False
+        return any(int(replica.get("port", 0)) == self.replica_port for replica in replicas)
+
+    def master_port_now(self) -> int:
+        """The port of the server the sentinel calls master now."""
+        _, port = redis.Redis(port=self.sentinel_port).sentinel_get_master_addr_by_name(self.master_name)
+        return int(port)
+
+    def kill_master(self) -> None:
+        """SIGKILL the first master (no goodbye to its clients); the sentinel promotes the replica."""
+        master = self.processes["master"]
+        master.kill()
+        master.wait(timeout=10)
+
+    def stop(self) -> None:
+        _terminate(list(self.processes.values()))
+        self.processes.clear()

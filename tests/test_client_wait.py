@@ -203,7 +203,7 @@ def test_workers_publish_no_result_made_up_from_lost_state(own_cluster: Cluster,
     own_redis.shutdown_nosave()
     own_redis.start()
     # When the worker fails the execution from what is left (the plan it cached)
-    wait_for(lambda: own_redis.client().hget(f"{own_cluster.settings.namespace}:x:{handle.execution_id}:rec", "first"),
+    wait_for(lambda: own_redis.client().hget(own_cluster.runtime.store.key(handle.execution_id, "rec"), "first"),
              timeout=30, what="the failed record")
     time.sleep(2)
     # Then it published no result (one that would call every other module "cancelled", 0 attempts)

@@ -174,7 +174,7 @@ class Listener:
         """Live executions, then every execution whose plan is still in the state store."""
         live = self.store.live_executions()
         pattern = self.store.key("*", "plan")
-        stored = (key.split(":")[-2] for key in self.client.scan_iter(match=pattern, count=1000))
+        stored = (self.store.execution_of(key) for key in self.client.scan_iter(match=pattern, count=1000))
         return list(dict.fromkeys([*live, *stored]))
 
     def _published(self, execution_id: str) -> dict[str, Any] | None:

@@ -1,0 +1,129 @@
+"""Redis clients of the state store: one server, a Redis Cluster, or a master that Sentinel manages.
+
+URLs (the result backend, ``--result-backend`` / ``DSPEX_RESULT_BACKEND``):
+
+- ``redis://``, ``rediss://``, ``unix://``: one server (redis-py's ``Redis.from_url``);
+- ``redis-cluster://[[user]:password@]host:port[,host:port...]``: a Redis Cluster, from any of
+  its nodes (``rediss-cluster://`` with TLS); redis-py's ``RedisCluster`` follows the slots;
+- ``sentinel://[[user]:password@]host:port[/db][;sentinel://host:port...]`` (Celery's syntax): the
+  master named by the ``sentinel_master`` setting (``DSPEX_SENTINEL_MASTER``), looked up again
+  after a failover (redis-py's ``Sentinel(...).master_for(name)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import redis
+from redis.cluster import ClusterNode, RedisCluster
+from redis.sentinel import Sentinel
+
+from dspex_celery.errors import ConfigError
+from dspex_celery.settings import redact
+
+CLUSTER_SCHEMES = ("redis-cluster://", "rediss-cluster://")
+SENTINEL_SCHEMES = ("sentinel://",)
+#: Seconds a Sentinel set-up's client tries to reach a master (failovers take a few seconds).
+SENTINEL_SOCKET_TIMEOUT_S = 5.0
+
+
+def is_cluster_url(url: str | None) -> bool:
+    return bool(url) and str(url).startswith(CLUSTER_SCHEMES)
+
+
+def is_sentinel_url(url: str | None) -> bool:
+    return bool(url) and str(url).startswith(SENTINEL_SCHEMES)
+
+
+@dataclass(frozen=True)
+class Servers:
+    """Where a cluster's (or Sentinel set-up's) servers are and how to log in."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+    tls: bool = False
+
+    def credentials(self) -> dict[str, Any]:
+        return {key: value for key, value in (("username", self.username), ("password", self.password)) if value}
+
+
+def parse_cluster_url(url: str) -> Servers:
+    """The nodes of a ``redis-cluster://`` URL (one clear line when it names none or a bad port)."""
+    scheme, _, rest = url.partition("://")
+    userinfo, at, hosts = rest.partition("/")[0].rpartition("@")
+    username, password = _userinfo(userinfo) if at else (None, None)
+    return Servers(_nodes(hosts.split(","), url), username, password, tls=scheme.startswith("rediss"))
+
+
+def parse_sentinel_url(url: str) -> Servers:
+    """The sentinels of a ``sentinel://host:port[/db];sentinel://...`` URL; login and db from the first."""
+    parts = [urlsplit(chunk) for chunk in url.split(";") if chunk.strip()]
+    first = parts[0]
+    db = first.path.strip("/") or "0"
+    if not db.isdigit():
+        raise ConfigError(f"sentinel URL {redact(url)}: the database '{db}' is not a number")
+    nodes = _nodes([part.netloc.rpartition("@")[2] for part in parts], url)
+    password = unquote(first.password) if first.password else None
+    return Servers(nodes, unquote(first.username) if first.username else None, password, int(db))
+
+
+def _userinfo(text: str) -> tuple[str | None, str | None]:
+    user, colon, password = text.partition(":")
+    return (unquote(user) or None, unquote(password) if colon else None)
+
+
+def _nodes(hosts: list[str], url: str) -> tuple[tuple[str, int], ...]:
+    nodes = []
+    for host in (item.strip() for item in hosts):
+        name, _, port = host.rpartition(":")
+        if not name or not port.isdigit():
+            raise ConfigError(f"{redact(url)}: '{host}' is not host:port (list nodes as host:port,host:port)")
+        nodes.append((name.strip("[]"), int(port)))
+    if not nodes:
+        raise ConfigError(f"{redact(url)} names no server: list them as host:port")
+    return tuple(nodes)
+
+
+def connect(url: str, *, sentinel_master: str | None = None, decode_responses: bool = True,
+            **options: Any) -> Any:
+    """A redis-py client for ``url``: ``Redis``, ``RedisCluster`` or a Sentinel-managed master."""
+    if is_cluster_url(url):
+        return cluster_client(parse_cluster_url(url), decode_responses=decode_responses, **options)
+    if is_sentinel_url(url):
+        return sentinel_master_client(url, sentinel_master, decode_responses=decode_responses, **options)
+    return redis.Redis.from_url(url, decode_responses=decode_responses, **options)
+
+
+def cluster_client(servers: Servers, **options: Any) -> RedisCluster:
+    nodes = [ClusterNode(host, port) for host, port in servers.nodes]
+    return RedisCluster(startup_nodes=nodes, ssl=servers.tls, **servers.credentials(), **options)
+
+
+def sentinel_master_client(url: str, master: str | None, **options: Any) -> redis.Redis:
+    """The client of the master Sentinel names ``master`` (it follows failovers)."""
+    servers = parse_sentinel_url(url)
+    name = require_master(url, master)
+    options.setdefault("socket_timeout", SENTINEL_SOCKET_TIMEOUT_S)
+    options.setdefault("socket_connect_timeout", SENTINEL_SOCKET_TIMEOUT_S)
+    sentinel = Sentinel(list(servers.nodes), sentinel_kwargs={"socket_timeout": SENTINEL_SOCKET_TIMEOUT_S})
+    client: redis.Redis = sentinel.master_for(name, db=servers.db, **servers.credentials(), **options)
+    return client
+
+
+def require_master(url: str | None, master: str | None) -> str:
+    """The Sentinel master name a ``sentinel://`` URL needs (one clear line when it is not set)."""
+    if not master:
+        raise ConfigError(
+            f"{redact(url)} is a Sentinel URL but no master name is set: set DSPEX_SENTINEL_MASTER "
+            "(or sentinel_master: in the config file) to the name the sentinels monitor"
+        )
+    return master
+
+
+def is_cluster_client(client: Any) -> bool:
+    """True for a Redis Cluster client: a script or transaction must then keep to one hash slot."""
+    return isinstance(client, RedisCluster)
