@@ -43,6 +43,7 @@ from dspex_celery.batch import (
     resolve_metric,
     submit_batch,
 )
+from dspex_celery.cli.distribute import is_module_reference, run_module_batch
 from dspex_celery.cli.inputs import collect_inputs
 from dspex_celery.cli.options import open_runtime, refuse_modules_on_a_cluster
 from dspex_celery.cli.progress import INTERRUPTED
@@ -70,6 +71,12 @@ def batch_options(command: Callable[..., Any]) -> Callable[..., Any]:
             if given:
                 raise UsageError(f"--{given[0].replace('_', '-')} needs --inputs-file FILE.jsonl")
             return command(**kwargs)
+        if is_module_reference(kwargs["program_file"]):  # pkg.mod:MyModule: dspex_celery/cli/distribute.py
+            return run_module_batch(kwargs["program_file"], batch_file=batch["batch_file"], output=batch["output"],
+                                    max_in_flight=batch["max_in_flight"], broker=kwargs["broker"],
+                                    result_backend=kwargs["result_backend"], lm=kwargs.get("lm"),
+                                    adapter=kwargs.get("adapter"), with_pairs=kwargs.get("with_pairs", ()),
+                                    as_json_flag=kwargs["as_json"])
         refused = [name for name in kwargs if name not in ACCEPTED_PARAMS and _given(name)]
         if refused:
             raise UsageError(f"--{refused[0].replace('_', '-')} cannot be combined with --inputs-file")

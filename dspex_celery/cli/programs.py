@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from dspex_celery.cli.batch import batch_options
+from dspex_celery.cli.distribute import is_module_reference, module_reference_options, run_module_reference
 from dspex_celery.cli.inputs import collect_inputs
 from dspex_celery.cli.options import (
     in_process_connection_options,
@@ -44,6 +45,7 @@ chosen_strategy_option = strategy_option(
 @click.option("-m", "--modules", multiple=True, metavar="PKG",
               help="In-process runs: allow only modules defined in PKG (repeatable; or DSPEX_MODULES); "
                    "without it an in-process run trusts the packages its program names.")
+@module_reference_options  # PROGRAM as pkg.mod:MyModule (a dspy.Module): --lm, --adapter, --with
 def run(
     program_file: str,
     pairs: tuple[str, ...],
@@ -58,8 +60,19 @@ def run(
     no_profile: bool,
     learned_timeouts: bool | None,
     modules: tuple[str, ...],
+    lm: str | None = None,
+    adapter: str | None = None,
+    with_pairs: tuple[str, ...] = (),
 ) -> None:
-    """Run PROGRAM and print its outputs (in-process when no broker is configured)."""
+    """Run PROGRAM and print its outputs (in-process when no broker is configured).
+
+    PROGRAM is a program file, or ``pkg.mod:MyModule``: a dspy.Module whose sub-module calls run on the
+    cluster (``-i`` are forward's arguments)."""
+    if is_module_reference(program_file):
+        run_module_reference(program_file, pairs=pairs, inputs_file=inputs_file, broker=broker,
+                             result_backend=result_backend, lm=lm, adapter=adapter, with_pairs=with_pairs,
+                             as_json_flag=as_json)
+        return
     program = Program.from_file(program_file)
     program.plan()
     inputs = collect_inputs(pairs, inputs_file)

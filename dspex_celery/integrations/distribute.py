@@ -59,7 +59,7 @@ from dspex_celery.runtime import Runtime, runtime_of
 from dspex_celery.spec import BreakerPolicy, RetryPolicy
 from dspex_celery.strategies.forward import CALLS_DONE, ForwardStrategy
 
-__all__ = ["CallFailed", "DistributedModule", "LazyResult", "distribute", "resume_forward"]
+__all__ = ["CallFailed", "CallOutputNotJson", "DistributedModule", "LazyResult", "distribute", "resume_forward"]
 
 #: The execution key part of the set of calls whose message was sent (a replay does not send them again).
 CALLS_SENT = "calls:sent"
@@ -69,6 +69,10 @@ POLL_S = 0.5
 
 class CallFailed(ModuleError):
     """A sub-module call failed on the cluster (read when its output is used)."""
+
+
+class CallOutputNotJson(CallFailed, UsageError):
+    """A sub-module returned something JSON cannot carry (fix the module: exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -131,8 +135,8 @@ def distribute(
         resources=dict(resources or {}), app=app, timeout_s=timeout_s,
         retry=RetryPolicy.model_validate(dict(retry or {})).model_dump(mode="json"),
     )
-    check_buildable(config, type(module))
     check_allowed_here(config)
+    check_buildable(config, type(module))
     return DistributedModule(module, config)
 
 
@@ -233,12 +237,7 @@ def resume_forward(execution_id: str, *, app: Celery | None = None) -> Any:
     config = Config(class_ref=spec["class"], with_=spec["with"], dspy=spec["dspy"], resources=spec["resources"],
                     app=app, timeout_s=spec.get("timeout_s"), retry=spec["retry"])
     module = rebuild_here(runtime, config, spec["state"])
-    if runtime.store.is_finished(execution_id):
-        session = ForwardSession.new(config, module, meta.get("inputs", {}))
-        session.reuse(execution_id)
-    else:
-        session = ForwardSession(config, runtime, execution_id, module, meta.get("inputs", {}))
-    return session.run()
+    return ForwardSession.new(config, module, meta.get("inputs", {}), execution_id).run()
 
 
 def rebuild_here(runtime: Runtime, config: Config, digest: str) -> Any:
@@ -391,8 +390,15 @@ class ForwardSession:
             execution_id: str | None = None) -> ForwardSession:
         """A session under ``execution_id`` (a stored one is replayed) or a fresh one, stored now."""
         runtime = config.runtime
+        store = runtime.store
+        if execution_id is not None and store.exists(execution_id) and store.is_finished(execution_id) \
+                and store.meta_field(execution_id, "status") != ExecutionStatus.SUCCEEDED.value:
+            session = cls(config, runtime, new_execution_id(), module, inputs)  # it ended: resume it
+            session.create()
+            session.reuse(execution_id)
+            return session
         session = cls(config, runtime, execution_id or new_execution_id(), module, inputs)
-        if execution_id is None or not runtime.store.exists(execution_id):
+        if execution_id is None or not store.exists(execution_id):
             session.create()
         return session
 
@@ -606,7 +612,8 @@ class ForwardSession:
             while not call.done:
                 self.changed.wait(POLL_S)
         if call.error is not None:
-            raise CallFailed(f"{self.program}: call '{name}' failed: {call.error}")
+            error = CallOutputNotJson if call.error.startswith("ModuleOutputError") else CallFailed
+            raise error(f"{self.program}: call '{name}' failed: {call.error}")
         assert call.output is not None
         return output_value(call.output, None)
 
