@@ -12,6 +12,16 @@ after at most ``lease_ttl_s``. A module waiting for a slot blocks its worker slo
 error and not an attempt); its record then says ``waiting_for`` while it waits, and ``waited_s``
 with ``started_at`` set to when it got the slot. The wait counts towards the module's
 ``timeout_s`` (Celery's time limits start when the task does).
+
+**429-adaptive limits.** When a module of a class fails with a rate-limit error (an LM's
+``RateLimitError``, HTTP 429; see :mod:`dspex_celery.rate_limits`), the class's cluster-wide limit
+backs off, AIMD: it is halved (at most once per :data:`COOLDOWN_S` or Retry-After, whichever is
+longer: errors of one burst are one event), then grows by 1 per ``recover_every_s`` without a 429,
+back up to ``max_concurrent``, where the adaptive state ends. A Retry-After also pauses the class's
+new starts until it has passed (and the retry's countdown is at least that long). A class without
+``max_concurrent`` is not limited until its first 429; its limit then starts at half the modules of
+the class that the worker process which saw the 429 was running, and climbs back to that number,
+where the class is unlimited again. ``adaptive: false`` turns this off for a class.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import re
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +51,7 @@ from pydantic import (
 
 from dspex_celery.errors import ConfigError, ResourceWaitAborted
 from dspex_celery.hooks import Hook, ModuleContext
+from dspex_celery.rate_limits import is_rate_limit, retry_after_s
 from dspex_celery.results import isoformat, utcnow
 from dspex_celery.settings import Settings
 from dspex_celery.state import StateStore
@@ -52,6 +64,12 @@ LEASE_TTL_S = 30.0
 MAX_POLL_S = 1.0
 #: Wake-up tokens kept for waiters that have not yet blocked (a stale one costs one extra try).
 WAKE_TOKENS = 32
+#: Quiet seconds (no 429) after which an adaptive limit grows by one slot.
+RECOVER_EVERY_S = 10.0
+#: Rate-limit errors within this many seconds of a halving (or its Retry-After) are the same burst.
+COOLDOWN_S = 1.0
+#: How long a process trusts its last look at whether an unconfigured class has an adaptive limit.
+ADAPTIVE_CHECK_S = 1.0
 #: Seconds per rate unit.
 RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*([smh])\s*$")
@@ -66,6 +84,23 @@ if #dead > 0 then
   redis.call('HDEL', KEYS[2], unpack(dead))
 end
 local max = tonumber(ARGV[2])
+if ARGV[7] == '1' and redis.call('EXISTS', KEYS[4]) == 1 then
+  local a = redis.call('HMGET', KEYS[4], 'limit', 'cap', 'since', 'until')
+  local limit, cap, since = tonumber(a[1]), tonumber(a[2]), tonumber(a[3])
+  local every = tonumber(ARGV[8])
+  local steps = math.floor((now - since) / every)
+  if steps > 0 then
+    limit = math.min(cap, limit + steps)
+    redis.call('HSET', KEYS[4], 'limit', limit, 'since', since + steps * every)
+  end
+  local pause = tonumber(a[4] or '0') - now
+  if pause > 0 then return pause end
+  if limit >= cap then
+    redis.call('DEL', KEYS[4])
+  elseif max == 0 or limit < max then
+    max = limit
+  end
+end
 if max > 0 and redis.call('ZCARD', KEYS[1]) >= max then return -1 end
 local rate_n = tonumber(ARGV[4])
 if rate_n > 0 then
@@ -94,6 +129,30 @@ return 1
 """
 
 
+# KEYS: the class's adaptive state (hash). ARGV: cap, Retry-After ms (0: none), cooldown ms, recover ms.
+# Halves the limit (starting from the cap) unless it was halved within the cooldown; a Retry-After
+# pauses new starts until it has passed. Returns the limit.
+_BACK_OFF = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local a = redis.call('HMGET', KEYS[1], 'limit', 'cut_at', 'until', 'halvings', 'cap')
+local cap = tonumber(a[5] or ARGV[1])
+local limit = tonumber(a[1] or cap)
+local pause = tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'cap', cap, 'last_429', now, 'since', now, 'rate_limited',
+           1 + tonumber(redis.call('HGET', KEYS[1], 'rate_limited') or '0'))
+if pause > 0 then
+  redis.call('HSET', KEYS[1], 'until', math.max(tonumber(a[3] or '0'), now + pause), 'retry_after_ms', pause)
+end
+if not a[2] or now - tonumber(a[2]) >= math.max(tonumber(ARGV[3]), pause) then
+  limit = math.max(1, math.floor(limit / 2))
+  redis.call('HSET', KEYS[1], 'limit', limit, 'cut_at', now, 'halvings', 1 + tonumber(a[4] or '0'))
+end
+redis.call('PEXPIRE', KEYS[1], (cap - limit + 1) * tonumber(ARGV[4]) + pause + 60000)
+return limit
+"""
+
+
 class ResourceLimit(BaseModel):
     """Limits of one resource class, the same on every worker."""
 
@@ -102,6 +161,8 @@ class ResourceLimit(BaseModel):
     max_concurrent: int | None = Field(default=None, ge=1, description="Modules running at once, cluster-wide.")
     rate: str | None = Field(default=None, description='Starts per unit, e.g. "60/m" (units s, m, h).')
     lease_ttl_s: float = Field(default=LEASE_TTL_S, gt=0, description="Lease lifetime without renewal.")
+    adaptive: bool = Field(default=True, description="Halve the limit on a 429; +1 per quiet interval.")
+    recover_every_s: float = Field(default=RECOVER_EVERY_S, gt=0, description="Quiet seconds per +1 slot.")
 
     @field_validator("rate")
     @classmethod
@@ -142,6 +203,11 @@ def class_key(store: StateStore, resource: str) -> str:
     """``{ns}:res:{CLASS}``, the start of a class's keys: the hash tag ``{CLASS}`` keeps them in one
     Redis Cluster slot, so one script may touch them all."""
     return store.global_key(f"res:{{{resource}}}")
+
+
+def adaptive_key(store: StateStore, resource: str) -> str:
+    """The class's adaptive limit (hash: limit, cap, halvings, since, until, ...); absent at its cap."""
+    return f"{class_key(store, resource)}:adaptive"
 
 
 def wake_key(store: StateStore, resource: str) -> str:
@@ -214,12 +280,15 @@ class LeaseKeeper:
 
 
 class ResourceLimiter(Hook):
-    """Takes a lease of the module's resource class before it runs; gives it back after."""
+    """Takes a lease of the module's resource class before it runs; gives it back after. A
+    rate-limit error backs the class's limit off (see the module's docstring)."""
 
     def __init__(self, limits: Mapping[str, ResourceLimit]) -> None:
         self.limits = dict(limits)
         self._keepers: dict[int, LeaseKeeper] = {}
         self._lock = threading.Lock()
+        self._running: Counter[str] = Counter()  # modules of each class running in this process
+        self._adaptive_seen: dict[tuple[int, str], tuple[float, bool]] = {}  # (store, class) -> (until, has one)
 
     def keeper(self, store: StateStore) -> LeaseKeeper:
         """The lease keeper of ``store`` (one per runtime)."""
@@ -228,8 +297,24 @@ class ResourceLimiter(Hook):
                 self._keepers[id(store)] = LeaseKeeper(store)
             return self._keepers[id(store)]
 
+    def limit_of(self, store: StateStore, resource: str) -> ResourceLimit | None:
+        """The class's configured limit; for an unconfigured class, a default one while it has an
+        adaptive limit (after a 429), else None (not limited)."""
+        configured = self.limits.get(resource)
+        if configured is not None:
+            return configured
+        key = (id(store), resource)
+        until, has_one = self._adaptive_seen.get(key, (0.0, False))
+        if time.monotonic() >= until:
+            has_one = bool(store.client.exists(adaptive_key(store, resource)))
+            self._adaptive_seen[key] = (time.monotonic() + ADAPTIVE_CHECK_S, has_one)
+        return ResourceLimit() if has_one else None
+
     def before_module(self, ctx: ModuleContext) -> None:
-        limit = self.limits.get(ctx.module.resource)
+        with self._lock:
+            self._running[ctx.module.resource] += 1
+        ctx.extras["resource_counted"] = True
+        limit = self.limit_of(ctx.runtime.store, ctx.module.resource)
         if limit is None:
             return
         lease = Lease(ctx.module.resource, uuid.uuid4().hex, limit.lease_ttl_s)
@@ -250,22 +335,45 @@ class ResourceLimiter(Hook):
         lease = ctx.extras.get("resource_lease")
         if lease is not None:
             self.keeper(ctx.runtime.store).untrack(lease.holder)
+        if ctx.extras.pop("resource_counted", False):
+            with self._lock:
+                self._running[ctx.module.resource] -= 1
 
     def after_success(self, ctx: ModuleContext, output: dict[str, Any]) -> None:
         self._release(ctx)
 
     def after_failure(self, ctx: ModuleContext, error: BaseException, will_retry: bool) -> None:
         self._release(ctx)
+        if is_rate_limit(error):
+            self.back_off(ctx, retry_after_s(error))
+
+    def back_off(self, ctx: ModuleContext, retry_after: float | None) -> int | None:
+        """Halve the class's cluster-wide limit after a 429 (and pause it for ``retry_after``);
+        the new limit, or None when the class is not adaptive."""
+        store, resource = ctx.runtime.store, ctx.module.resource
+        limit = self.limits.get(resource) or ResourceLimit()
+        if not limit.adaptive:
+            return None
+        with self._lock:
+            cap = limit.max_concurrent or max(1, self._running[resource])
+        script = store.script(_BACK_OFF)
+        args = [cap, int((retry_after or 0) * 1000), int(COOLDOWN_S * 1000), int(limit.recover_every_s * 1000)]
+        new_limit = int(script(keys=[adaptive_key(store, resource)], args=args))
+        self._adaptive_seen[(id(store), resource)] = (time.monotonic() + ADAPTIVE_CHECK_S, True)
+        log.warning("%s: rate-limited (429) in %s.%s; its limit is now %d of %d",
+                    resource, ctx.execution_id, ctx.module.name, new_limit, cap)
+        return new_limit
 
     def _wait_for_slot(self, ctx: ModuleContext, lease: Lease, limit: ResourceLimit) -> bool:
         """Block until the lease is taken; True when it had to wait."""
         store = ctx.runtime.store
         keeper = self.keeper(store)
-        keys = lease_keys(store, lease.resource)
+        keys = [*lease_keys(store, lease.resource), adaptive_key(store, lease.resource)]
         rate_n, window_s = limit.rate_window
         info = json.dumps({"execution_id": ctx.execution_id, "module": ctx.module.name, "attempt": ctx.attempt,
                            "worker": ctx.worker, "pid": os.getpid(), "since": isoformat(utcnow())})
-        args = [lease.holder, limit.max_concurrent or 0, int(lease.ttl_s * 1000), rate_n, int(window_s * 1000), info]
+        args = [lease.holder, limit.max_concurrent or 0, int(lease.ttl_s * 1000), rate_n, int(window_s * 1000), info,
+                int(limit.adaptive), int(limit.recover_every_s * 1000)]
         pause = 0.05
         for tries in itertools.count():
             hint = int(keeper.acquire(keys=keys, args=args))
@@ -303,9 +411,8 @@ class ResourceLimiter(Hook):
 
 
 def limiter_hooks(settings: Settings) -> list[Hook]:
-    """The limiter hook when any class is limited (validating ``resources:`` either way)."""
-    limits = parse_limits(settings.resources)
-    return [ResourceLimiter(limits)] if limits else []
+    """The limiter hook (validating ``resources:``): always, since any class may get a 429."""
+    return [ResourceLimiter(parse_limits(settings.resources))]
 
 
 # --- what `dspex-celery resources` shows -------------------------------------------------------
@@ -319,9 +426,9 @@ def snapshot(store: StateStore, limits: Mapping[str, ResourceLimit]) -> list[dic
 
 
 def _seen(store: StateStore) -> set[str]:
-    prefix, suffix = store.global_key("res:"), ":leases"
-    keys = store.client.scan_iter(match=f"{prefix}*{suffix}", count=500)
-    return {key[len(prefix) : -len(suffix)].strip("{}") for key in keys}
+    prefix = store.global_key("res:")
+    keys = store.client.scan_iter(match=f"{prefix}*", count=500)
+    return {key[len(prefix) :].rsplit(":", 1)[0].strip("{}") for key in keys if key.endswith((":leases", ":adaptive"))}
 
 
 def _class_snapshot(store: StateStore, name: str, limit: ResourceLimit | None, now_ms: int) -> dict[str, Any]:
@@ -346,4 +453,27 @@ def _class_snapshot(store: StateStore, name: str, limit: ResourceLimit | None, n
         "utilization": round(len(holders) / limit.max_concurrent, 3) if limit.max_concurrent else None,
         "starts_in_window": starts,
         "holders": sorted(holders, key=lambda holder: holder.get("since", "")),
+        "adaptive": adaptive_state(store.client.hgetall(adaptive_key(store, name)), limit, now_ms),
+    }
+
+
+def adaptive_state(raw: Mapping[str, str], limit: ResourceLimit, now_ms: int) -> dict[str, Any] | None:
+    """The class's adaptive limit as of ``now_ms`` (the growth the next acquire would apply included),
+    and why it is there; None when the class runs at its configured limit."""
+    if not raw or "limit" not in raw:
+        return None
+    cap, every_ms = int(raw["cap"]), limit.recover_every_s * 1000
+    current = min(cap, int(raw["limit"]) + int((now_ms - int(raw["since"])) // every_ms))
+    if current >= cap:
+        return None
+    halvings, every_s = int(raw.get("halvings", 0)), limit.recover_every_s
+    return {
+        "limit": current,
+        "cap": cap,
+        "halvings": halvings,
+        "rate_limited": int(raw.get("rate_limited", 0)),
+        "last_429_ago_s": round((now_ms - int(raw["last_429"])) / 1000, 3),
+        "paused_for_s": round(max(0, int(raw.get("until", 0)) - now_ms) / 1000, 3),
+        "recover_every_s": every_s,
+        "reason": f"halved {halvings}\u00d7 after 429, +1 per {every_s:g} s quiet",
     }

@@ -76,14 +76,15 @@ def flower(port: int, address: str, basic_auth: str | None, broker: str | None, 
 @connection_options
 @click.option("--json", "as_json", is_flag=True, help="Print the classes as one JSON object.")
 def resources(broker: str | None, result_backend: str | None, as_json: bool) -> None:
-    """Show resource-class limits, who holds a slot now, and utilization."""
+    """Show resource-class limits (and any a 429 lowered), who holds a slot now, and utilization."""
     runtime = cluster_runtime(broker, result_backend, "resources")
     classes = snapshot(runtime.store, parse_limits(runtime.settings.resources))
     if as_json:
         print_json({"resources": classes})
         return
     if not classes:
-        click.echo("no resource limits configured (set resources: in the config file or DSPEX_RESOURCES)")
+        click.echo("no resource limits configured (set resources: in the config file or DSPEX_RESOURCES) "
+                   "and none lowered by a 429")
         return
     Console(highlight=False).print(resource_table(classes))
 
@@ -101,13 +102,22 @@ def resource_table(classes: list[dict[str, object]]) -> Table:
         utilization = row["utilization"]
         table.add_row(
             str(row["resource"]),
-            str(row["max_concurrent"] or "-"),
+            limit_cell(row),
             str(row["rate"] or "-"),
             str(row["in_use"]),
             f"{utilization:.0%}" if isinstance(utilization, float) else "-",
             holders or "-",
         )
     return table
+
+
+def limit_cell(row: dict[str, object]) -> str:
+    """The class's limit: ``8``, or while a 429 has lowered it ``2/8 (halved 2× after 429, +1 per 10 s quiet)``."""
+    adaptive = row.get("adaptive")
+    if not isinstance(adaptive, dict):
+        return str(row["max_concurrent"] or "-")
+    paused = f", paused {adaptive['paused_for_s']:g} s (Retry-After)" if adaptive["paused_for_s"] else ""
+    return f"{adaptive['limit']}/{adaptive['cap']} ({adaptive['reason']}{paused})"
 
 
 @click.command()
