@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from dspex_celery.batch import BatchResult, BatchRun, submit_batch
     from dspex_celery.client import ExecutionHandle, submit_program
+    from dspex_celery.integrations.distribute import distribute
     from dspex_celery.errors import (
         CircuitOpen,
         DspexError,
@@ -39,6 +40,7 @@ _PUBLIC = {
     "Program": "dspex_celery.integrations.dspy",  # it installs Program.runner (forward() via the client)
     "submit_program": "dspex_celery.client",
     "submit_batch": "dspex_celery.batch",
+    "distribute": "dspex_celery.integrations.distribute",  # needs dspy (the [dspy] extra)
     "BatchRun": "dspex_celery.batch",
     "BatchResult": "dspex_celery.batch",
     "ExecutionHandle": "dspex_celery.client",
