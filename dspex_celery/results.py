@@ -61,6 +61,13 @@ class ModuleRecord(BaseModel):
     waited_s: float | None = None  # waited for a resource-class slot; started_at is after the wait
     waiting_for: str | None = None  # resource class whose slot the module is waiting for now
     lost_attempts: int = 0  # attempts whose worker process died (killed, out of memory); re-run
+    # LM usage of the module's DSPy calls, all attempts so far (usage.Usage sums them): tokens DSPy
+    # reported, cost when DSPy priced the calls, requests the shared LM cache answered / did not
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    lm_cost: float | None = None
+    lm_cache_hits: int = 0
+    lm_cache_misses: int = 0
 
 
 class ExecutionResult(BaseModel):

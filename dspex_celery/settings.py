@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -18,6 +18,7 @@ from pydantic_settings import (
 )
 
 from dspex_celery import defaults
+from dspex_celery.errors import ConfigError
 
 
 def config_file() -> Path:
@@ -62,6 +63,16 @@ class Settings(BaseSettings):
         description="Apply the optimizer's learned timeouts where a program sets no timeout_s (a program's "
         "'timeouts:' key and run --learned-timeouts/--no-learned-timeouts decide first); off: a profile "
         "changes priorities only.",
+    )
+    lm_cache: Literal["off", "redis"] = Field(
+        default="off",
+        description="Shared LM cache on workers: 'redis' answers identical DSPy LM requests anywhere in the "
+        "cluster once (JSON entries in the state store's Redis); 'off' leaves DSPy's own per-process cache.",
+    )
+    lm_cache_ttl_s: int = Field(default=defaults.LM_CACHE_TTL_S, gt=0, description="Seconds an LM cache entry lives.")
+    lm_cache_max_entries: int = Field(
+        default=defaults.LM_CACHE_MAX_ENTRIES, gt=0,
+        description="Entries the LM cache keeps; the least recently used are evicted beyond it.",
     )
 
     @field_validator("hooks", mode="before")
@@ -147,5 +158,10 @@ def _mask_before_at(text: str) -> str:
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Settings with the given flag values on top (``None`` flags are ignored)."""
-    return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    """Settings with the given flag values on top (``None`` flags are ignored); an invalid value is
+    one :class:`ConfigError` naming the setting (``DSPEX_LM_CACHE=x`` -> ``lm_cache: Input should be ...``)."""
+    try:
+        return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors())
+        raise ConfigError(f"invalid setting ({problems}): fix the DSPEX_* variable, flag or config file") from None

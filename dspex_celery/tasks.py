@@ -23,7 +23,7 @@ from dspex_celery.canvas import ADVANCE, RUN_MODULE
 from dspex_celery.errors import ModuleError, ModuleTimeout, TransientError, WorkerLost
 from dspex_celery.execution import Execution, lost_reason
 from dspex_celery.hooks import ModuleContext
-from dspex_celery.integrations.dspy_worker import is_lm_transient
+from dspex_celery.integrations.dspy_worker import is_lm_transient, metered_call, usage_fields
 from dspex_celery.plan import ModulePlan, Plan
 from dspex_celery.rate_limits import is_rate_limit, retry_after_s
 from dspex_celery.results import (
@@ -42,6 +42,7 @@ from dspex_celery.runner import (
 from dspex_celery.runtime import Runtime, runtime_of
 from dspex_celery.spec import RetryPolicy
 from dspex_celery.state import ModuleStart
+from dspex_celery.usage import Usage
 from dspex_celery.strategies.base import Strategy
 from dspex_celery.strategies.levels import StagedStrategy
 from dspex_celery.strategies.registry import FALLBACK_STRATEGY, get_strategy, strategy_of
@@ -187,6 +188,7 @@ class ModuleRun:
             worker=self.task.request.hostname,
             resource=plan.modules[self.name].resource,
             lost_attempts=previous.lost_attempts,
+            **Usage.of(previous).record_fields(),  # LM usage of all attempts
         )
 
     def _start(self, plan: Plan, record: ModuleRecord, *, stored: bool) -> ModuleContext:
@@ -209,7 +211,7 @@ class ModuleRun:
     def _call(self, ctx: ModuleContext, begin: ModuleStart) -> dict[str, Any]:
         module = ctx.module
         check_allowed(module, self.runtime.allowed_packages, ctx.plan.program)
-        function = load_callable(module)
+        function, ctx.extras["lm_meter"] = metered_call(load_callable(module), self.runtime)
         kwargs = resolve_inputs(module, begin.meta.get("inputs", {}), begin.upstream)
         ctx.extras["called"] = True  # hooks (the circuit breaker) count only failures of real calls
         return normalize_output(module, call_module(module, function, kwargs))
@@ -217,8 +219,9 @@ class ModuleRun:
     def _finished_record(self, ctx: ModuleContext, **changes: Any) -> ModuleRecord:
         finished = utcnow()
         duration = (finished - ctx.started_at).total_seconds()
+        usage = usage_fields(ctx.record, ctx.extras.get("lm_meter"))
         return ctx.record.model_copy(
-            update={"finished_at": isoformat(finished), "duration_s": round(duration, 6), **changes}
+            update={"finished_at": isoformat(finished), "duration_s": round(duration, 6), **usage, **changes}
         )
 
     def _succeeded(self, ctx: ModuleContext, output: dict[str, Any]) -> dict[str, Any]:

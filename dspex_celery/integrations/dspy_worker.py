@@ -6,10 +6,13 @@
 - ``state:`` is loaded with the module's own ``load(path)`` (JSON; DSPy refuses pickles unless
   asked); a changed state file (new mtime) makes the worker rebuild the module.
 - Retries: LM rate-limit, overload and connection errors count as transient.
+- Usage: each call's LM tokens, cost and shared-cache hits are metered (``metered_call``) for its
+  record; the shared LM cache (``lm_cache.py``) is installed on the first DSPy call when asked.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -20,9 +23,13 @@ from typing import TYPE_CHECKING, Any
 from dspex_celery.errors import LMFactoryError, ModuleStateError
 from dspex_celery.graph import resolve_uses
 from dspex_celery.integrations.dspy_plan import FACTORY_KEYS, require_dspy
+from dspex_celery.integrations.lm_cache import METER_SETTING, LMMeter, install_lm_cache
+from dspex_celery.usage import Usage
 
 if TYPE_CHECKING:
     from dspex_celery.plan import ModulePlan
+    from dspex_celery.results import ModuleRecord
+    from dspex_celery.runtime import Runtime
 
 #: LM client errors worth a retry with backoff, by module; only modules already imported count
 #: (an error of a library that was never imported cannot have been raised).
@@ -114,6 +121,25 @@ class DspyCall:
         with dspy.context(**self.settings):
             return self.function(**kwargs)
 
+    def metered(self, meter: LMMeter, **kwargs: Any) -> Any:
+        """The call, with its LM usage (DSPy's usage tracker, LM history, cache lookups) in ``meter``."""
+        import dspy  # optional dependency: as in __call__
+
+        callers = [meter.history, *(dspy.settings.caller_modules or [])]
+        with dspy.context(**self.settings, usage_tracker=meter.tracker, caller_modules=callers,
+                          **{METER_SETTING: meter}):
+            return self.function(**kwargs)
+
+
+def metered_call(function: Callable[..., Any], runtime: Runtime) -> tuple[Callable[..., Any], LMMeter | None]:
+    """``function`` and the meter of its LM usage when it is a DSPy module call (with the shared LM
+    cache installed first when the settings ask for it); ``function`` and None otherwise."""
+    if not isinstance(function, DspyCall):
+        return function, None
+    install_lm_cache(runtime)
+    meter = LMMeter()
+    return functools.partial(function.metered, meter), meter
+
 
 def wrap_dspy(module: ModulePlan, function: Callable[..., Any]) -> Callable[..., Any]:
     """``function`` as is, or wrapped in a :class:`DspyCall` when the module has ``dspy`` settings."""
@@ -148,3 +174,8 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
         seen.add(id(current))
         yield current
         current = current.__cause__ or current.__context__
+
+
+def usage_fields(record: ModuleRecord, meter: LMMeter | None) -> dict[str, Any]:
+    """The usage fields of ``record`` with the metered call's added (none without a meter)."""
+    return {} if meter is None else (Usage.of(record) + meter.usage()).record_fields()
