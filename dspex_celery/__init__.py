@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dspex_celery.batch import BatchResult, BatchRun, submit_batch
-    from dspex_celery.client import ExecutionHandle, submit_program
+    from dspex_celery.client import ExecutionHandle, asubmit_program, submit_program
     from dspex_celery.integrations.distribute import distribute
     from dspex_celery.errors import (
         CircuitOpen,
@@ -39,6 +39,7 @@ _PUBLIC = {
     # programs and running them
     "Program": "dspex_celery.integrations.dspy",  # it installs Program.runner (forward() via the client)
     "submit_program": "dspex_celery.client",
+    "asubmit_program": "dspex_celery.client",
     "submit_batch": "dspex_celery.batch",
     "distribute": "dspex_celery.integrations.distribute",  # needs dspy (the [dspy] extra)
     "BatchRun": "dspex_celery.batch",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ import redis
 from celery import Celery, states
 from celery.backends.redis import RedisBackend
 
-from dspex_celery import defaults
+from dspex_celery import aio, defaults
 from dspex_celery.app import unsubscribed_dispatch
 from dspex_celery.bootstrap import default_runtime
 from dspex_celery.canvas import hard_time_limit
@@ -106,13 +109,13 @@ class ExecutionHandle:
         try:
             result = self._wait(timeout)
         except redis.RedisError as exc:
-            raise self._unreachable(exc) from None
+            raise self.unreachable(exc) from None
         if propagate and result.status in (ExecutionStatus.FAILED, ExecutionStatus.CANCELLED):
             raise ExecutionFailed(result, describe_failure(result))
         return result
 
     def _wait(self, timeout: float | None) -> ExecutionResult:
-        result = ResultWaiter(self).wait(timeout if timeout is not None else self._remaining())
+        result = ResultWaiter(self).wait(timeout if timeout is not None else self.remaining())
         if result is not None:
             return result
         if timeout is not None:
@@ -120,6 +123,19 @@ class ExecutionHandle:
         self.check_state()  # never finish from what is left of lost state (all modules "cancelled")
         Execution(self.runtime, self.execution_id).finish(ExecutionStatus.FAILED, timeout_message(self.timeout))
         return self._wait(ENDED_WAIT_S)
+
+    def __await__(self) -> Generator[Any, None, ExecutionResult]:
+        """``await handle``: the result as :meth:`get` gives it, without blocking the event loop."""
+        return self.get_async().__await__()
+
+    async def get_async(self, timeout: float | None = None, propagate: bool = True) -> ExecutionResult:
+        """:meth:`get`, awaited: the handles of one event loop share one pub/sub connection."""
+        return await aio.get_async(self, timeout, propagate)
+
+    def watch(self, poll_s: float = aio.WATCH_POLL_S) -> AsyncIterator[aio.RecordUpdate]:
+        """``async for update in handle.watch()``: each module record as it changes
+        (``update.module``, ``update.record``), until the execution has ended."""
+        return aio.watch(self, poll_s)
 
     def check_state(self) -> None:
         """Raise when the store no longer holds the execution: :class:`StateLost` if it did before,
@@ -131,7 +147,7 @@ class ExecutionHandle:
             raise StateLost(self.execution_id)
         raise UnknownExecution(f"unknown or expired execution '{self.execution_id}'")
 
-    def _unreachable(self, exc: BaseException) -> StateStoreUnreachable:
+    def unreachable(self, exc: BaseException) -> StateStoreUnreachable:
         reason = reason_of(exc)
         return StateStoreUnreachable(
             self.execution_id,
@@ -139,7 +155,7 @@ class ExecutionHandle:
             f"the execution goes on if it comes back: check it later with dspex-celery show {self.execution_id}",
         )
 
-    def _remaining(self) -> float | None:
+    def remaining(self) -> float | None:
         return None if self._deadline is None else max(0.001, self._deadline - time.monotonic())
 
     def cancel(self) -> ExecutionResult:
@@ -184,7 +200,7 @@ class ResultWaiter:
                     data = self._next(max(until - time.monotonic(), 0.0))
                     if data is None and time.monotonic() >= next_check:
                         next_check = time.monotonic() + STATE_CHECK_S
-                        data = self._check()
+                        data = self.check()
                     self.failing_since = None
                 except redis.RedisError as exc:
                     self._retry_later(exc)
@@ -195,10 +211,10 @@ class ResultWaiter:
         finally:
             self.close()
 
-    def _check(self) -> Any:
+    def check(self) -> Any:
         """The result if it was published meanwhile; else make sure the state exists and take over
         an abandoned finish claim (its result then arrives like any other)."""
-        data = self._fetch()
+        data = self.fetch()
         if data is None:
             self.handle.check_state()
             Execution(self.runtime, self.handle.execution_id).publish_abandoned()
@@ -207,24 +223,24 @@ class ResultWaiter:
     def _next(self, seconds: float) -> Any:
         """The published result if it arrives within ``seconds``, else None."""
         if not isinstance(self.backend, RedisBackend):
-            data = self._fetch()
+            data = self.fetch()
             if data is None:
                 time.sleep(min(seconds, defaults.EMBEDDED_POLL_S * 2))
             return data
         if self.pubsub is None:
             self.pubsub = self.backend.client.pubsub(ignore_subscribe_messages=True)
             self.pubsub.subscribe(self.key)
-            data = self._fetch()  # published before the subscription took effect
+            data = self.fetch()  # published before the subscription took effect
             if data is not None:
                 return data
         message = self.pubsub.get_message(timeout=seconds)
-        return self._decode(message["data"]) if message and message["type"] == "message" else None
+        return self.decode(message["data"]) if message and message["type"] == "message" else None
 
-    def _fetch(self) -> Any:
+    def fetch(self) -> Any:
         raw = self.backend.get(self.key)
-        return None if raw is None else self._decode(raw)
+        return None if raw is None else self.decode(raw)
 
-    def _decode(self, raw: Any) -> Any:
+    def decode(self, raw: Any) -> Any:
         meta = self.backend.decode_result(raw)
         return meta.get("result") if meta.get("status") == states.SUCCESS else None
 
@@ -242,6 +258,12 @@ class ResultWaiter:
             pubsub, self.pubsub = self.pubsub, None
             with contextlib.suppress(Exception):  # closing a dead connection
                 pubsub.close()
+
+
+async def asubmit_program(program: ProgramLike, inputs: dict[str, Any] | None = None, **options: Any) -> ExecutionHandle:
+    """:func:`submit_program` without blocking the event loop (same arguments); ``await`` the handle."""
+    call = functools.partial(submit_program, program, inputs, **options)
+    return await asyncio.get_running_loop().run_in_executor(None, call)
 
 
 def cancel_execution(runtime: Runtime, execution_id: str) -> bool:
