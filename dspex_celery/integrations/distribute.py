@@ -48,6 +48,7 @@ from dspex_celery.integrations.distribute_worker import (
     call_plan_from_json,
     call_plan_json,
     output_value,
+    read_trace,
     state_digest,
     state_key,
 )
@@ -359,6 +360,8 @@ class Call:
 
     plan: ModulePlan
     waiting_for: set[str]
+    #: The caller's ``dspy.settings.trace`` (None: not tracing): the call's trace is added to it.
+    trace: list[Any] | None = None
     output: dict[str, Any] | None = None
     error: str | None = None
 
@@ -466,11 +469,20 @@ class ForwardSession:
         """Run ``forward`` here with its calls on the cluster; finish the execution with its outcome."""
         try:
             value = resolved(intercepted(self.module, self)(**self.inputs))
+            self.wait_all()
         except BaseException as exc:
             self.finish(ExecutionStatus.FAILED, f"{type(exc).__name__}: {exc}")
             raise
         self.finish(ExecutionStatus.SUCCEEDED, None)
         return value
+
+    def wait_all(self) -> None:
+        """Wait for the calls ``forward`` never read (in-process, each had run before it returned);
+        one that failed fails the forward, as it would have in-process."""
+        with self.changed:
+            names = list(self.calls)
+        for name in names:
+            self.value(name)
 
     def finish(self, status: ExecutionStatus, error: str | None) -> None:
         """Store the plan with every call made, then end the execution (open calls are cancelled)."""
@@ -491,9 +503,10 @@ class ForwardSession:
             self.counters[path] = index + 1
         name = f"{path}.{index}"
         parents: set[str] = set()
+        trace = require_dspy("distribute()").settings.trace
         inputs = {"path": path, "args": self.encode(name, list(args), parents),
-                  "kwargs": self.encode(name, kwargs, parents)}
-        self.start(Call(self.call_plan(name, path, inputs, parents), set(parents)))
+                  "kwargs": self.encode(name, kwargs, parents), "trace": trace is not None}
+        self.start(Call(self.call_plan(name, path, inputs, parents), set(parents), trace))
         return LazyResult(self, name)
 
     def call_plan(self, name: str, path: str, inputs: dict[str, Any], parents: set[str]) -> ModulePlan:
@@ -587,6 +600,7 @@ class ForwardSession:
                 return
             if name in outputs:
                 call.output = outputs[name]
+                self.add_trace(call)
             else:
                 call.error = record.error or f"call ended {record.status.value}"
             for other in self.calls.values():
@@ -599,6 +613,19 @@ class ForwardSession:
             self.changed.notify_all()
         for module in ready:
             self.send(module)
+
+    def add_trace(self, call: Call) -> None:
+        """Append the call's DSPy trace, with this process's predictors, to the caller's trace."""
+        if call.trace is None or not call.plan.inputs:
+            return
+        target = self.module
+        for part in str(call.plan.inputs["path"]).split("."):
+            target = getattr(target, part)
+        predictors = dict(target.named_predictors())
+        prediction = require_dspy("distribute()").Prediction
+        for name, inputs, outputs in read_trace(self.store, self.execution_id, call.plan.name):
+            if name in predictors:
+                call.trace.append((predictors[name], inputs, prediction(**outputs)))
 
     def skip(self, module: ModulePlan, parent: str) -> None:
         record = ModuleRecord(status=ModuleStatus.SKIPPED, error=f"skipped: call '{parent}' failed",
