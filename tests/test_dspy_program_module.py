@@ -9,6 +9,7 @@ from typing import Any
 
 import dspy
 import pytest
+from dspy.utils import DummyLM
 
 from dspex_celery import Program, Settings, create_runtime
 from dspex_celery.testing import fresh_namespace
@@ -127,3 +128,20 @@ def test_bootstrap_few_shot_compiles_against_the_cluster(cluster: Cluster, tmp_p
     assert sum(lm_calls(cluster).values()) > before
     assert compiled.predictors()[0].demos and compiled._compiled
     assert compiled(question="what is redis?").answer in {COMPILED_ANSWER, examples()[0].answer}
+
+
+def test_miprov2_compiles_against_the_cluster(cluster: Cluster, tmp_path: Path) -> None:
+    # Given MIPROv2 whose instruction proposer is an in-process DummyLM (the program's LM is on the workers)
+    proposer = DummyLM([{"proposed_instruction": "Answer from the facts.", "summary": "qa",
+                         "observations": "facts", "program_description": "qa", "module_description": "answers"}] * 100)
+    program = on(cluster)
+    program.state_dir = tmp_path
+    before = sum(lm_calls(cluster).values())
+    optimizer = dspy.MIPROv2(metric=qa.exact_match, prompt_model=proposer, task_model=qa.lm(), auto=None,
+                             num_candidates=2, num_threads=4, max_bootstrapped_demos=1, max_labeled_demos=1,
+                             verbose=False)
+    compiled = optimizer.compile(program, trainset=examples() * 2, valset=examples(), num_trials=2, minibatch=False)
+    # Then its trials ran on the workers and the best program runs there with the in-process answer
+    assert sum(lm_calls(cluster).values()) - before >= 2 * len(QUESTIONS)
+    assert isinstance(compiled, type(program)) and compiled is not program
+    assert compiled(question="what is redis?").answer == examples()[0].answer
