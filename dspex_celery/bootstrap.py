@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 
 from dspex_celery.app import make_app
+from dspex_celery.backups import backup_hooks
 from dspex_celery.breaker import breaker_hooks
 from dspex_celery.errors import ConfigError
 from dspex_celery.graph import UsesRefused, resolve_uses
@@ -32,7 +33,7 @@ HookFactory = Callable[[Settings], Sequence[Hook]]
 #: The hooks every runtime installs, in order. Tracing comes first, so a module's span covers its
 #: breaker check and slot wait; then the breaker: an open circuit fails the attempt before it waits
 #: for a resource slot.
-DEFAULT_HOOKS: tuple[HookFactory, ...] = (tracing_hooks, breaker_hooks, limiter_hooks, history_hooks)
+DEFAULT_HOOKS: tuple[HookFactory, ...] = (tracing_hooks, breaker_hooks, limiter_hooks, history_hooks, backup_hooks)
 
 
 def create_runtime(settings: Settings | None = None, *, hooks: Iterable[Hook] | None = None) -> Runtime:

@@ -60,6 +60,8 @@ class ModulePlan:
     #: None: ``timeout_s`` is the program's own (or unset); else where the learned one came from and
     #: how to turn it off, for the ModuleTimeout message.
     timeout_source: str | None = None
+    #: Seconds after which a still-running attempt gets a backup attempt (None: never; see backups.py).
+    backup_after_s: float | None = None
 
     def overran(self) -> str:
         """What a ModuleTimeout says: the module, its ``timeout_s``, and where a learned one came from."""
@@ -183,20 +185,22 @@ def build_plan(
     learned_timeouts: Mapping[str, float] | None = None,
     timeout_sources: Mapping[str, str] | None = None,
     base_dir: Path | None = None,
+    learned_backups: Mapping[str, float] | None = None,
 ) -> Plan:
     """Validate ``spec`` and flatten it into a :class:`Plan`.
 
     ``weights`` (observed seconds per module) make priorities and the critical path
     duration-based; ``learned_timeouts`` fill ``timeout_s`` where the program sets none, and
     ``timeout_sources`` say where each came from (``ModulePlan.timeout_source``);
-    relative ``state:`` paths are made absolute against ``base_dir`` (the program file's folder).
+    relative ``state:`` paths are made absolute against ``base_dir`` (the program file's folder);
+    ``learned_backups`` fill ``backup_after_s`` where the program sets none (and ``backup`` is not false).
     """
     try:
         dag = validate(spec, source, resolve=resolve)
     except ProgramError as exc:
         raise with_dspy_hint(exc, spec) from None
     priorities = dag.remaining_path_lengths(weights)
-    shared = _Shared.of(spec, learned_timeouts or {}, timeout_sources or {}, base_dir)
+    shared = _Shared.of(spec, learned_timeouts or {}, timeout_sources or {}, base_dir, learned_backups or {})
     level_of = {name: index for index, level in enumerate(dag.levels) for name in level}
     modules = {
         name: _module_plan(spec, name, module, dag, level_of[name], priorities[name], shared)
@@ -228,10 +232,11 @@ class _Shared:
     learned_timeouts: Mapping[str, float]
     timeout_sources: Mapping[str, str]
     base_dir: Path | None
+    learned_backups: Mapping[str, float]
 
     @classmethod
     def of(cls, spec: ProgramSpec, learned_timeouts: Mapping[str, float], timeout_sources: Mapping[str, str],
-           base_dir: Path | None) -> _Shared:
+           base_dir: Path | None, learned_backups: Mapping[str, float]) -> _Shared:
         chosen = spec.defaults
         return cls(
             retry=(chosen.retry or RetryPolicy()).model_dump(mode="json"),
@@ -241,6 +246,7 @@ class _Shared:
             learned_timeouts=learned_timeouts,
             timeout_sources=timeout_sources,
             base_dir=base_dir,
+            learned_backups=learned_backups,
         )
 
 
@@ -267,6 +273,7 @@ def _module_plan(
                          else shared.circuit_breaker),
         dspy={} if module.dspy is None and spec.dspy is None else dspy_settings(spec, module),
         timeout_source=None if learned is None else shared.timeout_sources.get(name, "from optimize"),
+        backup_after_s=None if module.backup is False else module.backup_after_s or shared.learned_backups.get(name),
     )
 
 

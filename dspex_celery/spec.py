@@ -89,6 +89,10 @@ class ModuleSpec(_Frozen):
     retry: RetryPolicy | None = None
     circuit_breaker: BreakerPolicy | None = None
     dspy: DspySettings | None = None
+    #: A backup attempt on another worker after this many seconds (first to finish wins).
+    backup_after_s: float | None = Field(default=None, gt=0)
+    #: ``false``: never a backup attempt (the module has side effects); unset: on.
+    backup: bool | None = None
 
 
 class ProgramSpec(_Frozen):

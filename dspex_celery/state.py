@@ -27,9 +27,14 @@ ATTEMPTS = "attempts"
 
 # KEYS: finished flag, outputs, records, attempts (then the keys of the step).
 # ARGV: ttl, module, output JSON, record JSON, attempt JSON (then the args of the step).
-# Returns {-2} when the execution already finished (nothing written), else the step's reply.
+# Returns {-2} when the execution already finished, {-3} when the module already has a final record
+# (a backup attempt or the attempt it backs up finished first: first wins), nothing written either
+# way; else the step's reply.
 _SAVE_SUCCESS = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-2} end
+local previous = redis.call('HGET', KEYS[3], ARGV[2])
+local status = previous and string.match(previous, '^{"status":"(%a+)"')
+if status == 'succeeded' or status == 'failed' or status == 'skipped' or status == 'cancelled' then return {-3} end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[4])
 redis.call('RPUSH', KEYS[4], ARGV[5])
@@ -258,13 +263,14 @@ class StateStore:
     def save_success(self, execution_id: str, module: str, output: dict[str, Any], record: ModuleRecord,
                      then: LuaStep | None = None) -> list[Any] | None:
         """Atomically store a succeeded module's output, final record and attempt, then run ``then``
-        (its reply is returned); None, with nothing written, when the execution already finished."""
+        (its reply is returned); None, with nothing written, when the execution already finished or
+        the module already has a final record (the first attempt to finish wins)."""
         step = then or LuaStep("return {0}")
         keys = [self.key(execution_id, part) for part in ("finished", "out", "rec", ATTEMPTS)]
         args = [self.ttl_s, module, json.dumps(output), record.model_dump_json(), attempt_entry(module, record)]
         source = _SAVE_SUCCESS + "return " + lua_call(step.source, len(keys) + 1, len(args) + 1)
         reply = self.script(source)(keys=[*keys, *step.keys], args=[*args, *step.args])
-        return None if reply and int(reply[0]) == -2 else list(reply)
+        return None if reply and int(reply[0]) in (-2, -3) else list(reply)
 
     def attempts(self, execution_id: str) -> list[dict[str, Any]]:
         """Every finished attempt of the execution's modules, in the order they ended."""

@@ -17,6 +17,7 @@ from celery import Celery, Task
 from celery.signals import worker_process_init
 from celery.utils.time import get_exponential_backoff_interval
 
+from dspex_celery.backups import backup_record, is_backup, log_attempt
 from dspex_celery.call_threads import CallThreads
 from dspex_celery.defaults import RESULT_SUMMARY_CHARS
 from dspex_celery.canvas import ADVANCE, RUN_MODULE
@@ -145,12 +146,19 @@ class ModuleRun:
             return {"module": self.name, "status": previous.status.value}
         if begin.finished or self.execution.deadline_passed(begin.meta):
             return {"module": self.name, "status": ModuleStatus.CANCELLED.value}
-        if previous.status is ModuleStatus.RUNNING:
+        backup = is_backup(self.task)
+        if backup and previous.status is not ModuleStatus.RUNNING:  # the attempt it backs up is over
+            return {"module": self.name, "status": "backup not needed"}
+        if previous.status is ModuleStatus.RUNNING and not backup:
             previous = self._lost(previous)
             if previous.status.final:
                 return {"module": self.name, "status": previous.status.value}
-        record = first if begin.running_written else self._running_record(plan, previous)
-        ctx = self._start(plan, record, stored=begin.running_written)
+        if backup:  # races the running attempt; its record stays the module's until one finishes
+            record = backup_record(previous, self.task.request.hostname)
+        else:
+            record = first if begin.running_written else self._running_record(plan, previous)
+        ctx = self._start(plan, record, stored=begin.running_written or backup)
+        ctx.extras["task_id"] = self.task.request.id  # a backup that wins revokes it
         ctx.begun = {hook: reply for (hook, _), reply in zip(steps, begin.step_replies, strict=False)}
         ctx.extras["meta"] = begin.meta  # the execution's meta as begin read it (tracing, metrics)
         try:
@@ -238,6 +246,8 @@ class ModuleRun:
     def _failed(self, ctx: ModuleContext, error: Exception) -> dict[str, Any]:
         if self.store.is_finished(self.execution_id):
             return self._too_late(ctx, lambda: self.runtime.hooks.after_failure(ctx, error, False))
+        if (ctx.record.model_extra or {}).get("backup"):
+            return self._backup_failed(ctx, error)
         policy = ctx.module.retry_policy
         message = f"{type(error).__name__}: {error}"
         will_retry = is_transient(error, ctx.module) and ctx.attempt < policy.max_attempts
@@ -251,6 +261,14 @@ class ModuleRun:
         self.execution.module_failed(self.name)
         self.strategy.module_finished(self.execution, self.name, ModuleStatus.FAILED)
         return {"module": self.name, "status": record.status.value, "error": short_text(message)}
+
+    def _backup_failed(self, ctx: ModuleContext, error: Exception) -> dict[str, Any]:
+        """A failed backup attempt is logged and changes nothing: the attempt it backs up goes on."""
+        message = f"{type(error).__name__}: {error}"
+        log_attempt(self.store, self.execution_id, self.name,
+                    self._finished_record(ctx, status=ModuleStatus.FAILED, error=message))
+        self.runtime.hooks.after_failure(ctx, error, False)
+        return {"module": self.name, "status": ModuleStatus.FAILED.value, "error": message}
 
     def _too_late(self, ctx: ModuleContext, after: Callable[[], None]) -> dict[str, Any]:
         """The execution ended (cancel, timeout, strict failure) during the call: its published
