@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from dspex_celery.results import ExecutionResult, ModuleStatus
 
@@ -17,6 +19,42 @@ STATUS_STYLE = {
     ModuleStatus.SKIPPED: "yellow",
     ModuleStatus.CANCELLED: "magenta",
 }
+
+
+#: The narrowest a truncated column gets ("succ…"); a column that would need less is left out.
+MIN_COLUMN_WIDTH = 5
+#: Space rich puts between two columns of a table without edges (padding of one each side).
+COLUMN_GAP = 2
+
+
+def fitted_table(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int,
+                 ids: Collection[str] = ()) -> Table:
+    """A table of ``rows`` (rich markup allowed) no wider than ``width``: the columns named in ``ids``
+    are shown whole; when the rest do not fit, the rightmost are cut short (``…``), then left out."""
+    natural = [max([len(header), *(_cell_width(row[index]) for row in rows)]) for index, header in enumerate(headers)]
+    widths: list[int | None] = list(natural)
+    excess = sum(natural) + COLUMN_GAP * (len(headers) - 1) - width
+    for index in reversed(range(len(headers))):
+        if excess <= 0:
+            break
+        if headers[index] in ids:
+            continue
+        if natural[index] - excess >= min(MIN_COLUMN_WIDTH, natural[index]):
+            widths[index], excess = natural[index] - excess, 0
+        else:
+            widths[index], excess = None, excess - natural[index] - COLUMN_GAP
+    shown = [index for index, column_width in enumerate(widths) if column_width is not None]
+    table = Table(show_edge=False, box=None, pad_edge=False)
+    for index in shown:
+        table.add_column(headers[index], no_wrap=True, overflow="ellipsis", width=widths[index],
+                         min_width=natural[index] if headers[index] in ids else None)
+    for row in rows:
+        table.add_row(*(row[index] for index in shown))
+    return table
+
+
+def _cell_width(cell: str) -> int:
+    return max((Text.from_markup(line).cell_len for line in cell.splitlines()), default=0)
 
 
 def print_json(data: Any) -> None:

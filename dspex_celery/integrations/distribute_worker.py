@@ -29,7 +29,7 @@ from dspex_celery.execution import Execution, lost_reason
 from dspex_celery.graph import resolve_uses
 from dspex_celery.hooks import ModuleContext
 from dspex_celery.integrations.dspy_plan import require_dspy
-from dspex_celery.integrations.dspy_worker import wrap_dspy
+from dspex_celery.integrations.dspy_worker import metered_call, wrap_dspy
 from dspex_celery.plan import ModulePlan, Plan
 from dspex_celery.results import ModuleStatus
 from dspex_celery.runner import check_allowed, normalize_output
@@ -149,7 +149,7 @@ class CallRun(ModuleRun):
         call = functools.partial(target, *args)
         if (module.inputs or {}).get("trace"):
             call = functools.partial(traced_call, self.store, self.execution_id, module.name, target, args)
-        function = wrap_dspy(module, call)
+        function, ctx.extras["lm_meter"] = metered_call(wrap_dspy(module, call), self.runtime)
         ctx.extras["called"] = True
         return call_output(module, call_module(module, function, kwargs))
 
