@@ -44,6 +44,10 @@ MIN_TIMEOUT_SAMPLES = 3
 #: on modules that take milliseconds.
 TIMEOUT_FACTOR = 1.5
 TIMEOUT_FLOOR_S = 1.0
+#: Learned ``backup_after_s`` = p95 x factor, at least the floor: an attempt that much slower than
+#: usual is a straggler worth a backup (one of milliseconds is not worth the message).
+BACKUP_P95_FACTOR = 2.0
+BACKUP_FLOOR_S = 1.0
 #: Never recommend more attempts than this.
 MAX_RECOMMENDED_ATTEMPTS = 10
 #: ``dag`` is advised when level barriers would lengthen the run by more than this share.
@@ -143,6 +147,8 @@ def analyze(plan: Plan, attempts: Iterable[AttemptRow], executions: int) -> Repo
         "weights": weights,
         "timeouts": {name: stats.recommended_timeout_s for name, stats in learned.items()},
         "timeout_basis": {name: {"p99_s": stats.p99_s, "samples": stats.samples} for name, stats in learned.items()},
+        "backups": {name: learned_backup(stats.p95_s) for name, stats in modules.items()
+                    if stats.p95_s is not None and stats.samples >= MIN_TIMEOUT_SAMPLES},
         "critical_path": path,
     }
     advice = advise_strategy(plan, weights, length)
@@ -187,6 +193,11 @@ def learned_timeout(p99: float | None) -> float | None:
     if p99 is None:
         return None
     return math.ceil(max(p99 * TIMEOUT_FACTOR, p99 + TIMEOUT_FLOOR_S) * 10) / 10
+
+
+def learned_backup(p95: float) -> float:
+    """``backup_after_s`` from an observed p95, rounded up to 0.1 s."""
+    return math.ceil(max(p95 * BACKUP_P95_FACTOR, BACKUP_FLOOR_S) * 10) / 10
 
 
 def timeout_basis(p99_s: float, samples: int) -> str:
@@ -275,6 +286,7 @@ class Profile:
     weights: dict[str, float]
     timeouts: dict[str, float]
     basis: dict[str, dict[str, Any]] = field(default_factory=dict)
+    backups: dict[str, float] = field(default_factory=dict)  # learned backup_after_s per module
 
     def timeout_sources(self, off_hint: str) -> dict[str, str]:
         """Per learned timeout: where it came from and ``off_hint`` (how to turn it off)."""
@@ -311,7 +323,8 @@ def load_profile(settings: Settings, fingerprint: str) -> Profile | None:
     data = read_history(settings, lambda history: history.profile(fingerprint))
     if data is None:
         return None
-    return Profile(dict(data.get("weights", {})), dict(data.get("timeouts", {})), dict(data.get("timeout_basis", {})))
+    return Profile(dict(data.get("weights", {})), dict(data.get("timeouts", {})), dict(data.get("timeout_basis", {})),
+                   dict(data.get("backups", {})))
 
 
 def expected_durations(settings: Settings, plan: Plan) -> dict[str, float] | None:
@@ -331,16 +344,17 @@ def _recent_weights(history: HistoryStore, plan: Plan) -> dict[str, float] | Non
 
 
 def apply_profile(settings: Settings, program: Program, plan: Plan, *, learned_timeouts: bool | None = None) -> Plan:
-    """``plan`` re-planned with its fingerprint's profile, if any: its priorities, and its timeouts
-    where the program sets none when learned timeouts are on (see :func:`learned_timeouts_hint`)."""
+    """``plan`` re-planned with its fingerprint's profile, if any: its priorities, and its timeouts and
+    backup thresholds (``backup_after_s``) where the program sets none when learned timeouts are on
+    (see :func:`learned_timeouts_hint`)."""
     profile = load_profile(settings, plan.fingerprint)
     if profile is None:
         return plan
     off_hint = learned_timeouts_hint(settings, program, learned_timeouts)
-    if off_hint is None or not profile.timeouts:
+    if off_hint is None or not (profile.timeouts or profile.backups):
         return program.plan(weights=profile.weights)
     return program.plan(weights=profile.weights, learned_timeouts=profile.timeouts,
-                        timeout_sources=profile.timeout_sources(off_hint))
+                        timeout_sources=profile.timeout_sources(off_hint), learned_backups=profile.backups)
 
 
 def learned_timeouts_hint(settings: Settings, program: Program, requested: bool | None) -> str | None:

@@ -13,6 +13,7 @@ import pytest
 
 from dspex_celery import ExecutionStatus
 from dspex_celery.backups import LOST_TO_BACKUP, launched
+from dspex_celery.optimizer import learned_backup
 from tests.conftest import Cluster, program, wait_for
 from tests.modules.rate_limit_mods import client
 
@@ -95,3 +96,13 @@ def test_backup_false_gets_no_backup(cluster: Cluster) -> None:
     assert result.status is ExecutionStatus.SUCCEEDED and result.outputs["m"] == {"call": 1}
     assert len(calls(key, "calls")) == 1
     assert launched(cluster.runtime.store, result.execution_id, "m") is None
+
+
+def test_learned_backup_thresholds_fill_in_where_the_program_sets_none() -> None:
+    # Given a profile's learned thresholds (p95 x 2, at least 1 s) for three modules
+    hold = "tests.modules.ops_mods:hold"
+    modules = {"a": {"uses": hold}, "b": {"uses": hold, "backup_after_s": 5}, "c": {"uses": hold, "backup": False}}
+    plan = program("learned_backups", modules).plan(learned_backups={"a": 2.0, "b": 9.0, "c": 3.0})
+    # Then the program's own backup_after_s wins, backup: false has none, the rest take the learned one
+    assert [plan.modules[name].backup_after_s for name in "abc"] == [2.0, 5, None]
+    assert (learned_backup(0.1), learned_backup(3.01)) == (1.0, 6.1)
