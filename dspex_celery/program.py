@@ -25,6 +25,12 @@ class ProgramRunner(Protocol):
     def __call__(self, program: Program, inputs: dict[str, Any], options: Mapping[str, Any]) -> Any: ...
 
 
+class ProgramAsyncRunner(Protocol):
+    """:class:`ProgramRunner`, awaited: submits and waits without blocking the event loop."""
+
+    async def __call__(self, program: Program, inputs: dict[str, Any], options: Mapping[str, Any]) -> Any: ...
+
+
 class Program:
     """A DAG of modules. Build it with :meth:`add_module` or load it with :meth:`from_file`."""
 
@@ -34,6 +40,8 @@ class Program:
     run_options: Mapping[str, Any] = MappingProxyType({})
     #: What :meth:`forward` runs the program with (installed by ``dspex_celery.integrations.dspy``).
     runner: ClassVar[ProgramRunner | None] = None
+    #: What :meth:`arun` runs it with (installed by ``dspex_celery.integrations.dspy`` too).
+    async_runner: ClassVar[ProgramAsyncRunner | None] = None
 
     def __init__(self, name: str, inputs: list[str] | tuple[str, ...] = (), **keys: Any) -> None:
         self._data: dict[str, Any] = {"name": name, "inputs": list(inputs), "modules": {}, **keys}
@@ -136,9 +144,15 @@ class Program:
         """:meth:`forward` with its inputs as one mapping: runs :meth:`runnable` through ``Program.runner``."""
         runner = type(self).runner
         if runner is None:
-            raise UsageError("Program.forward: no runner is installed: import Program from dspex_celery "
-                             "(or import dspex_celery.integrations.dspy)")
+            raise _no_runner()
         return runner(self.runnable(), inputs, self.run_options)
+
+    async def arun(self, inputs: dict[str, Any]) -> Any:
+        """:meth:`run`, awaited: the event loop goes on while the execution runs (``Program.async_runner``)."""
+        runner = type(self).async_runner
+        if runner is None:
+            raise _no_runner()
+        return await runner(self.runnable(), inputs, self.run_options)
 
     def runnable(self) -> Program:
         """The program that :meth:`run` submits: this one (a DSPy ``Program`` adds its compiled state)."""
@@ -149,6 +163,11 @@ class Program:
 
     def to_dict(self) -> dict[str, Any]:
         return self.spec.to_dict()
+
+
+def _no_runner() -> UsageError:
+    return UsageError("Program.forward: no runner is installed: import Program from dspex_celery "
+                      "(or import dspex_celery.integrations.dspy)")
 
 
 #: Immutable value types that :func:`_copy` shares instead of copying.

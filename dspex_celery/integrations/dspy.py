@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from dspex_celery.client import submit_program
+from dspex_celery.client import asubmit_program, submit_program
 from dspex_celery.integrations.dspy_plan import dspy_available
 from dspex_celery.program import Program as BaseProgram
 
-__all__ = ["Outputs", "Program", "make_example", "make_prediction", "run_program"]
+__all__ = ["Outputs", "Program", "arun_program", "make_example", "make_prediction", "run_program"]
 
 
 class Outputs(dict[str, Any]):
@@ -65,7 +65,14 @@ def run_program(program: BaseProgram, inputs: dict[str, Any], options: Mapping[s
     return make_prediction(submit_program(program, inputs, **options).get().outputs)
 
 
+async def arun_program(program: BaseProgram, inputs: dict[str, Any], options: Mapping[str, Any]) -> Any:
+    """:func:`run_program`, awaited: no thread waits for the execution (``asubmit_program``, ``get_async``)."""
+    handle = await asubmit_program(program, inputs, **options)
+    return make_prediction((await handle.get_async()).outputs)
+
+
 BaseProgram.runner = run_program
+BaseProgram.async_runner = arun_program
 
 #: ``dspex_celery.Program``: a ``dspy.Module`` when the [dspy] extra is installed (importing dspy costs ~0.5 s).
 Program: type[BaseProgram] = BaseProgram

@@ -17,7 +17,6 @@ without the ``[dspy]`` extra.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import threading
@@ -111,8 +110,8 @@ class DspyProgram(Program, dspy.Module):
     # --- running it ---------------------------------------------------------------------------------
 
     async def aforward(self, **inputs: Any) -> Any:
-        """``await program.acall(...)``: runs :meth:`run` in a thread, so the event loop goes on meanwhile."""
-        return await asyncio.to_thread(self.run, inputs)
+        """``await program.acall(...)``: the event loop goes on while the execution runs."""
+        return await self.arun(inputs)
 
     def runnable(self) -> Program:
         """This program, or a copy whose modules with changed (compiled) state name that state's file."""
