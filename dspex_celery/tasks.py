@@ -59,6 +59,10 @@ MAX_LOST_ATTEMPTS = 3
 
 #: Errors of the state store or broker on which ``advance`` is retried.
 INFRA_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: How often a module task whose state store does not answer (a Sentinel failover, a restart) is sent
+#: again, at most :data:`STORE_RETRY_MAX_S` apart; then the task fails and its module with it.
+STORE_RETRIES = 12
+STORE_RETRY_MAX_S = 4
 
 _pool_child = threading.Event()
 _call_threads = CallThreads("dspex-module-call")
@@ -92,7 +96,8 @@ def register_tasks(app: Celery) -> None:
     """Register the engine's tasks on ``app``."""
 
     @app.task(name=RUN_MODULE, base=ModuleTask, bind=True, shared=False, max_retries=None, acks_late=True,
-              reject_on_worker_lost=True)
+              reject_on_worker_lost=True, autoretry_for=INFRA_ERRORS, retry_kwargs={"max_retries": STORE_RETRIES},
+              retry_backoff=1, retry_backoff_max=STORE_RETRY_MAX_S)
     def run_module(self: Task, execution_id: str, module: str, program: str | None = None) -> dict[str, Any]:
         return ModuleRun(self, runtime_of(self.app), execution_id, module).run()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 from rich.console import Console
 from rich.table import Table
@@ -9,7 +11,7 @@ from rich.table import Table
 from dspex_celery.breaker import circuits, reset_circuit
 from dspex_celery.cli.options import cluster_runtime, connection_options, strategy_option
 from dspex_celery.cli.progress import submit_and_report
-from dspex_celery.cli.render import print_json
+from dspex_celery.cli.render import fitted_table, print_json
 from dspex_celery.client import ExecutionHandle, resume_execution
 from dspex_celery.results import ModuleStatus
 
@@ -69,14 +71,15 @@ def breakers(ctx: click.Context, broker: str | None, result_backend: str | None,
     if not found:
         click.echo("every circuit is closed")
         return
-    table = Table(show_edge=False, box=None, pad_edge=False)
-    for column in ("circuit", "state", "failures", "retry in s"):
-        table.add_column(column)
-    for circuit in found:
-        retry_in = circuit["retry_in_s"]
-        table.add_row(circuit["name"], circuit["state"], f"{circuit['failures']}/{circuit['threshold'] or '?'}",
-                      f"{retry_in:.1f}" if retry_in else "-")
-    Console(highlight=False).print(table)
+    console = Console(highlight=False)
+    console.print(breaker_table(found, console.width))
+
+
+def breaker_table(found: list[dict[str, Any]], width: int) -> Table:
+    """The circuits within ``width`` columns (their names whole)."""
+    rows = [[circuit["name"], circuit["state"], f"{circuit['failures']}/{circuit['threshold'] or '?'}",
+             f"{circuit['retry_in_s']:.1f}" if circuit["retry_in_s"] else "-"] for circuit in found]
+    return fitted_table(("circuit", "state", "failures", "retry in s"), rows, width, ids=("circuit",))
 
 
 @breakers.command("reset")

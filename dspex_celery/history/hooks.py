@@ -78,7 +78,8 @@ class StreamPublisher(Hook):
     def store(self) -> StateStore:
         if self._store is None or self._pid != os.getpid():  # after fork: this process's own connection
             assert self.settings.state_url is not None
-            self._store = StateStore.from_url(self.settings.state_url, self.settings.namespace, self.settings.state_ttl_s)
+            self._store = StateStore.from_url(self.settings.state_url, self.settings.namespace, self.settings.state_ttl_s,
+                                              self.settings.sentinel_master)
             self._pid = os.getpid()
         return self._store
 
