@@ -58,6 +58,12 @@ class Settings(BaseSettings):
         description="Hooks every runtime installs after the built-in ones: package.module:factory paths "
         "(a list, or comma-separated in DSPEX_HOOKS), allow-listed like program modules.",
     )
+    dag_continuation: int = Field(
+        default=8, ge=0,
+        description="dag: how many ready children in a row a worker runs itself in the slot that just finished "
+        "their parent (no broker round trip); 0 = every child goes through the broker. The bound keeps other "
+        "executions' queued modules from waiting behind one long chain.",
+    )
     learned_timeouts: bool = Field(
         default=False,
         description="Apply the optimizer's learned timeouts where a program sets no timeout_s (a program's "

@@ -20,7 +20,8 @@ from celery.utils.time import get_exponential_backoff_interval
 from dspex_celery.backups import backup_record, is_backup, log_attempt
 from dspex_celery.call_threads import CallThreads
 from dspex_celery.defaults import RESULT_SUMMARY_CHARS
-from dspex_celery.canvas import ADVANCE, RUN_MODULE
+from dspex_celery.canvas import ADVANCE, RUN_MODULE, module_signature
+from dspex_celery.continuation import Lease, Offer, UnackedKeys
 from dspex_celery.errors import ModuleError, ModuleTimeout, TransientError, WorkerLost
 from dspex_celery.execution import Execution, lost_reason
 from dspex_celery.hooks import ModuleContext
@@ -82,14 +83,19 @@ class ModuleTask(Task):
                    einfo: Any) -> None:
         if len(args) < 2:  # a message not sent by the engine (the call itself raised TypeError)
             return
-        execution_id, name = args[0], args[1]
-        try:
-            execution = Execution(runtime_of(self.app), execution_id)
-            if execution.settle_lost(name, lost_reason(exc)):
-                strategy = execution.store.meta_field(execution_id, "strategy", FALLBACK_STRATEGY)
-                get_strategy(strategy).module_finished(execution, name, ModuleStatus.FAILED)
-        except Exception:  # the store may be what failed; the stage's advance settles it then
-            log.exception("could not record the failure of %s in %s", name, execution_id)
+        settle_failed_run(runtime_of(self.app), args[0], args[1], exc)
+
+
+def settle_failed_run(runtime: Runtime, execution_id: str, name: str, exc: BaseException) -> None:
+    """A run of ``name`` that ended in an error outside the module call: a final ``failed`` record
+    (unless it has one), and its strategy hears of it."""
+    try:
+        execution = Execution(runtime, execution_id)
+        if execution.settle_lost(name, lost_reason(exc)):
+            strategy = execution.store.meta_field(execution_id, "strategy", FALLBACK_STRATEGY)
+            get_strategy(strategy).module_finished(execution, name, ModuleStatus.FAILED)
+    except Exception:  # the store may be what failed; the stage's advance settles it then
+        log.exception("could not record the failure of %s in %s", name, execution_id)
 
 
 def register_tasks(app: Celery) -> None:
@@ -99,7 +105,7 @@ def register_tasks(app: Celery) -> None:
               reject_on_worker_lost=True, autoretry_for=INFRA_ERRORS, retry_kwargs={"max_retries": STORE_RETRIES},
               retry_backoff=1, retry_backoff_max=STORE_RETRY_MAX_S)
     def run_module(self: Task, execution_id: str, module: str, program: str | None = None) -> dict[str, Any]:
-        return ModuleRun(self, runtime_of(self.app), execution_id, module).run()
+        return run_chain(self, runtime_of(self.app), execution_id, module)
 
     @app.task(name=ADVANCE, bind=True, shared=False, acks_late=True, reject_on_worker_lost=True,
               autoretry_for=INFRA_ERRORS, retry_backoff=True, max_retries=5)
@@ -116,11 +122,51 @@ def advance_stage(runtime: Runtime, execution_id: str, strategy: str, stage: int
     staged.stage_done(Execution(runtime, execution_id), stage)
 
 
-class ModuleRun:
-    """One attempt of one module on a worker."""
+def run_chain(task: Task, runtime: Runtime, execution_id: str, module: str) -> dict[str, Any]:
+    """Run ``module``, then each ready child its strategy leased to this worker (worker-local
+    continuation, :mod:`dspex_celery.continuation`), at most ``dag_continuation`` in a row; returns the
+    first run's result (the task's). A continued run that fails outside its call is settled as a task
+    failure would be; on a store or broker error the task is retried and the re-run puts the lease
+    back on its queue; an interrupted one keeps its lease (it is re-delivered)."""
+    left = runtime.settings.dag_continuation
+    run = ModuleRun(task, runtime, execution_id, module, offer=continuation_offer(task, runtime, left))
+    result = run.run()
+    while run.offer is not None and run.offer.claimed is not None:
+        lease, left = Lease(execution_id, run.offer.claimed, run.offer.keys), left - 1
+        run = ModuleRun(task, runtime, execution_id, lease.module, offer=continuation_offer(task, runtime, left),
+                        lease=lease)
+        try:
+            run.run()
+        except INFRA_ERRORS:
+            raise
+        except Exception as exc:  # a bug around the call: as on_failure does for a task
+            settle_failed_run(runtime, execution_id, lease.module, exc)
+            run.offer = None
+        lease.release(runtime.store.client)
+    return result
 
-    def __init__(self, task: Task, runtime: Runtime, execution_id: str, name: str) -> None:
+
+def continuation_offer(task: Task, runtime: Runtime, left: int) -> Offer | None:
+    """This worker's offer to continue a child (None when it may not: chain bound reached, no Redis
+    queues to lease from, or this message's Celery time limit would cover the child too)."""
+    if left <= 0 or runtime.queues is None or task.request.called_directly:
+        return None
+    limited = _pool_child.is_set()
+    if limited and any(task.request.timelimit or ()):
+        return None
+    consumed = task.app.amqp.queues.consume_from or {}
+    return Offer(frozenset(consumed), UnackedKeys.of(task.app), timeouts=not limited)
+
+
+class ModuleRun:
+    """One attempt of one module on a worker; ``lease``: a child continued here (not its own message);
+    ``offer``: whether this worker offers to continue one of its ready children."""
+
+    def __init__(self, task: Task, runtime: Runtime, execution_id: str, name: str, *,
+                 offer: Offer | None = None, lease: Lease | None = None) -> None:
         self.task = task
+        self.offer = offer
+        self.lease = lease
         self.runtime = runtime
         self.store = runtime.store
         self.execution = Execution(runtime, execution_id)
@@ -241,7 +287,7 @@ class ModuleRun:
         record = self._finished_record(ctx, status=ModuleStatus.SUCCEEDED)
         # One atomic store call (unless the execution ended meanwhile); children go out first:
         # they are on the critical path, the hooks are not.
-        if not self.strategy.module_succeeded(self.execution, self.name, output, record):
+        if not self.strategy.module_succeeded(self.execution, self.name, output, record, offer=self.offer):
             return self._too_late(ctx, lambda: self.runtime.hooks.after_success(ctx, output))
         ctx.record = record
         self.runtime.hooks.on_record(self.execution_id, self.name, record)
@@ -261,6 +307,9 @@ class ModuleRun:
         self.execution.write_record(self.name, record, attempt=True)
         ctx.record = record
         self.runtime.hooks.after_failure(ctx, error, will_retry)
+        if will_retry and self.lease is not None:  # continued here: the retry is a message of its own
+            self._send_retry(ctx, error)
+            return {"module": self.name, "status": record.status.value, "error": short_text(message)}
         if will_retry:
             raise self.task.retry(countdown=self._backoff(ctx, error), exc=error, max_retries=None)
         self.execution.module_failed(self.name)
@@ -274,6 +323,12 @@ class ModuleRun:
                     self._finished_record(ctx, status=ModuleStatus.FAILED, error=message))
         self.runtime.hooks.after_failure(ctx, error, False)
         return {"module": self.name, "status": ModuleStatus.FAILED.value, "error": message}
+
+    def _send_retry(self, ctx: ModuleContext, error: Exception) -> None:
+        """The next attempt of a continued module, sent as ``task.retry`` would send it."""
+        signature = module_signature(self.runtime.app, ctx.plan, self.execution_id, self.name,
+                                     self.runtime.settings.namespace)
+        signature.apply_async(countdown=self._backoff(ctx, error), ignore_result=True)
 
     def _too_late(self, ctx: ModuleContext, after: Callable[[], None]) -> dict[str, Any]:
         """The execution ended (cancel, timeout, strict failure) during the call: its published

@@ -49,6 +49,7 @@ def test_a_dag_starts_with_the_modules_whose_parents_are_all_done(diamond: Plan)
 
 
 def test_a_count_reply_gives_the_ready_children_and_what_blocks() -> None:
-    reply = [0, 3, 2, "left", "right", "top", "failed"]
+    reply = [0, 3, 2, "", "left", "right", "top", "failed"]
     assert parse_count(reply) == Count(False, 3, ["left", "right"], {"top": "failed"})
-    assert parse_count([1, 0, 0]) == Count(True, 0, [], {})
+    assert parse_count([1, 0, 0, ""]) == Count(True, 0, [], {})
+    assert parse_count([0, 4, 0, "left"]) == Count(False, 4, [], {}, continued="left")

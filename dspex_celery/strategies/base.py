@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from dspex_celery.continuation import Offer
 from dspex_celery.execution import Execution
 from dspex_celery.plan import Plan
 from dspex_celery.results import ModuleRecord, ModuleStatus
@@ -32,8 +33,9 @@ class Strategy:
         """Called on the worker once a module's record is final (succeeded, failed, ...)."""
 
     def module_succeeded(self, execution: Execution, module: str, output: dict[str, Any],
-                         record: ModuleRecord) -> bool:
-        """Store a succeeded module's output and final record, then go on with the execution.
+                         record: ModuleRecord, offer: Offer | None = None) -> bool:
+        """Store a succeeded module's output and final record, then go on with the execution; a
+        strategy may lease one ready child to the worker's ``offer`` (sets ``offer.claimed``).
 
         False, with nothing stored, when the execution had already ended (cancel, timeout, failure).
         """

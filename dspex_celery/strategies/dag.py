@@ -14,26 +14,33 @@ from "returned" to "children queued", and no window in which a dying worker coul
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from dspex_celery.canvas import module_signature
+from dspex_celery.continuation import Offer, UnackedKeys, lease_tag
 from dspex_celery.execution import Execution
 from dspex_celery.plan import Plan
 from dspex_celery.redis_queues import RedisQueues
 from dspex_celery.results import ExecutionStatus, ModuleRecord, ModuleStatus
+from dspex_celery.routing import queue_name
 from dspex_celery.state import LuaStep, lua_call
 from dspex_celery.strategies.base import BLOCKING, Strategy, blocking_of, split_blocked
 
 # A LuaStep body — KEYS[k..k+4]: deps hash, done set (created by the first count, so each count sets its
-# TTL), open counter, blocking hash, queued set; when enqueuing, then each child's queue list.
+# TTL), open counter, blocking hash, queued set; when enqueuing, then each child's queue list, then
+# kombu's unacked hash and index (continuation leases).
 # ARGV[a..]: ttl, module, its status if it blocks its children ('' otherwise), number of children n,
-# enqueue ('1'/'0'), children...; when enqueuing, then each child's task message. Returns {repeated
-# (0/1), open_left, #ready, ready..., blocking module, its status, ...}: the ready children left to the
-# caller — none when they were enqueued here (which happens only while no module blocks its children) —
-# and the blocking modules only with ready ones. A repeated count (a re-delivered task) changes nothing
-# and reports the children this module made ready that were not enqueued here: its first worker may have
-# died before it dispatched them.
+# enqueue ('1'/'0'), children...; when enqueuing, then each child's task message, then each child's
+# queue name if this worker may continue it ('' otherwise), the time (the lease's score) and the lease
+# tag prefix. Returns {repeated (0/1), open_left, #ready, continued child or '', ready..., blocking
+# module, its status, ...}: the ready children left to the caller — none when they were enqueued (or
+# one leased, see dspex_celery.continuation) here, which happens only while no module blocks its
+# children — and the blocking modules only with ready ones. A repeated count (a re-delivered task)
+# changes nothing and reports the children this module made ready that were not enqueued here: its
+# first worker may have died before it dispatched them.
 _COUNT_DONE = """
 local n = tonumber(ARGV[a + 3])
 local ready = {}
@@ -59,13 +66,21 @@ else
   end
   open_left = redis.call('DECR', KEYS[k + 2])
 end
-local result = {repeated and 1 or 0, open_left, 0}
+local result = {repeated and 1 or 0, open_left, 0, ''}
 if #ready == 0 then return result end
 local blocking = redis.call('HGETALL', KEYS[k + 3])
 if not repeated and ARGV[a + 4] == '1' and #blocking == 0 then
   for _, i in ipairs(ready) do
-    redis.call('LPUSH', KEYS[k + 4 + i], ARGV[a + 4 + n + i])
-    redis.call('SADD', KEYS[k + 4], ARGV[a + 4 + i])
+    local child, queue = ARGV[a + 4 + i], ARGV[a + 4 + 2 * n + i]
+    if result[4] == '' and queue ~= '' then
+      local tag = ARGV[a + 6 + 3 * n] .. child
+      redis.call('HSET', KEYS[k + 6 + n], tag, '[' .. ARGV[a + 4 + n + i] .. ',"",' .. cjson.encode(queue) .. ']')
+      redis.call('ZADD', KEYS[k + 5 + n], ARGV[a + 5 + 3 * n], tag)
+      result[4] = child
+    else
+      redis.call('LPUSH', KEYS[k + 4 + i], ARGV[a + 4 + n + i])
+    end
+    redis.call('SADD', KEYS[k + 4], child)
   end
   redis.call('EXPIRE', KEYS[k + 4], ARGV[a])
   return result
@@ -76,6 +91,23 @@ for _, item in ipairs(blocking) do table.insert(result, item) end
 return result
 """
 _COUNT_ALONE = "return " + lua_call(_COUNT_DONE, 1, 1)
+
+# KEYS: kombu's unacked hash and index, then each child's queue list. ARGV: each child's lease tag and
+# the suffix its lease adds to its message. Moves the leases still held back onto their queues.
+_RESTORE_LEASES = """
+local moved = 0
+for i = 1, #ARGV / 2 do
+  local tag, suffix = ARGV[2 * i - 1], ARGV[2 * i]
+  local entry = redis.call('HGET', KEYS[1], tag)
+  if entry then
+    redis.call('HDEL', KEYS[1], tag)
+    redis.call('ZREM', KEYS[2], tag)
+    redis.call('LPUSH', KEYS[2 + i], string.sub(entry, 2, #entry - #suffix))
+    moved = moved + 1
+  end
+end
+return moved
+"""
 
 
 class DagStrategy(Strategy):
@@ -98,15 +130,20 @@ class DagStrategy(Strategy):
         if execution.store.is_finished(execution.id):
             return
         plan = execution.require_plan()
-        self._drain(execution, plan, [self._count_alone(execution, plan, module, status)])
+        reply = self._count_alone(execution, plan, module, status)
+        if parse_count(reply).repeated:
+            self._restore_leases(execution, plan, module)
+        self._drain(execution, plan, [reply])
 
     def module_succeeded(self, execution: Execution, module: str, output: dict[str, Any],
-                         record: ModuleRecord) -> bool:
+                         record: ModuleRecord, offer: Offer | None = None) -> bool:
         plan = execution.require_plan()
-        step = self._count_step(execution, plan, module, ModuleStatus.SUCCEEDED, execution.runtime.queues)
+        step = self._count_step(execution, plan, module, ModuleStatus.SUCCEEDED, execution.runtime.queues, offer)
         reply = execution.store.save_success(execution.id, module, output, record, then=step)
         if reply is None:
             return False
+        if offer is not None:
+            offer.claimed = parse_count(reply).continued or None
         self._drain(execution, plan, [reply])
         return True
 
@@ -135,9 +172,10 @@ class DagStrategy(Strategy):
             pipe.expire(key, store.ttl_s)
         pipe.execute()
 
-    def _count_step(self, execution: Execution, plan: Plan, module: str,
-                    status: ModuleStatus, queues: RedisQueues | None = None) -> LuaStep:
-        """The count of a finished ``module``; with ``queues``, its ready children are enqueued by it."""
+    def _count_step(self, execution: Execution, plan: Plan, module: str, status: ModuleStatus,
+                    queues: RedisQueues | None = None, offer: Offer | None = None) -> LuaStep:
+        """The count of a finished ``module``; with ``queues``, its ready children are enqueued by it,
+        and, with an ``offer``, the most urgent one the offering worker may run is leased to it instead."""
         runtime = execution.runtime
         blocks = status.value if status in BLOCKING else ""
         children = _by_urgency(plan, plan.modules[module].children)
@@ -149,12 +187,32 @@ class DagStrategy(Strategy):
                         for child in children]
             keys += [key for key, _ in messages]
             args += [message for _, message in messages]
+            unacked = offer.keys if offer is not None else UnackedKeys.of(runtime.app)
+            keys += [unacked.index, unacked.messages]
+            args += [_continuable(plan, child, namespace, offer) for child in children]
+            args += [time.time(), lease_tag(execution.id, "")]
         return LuaStep(_COUNT_DONE, keys, args)
 
     def _count_alone(self, execution: Execution, plan: Plan, module: str, status: ModuleStatus) -> list[Any]:
         """Count a finished module in a script of its own (failed, skipped, cancelled, or repeated)."""
         step = self._count_step(execution, plan, module, status)
         return list(execution.store.script(_COUNT_ALONE)(keys=step.keys, args=step.args))
+
+    def _restore_leases(self, execution: Execution, plan: Plan, module: str) -> None:
+        """A re-delivered ``module``: its first worker died, and with it the chain it was running; the
+        child it continued goes back on its queue now instead of after the visibility timeout."""
+        runtime, queues = execution.runtime, execution.runtime.queues
+        children = plan.modules[module].children
+        if queues is None or not children:
+            return
+        unacked = UnackedKeys.of(runtime.app)
+        keys, args = [unacked.messages, unacked.index], []
+        for child in children:
+            signature = module_signature(runtime.app, plan, execution.id, child, runtime.settings.namespace)
+            queue = str(signature.options["queue"])
+            keys.append(queues.key(queue, int(signature.options["priority"])))
+            args += [lease_tag(execution.id, child), ',"",' + json.dumps(queue) + "]"]
+        execution.store.script(_RESTORE_LEASES)(keys=keys, args=args)
 
     def _drain(self, execution: Execution, plan: Plan, replies: list[list[Any]]) -> None:
         """Act on count replies until none is left: the counts of skipped modules join the work list,
@@ -202,20 +260,32 @@ class DagStrategy(Strategy):
 
 class Count(NamedTuple):
     """A count step's reply: whether it repeated an earlier count, how many modules are still open,
-    the children it made ready (and left to the caller) and the modules blocking their children."""
+    the children it made ready (and left to the caller), the modules blocking their children and the
+    child it leased to the worker that offered to continue ('' for none)."""
 
     repeated: bool
     open_left: int
     ready: list[str]
     blocking: dict[str, str]
+    continued: str = ""
 
 
 def parse_count(reply: list[Any]) -> Count:
-    """The :class:`Count` of a raw Lua reply ``{repeated, open_left, #ready, ready..., module, status, ...}``."""
+    """The :class:`Count` of a raw Lua reply
+    ``{repeated, open_left, #ready, continued, ready..., module, status, ...}``."""
     repeated, left, count = (int(item) for item in reply[:3])
-    flat = [str(item) for item in reply[3 + count:]]
-    return Count(bool(repeated), left, [str(name) for name in reply[3:3 + count]],
-                 dict(zip(flat[::2], flat[1::2], strict=True)))
+    flat = [str(item) for item in reply[4 + count:]]
+    return Count(bool(repeated), left, [str(name) for name in reply[4:4 + count]],
+                 dict(zip(flat[::2], flat[1::2], strict=True)), str(reply[3]))
+
+
+def _continuable(plan: Plan, child: str, namespace: str, offer: Offer | None) -> str:
+    """The child's queue when the offering worker may run it itself, else ''."""
+    if offer is None:
+        return ""
+    module = plan.modules[child]
+    queue = queue_name(namespace, module.resource)
+    return queue if queue in offer.queues and (offer.timeouts or module.timeout_s is None) else ""
 
 
 def roots(plan: Plan, done: Mapping[str, ModuleRecord]) -> list[str]:

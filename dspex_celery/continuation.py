@@ -1,0 +1,75 @@
+"""Worker-local continuation: a worker runs a ready child of the module it just finished in the same
+slot, without a broker round trip, and the child stays as durable as a queued message.
+
+The ``dag`` count script that makes the child ready *leases* it instead of queueing it: it writes the
+child's task message into kombu's unacked-message store (the hash and index a Redis worker keeps for
+every message it has taken and not acknowledged), exactly as if this worker had just taken it from its
+queue. The worker runs the child, then deletes the lease (:meth:`Lease.release`: the ack). A worker
+killed meanwhile never acks: kombu's restore sweep on any live worker puts the message back on its
+queue once the visibility timeout has passed, and the child runs again (its record shows the lost
+attempt) — the same path a message of a killed worker takes. Only on a Redis broker that shares the
+state store's database (:mod:`dspex_celery.redis_queues`): elsewhere every child goes through the broker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+
+from dspex_celery.canvas import task_id
+
+#: What kombu's Redis transport calls its unacked-message hash and index (its defaults).
+KOMBU_UNACKED = ("unacked", "unacked_index")
+#: Lease tags start with this (kombu's own tags are uuids): ``dspex-cont:EXEC.MODULE``.
+TAG_PREFIX = "dspex-cont:"
+
+
+@dataclass(frozen=True, slots=True)
+class UnackedKeys:
+    """kombu's unacked-message hash and its index (delivery tag -> time taken) for an app's broker."""
+
+    messages: str
+    index: str
+
+    @classmethod
+    def of(cls, app: Celery) -> UnackedKeys:
+        options = app.conf.broker_transport_options or {}
+        return cls(str(options.get("unacked_key", KOMBU_UNACKED[0])),
+                   str(options.get("unacked_index_key", KOMBU_UNACKED[1])))
+
+
+def lease_tag(execution_id: str, module: str) -> str:
+    """The delivery tag of a continued module's lease."""
+    return TAG_PREFIX + task_id(execution_id, module)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A continued module, leased to this worker by the count that made it ready."""
+
+    execution_id: str
+    module: str
+    keys: UnackedKeys
+
+    def release(self, client: Any) -> None:
+        """The ack: the child ran to an end here (its record says how), nothing to re-deliver."""
+        tag = lease_tag(self.execution_id, self.module)
+        client.pipeline(transaction=False).zrem(self.keys.index, tag).hdel(self.keys.messages, tag).execute()
+
+
+@dataclass(slots=True)
+class Offer:
+    """What a worker that just finished a module offers its strategy: to run one ready child itself.
+
+    ``queues``: the queues this worker consumes (a child of a resource class it does not serve goes
+    through the broker); ``timeouts``: whether it may continue a child that has a ``timeout_s`` (not
+    in a prefork child, where only Celery's per-message time limits stop a call). The strategy sets
+    ``claimed`` to the child it leased.
+    """
+
+    queues: frozenset[str]
+    keys: UnackedKeys
+    timeouts: bool
+    claimed: str | None = field(default=None)

@@ -1,0 +1,146 @@
+"""Worker-local continuation (dag): a worker runs a ready child of the module it just finished in
+the same slot, without the broker; the child stays durable, visible in records and within its
+resource class."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from typing import Any
+
+import pytest
+
+from dspex_celery import ExecutionStatus
+from dspex_celery.canvas import task_id
+from dspex_celery.continuation import UnackedKeys
+from dspex_celery.examples import synthetic
+from dspex_celery.results import ExecutionResult, parse_time
+from tests.conftest import Cluster, program, wait_for
+
+pytestmark = pytest.mark.integration
+
+STEP = "tests.modules.continuation_mods:step"
+ANNOUNCED = "tests.modules.continuation_mods:announced"
+
+
+@pytest.fixture(scope="module")
+def cluster(make_cluster) -> Cluster:
+    cluster = make_cluster()
+    cluster.start_worker("default", concurrency=4, pool="threads")
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def plain(make_cluster) -> Cluster:
+    """A worker that never continues: every child goes through the broker."""
+    cluster = make_cluster()
+    cluster.start_worker("default", concurrency=4, pool="threads", env={"DSPEX_DAG_CONTINUATION": "0"})
+    return cluster
+
+
+def as_steps(data: dict[str, Any]) -> dict[str, Any]:
+    """A synthetic program whose modules are ``step``s (their outputs name the task that ran them)."""
+    return {**data, "modules": {name: {**module, "uses": STEP} for name, module in data["modules"].items()}}
+
+
+def outputs(cluster: Cluster, result: ExecutionResult) -> dict[str, dict[str, Any]]:
+    """Every module's stored output (the result keeps only the final ones)."""
+    return cluster.runtime.store.outputs(result.execution_id, result.modules)
+
+
+def continued(cluster: Cluster, result: ExecutionResult) -> list[str]:
+    """The modules run inside another module's task (continued by their worker)."""
+    return sorted(name for name, output in outputs(cluster, result).items()
+                  if output["task"] != task_id(result.execution_id, name))
+
+
+def values(cluster: Cluster, result: ExecutionResult) -> dict[str, int]:
+    return {name: output["value"] for name, output in outputs(cluster, result).items()}
+
+
+SHAPES = {
+    "diamond": {"name": "diamond", "modules": {
+        "top": {"uses": STEP}, "left": {"uses": STEP, "inputs": {"a": "$top.value"}},
+        "right": {"uses": STEP, "inputs": {"a": "$top.value"}},
+        "join": {"uses": STEP, "inputs": {"l": "$left.value", "r": "$right.value"}}}},
+    "fan_out": as_steps(synthetic.layered(2, 12, name="fan")),
+    "deep": as_steps(synthetic.layered(25, 1, name="deep")),
+    "random": as_steps(synthetic.random_dag(60, seed=7, name="random")),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_continuation_gives_the_same_outputs_as_plain_dag(plain: Cluster, cluster: Cluster, shape: str) -> None:
+    # Given the same program on a worker that continues children and on one that never does
+    data = SHAPES[shape]
+    # When both run it
+    expected = plain.run(program(data["name"], data["modules"]), strategy="dag")
+    result = cluster.run(program(data["name"], data["modules"]), strategy="dag")
+    # Then every output is the same, and only the continuing worker ran modules inside another's task
+    assert result.status is expected.status is ExecutionStatus.SUCCEEDED
+    assert values(cluster, result) == values(plain, expected)
+    assert continued(plain, expected) == []
+    assert continued(cluster, result)
+
+
+def test_a_continued_module_has_its_own_record(cluster: Cluster) -> None:
+    # Given a chain a -> b -> c
+    data = as_steps(synthetic.layered(3, 1, name="chain"))
+    data["modules"]["m0_0"]["inputs"] = {"ms": 50}
+    # When it runs
+    result = cluster.run(program("chain", data["modules"]), strategy="dag")
+    # Then b and c ran inside a's task, each with its own worker, start and finish, one after another
+    assert result.status is ExecutionStatus.SUCCEEDED
+    assert continued(cluster, result) == ["m1_0", "m2_0"]
+    records = [result.modules[name] for name in ("m0_0", "m1_0", "m2_0")]
+    assert all(record.worker and record.worker == records[0].worker for record in records)
+    for before, after in zip(records, records[1:], strict=False):
+        assert parse_time(before.finished_at) <= parse_time(after.started_at) <= parse_time(after.finished_at)
+    # and no lease is left for the broker to re-deliver (the last one is released just after the result)
+    unacked = UnackedKeys.of(cluster.runtime.app)
+    wait_for(lambda: not [tag for tag in cluster.runtime.store.client.hkeys(unacked.messages)
+                          if result.execution_id in tag], timeout=5, what="the leases to be released")
+
+
+def test_continuation_respects_resource_classes(make_cluster) -> None:
+    # Given an io-only worker and an llm-only worker, and an llm child of an io module
+    cluster = make_cluster()
+    io = cluster.start_worker("io", concurrency=2, pool="threads")
+    llm = cluster.start_worker("llm", concurrency=2, pool="threads")
+    modules = {"fetch": {"uses": STEP, "resource": "io"},
+               "ask": {"uses": STEP, "resource": "llm", "inputs": {"a": "$fetch.value"}},
+               "store": {"uses": STEP, "resource": "llm", "inputs": {"a": "$ask.value"}}}
+    # When it runs
+    result = cluster.run(program("classes", modules), strategy="dag")
+    # Then the llm child went through the broker to the llm worker, which continued its own llm child
+    assert result.status is ExecutionStatus.SUCCEEDED
+    assert result.modules["fetch"].worker.startswith(io.name)
+    assert result.modules["ask"].worker.startswith(llm.name)
+    assert continued(cluster, result) == ["store"]
+    cluster.stop()
+
+
+def test_worker_killed_during_a_continued_module_the_execution_completes(make_cluster) -> None:
+    # Given a worker (short visibility timeout) running a chain whose second module is slow
+    cluster = make_cluster(visibility_timeout_s=3)
+    doomed = cluster.start_worker("default", concurrency=1, pool="threads", env={"DSPEX_VISIBILITY_TIMEOUT_S": "3"})
+    key = f"{cluster.settings.namespace}:side:{uuid.uuid4().hex[:8]}"
+    modules = {"first": {"uses": STEP},
+               "slow": {"uses": ANNOUNCED, "inputs": {"key": key, "ms": 2500, "a": "$first.value"}},
+               "last": {"uses": STEP, "inputs": {"a": "$slow.value"}}}
+    handle = cluster.submit(program("killed", modules), strategy="dag")
+    client = cluster.runtime.store.client
+    # When it is killed (-9, the whole worker) while it runs the continued module, and another starts
+    started = wait_for(lambda: client.lrange(key, 0, -1), timeout=30, what="the slow module to start")
+    assert started == [task_id(handle.execution_id, "first")]  # it was continued, inside first's task
+    os.kill(doomed.process.pid, signal.SIGKILL)  # a threads-pool worker is one process
+    doomed.process.wait(timeout=10)
+    cluster.start_worker("default", concurrency=2, pool="threads", env={"DSPEX_VISIBILITY_TIMEOUT_S": "3"})
+    # Then the execution completes, every output present, the slow module run again elsewhere
+    result = handle.get(timeout=60, propagate=False)
+    assert result.status is ExecutionStatus.SUCCEEDED, result.error
+    assert set(outputs(cluster, result)) == {"first", "slow", "last"}
+    assert result.modules["slow"].lost_attempts == 1
+    assert not result.modules["slow"].worker.startswith(doomed.name)
+    cluster.stop()
