@@ -46,6 +46,7 @@ from dspex_celery.results import ExecutionResult, ExecutionStatus, describe_fail
 from dspex_celery.runtime import Runtime, runtime_of
 from dspex_celery.spec import non_finite_input
 from dspex_celery.strategies.registry import choose_strategy
+from dspex_celery.usage import Usage, total_usage
 
 #: Executions submitted and not yet finished, at most (the cluster's queue depth for this batch).
 DEFAULT_MAX_IN_FLIGHT = 16
@@ -94,6 +95,8 @@ class BatchLine:
     #: The program version that produced the line (:func:`program_fingerprint`).
     fingerprint: str = ""
     reused: bool = field(default=False, compare=False)
+    #: LM usage of the line's execution in this run (None: reused, or not run to the end).
+    usage: Usage | None = field(default=None, compare=False)
 
     @property
     def succeeded(self) -> bool:
@@ -113,6 +116,8 @@ class BatchLine:
             data["score"] = self.score
         if self.metric_error is not None:
             data["metric_error"] = self.metric_error
+        if self.usage is not None and not self.usage.empty:
+            data["usage"] = self.usage.to_json_dict()
         return data
 
     @classmethod
@@ -163,9 +168,18 @@ class BatchResult:
         """Lines that ran (submitted or re-attached) per second of this run."""
         return (self.ran + self.reattached) / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
+    @property
+    def usage(self) -> Usage:
+        """LM usage of the lines that ran in this run (reused lines made no LM call)."""
+        total = Usage()
+        for line in self.lines:
+            total = total + (line.usage or Usage())
+        return total
+
     def summary(self) -> dict[str, Any]:
         """The batch as ``run --inputs-file ... --json`` prints it."""
         return {
+            "usage": self.usage.to_json_dict(),
             "lines": len(self.lines),
             "succeeded": self.count(SUCCEEDED),
             "failed": self.count(FAILED),
@@ -574,6 +588,7 @@ class BatchRun:
             return line
         result = ExecutionResult.model_validate(meta["result"])
         line.outputs = result.outputs or None
+        line.usage = total_usage(result.modules.values())
         if result.succeeded:
             line.status, line.outputs = SUCCEEDED, result.outputs
         elif result.status is ExecutionStatus.CANCELLED:

@@ -30,7 +30,9 @@ from dspex_celery.history.store import (
     sqlite_path,
 )
 from dspex_celery.plan import Plan
+from dspex_celery.results import ModuleRecord
 from dspex_celery.settings import Settings, redact
+from dspex_celery.usage import total_usage
 
 if TYPE_CHECKING:
     from dspex_celery.program import Program
@@ -90,6 +92,10 @@ class ModuleStats:
     retry_rate: float
     recommended_timeout_s: float | None
     recommended_retry: dict[str, int] | None
+    tokens_per_run: float | None = None  # LM tokens (prompt + completion) per run, all its attempts
+    cost_per_run: float | None = None  # USD per run, where DSPy priced the calls
+    lm_cache_hits: int = 0  # LM requests the shared cache answered, over all runs
+    lm_cache_misses: int = 0
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,7 @@ def module_stats(plan: Plan, name: str, rows: list[AttemptRow]) -> ModuleStats:
     finals = [max(run, key=lambda row: row.attempt) for run in runs.values()]
     count = len(runs)
     p99 = percentile(durations, 99) if durations else None
+    usage = total_usage(ModuleRecord.model_validate(row.record) for row in finals)
     return ModuleStats(
         runs=count,
         attempts=len(rows),
@@ -185,6 +192,10 @@ def module_stats(plan: Plan, name: str, rows: list[AttemptRow]) -> ModuleStats:
         retry_rate=_share(sum(len(run) > 1 for run in runs.values()), count),
         recommended_timeout_s=learned_timeout(p99) if len(durations) >= MIN_TIMEOUT_SAMPLES else None,
         recommended_retry=recommended_retry(plan, name, list(runs.values())),
+        tokens_per_run=round(usage.tokens / count, 1) if count and not usage.empty else None,
+        cost_per_run=None if usage.cost is None or not count else usage.cost / count,
+        lm_cache_hits=usage.cache_hits,
+        lm_cache_misses=usage.cache_misses,
     )
 
 

@@ -22,6 +22,7 @@ from dspex_celery.plan import Plan
 from dspex_celery.results import ExecutionResult, ModuleRecord, parse_time, utcnow
 from dspex_celery.runtime import Runtime
 from dspex_celery.settings import Settings, redact
+from dspex_celery.usage import total_usage, usage_cells
 
 if TYPE_CHECKING:
     from dspex_celery.history.store import HistoryStore
@@ -298,6 +299,7 @@ def module_rows(data: ReportData) -> list[dict[str, Any]]:
             "workers": ", ".join(sorted({a.worker for a in mine})),
             "critical": name in critical,
             "errors": module_errors(record, mine),
+            "lm": dict(zip(("tokens", "cost", "cache"), usage_cells(record), strict=True)),
         })
     return rows
 
@@ -361,6 +363,7 @@ submitted <span id="submitted">{{ r.submitted_at or "?" }}</span> &#183;
 finished <span id="finished">{{ r.finished_at or "not yet" }}</span> &#183;
 {{ data.attempts | length }} attempts of {{ r.modules | length }} modules &#183; data from {{ data.source }}</div>
 {% if r.error %}<p class="error">error: {{ r.error }}</p>{% endif %}
+{% if not usage.empty %}<p id="usage" class="meta">LM usage: {{ usage.describe() }}</p>{% endif %}
 <div class="legend">
 <span><i class="swatch" style="background:#43a047"></i>succeeded</span>
 <span><i class="swatch" style="background:#fb8c00"></i>failed, retried {{ markers.retrying }}</span>
@@ -386,9 +389,9 @@ finished <span id="finished">{{ r.finished_at or "not yet" }}</span> &#183;
 </g>
 {% endfor %}</svg>
 <table id="modules">
-<thead><tr><th>module</th><th>status</th><th>attempts</th><th>resource</th><th>waited s</th><th>run s</th><th>span s</th><th>worker</th><th>critical path</th><th>error</th></tr></thead>
+<thead><tr><th>module</th><th>status</th><th>attempts</th><th>resource</th><th>waited s</th><th>run s</th><th>span s</th><th>worker</th><th>critical path</th>{% if not usage.empty %}<th>tokens</th><th>cost</th><th>LM cache</th>{% endif %}<th>error</th></tr></thead>
 <tbody>
-{% for row in rows %}<tr{% if row.critical %} class="critical"{% endif %}><td>{{ row.module }}</td><td class="status-{{ row.status }}">{{ row.status }}</td><td class="num">{{ row.attempts }}</td><td>{{ row.resource }}</td><td class="num">{{ row.waited }}</td><td class="num">{{ row.run }}</td><td class="num">{{ row.span }}</td><td>{{ row.workers }}</td><td>{% if row.critical %}&#9733;{% endif %}</td><td class="error">{% for error in row.errors %}<div>{{ error }}</div>{% endfor %}</td></tr>
+{% for row in rows %}<tr{% if row.critical %} class="critical"{% endif %}><td>{{ row.module }}</td><td class="status-{{ row.status }}">{{ row.status }}</td><td class="num">{{ row.attempts }}</td><td>{{ row.resource }}</td><td class="num">{{ row.waited }}</td><td class="num">{{ row.run }}</td><td class="num">{{ row.span }}</td><td>{{ row.workers }}</td><td>{% if row.critical %}&#9733;{% endif %}</td>{% if not usage.empty %}<td class="num">{{ row.lm.tokens }}</td><td class="num">{{ row.lm.cost }}</td><td class="num">{{ row.lm.cache }}</td>{% endif %}<td class="error">{% for error in row.errors %}<div>{{ error }}</div>{% endfor %}</td></tr>
 {% endfor %}</tbody>
 </table>
 <p class="meta">critical path: {{ data.critical_path | join(" -> ") }} &#183; generated {{ data.generated_at.isoformat() }}</p>
@@ -404,5 +407,5 @@ def render_html(data: ReportData) -> str:
     status_text, status_class = headline(data.result)
     return _ENV.from_string(_TEMPLATE).render(
         data=data, r=data.result, g=layout(data), rows=module_rows(data), markers=MARKERS, row_h=ROW_H,
-        status_text=status_text, status_class=status_class,
+        status_text=status_text, status_class=status_class, usage=total_usage(data.result.modules.values()),
     )

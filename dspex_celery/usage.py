@@ -81,6 +81,13 @@ def total_usage(records: Iterable[HasUsage]) -> Usage:
     return total
 
 
+def usage_cells(record: HasUsage) -> tuple[str, str, str]:
+    """A module's tokens (prompt + completion), cost and LM cache ``hits/lookups`` (``-`` when none)."""
+    usage = Usage.of(record)
+    lookups = usage.cache_hits + usage.cache_misses
+    return str(usage.tokens), cost_text(usage.cost), f"{usage.cache_hits}/{lookups}" if lookups else "-"
+
+
 def cost_text(cost: float | None) -> str:
     """``$0.0012``, or ``-`` when no call was priced (a custom engine, an unknown model)."""
     return "-" if cost is None else f"${cost:.4f}"

@@ -357,6 +357,8 @@ def report(program: str, output: Path, result: BatchResult, as_json: bool) -> No
         f"re-attached {result.reattached}, reused {result.reused}) in {result.elapsed_s:.2f} s"
     )
     click.echo(result.explain())
+    if not result.usage.empty:
+        click.echo(f"LM usage of the lines that ran: {result.usage.describe()}")
     if result.metric is not None:
         click.echo(f"Average Metric: {result.metric_total:.2f} / {len(result.lines)} ({result.score:.1f}%)")
     unfinished = len(result.lines) - result.count(SUCCEEDED)

@@ -17,10 +17,11 @@ from rich.table import Table
 from dspex_celery.cli.options import cluster_runtime, connection_options
 from dspex_celery.cli.render import print_json, print_result
 from dspex_celery.errors import ConfigError
-from dspex_celery.history.models import ExecutionRow
+from dspex_celery.history.models import AttemptRow, ExecutionRow
 from dspex_celery.history.store import (
     HistoryStore,
     history_url,
+    latest_records,
     open_history,
     optional_iso,
 )
@@ -30,6 +31,7 @@ from dspex_celery.results import isoformat, utcnow
 from dspex_celery.routing import CONTROL, queue_name
 from dspex_celery.runtime import Runtime
 from dspex_celery.settings import Settings, load_settings
+from dspex_celery.usage import Usage, cost_text, total_usage
 
 
 def history_option(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -94,20 +96,31 @@ def listener(
 @history_option
 def history_command(program: str | None, limit: int, as_json: bool, history_db: str | None) -> None:
     """List recorded executions, most recent first."""
-    rows = open_store(load_settings(history_url=history_db)).executions(program, limit)
-    summaries = [execution_summary(row) for row in rows]
+    store = open_store(load_settings(history_url=history_db))
+    rows = store.executions(program, limit)
+    usage = execution_usage(store, [row.id for row in rows])
+    summaries = [{**execution_summary(row), "usage": usage[row.id].to_json_dict()} for row in rows]
     if as_json:
         print_json(summaries)
         return
     table = Table(show_edge=False, box=None, pad_edge=False)
-    for column in ("execution", "program", "status", "submitted", "seconds", "failed"):
+    for column in ("execution", "program", "status", "submitted", "seconds", "tokens", "cost", "failed"):
         table.add_column(column, no_wrap=column in ("execution", "submitted"))
     for item in summaries:
         seconds = f"{item['duration_s']:.3f}" if item["duration_s"] is not None else "-"
         submitted = (item["submitted_at"] or "-")[:19].replace("T", " ")
+        spent = usage[item["execution_id"]]
         table.add_row(item["execution_id"], item["program"] or "?", item["status"], submitted, seconds,
-                      ", ".join(item["failed_modules"]))
+                      str(spent.tokens), cost_text(spent.cost), ", ".join(item["failed_modules"]))
     Console(highlight=False).print(table)
+
+
+def execution_usage(store: HistoryStore, execution_ids: list[str]) -> dict[str, Usage]:
+    """LM usage per execution: the sum of its modules' latest records (each sums its attempts)."""
+    rows: dict[str, list[AttemptRow]] = {execution_id: [] for execution_id in execution_ids}
+    for row in store.attempts(execution_ids) if execution_ids else ():
+        rows[row.execution_id].append(row)
+    return {execution_id: total_usage(latest_records(attempts).values()) for execution_id, attempts in rows.items()}
 
 
 def execution_summary(row: ExecutionRow) -> dict[str, Any]:
@@ -163,12 +176,16 @@ def print_report(report: Report) -> None:
     console = Console(highlight=False)
     console.print(f"[bold]{report.program}[/bold] {report.fingerprint}: {report.executions} finished execution(s)")
     table = Table(show_edge=False, box=None, pad_edge=False)
-    for column in ("module", "runs", "p50 s", "p95 s", "fail", "retry", "timeout_s", "retry.max_attempts"):
+    for column in ("module", "runs", "p50 s", "p95 s", "fail", "retry", "timeout_s", "retry.max_attempts",
+                   "tokens/run", "cost/run", "LM cache hits"):
         table.add_column(column)
     for name, stats in report.modules.items():
         retry = stats.recommended_retry["max_attempts"] if stats.recommended_retry else "-"
+        lookups = stats.lm_cache_hits + stats.lm_cache_misses
         table.add_row(name, str(stats.runs), _num(stats.p50_s), _num(stats.p95_s), f"{stats.failure_rate:.0%}",
-                      f"{stats.retry_rate:.0%}", _num(stats.recommended_timeout_s, 1), str(retry))
+                      f"{stats.retry_rate:.0%}", _num(stats.recommended_timeout_s, 1), str(retry),
+                      _num(stats.tokens_per_run, 1), cost_text(stats.cost_per_run),
+                      f"{stats.lm_cache_hits}/{lookups}" if lookups else "-")
     console.print(table)
     console.print(f"critical path ({report.critical_path_s:.3f} s): {' -> '.join(report.critical_path)}")
     for item in report.bottlenecks:

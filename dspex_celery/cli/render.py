@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dspex_celery.results import ExecutionResult, ModuleStatus
+from dspex_celery.usage import total_usage, usage_cells
 
 STATUS_STYLE = {
     ModuleStatus.SUCCEEDED: "green",
@@ -74,12 +75,19 @@ def print_result(result: ExecutionResult) -> None:
         console.print(f"[red]error:[/red] {result.error}", soft_wrap=True)
     for key, value in result.outputs.items():
         console.print(f"  [bold]{key}[/bold]: {json.dumps(value, ensure_ascii=False)}", soft_wrap=True)
-    console.print(module_table(result))
+    usage = total_usage(result.modules.values())
+    if not usage.empty:
+        console.print(f"LM usage: {usage.describe()}")
+    console.print(module_table(result, lm=not usage.empty))
 
 
-def module_table(result: ExecutionResult) -> Table:
+LM_COLUMNS = ("tokens", "cost", "LM cache")
+
+
+def module_table(result: ExecutionResult, *, lm: bool = False) -> Table:
+    """One row per module; ``lm``: with its LM tokens, cost and cache hits/lookups."""
     table = Table(show_edge=False, box=None, pad_edge=False)
-    for column in ("module", "status", "attempts", "seconds", "worker", "error"):
+    for column in ("module", "status", "attempts", "seconds", *LM_COLUMNS * lm, "worker", "error"):
         table.add_column(column)
     for name, record in result.modules.items():
         style = STATUS_STYLE.get(record.status, "")
@@ -89,6 +97,7 @@ def module_table(result: ExecutionResult) -> Table:
             f"[{style}]{record.status.value}[/{style}]" if style else record.status.value,
             str(record.attempts),
             seconds,
+            *usage_cells(record) * lm,
             record.worker or "-",
             record.error or "",
         )
