@@ -396,8 +396,7 @@ class RedisClusterServers:
             self.processes.append(_redis_server(port, self.tmp / str(port), "--cluster-enabled", "yes",
                                                 "--cluster-config-file", f"nodes-{port}.conf",
                                                 "--cluster-node-timeout", "2000"))
-        for port in self.ports:
-            wait_for(lambda port=port: _answers(port), timeout=10, what=f"cluster node on port {port}")
+        wait_for(lambda: all(_answers(port) for port in self.ports), timeout=10, what="the cluster's nodes")
         nodes = [f"127.0.0.1:{port}" for port in self.ports]
         subprocess.run(["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
                        check=True, capture_output=True, timeout=30)
@@ -462,8 +461,8 @@ class SentinelServers:
 
     def master_port_now(self) -> int:
         """The port of the server the sentinel calls master now."""
-        _, port = redis.Redis(port=self.sentinel_port).sentinel_get_master_addr_by_name(self.master_name)
-        return int(port)
+        address: Any = redis.Redis(port=self.sentinel_port).sentinel_get_master_addr_by_name(self.master_name)
+        return int(address[1])
 
     def kill_master(self) -> None:
         """SIGKILL the first master (no goodbye to its clients); the sentinel promotes the replica."""

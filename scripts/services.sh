@@ -16,8 +16,10 @@ wait_for_port() {
   return 1
 }
 
-# Tests that restart Redis start their own redis-server on a free port: the binary must be there.
+# Tests that restart Redis start their own redis-server on a free port: the binary must be there;
+# the Redis Cluster and Sentinel tests start theirs too (redis-cli joins the cluster, from redis-tools).
 command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+command -v redis-cli >/dev/null 2>&1 || apt_install redis-tools
 if [ -z "${DSPEX_TEST_REDIS_URL:-}" ] && ! answers 6379; then
   redis-server --daemonize yes --port 6379 --bind 127.0.0.1 --save "" --appendonly no
   wait_for_port 6379
