@@ -8,9 +8,12 @@ A new command is a function in a module of this package plus one line in :data:`
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import os
 import warnings
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import click
@@ -123,12 +126,40 @@ def load_command(target: str) -> click.Command:
     return command
 
 
+#: The group's connection options and the setting each stands for (as ``celery -b`` sets CELERY_BROKER_URL).
+GROUP_SETTINGS = {"broker": "DSPEX_BROKER_URL", "result_backend": "DSPEX_RESULT_BACKEND", "config": "DSPEX_CONFIG"}
+
+
 @click.group(cls=DspexGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-b", "--broker", metavar="URL", default=None,
+              help="Celery broker URL for the command (as DSPEX_BROKER_URL; its own --broker wins).")
+@click.option("--result-backend", metavar="URL", default=None,
+              help="Redis URL of results and execution state (as DSPEX_RESULT_BACKEND; the command's own wins).")
+@click.option("--config", metavar="FILE", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML config file (as DSPEX_CONFIG; default: config/dspex.yaml).")
 @click.version_option(package_name="dspex-celery")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context, broker: str | None, result_backend: str | None, config: str | None) -> None:
     """Run DSPy-style programs (DAGs of modules) on a Celery cluster."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.showwarning = _show_warning
+    given = {"broker": broker, "result_backend": result_backend, "config": config}
+    ctx.with_resource(environment({GROUP_SETTINGS[name]: value for name, value in given.items() if value is not None}))
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` while the command runs (its subprocesses inherit them), as before after."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 _python_showwarning = warnings.showwarning

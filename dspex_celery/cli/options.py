@@ -40,7 +40,7 @@ def in_process_connection_options(command: Callable[..., Any]) -> Callable[..., 
 
 def _connection_options(command: Callable[..., Any], broker_help: str) -> Callable[..., Any]:
     command = click.option("--result-backend", metavar="URL", default=None, help=RESULT_BACKEND_HELP)(command)
-    return click.option("--broker", metavar="URL", default=None, help=broker_help)(command)
+    return click.option("-b", "--broker", metavar="URL", default=None, help=broker_help)(command)
 
 
 def strategy_option(help_text: str) -> Decorator:
