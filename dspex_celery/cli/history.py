@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dspex_celery.cli.options import cluster_runtime, connection_options
-from dspex_celery.cli.render import print_json, print_result
+from dspex_celery.cli.render import fitted_table, print_json, print_result
 from dspex_celery.errors import ConfigError
 from dspex_celery.history.models import AttemptRow, ExecutionRow
 from dspex_celery.history.store import (
@@ -103,16 +103,23 @@ def history_command(program: str | None, limit: int, as_json: bool, history_db: 
     if as_json:
         print_json(summaries)
         return
-    table = Table(show_edge=False, box=None, pad_edge=False)
-    for column in ("execution", "program", "status", "submitted", "seconds", "tokens", "cost", "failed"):
-        table.add_column(column, no_wrap=column in ("execution", "submitted"))
+    table_rows = []
     for item in summaries:
         seconds = f"{item['duration_s']:.3f}" if item["duration_s"] is not None else "-"
         submitted = (item["submitted_at"] or "-")[:19].replace("T", " ")
         spent = usage[item["execution_id"]]
-        table.add_row(item["execution_id"], item["program"] or "?", item["status"], submitted, seconds,
-                      str(spent.tokens), cost_text(spent.cost), ", ".join(item["failed_modules"]))
-    Console(highlight=False).print(table)
+        table_rows.append([item["execution_id"], item["program"] or "?", item["status"], submitted, seconds,
+                           str(spent.tokens), cost_text(spent.cost), ", ".join(item["failed_modules"])])
+    console = Console(highlight=False)
+    console.print(history_table(table_rows, console.width))
+
+
+HISTORY_COLUMNS = ("execution", "program", "status", "submitted", "seconds", "tokens", "cost", "failed")
+
+
+def history_table(rows: list[list[str]], width: int) -> Table:
+    """``history``'s rows within ``width`` columns (ids whole; the rightmost columns give way)."""
+    return fitted_table(HISTORY_COLUMNS, rows, width, ids=("execution",))
 
 
 def execution_usage(store: HistoryStore, execution_ids: list[str]) -> dict[str, Usage]:
@@ -218,16 +225,24 @@ def status(broker: str | None, result_backend: str | None, as_json: bool) -> Non
         print_json(data)
         return
     console = Console(highlight=False)
-    console.print(f"[bold]{len(data['live'])} live execution(s)[/bold]")
-    for item in data["live"]:
-        counts = ", ".join(f"{count} {state}" for state, count in item["modules"].items())
-        console.print(f"  {item['execution_id']} {item['program']} {item['age_s']:.1f} s: {counts}")
-    console.print("[bold]queue depths[/bold]")
-    for resource, depth in data["queues"].items():
-        console.print(f"  {resource}: {depth}")
-    console.print(f"[bold]{len(data['workers'])} live worker(s)[/bold]")
-    for node, resources in data["workers"].items():
-        console.print(f"  {node}: {', '.join(resources)}")
+    for line in status_lines(data, console.width):
+        console.print(line)
+
+
+def status_lines(data: dict[str, Any], width: int) -> list[str | Table]:
+    """``status``'s headings and tables within ``width`` columns (execution ids and workers whole)."""
+    live = [[item["execution_id"], item["program"] or "?", f"{item['age_s']:.1f}",
+             ", ".join(f"{count} {state}" for state, count in item["modules"].items())] for item in data["live"]]
+    queues = [[resource, str(depth)] for resource, depth in data["queues"].items()]
+    workers = [[node, ", ".join(resources)] for node, resources in data["workers"].items()]
+    return [
+        f"[bold]{len(live)} live execution(s)[/bold]",
+        *([fitted_table(("execution", "program", "age s", "modules"), live, width, ids=("execution",))] * bool(live)),
+        "[bold]queue depths[/bold]",
+        fitted_table(("resource", "waiting"), queues, width, ids=("resource",)),
+        f"[bold]{len(workers)} live worker(s)[/bold]",
+        *([fitted_table(("worker", "resources"), workers, width, ids=("worker",))] * bool(workers)),
+    ]
 
 
 def live_executions(runtime: Runtime) -> list[dict[str, Any]]:

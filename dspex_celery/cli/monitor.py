@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 import click
 from celery import states
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dspex_celery.cli.options import cluster_runtime, connection_options
-from dspex_celery.cli.render import print_json
+from dspex_celery.cli.render import fitted_table, print_json
 from dspex_celery.errors import UsageError
 from dspex_celery.report import load_report, render_html
 from dspex_celery.resources import parse_limits, snapshot
@@ -86,29 +87,25 @@ def resources(broker: str | None, result_backend: str | None, as_json: bool) -> 
         click.echo("no resource limits configured (set resources: in the config file or DSPEX_RESOURCES) "
                    "and none lowered by a 429")
         return
-    Console(highlight=False).print(resource_table(classes))
+    console = Console(highlight=False)
+    for table in resource_tables(classes, console.width):
+        console.print(table)
 
 
-def resource_table(classes: list[dict[str, object]]) -> Table:
-    table = Table(show_edge=False, box=None, pad_edge=False)
-    for column in ("resource", "max", "rate", "in use", "utilization", "holders"):
-        table.add_column(column)
+def resource_tables(classes: list[dict[str, Any]], width: int) -> list[Table]:
+    """The classes, then who holds a slot (``EXEC.MODULE``, whole), each within ``width`` columns."""
+    rows = []
     for row in classes:
-        holders = "\n".join(
-            f"{holder.get('execution_id')}.{holder.get('module')} on {holder.get('worker')} "
-            f"(lease {holder['expires_in_s']}s)"
-            for holder in row["holders"]  # type: ignore[attr-defined]
-        )
         utilization = row["utilization"]
-        table.add_row(
-            str(row["resource"]),
-            limit_cell(row),
-            str(row["rate"] or "-"),
-            str(row["in_use"]),
-            f"{utilization:.0%}" if isinstance(utilization, float) else "-",
-            holders or "-",
-        )
-    return table
+        rows.append([str(row["resource"]), limit_cell(row), str(row["rate"] or "-"), str(row["in_use"]),
+                     f"{utilization:.0%}" if isinstance(utilization, float) else "-"])
+    tables = [fitted_table(("resource", "max", "rate", "in use", "utilization"), rows, width, ids=("resource",))]
+    holders = [[f"{holder.get('execution_id')}.{holder.get('module')}", str(row["resource"]),
+                str(holder.get("worker")), f"{holder['expires_in_s']}s"]
+               for row in classes for holder in row["holders"]]
+    if holders:
+        tables.append(fitted_table(("holder", "resource", "worker", "lease"), holders, width, ids=("holder",)))
+    return tables
 
 
 def limit_cell(row: dict[str, object]) -> str:
