@@ -34,8 +34,10 @@ from dspex_celery.strategies.base import BLOCKING, Strategy, blocking_of, split_
 # kombu's unacked hash and index (continuation leases).
 # ARGV[a..]: ttl, module, its status if it blocks its children ('' otherwise), number of children n,
 # enqueue ('1'/'0'), children...; when enqueuing, then each child's task message, then each child's
-# queue name if this worker may continue it ('' otherwise), the time (the lease's score) and the lease
-# tag prefix. Returns {repeated (0/1), open_left, #ready, continued child or '', ready..., blocking
+# queue name if this worker may continue it ('' otherwise), the time (the lease's score), the lease
+# tag prefix, then per child how many of the KEYS after the unacked index are its queue's more urgent
+# lists (a child is continued only while they are empty: a slot that frees takes the most urgent
+# queued module, continuation must not jump ahead of it). Returns {repeated (0/1), open_left, #ready, continued child or '', ready..., blocking
 # module, its status, ...}: the ready children left to the caller — none when they were enqueued (or
 # one leased, see dspex_celery.continuation) here, which happens only while no module blocks its
 # children — and the blocking modules only with ready ones. A repeated count (a re-delivered task)
@@ -70,9 +72,20 @@ local result = {repeated and 1 or 0, open_left, 0, ''}
 if #ready == 0 then return result end
 local blocking = redis.call('HGETALL', KEYS[k + 3])
 if not repeated and ARGV[a + 4] == '1' and #blocking == 0 then
+  local urgent, first = {}, k + 7 + n
+  for i = 1, n do
+    urgent[i] = first
+    first = first + tonumber(ARGV[a + 6 + 3 * n + i])
+  end
+  local function nothing_more_urgent(i)
+    for key = urgent[i], urgent[i] + tonumber(ARGV[a + 6 + 3 * n + i]) - 1 do
+      if redis.call('LLEN', KEYS[key]) > 0 then return false end
+    end
+    return true
+  end
   for _, i in ipairs(ready) do
     local child, queue = ARGV[a + 4 + i], ARGV[a + 4 + 2 * n + i]
-    if result[4] == '' and queue ~= '' then
+    if result[4] == '' and queue ~= '' and nothing_more_urgent(i) then
       local tag = ARGV[a + 6 + 3 * n] .. child
       redis.call('HSET', KEYS[k + 6 + n], tag, '[' .. ARGV[a + 4 + n + i] .. ',"",' .. cjson.encode(queue) .. ']')
       redis.call('ZADD', KEYS[k + 5 + n], ARGV[a + 5 + 3 * n], tag)
@@ -183,14 +196,17 @@ class DagStrategy(Strategy):
         args = [runtime.store.ttl_s, module, blocks, len(children), "1" if queues else "0", *children]
         if queues is not None:
             namespace = runtime.settings.namespace
-            messages = [queues.message(module_signature(runtime.app, plan, execution.id, child, namespace))
-                        for child in children]
+            signatures = [module_signature(runtime.app, plan, execution.id, child, namespace) for child in children]
+            messages = [queues.message(signature) for signature in signatures]
             keys += [key for key, _ in messages]
             args += [message for _, message in messages]
             unacked = offer.keys if offer is not None else UnackedKeys.of(runtime.app)
             keys += [unacked.index, unacked.messages]
-            args += [_continuable(plan, child, namespace, offer) for child in children]
-            args += [time.time(), lease_tag(execution.id, "")]
+            continuable = [_continuable(plan, child, namespace, offer) for child in children]
+            urgent = [_more_urgent(queues, queue, int(signature.options["priority"])) if queue else []
+                      for queue, signature in zip(continuable, signatures, strict=True)]
+            args += [*continuable, time.time(), lease_tag(execution.id, ""), *map(len, urgent)]
+            keys += [key for lists in urgent for key in lists]
         return LuaStep(_COUNT_DONE, keys, args)
 
     def _count_alone(self, execution: Execution, plan: Plan, module: str, status: ModuleStatus) -> list[Any]:
@@ -277,6 +293,13 @@ def parse_count(reply: list[Any]) -> Count:
     flat = [str(item) for item in reply[4 + count:]]
     return Count(bool(repeated), left, [str(name) for name in reply[4:4 + count]],
                  dict(zip(flat[::2], flat[1::2], strict=True)), str(reply[3]))
+
+
+def _more_urgent(queues: RedisQueues, queue: str, priority: int) -> list[str]:
+    """The lists of ``queue`` a worker reads before the one a message of ``priority`` is on."""
+    own = queues.key(queue, priority)
+    lists = [queues.key(queue, step) for step in queues.priority_steps]
+    return lists[:lists.index(own)]
 
 
 def _continuable(plan: Plan, child: str, namespace: str, offer: Offer | None) -> str:
