@@ -8,12 +8,15 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from dspex_celery import ExecutionStatus, Program
 from dspex_celery.breaker import circuits, reset_circuit
+from dspex_celery.cli import cli
 from dspex_celery.examples import synthetic
 from dspex_celery.resources import lease_keys, wake_key
 from dspex_celery.results import ExecutionResult, ModuleRecord, parse_time
@@ -155,3 +158,21 @@ def test_resource_limit_on_a_redis_cluster_holds_across_workers(cluster: Cluster
     assert len({record.worker for record in records}) == 2
     store = cluster.runtime.store
     assert len(slots_of(cluster, [*lease_keys(store, "llm"), wake_key(store, "llm")])) == 1
+
+
+def test_cli_runs_and_reports_on_a_redis_cluster(cluster: Cluster, tmp_path: Path) -> None:
+    # Given DSPEX_RESULT_BACKEND=redis-cluster://... (the cluster's env)
+    program_file = tmp_path / "diamond.json"
+    program_file.write_text(json.dumps(DIAMOND))
+    # When `run` runs the diamond (the command's code in this process: no interpreter start-up)
+    run = CliRunner().invoke(cli, ["run", str(program_file), "-i", "x=4", "--json"], env=cluster.env())
+    # Then it prints the result
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.stdout)["outputs"] == {"result": 25, "top": {"sum": 5}}
+    # And status and resources read the cluster: both workers, the llm class and its limit
+    status = CliRunner().invoke(cli, ["status", "--json"], env=cluster.env())
+    assert status.exit_code == 0, status.output
+    assert len(json.loads(status.stdout)["workers"]) == 2
+    resources = CliRunner().invoke(cli, ["resources", "--json"], env=cluster.env(**LIMITS_ENV))
+    llm = next(entry for entry in json.loads(resources.stdout)["resources"] if entry["resource"] == "llm")
+    assert llm["max_concurrent"] == 2
