@@ -23,6 +23,7 @@ from dspex_celery.canvas import hard_time_limit
 from dspex_celery.errors import CircuitOpen, UsageError
 from dspex_celery.hooks import Hook, ModuleContext
 from dspex_celery.plan import ModulePlan, Plan
+from dspex_celery.rate_limits import is_rate_limit
 from dspex_celery.settings import Settings
 from dspex_celery.state import LuaStep, StateStore, lua_call
 
@@ -139,7 +140,9 @@ class CircuitBreaker(Hook):
         ticket = ctx.extras.get("breaker")
         if ticket is None:
             return
-        if not isinstance(error, Exception):  # the process is being terminated: no verdict
+        # Terminated (the process is going away), or rate-limited (the service is up; the resource
+        # limiter backs off instead): no verdict.
+        if not isinstance(error, Exception) or is_rate_limit(error):
             if ticket.trial:
                 self._report(ctx, ticket, "release")
         elif ctx.extras.get("called"):
