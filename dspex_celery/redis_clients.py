@@ -12,6 +12,8 @@ URLs (the result backend, ``--result-backend`` / ``DSPEX_RESULT_BACKEND``):
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -22,6 +24,8 @@ from redis.sentinel import Sentinel
 
 from dspex_celery.errors import ConfigError
 from dspex_celery.settings import redact
+
+log = logging.getLogger(__name__)
 
 CLUSTER_SCHEMES = ("redis-cluster://", "rediss-cluster://")
 SENTINEL_SCHEMES = ("sentinel://",)
@@ -127,3 +131,39 @@ def require_master(url: str | None, master: str | None) -> str:
 def is_cluster_client(client: Any) -> bool:
     """True for a Redis Cluster client: a script or transaction must then keep to one hash slot."""
     return isinstance(client, RedisCluster)
+
+
+#: Replicas a module task's writes must reach (on a Sentinel-managed store) before it is acknowledged.
+SYNC_REPLICAS = 1
+#: How long one task waits for them.
+SYNC_TIMEOUT_MS = 500
+#: After a wait that timed out, seconds during which tasks do not wait (the replica is down or lagging).
+SYNC_DEGRADED_S = 10.0
+
+
+class ReplicaSync:
+    """``WAIT`` until a replica has this connection's writes, so a failover cannot lose them.
+
+    Redis replicates asynchronously: a master that dies takes its last writes with it. A write then
+    ``WAIT`` on one connection covers every earlier write of every connection (the replication stream
+    is ordered). A replica that does not acknowledge within :data:`SYNC_TIMEOUT_MS` is logged and not
+    waited for during :data:`SYNC_DEGRADED_S` (the master alone keeps working).
+    """
+
+    def __init__(self, client: Any, key: str) -> None:
+        self.client = client
+        self.key = key
+        self.skip_until = 0.0
+
+    def wait(self) -> None:
+        """Return once a replica has every earlier write; raise a Redis error when the master is gone."""
+        if time.monotonic() < self.skip_until:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.key, "1", ex=60)
+        pipe.execute_command("WAIT", SYNC_REPLICAS, SYNC_TIMEOUT_MS)
+        acknowledged = int(pipe.execute()[1])
+        if acknowledged < SYNC_REPLICAS:
+            self.skip_until = time.monotonic() + SYNC_DEGRADED_S
+            log.warning("no replica acknowledged the state store's writes within %d ms: a failover now could lose "
+                        "the last module results; not waiting for %g s", SYNC_TIMEOUT_MS, SYNC_DEGRADED_S)

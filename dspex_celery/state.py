@@ -17,7 +17,7 @@ from typing import Any
 import redis
 
 from dspex_celery.plan import Plan
-from dspex_celery.redis_clients import connect, is_cluster_client
+from dspex_celery.redis_clients import ReplicaSync, connect, is_cluster_client, is_sentinel_url
 from dspex_celery.results import ModuleRecord
 
 PLAN_CACHE_SIZE = 512
@@ -106,6 +106,9 @@ class ModuleStart:
 class StateStore:
     """Keys under ``{namespace}:x:{execution_id}:*``, each expiring after ``ttl_s``."""
 
+    #: Set on a Sentinel-managed store: a module task waits for a replica before it is acknowledged.
+    replica_sync: ReplicaSync | None = None
+
     def __init__(self, client: redis.Redis, namespace: str, ttl_s: int) -> None:
         # decode_responses=True: every reply is str (redis-py's stubs cannot express that)
         self.client: Any = client
@@ -117,8 +120,12 @@ class StateStore:
 
     @classmethod
     def from_url(cls, url: str, namespace: str, ttl_s: int, sentinel_master: str | None = None) -> StateStore:
-        """A store on one Redis, a Redis Cluster or a Sentinel-managed master (see :mod:`redis_clients`)."""
-        return cls(connect(url, sentinel_master=sentinel_master), namespace, ttl_s)
+        """A store on one Redis, a Redis Cluster or a Sentinel-managed master (see :mod:`redis_clients`);
+        on a Sentinel-managed one, :attr:`replica_sync` waits for a replica."""
+        store = cls(connect(url, sentinel_master=sentinel_master), namespace, ttl_s)
+        if is_sentinel_url(url):
+            store.replica_sync = ReplicaSync(store.client, store.global_key("replicated"))
+        return store
 
     @classmethod
     def in_memory(cls, namespace: str, ttl_s: int) -> StateStore:

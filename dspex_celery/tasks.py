@@ -77,7 +77,21 @@ def _mark_pool_child(**_: Any) -> None:
 
 class ModuleTask(Task):
     """``dspex.run_module``: when the task itself fails (hard time limit, crash outside the module
-    call), the module still gets a final ``failed`` record and its strategy hears of it."""
+    call), the module still gets a final ``failed`` record and its strategy hears of it.
+
+    On a Sentinel-managed store the task is acknowledged only once a replica has its writes (a
+    failover then cannot lose a finished module's output); when the master goes away first, the task
+    is sent again."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().__call__(*args, **kwargs)
+        sync = runtime_of(self.app).store.replica_sync
+        if sync is not None and not self.request.called_directly:
+            try:
+                sync.wait()
+            except INFRA_ERRORS as exc:
+                raise self.retry(exc=exc, countdown=1, max_retries=STORE_RETRIES) from None
+        return result
 
     def on_failure(self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                    einfo: Any) -> None:
