@@ -4,6 +4,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/services.sh  # Redis, RabbitMQ and PostgreSQL, started when they do not answer
+# Headless Chromium for the screenshot test (tests/test_flower.py): Debian's package, when missing
+if ! command -v chromium >/dev/null; then
+  as_root=$([ "$(id -u)" = 0 ] || echo sudo)
+  $as_root apt-get update -qq && $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import socket
+import struct
 import subprocess
 import time
+import zlib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -143,6 +147,67 @@ def wait_for_task_ids(base: str, execution_id: str, wanted: set[str], timeout: f
             return tasks
         assert time.monotonic() < deadline, f"flower has {sorted(tasks)} ({status}), wanted {sorted(wanted)}"
         time.sleep(0.3)
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1280,900", "--virtual-time-budget=3000"]
+
+
+def screenshot(url: str, tmp: Path, name: str) -> bytes:
+    """A PNG of ``url`` as headless Chromium (Debian's ``chromium``; scripts/test.sh installs it) shows it."""
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium is not installed (scripts/test.sh installs it with apt-get)"
+    png = tmp / f"{name}.png"
+    shot = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp / 'chromium'}", f"--screenshot={png}",
+                           url], capture_output=True, text=True, timeout=60, check=False)
+    assert png.exists(), shot.stderr[-2000:]
+    return png.read_bytes()
+
+
+def scanlines(png: bytes) -> tuple[int, int, list[bytes]]:
+    """Width, height and the (filtered) scanlines of an 8-bit RGB(A) PNG: a tiny decode with zlib."""
+    assert png[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    position, idat, header = 8, b"", (0, 0, 0, 0)
+    while position < len(png):
+        length, kind = struct.unpack(">I4s", png[position:position + 8])
+        body = png[position + 8:position + 8 + length]
+        position += 12 + length
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBB", body[:10])
+        elif kind == b"IDAT":
+            idat += body
+    width, height, depth, color = header
+    assert depth == 8 and color in (2, 6), header
+    stride = 1 + width * (3 if color == 2 else 4)
+    raw = zlib.decompress(idat)
+    assert len(raw) == stride * height
+    return width, height, [raw[row * stride:(row + 1) * stride] for row in range(height)]
+
+
+def assert_not_blank(png: bytes, name: str) -> None:
+    """A real page: the full window, and rows that differ (a blank page has one kind of row)."""
+    width, height, rows = scanlines(png)
+    assert (width, height) == (1280, 900), name
+    distinct = len(set(rows))
+    assert len(png) > 15_000 and distinct > 100, f"{name} looks blank: {len(png)} bytes, {distinct} distinct rows"
+
+
+def test_screenshots_of_flower_and_the_report(cluster: Cluster, flower: str, tmp_path: Path) -> None:
+    # Given a finished execution
+    handle = cluster.submit(program("shown", {
+        "first": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 2}},
+        "second": {"uses": "tests.modules.basic:add", "inputs": {"a": "$first.sum", "b": 3}},
+    }))
+    assert handle.get(timeout=60).status is ExecutionStatus.SUCCEEDED
+    wait_for_tasks(flower, handle.execution_id, {"first", "second"})
+    # Then Flower's task list (behind its credentials) renders in Chromium
+    assert_not_blank(screenshot(flower.replace("http://", f"http://{AUTH}@") + "/tasks", tmp_path, "flower"), "flower")
+    # And so does the execution's HTML report
+    report = tmp_path / "report.html"
+    written = CliRunner().invoke(cli, ["report", handle.execution_id, "-o", str(report)], env=cluster.env())
+    assert written.exit_code == 0, written.output
+    assert_not_blank(screenshot(report.as_uri(), tmp_path, "report"), "report")
 
 
 def test_api_needs_credentials(flower: str) -> None:

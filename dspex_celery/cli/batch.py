@@ -319,30 +319,42 @@ def write_output(path: Path, lines: list[BatchLine]) -> None:
 
 class BatchProgress:
     """The batch's status line on stderr while it runs, only on a terminal (rich.progress): lines
-    done of the total, failed, in flight, and lines run per second."""
+    done of the total, failed, in flight, lines run per second, the ETA and, with ``--metric``, the
+    running mean score of the lines done (failed ones score 0, as ``dspy.Evaluate`` counts them)."""
 
     LINE = ("batch {task.completed:.0f}/{task.total:.0f} · {task.fields[failed]} failed · "
-            "{task.fields[in_flight]} in flight · {task.fields[rate]:.1f} lines/s")
+            "{task.fields[in_flight]} in flight · {task.fields[rate]:.1f} lines/s · ETA")
+    METRIC = "· metric {task.fields[metric]}"
 
     def __init__(self, total: int, run: BatchRun, *, enabled: bool) -> None:
         self.total = total
         self.run = run
         self.started = time.monotonic()
+        metric = [rich.progress.TextColumn(self.METRIC, markup=False)] if run.metric is not None else []
         self.display = rich.progress.Progress(
-            rich.progress.TextColumn(self.LINE, markup=False), console=Console(stderr=True), transient=True,
-            disable=not enabled, redirect_stdout=False, redirect_stderr=False,
+            rich.progress.TextColumn(self.LINE, markup=False), rich.progress.TimeRemainingColumn(compact=True), *metric,
+            console=Console(stderr=True), transient=True, disable=not enabled,
+            redirect_stdout=False, redirect_stderr=False,
         )
-        self.task = self.display.add_task("batch", total=total, failed=0, in_flight=0, rate=0.0)
+        self.task = self.display.add_task("batch", total=total, failed=0, in_flight=0, rate=0.0, metric="-")
         self.display.start()
 
     def update(self, done: dict[int, BatchLine]) -> None:
         rate = (self.run.ran + self.run.reattached) / max(time.monotonic() - self.started, 1e-9)
         self.display.update(self.task, completed=len(done), failed=sum(not line.succeeded for line in done.values()),
-                            in_flight=self.run.in_flight, rate=rate, refresh=len(done) == self.total)
+                            in_flight=self.run.in_flight, rate=rate, metric=running_mean(done),
+                            refresh=len(done) == self.total)
 
     def close(self) -> None:
         """Take the line off the terminal (a second call does nothing)."""
         self.display.stop()
+
+
+def running_mean(done: dict[int, BatchLine]) -> str:
+    """The mean metric score of the lines done so far, in percent (``77.8%``)."""
+    if not done:
+        return "-"
+    return f"{100 * sum(line.score or 0.0 for line in done.values()) / len(done):.1f}%"
 
 
 def report(program: str, output: Path, result: BatchResult, as_json: bool) -> None:
