@@ -119,6 +119,8 @@ class BackupLauncher(Hook):
 
     def _settle_race(self, ctx: ModuleContext, how: str) -> None:
         """If a backup raced this attempt: revoke the other when this one won; log this one if it lost."""
+        if ctx.module.backup_after_s is None:  # no backup is ever sent: no race, and no read per module
+            return
         store = ctx.runtime.store
         race = launched(store, ctx.execution_id, ctx.module.name)
         if race is None:

@@ -65,11 +65,13 @@ class Offer:
 
     ``queues``: the queues this worker consumes (a child of a resource class it does not serve goes
     through the broker); ``timeouts``: whether it may continue a child that has a ``timeout_s`` (not
-    in a prefork child, where only Celery's per-message time limits stop a call). The strategy sets
-    ``claimed`` to the child it leased.
+    in a prefork child, where only Celery's per-message time limits stop a call); ``held``: the
+    module runs under a lease, which the strategy's count releases once it succeeded. The strategy
+    sets ``claimed`` to the child it leased.
     """
 
     queues: frozenset[str]
     keys: UnackedKeys
     timeouts: bool
+    held: bool = False
     claimed: str | None = field(default=None)

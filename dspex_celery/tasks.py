@@ -147,8 +147,8 @@ def run_chain(task: Task, runtime: Runtime, execution_id: str, module: str) -> d
     result = run.run()
     while run.offer is not None and run.offer.claimed is not None:
         lease, left = Lease(execution_id, run.offer.claimed, run.offer.keys), left - 1
-        run = ModuleRun(task, runtime, execution_id, lease.module, offer=continuation_offer(task, runtime, left),
-                        lease=lease)
+        offer = continuation_offer(task, runtime, left, held=True)
+        run = ModuleRun(task, runtime, execution_id, lease.module, offer=offer, lease=lease)
         try:
             run.run()
         except INFRA_ERRORS:
@@ -156,20 +156,22 @@ def run_chain(task: Task, runtime: Runtime, execution_id: str, module: str) -> d
         except Exception as exc:  # a bug around the call: as on_failure does for a task
             settle_failed_run(runtime, execution_id, lease.module, exc)
             run.offer = None
-        lease.release(runtime.store.client)
+        if not run.lease_released:
+            lease.release(runtime.store.client)
     return result
 
 
-def continuation_offer(task: Task, runtime: Runtime, left: int) -> Offer | None:
+def continuation_offer(task: Task, runtime: Runtime, left: int, held: bool = False) -> Offer | None:
     """This worker's offer to continue a child (None when it may not: chain bound reached, no Redis
-    queues to lease from, or this message's Celery time limit would cover the child too)."""
+    queues to lease from, or this message's Celery time limit would cover the child too); ``held``:
+    the module it goes with runs under a lease."""
     if left <= 0 or runtime.queues is None or task.request.called_directly:
         return None
     limited = _pool_child.is_set()
     if limited and any(task.request.timelimit or ()):
         return None
     consumed = task.app.amqp.queues.consume_from or {}
-    return Offer(frozenset(consumed), UnackedKeys.of(task.app), timeouts=not limited)
+    return Offer(frozenset(consumed), UnackedKeys.of(task.app), timeouts=not limited, held=held)
 
 
 class ModuleRun:
@@ -181,6 +183,7 @@ class ModuleRun:
         self.task = task
         self.offer = offer
         self.lease = lease
+        self.lease_released = False  # by the count that stored this (continued) module's success
         self.runtime = runtime
         self.store = runtime.store
         self.execution = Execution(runtime, execution_id)
@@ -303,6 +306,7 @@ class ModuleRun:
         # they are on the critical path, the hooks are not.
         if not self.strategy.module_succeeded(self.execution, self.name, output, record, offer=self.offer):
             return self._too_late(ctx, lambda: self.runtime.hooks.after_success(ctx, output))
+        self.lease_released = self.offer is not None and self.offer.held
         ctx.record = record
         self.runtime.hooks.on_record(self.execution_id, self.name, record)
         self.runtime.hooks.after_success(ctx, output)

@@ -37,7 +37,8 @@ from dspex_celery.strategies.base import BLOCKING, Strategy, blocking_of, split_
 # queue name if this worker may continue it ('' otherwise), the time (the lease's score), the lease
 # tag prefix, then per child how many of the KEYS after the unacked index are its queue's more urgent
 # lists (a child is continued only while they are empty: a slot that frees takes the most urgent
-# queued module, continuation must not jump ahead of it). Returns {repeated (0/1), open_left, #ready, continued child or '', ready..., blocking
+# queued module, continuation must not jump ahead of it), then the tag of the lease this module ran
+# under ('' if none), released here (the ack of a continued module). Returns {repeated (0/1), open_left, #ready, continued child or '', ready..., blocking
 # module, its status, ...}: the ready children left to the caller — none when they were enqueued (or
 # one leased, see dspex_celery.continuation) here, which happens only while no module blocks its
 # children — and the blocking modules only with ready ones. A repeated count (a re-delivered task)
@@ -69,6 +70,10 @@ else
   open_left = redis.call('DECR', KEYS[k + 2])
 end
 local result = {repeated and 1 or 0, open_left, 0, ''}
+if ARGV[a + 4] == '1' and ARGV[a + 7 + 4 * n] ~= '' then
+  redis.call('ZREM', KEYS[k + 5 + n], ARGV[a + 7 + 4 * n])
+  redis.call('HDEL', KEYS[k + 6 + n], ARGV[a + 7 + 4 * n])
+end
 if #ready == 0 then return result end
 local blocking = redis.call('HGETALL', KEYS[k + 3])
 if not repeated and ARGV[a + 4] == '1' and #blocking == 0 then
@@ -205,7 +210,8 @@ class DagStrategy(Strategy):
             continuable = [_continuable(plan, child, namespace, offer) for child in children]
             urgent = [_more_urgent(queues, queue, int(signature.options["priority"])) if queue else []
                       for queue, signature in zip(continuable, signatures, strict=True)]
-            args += [*continuable, time.time(), lease_tag(execution.id, ""), *map(len, urgent)]
+            held = lease_tag(execution.id, module) if offer is not None and offer.held else ""
+            args += [*continuable, time.time(), lease_tag(execution.id, ""), *map(len, urgent), held]
             keys += [key for lists in urgent for key in lists]
         return LuaStep(_COUNT_DONE, keys, args)
 
