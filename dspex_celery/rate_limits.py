@@ -61,8 +61,8 @@ def _says_429(error: BaseException) -> bool:
 
 
 def _headers_of(error: BaseException) -> Mapping[str, Any]:
-    headers = getattr(getattr(error, "response", None), "headers", None) or getattr(error, "headers", None)
-    if not isinstance(headers, Mapping) and not hasattr(headers, "items"):
+    headers: Any = getattr(getattr(error, "response", None), "headers", None) or getattr(error, "headers", None)
+    if not callable(getattr(headers, "items", None)):  # a Mapping, or httpx's Headers
         return {}
     return {str(key).lower(): value for key, value in headers.items()}
 
