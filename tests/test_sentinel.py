@@ -16,10 +16,10 @@ from dspex_celery.app import celery_config
 from dspex_celery.cli import cli
 from dspex_celery.errors import ConfigError
 from dspex_celery.examples import synthetic
-from dspex_celery.redis_clients import connect, parse_cluster_url, parse_sentinel_url
+from dspex_celery.redis_clients import SYNC_TIMEOUT_MS, ReplicaSync, connect, parse_cluster_url, parse_sentinel_url
 from dspex_celery.results import ModuleStatus
 from dspex_celery.settings import Settings, redact
-from dspex_celery.testing import SentinelServers, wait_for
+from dspex_celery.testing import RedisServer, SentinelServers, wait_for
 from tests.conftest import Cluster, unavailable
 
 #: Seconds from the master's death to the execution's end that the test allows (Sentinel notices in
@@ -96,3 +96,19 @@ def test_cluster_and_sentinel_urls_are_parsed_and_redacted() -> None:
     assert redact("sentinel://:pw@h1:26379/0;sentinel://:pw@h2:26380/0") == "sentinel://:***@h1:26379/0;sentinel://:***@h2:26380/0"
     with pytest.raises(ConfigError, match="'h1' is not host:port"):
         connect("redis-cluster://:secret@h1,h2:7001")
+
+
+def test_replica_sync_without_a_replica_waits_once_then_not_for_a_while(own_redis: RedisServer) -> None:
+    # Given a master without replica (a Sentinel set-up whose replica is down)
+    client = own_redis.client()
+    sync = ReplicaSync(client, "t:replicated")
+    # When a task waits for a replica: it waits the timeout once and then stops waiting
+    started = time.monotonic()
+    sync.wait()
+    first = time.monotonic() - started
+    started = time.monotonic()
+    sync.wait()
+    second = time.monotonic() - started
+    assert SYNC_TIMEOUT_MS / 1000 * 0.9 <= first < SYNC_TIMEOUT_MS / 1000 + 1
+    assert second < 0.05
+    assert client.info("commandstats")["cmdstat_wait"]["calls"] == 1
