@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from dspex_celery import distribute
 from dspex_celery.cli import cli
+from dspex_celery.examples import multihop
 from dspex_celery.integrations.distribute import CallFailed, resume_forward
 from dspex_celery.results import ExecutionStatus, ModuleStatus, parse_time
 from dspex_celery.testing import wait_for
@@ -155,10 +156,16 @@ def test_killed_client_resumes_without_calling_finished_calls_again(cluster: Clu
         if client.poll() is None:
             client.kill()
     assert client.returncode == -signal.SIGKILL
-    # And the execution is resumed from another process (this one)
-    result = resume_forward(execution_id, app=cluster.runtime.app)
+    # And the execution is resumed from another process (`dspex-celery resume`, run in this one)
+    env = {key: value for key, value in cluster.env().items() if key.startswith("DSPEX_")}
+    resumed = CliRunner(env=env).invoke(cli, ["resume", execution_id, "--json"])
     # Then it returns the in-process answer and no call ran twice (four calls in all)
-    assert result == in_process(mods.Chain(steps=4, seconds=0.0), text="x")
+    assert resumed.exit_code == 0, resumed.output
+    expected = in_process(mods.Chain(steps=4, seconds=0.0), text="x")
+    assert json.loads(resumed.stdout)["outputs"] == dict(expected.toDict())
+    assert int(counter.hget(key, "C") or 0) == 4
+    # And resuming it again (it succeeded) calls nothing
+    assert resume_forward(execution_id, app=cluster.runtime.app) == expected
     assert int(counter.hget(key, "C") or 0) == 4
     assert cluster.runtime.store.meta(execution_id)["status"] == ExecutionStatus.SUCCEEDED.value
 
@@ -174,9 +181,11 @@ def test_cli_runs_a_module_reference_and_a_batch(cluster: Cluster, tmp_path: Pat
     # And --inputs-file runs one forward per line
     lines = tmp_path / "questions.jsonl"
     lines.write_text("".join(json.dumps({"question": q}) + "\n" for q in (QUESTION, "who knows?")))
-    batch = cluster.cli("run", "tests.modules.dspy_imperative:QA", "--inputs-file", str(lines), "--lm", mods.LM,
-                        "--json")
-    assert batch.returncode == 0, batch.stderr
+    env = {key: value for key, value in cluster.env().items() if key.startswith("DSPEX_")}
+    batch = CliRunner(env=env).invoke(cli, ["run", "tests.modules.dspy_imperative:QA", "--inputs-file", str(lines),
+                                            "--lm", mods.LM, "--json"])
+    assert batch.exit_code == 0, batch.output
+    assert json.loads(batch.stdout)["succeeded"] == 2
     results = [json.loads(text) for text in (tmp_path / "questions.results.jsonl").read_text().splitlines()]
     assert [result["outputs"]["answer"] for result in results] == ["Paris", "unknown"]
 
@@ -200,3 +209,13 @@ def test_cli_bad_module_references_get_one_line(cluster: Cluster, reference: str
 def test_a_failed_call_raises_when_read(cluster: Cluster) -> None:
     with pytest.raises(CallFailed, match="not JSON-serialisable"):
         distributed(cluster, mods.UsesNotJson())(question="a b")
+
+
+def test_the_multihop_tutorial_example_runs_unchanged_as_in_process(cluster: Cluster) -> None:
+    options = {"num_docs": 2, "num_hops": 2}
+    claim = "Celery chords need a result backend"
+    with dspy.context(lm=multihop.offline_lm()):
+        expected = multihop.Hop(**options)(claim=claim)
+    hop = distribute(multihop.Hop(**options), lm="dspex_celery.examples.multihop:offline_lm", with_=options,
+                     resources={"*": "llm"}, app=cluster.runtime.app)
+    assert hop(claim=claim) == expected

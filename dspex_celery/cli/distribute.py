@@ -96,7 +96,22 @@ def run_module_reference(reference: str, *, pairs: tuple[str, ...], inputs_file:
     runtime = open_runtime(broker, result_backend)
     module = build_distributed(reference, runtime, lm, adapter, with_pairs)
     execution_id = new_execution_id()
-    value = as_json(module.run(execution_id, **collect_inputs(pairs, inputs_file)))
+    print_outputs(execution_id, as_json(module.run(execution_id, **collect_inputs(pairs, inputs_file))), as_json_flag)
+
+
+def is_distributed(runtime: Runtime, execution_id: str) -> bool:
+    """True for an execution that ``distribute(module)`` ran (its meta names the module)."""
+    return runtime.store.meta_field(execution_id, "distribute") is not None
+
+
+def resume_distributed(runtime: Runtime, execution_id: str, as_json_flag: bool) -> None:
+    """``resume`` of a distributed execution: replay ``forward``; finished calls are not run again."""
+    from dspex_celery.integrations.distribute import resume_forward  # needs dspy (optional)
+
+    print_outputs(execution_id, as_json(resume_forward(execution_id, app=runtime.app)), as_json_flag)
+
+
+def print_outputs(execution_id: str, value: Any, as_json_flag: bool) -> None:
     if as_json_flag:
         click.echo(json.dumps({"execution_id": execution_id, "status": "succeeded", "outputs": value}))
         return

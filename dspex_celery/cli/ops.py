@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dspex_celery.breaker import circuits, reset_circuit
+from dspex_celery.cli.distribute import is_distributed, resume_distributed
 from dspex_celery.cli.options import cluster_runtime, connection_options, strategy_option
 from dspex_celery.cli.progress import submit_and_report
 from dspex_celery.cli.render import fitted_table, print_json
@@ -51,6 +52,9 @@ def resume(execution_id: str, broker: str | None, result_backend: str | None, st
            timeout: float | None, as_json: bool, quiet: bool) -> None:
     """Run an ended execution again, reusing the outputs of its succeeded modules."""
     runtime = cluster_runtime(broker, result_backend, "resume")
+    if is_distributed(runtime, execution_id):  # distribute(module)'s: replay forward (cli/distribute.py)
+        resume_distributed(runtime, execution_id, as_json)
+        return
     submit_and_report(lambda: resume_execution(execution_id, app=runtime.app, strategy=strategy, timeout=timeout),
                       as_json, quiet)
 

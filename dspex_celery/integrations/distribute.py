@@ -170,7 +170,8 @@ def check_allowed_here(config: Config) -> None:
 
 
 def _module_base() -> type:
-    return require_dspy("distribute()").Module  # type: ignore[no-any-return]
+    module: type = require_dspy("distribute()").Module
+    return module
 
 
 class DistributedModule(_module_base()):  # type: ignore[misc]
@@ -242,7 +243,7 @@ def resume_forward(execution_id: str, *, app: Celery | None = None) -> Any:
 
 
 def rebuild_here(runtime: Runtime, config: Config, digest: str) -> Any:
-    instance = resolve_uses(config.class_ref)(**config.with_)
+    instance: Any = resolve_uses(config.class_ref)(**config.with_)
     raw = runtime.store.client.get(state_key(runtime.store, digest))
     if raw is not None:
         instance.load_state(json.loads(raw))
