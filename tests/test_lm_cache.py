@@ -169,3 +169,13 @@ def test_size_bound_evicts_the_least_recently_used(store: Any) -> None:
     assert store.client.zcard(f"{store.namespace}:{TAG}:lru") == 3
     # And the others were kept (b's answer pushed out c, the least recently used then)
     assert not ask(cache, "entry a")[1] and not ask(cache, "entry d")[1]
+
+
+def test_an_entry_naming_another_class_is_a_miss(store: Any) -> None:
+    # Given a cached answer whose entry was replaced by one naming a class outside litellm's responses
+    cache = redis_lm_cache(store, ttl_s=60, max_entries=10)
+    ask(cache, "forged entry")
+    for key in store.client.scan_iter(match=f"{store.namespace}:{TAG}:e:*"):
+        store.client.set(key, json.dumps({"type": "subprocess:Popen", "data": ["true"]}))
+    # Then the request goes to the LM again (nothing is imported or built from the entry)
+    assert ask(cache, "forged entry") == ("entry forged", True)

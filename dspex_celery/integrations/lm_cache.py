@@ -199,6 +199,7 @@ def encode_entry(value: Any) -> bytes | None:
     """The JSON of a cached LM response (a pydantic response as its ``model_dump``), or None."""
     from pydantic import BaseModel
 
+    entry: dict[str, Any]
     if isinstance(value, BaseModel):
         cls = type(value)
         entry = {"type": f"{cls.__module__}:{cls.__qualname__}", "data": value.model_dump(mode="json")}
