@@ -17,6 +17,7 @@ from dspex_celery.routing import control_queue, message_priority, queue_name
 
 RUN_MODULE = "dspex.run_module"
 ADVANCE = "dspex.advance"
+COMPENSATE = "dspex.compensate"
 
 
 def task_id(execution_id: str, module: str) -> str:
@@ -93,3 +94,16 @@ def stage_signature(
     body.on_error(advance_signature(app, execution_id, strategy, stage + 1, namespace, broker_url,
                                     errback=True))
     return chord(header, body, app=app)
+
+
+def compensate_signature(app: Celery, plan: Plan, execution_id: str, order: list[str], namespace: str,
+                         attempt_id: str) -> Signature:
+    """The task that runs the compensation of ``order[0]`` on a worker of its resource class, then sends
+    the rest of ``order``; its task id ``EXEC.compensate.MODULE.ATTEMPT_ID`` (a fresh ``attempt_id`` per
+    chain: a re-delivered message keeps it, a re-run gets another)."""
+    options = {
+        "queue": queue_name(namespace, plan.modules[order[0]].resource),
+        "task_id": f"{execution_id}.compensate.{order[0]}.{attempt_id}",
+        "priority": message_priority(1.0, str(app.conf.broker_url)),
+    }
+    return _immutable(app, COMPENSATE, (execution_id, order), {}, options)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Any
 
 from billiard.exceptions import TimeLimitExceeded
 from celery import states
 
-from dspex_celery.canvas import task_id
+from dspex_celery import compensation_store
+from dspex_celery.canvas import compensate_signature, task_id
 from dspex_celery.plan import Plan
 from dspex_celery.results import (
     ExecutionResult,
@@ -28,6 +30,7 @@ from dspex_celery.results import (
     utcnow,
 )
 from dspex_celery.runtime import Runtime
+from dspex_celery.saga import compensates, compensation_order
 from dspex_celery.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -210,11 +213,23 @@ class Execution:
                         "no result published", self.id)
             return False
         result = self.result(status, error, cancel_open=True)
+        order = compensation_order(plan, result.modules) if compensates(status) else []
+        created = compensation_store.create(store, self.id, order)
+        if created:
+            result = result.model_copy(update={"compensations": compensation_store.records(store, self.id)})
         self.runtime.app.backend.store_result(self.id, result.to_json_dict(), states.SUCCESS)
         store.update_meta(self.id, status=result.status.value, finished_at=result.finished_at)
         self._revoke_open(result)
         self.runtime.hooks.on_execution_finished(result)
+        if created:
+            self.compensate(order)
         return True
+
+    def compensate(self, order: list[str]) -> None:
+        """Send the chain of compensations of ``order`` (each task runs one, then sends the rest)."""
+        signature = compensate_signature(self.runtime.app, self.require_plan(), self.id, order,
+                                         self.runtime.settings.namespace, uuid.uuid4().hex[:12])
+        signature.apply_async(ignore_result=True)
 
     def result(self, status: ExecutionStatus, error: str | None = None, *,
                cancel_open: bool = False) -> ExecutionResult:
@@ -229,7 +244,9 @@ class Execution:
             records = {**records, **cancelled}
         finished_at = (meta.get("finished_at") or isoformat(utcnow())) if status.final else None
         outputs = store.outputs(self.id, plan.modules)
-        return build_result(self.id, plan, meta, records, outputs, status, error, finished_at)
+        result = build_result(self.id, plan, meta, records, outputs, status, error, finished_at)
+        compensations = compensation_store.records(store, self.id) if status.final else {}
+        return result.model_copy(update={"compensations": compensations}) if compensations else result
 
     def _revoke_open(self, result: ExecutionResult) -> None:
         """Revoke the Celery tasks of modules that were still pending or running."""

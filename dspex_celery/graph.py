@@ -99,7 +99,7 @@ def validate(spec: ProgramSpec, source: str = "program", *, resolve: bool = True
     problems = [] if dag is not None else [*_name_problems(spec), *_value_problems(spec),
                                            *_reference_problems(spec), *_cycle_problems(_nx_graph(spec))]
     if resolve:
-        problems += _uses_problems(spec.modules)
+        problems += _uses_problems(spec.modules) + _compensate_problems(spec.modules)
     if problems:
         raise ProgramError(problems, source)
     if dag is None:  # the quick checks and the worded ones disagree: a bug, not a user error
@@ -255,6 +255,28 @@ def _uses_problems(modules: Mapping[str, ModuleSpec]) -> list[str]:
         if signature is not None and module.inputs is not None:  # without inputs, upstream outputs are merged in
             problems += signature.problems(name, module.uses, [*module.inputs, *module.with_])
     return problems
+
+
+def _compensate_problems(modules: Mapping[str, ModuleSpec]) -> list[str]:
+    """Modules whose ``compensate`` does not resolve, or cannot take ``inputs=`` and ``output=``."""
+    problems = []
+    for name, module in modules.items():
+        if module.compensate is None:
+            continue
+        try:
+            target = resolve_uses(module.compensate)
+        except ImportError as exc:
+            problems.append(f"module '{name}': compensate '{module.compensate}' cannot be resolved ({exc})")
+            continue
+        keywords = _Keywords.of(target) if inspect.isfunction(target) else None
+        if keywords is not None and keywords.problems(name, module.compensate, COMPENSATE_KEYWORDS):
+            problems.append(f"module '{name}': compensate {module.compensate} must take the keywords inputs "
+                            f"and output ({keywords.signature}): def undo(inputs, output)")
+    return problems
+
+
+#: The keyword arguments a compensation is called with: the module's resolved inputs and its output.
+COMPENSATE_KEYWORDS = ("inputs", "output")
 
 
 @dataclass(frozen=True, slots=True)

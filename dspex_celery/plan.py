@@ -62,6 +62,8 @@ class ModulePlan:
     timeout_source: str | None = None
     #: Seconds after which a still-running attempt gets a backup attempt (None: never; see backups.py).
     backup_after_s: float | None = None
+    #: ``package.module:function`` that undoes the module's side effects (None: nothing to undo).
+    compensate: str | None = None
 
     def overran(self) -> str:
         """What a ModuleTimeout says: the module, its ``timeout_s``, and where a learned one came from."""
@@ -274,6 +276,7 @@ def _module_plan(
         dspy={} if module.dspy is None and spec.dspy is None else dspy_settings(spec, module),
         timeout_source=None if learned is None else shared.timeout_sources.get(name, "from optimize"),
         backup_after_s=None if module.backup is False else module.backup_after_s or shared.learned_backups.get(name),
+        compensate=module.compensate,
     )
 
 

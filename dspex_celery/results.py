@@ -70,6 +70,30 @@ class ModuleRecord(BaseModel):
     lm_cache_misses: int = 0
 
 
+class CompensationStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class CompensationRecord(BaseModel):
+    """The compensation of one succeeded module of an execution that failed or was cancelled."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: CompensationStatus = CompensationStatus.PENDING
+    attempts: int = 0
+    error: str | None = None
+    worker: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    duration_s: float | None = None
+    lost_attempts: int = 0  # attempts whose worker process died; run again
+    task_id: str | None = None  # the Celery task that holds the running claim
+
+
 class ExecutionResult(BaseModel):
     """The outcome of one execution, exactly what ``run --json`` prints."""
 
@@ -84,6 +108,8 @@ class ExecutionResult(BaseModel):
     submitted_at: str | None = None
     finished_at: str | None = None
     resumed_from: str | None = None
+    #: Module name -> its compensation, in the order they run (only when the execution compensates).
+    compensations: dict[str, CompensationRecord] = {}
 
     @property
     def succeeded(self) -> bool:

@@ -93,6 +93,9 @@ class ModuleSpec(_Frozen):
     backup_after_s: float | None = Field(default=None, gt=0)
     #: ``false``: never a backup attempt (the module has side effects); unset: on.
     backup: bool | None = None
+    #: ``package.module:function`` called with ``inputs=`` and ``output=`` to undo this module's side
+    #: effects when the execution fails (strict or over its threshold) or is cancelled (compensation.py).
+    compensate: Annotated[str, Field(pattern=USES_PATTERN)] | None = None
 
 
 class ProgramSpec(_Frozen):
@@ -418,6 +421,6 @@ def _describe(error: Any) -> str:
 
 
 def _pattern_hint(location: str) -> str:
-    if location.endswith(("uses", "dspy.lm", "dspy.adapter")) or ".on." in location:
+    if location.endswith(("uses", "compensate", "dspy.lm", "dspy.adapter")) or ".on." in location:
         return "expected 'package.module:attribute'"
     return "expected a name of letters, digits and '_' not starting with a digit"

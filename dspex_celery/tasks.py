@@ -20,7 +20,8 @@ from celery.utils.time import get_exponential_backoff_interval
 from dspex_celery.backups import backup_record, is_backup, log_attempt
 from dspex_celery.call_threads import CallThreads
 from dspex_celery.defaults import RESULT_SUMMARY_CHARS
-from dspex_celery.canvas import ADVANCE, RUN_MODULE, module_signature
+from dspex_celery.canvas import ADVANCE, COMPENSATE, RUN_MODULE, module_signature
+from dspex_celery.compensation import CompensationRun
 from dspex_celery.continuation import Lease, Offer, UnackedKeys
 from dspex_celery.errors import ModuleError, ModuleTimeout, TransientError, WorkerLost
 from dspex_celery.execution import Execution, lost_reason
@@ -125,6 +126,12 @@ def register_tasks(app: Celery) -> None:
               autoretry_for=INFRA_ERRORS, retry_backoff=True, max_retries=5)
     def advance(self: Task, execution_id: str, strategy: str, stage: int) -> None:
         advance_stage(runtime_of(self.app), execution_id, strategy, stage)
+
+    @app.task(name=COMPENSATE, bind=True, shared=False, max_retries=None, acks_late=True,
+              reject_on_worker_lost=True, autoretry_for=INFRA_ERRORS, retry_kwargs={"max_retries": STORE_RETRIES},
+              retry_backoff=1, retry_backoff_max=STORE_RETRY_MAX_S)
+    def compensate(self: Task, execution_id: str, order: list[str]) -> dict[str, Any]:
+        return CompensationRun(self, runtime_of(self.app), execution_id, order).run()
 
 
 def advance_stage(runtime: Runtime, execution_id: str, strategy: str, stage: int) -> None:

@@ -35,6 +35,9 @@ COMMANDS: dict[str, LazyCommand] = {
     "cancel": LazyCommand(
         "dspex_celery.cli.ops:cancel",
         "Cancel an execution: revoke its pending modules, terminate the running ones (prefork workers)."),
+    "compensate": LazyCommand(
+        "dspex_celery.cli.compensate:compensate",
+        "Run the failed compensations of an ended execution again; wait and print how they ended."),
     "flower": LazyCommand(
         "dspex_celery.cli.monitor:flower",
         "Start the Flower monitoring UI (and its /api and /metrics) on this cluster."),
