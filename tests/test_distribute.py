@@ -178,14 +178,15 @@ def test_cli_runs_a_module_reference_and_a_batch(cluster: Cluster, tmp_path: Pat
     assert done.returncode == 0, done.stderr
     expected = in_process(mods.TwoAndLoop(hops=2), question=QUESTION)
     assert json.loads(done.stdout)["outputs"] == dict(expected.toDict())
-    # And --inputs-file runs one forward per line
+    # And --inputs-file runs one forward per line, scoring the labels (keys forward does not take)
     lines = tmp_path / "questions.jsonl"
-    lines.write_text("".join(json.dumps({"question": q}) + "\n" for q in (QUESTION, "who knows?")))
+    lines.write_text("".join(json.dumps({"question": q, "answer": "Paris"}) + "\n" for q in (QUESTION, "who knows?")))
     env = {key: value for key, value in cluster.env().items() if key.startswith("DSPEX_")}
     batch = CliRunner(env=env).invoke(cli, ["run", "tests.modules.dspy_imperative:QA", "--inputs-file", str(lines),
-                                            "--lm", mods.LM, "--json"])
+                                            "--lm", mods.LM, "--metric", "tests.modules.dspy_imperative:exact_answer",
+                                            "--json"])
     assert batch.exit_code == 0, batch.output
-    assert json.loads(batch.stdout)["succeeded"] == 2
+    assert {"succeeded": 2, "score": 50.0}.items() <= json.loads(batch.stdout).items()
     results = [json.loads(text) for text in (tmp_path / "questions.results.jsonl").read_text().splitlines()]
     assert [result["outputs"]["answer"] for result in results] == ["Paris", "unknown"]
 

@@ -76,7 +76,7 @@ def batch_options(command: Callable[..., Any]) -> Callable[..., Any]:
                                     max_in_flight=batch["max_in_flight"], broker=kwargs["broker"],
                                     result_backend=kwargs["result_backend"], lm=kwargs.get("lm"),
                                     adapter=kwargs.get("adapter"), with_pairs=kwargs.get("with_pairs", ()),
-                                    as_json_flag=kwargs["as_json"])
+                                    as_json_flag=kwargs["as_json"], metric=batch["metric"])
         refused = [name for name in kwargs if name not in ACCEPTED_PARAMS and _given(name)]
         if refused:
             raise UsageError(f"--{refused[0].replace('_', '-')} cannot be combined with --inputs-file")

@@ -8,6 +8,7 @@ so a re-run of a killed batch replays its lines under the same ids and no finish
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import sys
@@ -18,11 +19,13 @@ from typing import Any
 
 import click
 
+from dspex_celery.batch import Metric, resolve_metric
 from dspex_celery.cli.inputs import collect_inputs, parse_value
 from dspex_celery.cli.options import open_runtime
 from dspex_celery.client import new_execution_id
 from dspex_celery.errors import DspexError, InputError, UsageError
 from dspex_celery.graph import resolve_uses
+from dspex_celery.integrations.dspy import make_example
 from dspex_celery.runtime import Runtime
 
 #: ``package.module:Class`` (what ``run`` takes instead of a program file).
@@ -122,10 +125,12 @@ def print_outputs(execution_id: str, value: Any, as_json_flag: bool) -> None:
 
 def run_module_batch(reference: str, *, batch_file: str, output: str | None, max_in_flight: int | None,
                      broker: str | None, result_backend: str | None, lm: str | None, adapter: str | None,
-                     with_pairs: tuple[str, ...], as_json_flag: bool) -> None:
-    """One forward per JSON line of ``batch_file``; results in input order; exit 1 if any line failed."""
+                     with_pairs: tuple[str, ...], as_json_flag: bool, metric: str | None = None) -> None:
+    """One forward per JSON line of ``batch_file`` (keys that are not forward's arguments are labels,
+    scored with ``metric``); results in input order; exit 1 if any line failed."""
     runtime = open_runtime(broker, result_backend)
     module = build_distributed(reference, runtime, lm, adapter, with_pairs)
+    score = resolve_metric(metric) if metric else None
     lines = read_lines(Path(batch_file))
     target = Path(output) if output else Path(batch_file).with_name(f"{Path(batch_file).stem}.results.jsonl")
     journal = target.with_name(target.name + ".partial")
@@ -136,23 +141,39 @@ def run_module_batch(reference: str, *, batch_file: str, output: str | None, max
                 ids[index] = new_execution_id()
                 log.write(json.dumps({"line": index, "execution_id": ids[index]}) + "\n")
     with ThreadPoolExecutor(max_in_flight or DEFAULT_MAX_IN_FLIGHT) as pool:
-        results = list(pool.map(lambda item: run_line(module, ids[item[0]], item[1]), enumerate(lines)))
+        results = list(pool.map(lambda item: run_line(module, ids[item[0]], item[1], score), enumerate(lines)))
     target.write_text("".join(json.dumps(result) + "\n" for result in results), encoding="utf-8")
     journal.unlink(missing_ok=True)
     failed = sum(result["status"] != "succeeded" for result in results)
-    summary = {"lines": len(results), "succeeded": len(results) - failed, "failed": failed, "output": str(target)}
+    summary: dict[str, Any] = {"lines": len(results), "succeeded": len(results) - failed, "failed": failed,
+                               "output": str(target)}
+    if score is not None:
+        scores = [float(result.get("score", 0.0)) for result in results]
+        summary["score"] = round(100 * sum(scores) / max(len(scores), 1), 2)
     click.echo(json.dumps(summary) if as_json_flag else
-               f"{reference}: {summary['succeeded']}/{len(results)} lines succeeded; results in {target}")
+               f"{reference}: {summary['succeeded']}/{len(results)} lines succeeded"
+               + (f", score {summary['score']}" if score is not None else "") + f"; results in {target}")
     raise SystemExit(1 if failed else 0)
 
 
-def run_line(module: Any, execution_id: str, inputs: dict[str, Any]) -> dict[str, Any]:
-    """One line's forward under its journaled id (a replay when that id ran before)."""
+def run_line(module: Any, execution_id: str, line: dict[str, Any], metric: Metric | None) -> dict[str, Any]:
+    """One line's forward under its journaled id (a replay when that id ran before), scored when asked."""
+    accepted = forward_parameters(module.module)
+    inputs = {key: value for key, value in line.items() if key in accepted}
+    labels = {key: value for key, value in line.items() if key not in accepted}
     try:
         value = module.run(execution_id, **inputs)
     except DspexError as exc:
         return {"execution_id": execution_id, "inputs": inputs, "status": "failed", "error": str(exc)}
-    return {"execution_id": execution_id, "inputs": inputs, "status": "succeeded", "outputs": as_json(value)}
+    result = {"execution_id": execution_id, "inputs": inputs, "status": "succeeded", "outputs": as_json(value)}
+    if metric is not None:
+        result["score"] = float(metric(make_example(inputs, labels), value))
+    return result
+
+
+def forward_parameters(module: Any) -> set[str]:
+    """The names ``forward`` takes (a line's other keys are labels)."""
+    return set(list(inspect.signature(type(module).forward).parameters)[1:])
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:

@@ -387,6 +387,7 @@ class ForwardSession:
         self.changed = threading.Condition()
         self.closed = threading.Event()
         self.dispatcher: threading.Thread | None = None
+        self.plan_stored = 0  # calls in the plan stored last (the dispatcher stores a newer one)
         self.program = type(module).__qualname__
 
     @classmethod
@@ -488,11 +489,17 @@ class ForwardSession:
     def finish(self, status: ExecutionStatus, error: str | None) -> None:
         """Store the plan with every call made, then end the execution (open calls are cancelled)."""
         self.closed.set()
+        Execution(self.runtime, self.execution_id, self.store_plan()).finish(status, error)
+
+    def store_plan(self) -> Plan:
+        """Store the plan with the calls made so far (``show`` and ``report`` read it); workers keep
+        their cached plan and take each call's entry from the ``calls`` hash."""
         with self.changed:
             modules = {name: call.plan for name, call in self.calls.items()}
+            self.plan_stored = len(modules)
         plan = self.plan(modules)
         self.store.client.set(self.store.key(self.execution_id, "plan"), plan.to_json(), ex=self.store.ttl_s)
-        Execution(self.runtime, self.execution_id, plan).finish(status, error)
+        return plan
 
     # --- calls ---
 
@@ -667,6 +674,8 @@ class ForwardSession:
                     self.settle(popped[1])
                 else:
                     self.poll()
+                if len(self.calls) != self.plan_stored and not self.closed.is_set():
+                    self.store_plan()
             except (redis.RedisError, OSError):  # the store may be down a while: the next round tries again
                 time.sleep(POLL_S)
             except Exception as exc:  # a bug here must not leave forward waiting forever
