@@ -103,3 +103,17 @@ def test_batch_tokens_are_the_sum_of_its_executions(hc: HistoryCluster) -> None:
         records = hc.cluster.runtime.store.records(str(line.execution_id))
         assert line.usage == total_usage(records.values())
         assert line.to_json()["usage"]["tokens"] == line.usage.tokens > 0
+
+
+def test_cost_per_module_call_is_recorded_and_summed(hc: HistoryCluster) -> None:
+    # Given a program whose LM prices each call (as litellm does for known models)
+    program = answer_program("usage_cost")
+    program["dspy"] = {"lm": "tests.modules.lm_usage_mods:priced_lm"}
+    # When it runs (two modules, one LM call each)
+    result = hc.cluster.run(Program.from_dict(program), {"question": "a", "again": "b"})
+    assert result.succeeded, result.modules
+    # Then each record has its call's cost, and the execution's total is their sum
+    assert [record.lm_cost for record in result.modules.values()] == [lm_usage_mods.PRICE_PER_CALL] * 2
+    usage = total_usage(result.modules.values())
+    assert usage.cost == 2 * lm_usage_mods.PRICE_PER_CALL
+    assert "cost $0.5000" in usage.describe()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import dspy
@@ -88,3 +89,26 @@ def answer_program(name: str = "lm_usage", resource: str = "default") -> dict[st
         "modules": {"first": module("$inputs.question"), "second": module("$inputs.again")},
         "outputs": {"first": "$first.answer", "second": "$second.answer"},
     }
+
+
+#: USD the priced LM reports per call (as litellm reports ``response_cost`` in its hidden params).
+PRICE_PER_CALL = 0.25
+
+
+class PricedLM(dspy.BaseLM):
+    """A legacy-interface LM whose responses carry usage and a price, as litellm's do."""
+
+    def __init__(self) -> None:
+        super().__init__("fake/priced")
+
+    def forward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Any:
+        message = SimpleNamespace(content="[[ ## answer ## ]]\npriced\n\n[[ ## completed ## ]]", role="assistant")
+        return SimpleNamespace(
+            choices=[SimpleNamespace(message=message, finish_reason="stop")], model="fake/priced",
+            usage={"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+            _hidden_params={"response_cost": PRICE_PER_CALL},
+        )
+
+
+def priced_lm() -> PricedLM:
+    return PricedLM()
