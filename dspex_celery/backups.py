@@ -15,6 +15,9 @@ it where the pool can: prefork); a thread pool cannot stop a call, so the loser 
 late result is discarded. Both are recorded: the winner's record says ``backup: true`` when the
 backup won (``backup_launched: true`` when a backup was sent), and the loser's attempt is logged with
 status ``cancelled`` and why. A backup that fails is logged and changes nothing: the primary goes on.
+The primary keeps its own rules while its backup runs: if it fails for good first (no retry left), the
+module fails and the backup's later success is refused (and logged as lost); if it retries, its retry
+races the backup in the same way. One backup per module per execution.
 """
 
 from __future__ import annotations

@@ -73,9 +73,9 @@ def test_stalled_module_completes_through_its_backup_and_is_revoked(cluster: Clu
 
 
 def test_threads_pool_discards_the_late_result(cluster: Cluster) -> None:
-    # Given the same module stalling 2 s on thread-pool workers (a thread cannot be terminated)
+    # Given the same module stalling 2 s on thread-pool workers (a thread cannot be terminated), under dag
     key = f"stallt-{uuid.uuid4().hex}"
-    result = cluster.run(stalling("backed_up_t", "slowt", key, 2), timeout=30)
+    result = cluster.run(stalling("backed_up_t", "slowt", key, 2), timeout=30, strategy="dag")
     assert result.status is ExecutionStatus.SUCCEEDED and result.outputs["m"] == {"call": 2}
     # When the stalled call returns after all
     wait_for(lambda: 1 in calls(key, "returned"), timeout=15, what="the stalled call to return")
