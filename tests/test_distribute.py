@@ -207,6 +207,15 @@ def test_cli_bad_module_references_get_one_line(cluster: Cluster, reference: str
     assert fragment in done.stderr
 
 
+def test_a_transient_failure_of_a_call_is_retried_like_any_module(cluster: Cluster, redis_url: str) -> None:
+    options = {"counter_url": redis_url, "counter_key": f"{cluster.settings.namespace}:test:flaky"}
+    execution_id = os.urandom(8).hex()
+    module = distributed(cluster, mods.UsesFlaky(**options), with_=options, retry={"max_attempts": 2, "backoff_s": 0})
+    assert module.run(execution_id, text="hi").text == "HI"
+    record = cluster.runtime.store.record(execution_id, "echo.0")
+    assert (record.status, record.attempts) == (ModuleStatus.SUCCEEDED, 2)
+
+
 def test_a_failed_call_raises_when_read(cluster: Cluster) -> None:
     with pytest.raises(CallFailed, match="not JSON-serialisable"):
         distributed(cluster, mods.UsesNotJson())(question="a b")

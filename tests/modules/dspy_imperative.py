@@ -15,6 +15,8 @@ import dspy
 import redis
 from dspy.utils import DummyLM
 
+from dspex_celery.errors import TransientError
+
 DEMO_MARKER = "DEMO-91c2"
 COMPILED_ANSWER = "answered with the demo"
 ANSWERS: dict[str, dict[str, str]] = {
@@ -130,3 +132,26 @@ class UsesNotJson(dspy.Module):
 
 def exact_answer(example: Any, prediction: Any, trace: Any = None) -> bool:
     return bool(example.answer == prediction.answer)
+
+
+class FlakyOnce(dspy.Module):
+    """Raises a TransientError on its first call (counted in Redis), then echoes."""
+
+    def __init__(self, counter_url: str | None = None, counter_key: str | None = None) -> None:
+        super().__init__()
+        self.counter = (counter_url, counter_key)
+
+    def forward(self, text: str) -> dspy.Prediction:
+        url, key = self.counter
+        if url and key and redis.Redis.from_url(url).hincrby(key, "flaky", 1) == 1:
+            raise TransientError("first call fails")
+        return dspy.Prediction(text=text.upper())
+
+
+class UsesFlaky(dspy.Module):
+    def __init__(self, counter_url: str | None = None, counter_key: str | None = None) -> None:
+        super().__init__()
+        self.echo = FlakyOnce(counter_url, counter_key)
+
+    def forward(self, text: str) -> dspy.Prediction:
+        return self.echo(text=text)
