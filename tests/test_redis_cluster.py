@@ -110,6 +110,11 @@ def test_dag_parent_race_on_a_redis_cluster_never_double_runs_or_loses_a_join(cl
         for i in range(12):
             assert result.outputs[f"join{i}"] == {"value": 5}  # 1 + (2 + 2)
             assert [dag_mods.calls(f"{token}-{n}:{module}{i}") for module in ("top", "l", "r", "join")] == [1] * 4
+    # And Celery's result backend reads the results of executions in different slots at once (batch does)
+    ids = [handle.execution_id for handle in handles]
+    assert len(slots_of(cluster, [cluster.runtime.store.key(execution_id, "plan") for execution_id in ids])) > 1
+    found = dict(cluster.runtime.app.backend.get_many(ids, interval=0, max_iterations=1))
+    assert set(found) == set(ids) and all(meta["status"] == "SUCCESS" for meta in found.values())
 
 
 def call(name: str, key: str) -> Program:
