@@ -67,7 +67,8 @@ def test_independent_calls_overlap_and_dependent_loop_gives_the_in_process_answe
     assert result == expected
     store = cluster.runtime.store
     records = store.records(execution_id)
-    assert set(records) == {"left.0", "right.0", "step.0", "step.1", "step.2", "respond.0"}
+    assert set(records) == {"left.0", "right.0", "step.0", "step.1", "step.2", "respond.0", "critics[0].0",
+                            "critics[1].0"}
     assert all(record.status is ModuleStatus.SUCCEEDED for record in records.values())
     # And the two independent calls overlapped, on two worker processes of their resource classes
     (left_start, left_end), (right_start, right_end) = interval(records["left.0"]), interval(records["right.0"])

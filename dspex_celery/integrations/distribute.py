@@ -45,6 +45,7 @@ from dspex_celery.integrations.distribute_worker import (
     CALLS,
     REF,
     RUN_CALL,
+    at_path,
     call_plan_from_json,
     call_plan_json,
     output_value,
@@ -335,21 +336,33 @@ def is_remote(module: Any, path: str, config: Config) -> bool:
     """Called remotely as one call: dspy's own classes, user modules without sub-modules, and any
     path ``resources`` names exactly; other modules run their ``forward`` here."""
     dspy = require_dspy("distribute()")
-    own_parts = any(isinstance(value, dspy.Module) for value in vars(module).values())
+    own_parts = any(isinstance(value, dspy.Module) or (isinstance(value, list) and
+                    any(isinstance(item, dspy.Module) for item in value)) for value in vars(module).values())
     return type(module).__module__.startswith("dspy.") or not own_parts or path in config.resources
 
 
 def intercepted(module: Any, session: ForwardSession, prefix: str = "") -> Any:
-    """A shallow copy of ``module`` whose sub-modules are :class:`RemoteSubModule` s (recursively)."""
+    """A shallow copy of ``module`` whose sub-modules (attributes, and lists of them) are
+    :class:`RemoteSubModule` s, or intercepted copies of their own (recursively)."""
     dspy = require_dspy("distribute()")
     clone = copy.copy(module)
+    clone.__dict__.update({key: vars(module)[key] for key in ("callbacks", "history") if key in vars(module)})
     for attr, value in vars(module).items():
-        if isinstance(value, dspy.Module) and not attr.startswith("_"):
-            path = f"{prefix}{attr}"
-            remote = is_remote(value, path, session.config)
-            clone.__dict__[attr] = RemoteSubModule(session, path, value) if remote else \
-                intercepted(value, session, f"{path}.")
+        if attr.startswith("_"):
+            continue
+        if isinstance(value, dspy.Module):
+            clone.__dict__[attr] = stand_in(value, session, f"{prefix}{attr}")
+        elif isinstance(value, list) and value and all(isinstance(item, dspy.Module) for item in value):
+            clone.__dict__[attr] = [stand_in(item, session, f"{prefix}{attr}[{index}]")
+                                    for index, item in enumerate(value)]
     return clone
+
+
+def stand_in(module: Any, session: ForwardSession, path: str) -> Any:
+    """What ``forward`` sees of the sub-module at ``path``: a remote one, or an intercepted copy."""
+    if is_remote(module, path, session.config):
+        return RemoteSubModule(session, path, module)
+    return intercepted(module, session, f"{path}.")
 
 
 # --- one forward: an execution ---------------------------------------------------------------------
@@ -626,10 +639,7 @@ class ForwardSession:
         """Append the call's DSPy trace, with this process's predictors, to the caller's trace."""
         if call.trace is None or not call.plan.inputs:
             return
-        target = self.module
-        for part in str(call.plan.inputs["path"]).split("."):
-            target = getattr(target, part)
-        predictors = dict(target.named_predictors())
+        predictors = dict(at_path(self.module, str(call.plan.inputs["path"])).named_predictors())
         prediction = require_dspy("distribute()").Prediction
         for name, inputs, outputs in read_trace(self.store, self.execution_id, call.plan.name):
             if name in predictors:

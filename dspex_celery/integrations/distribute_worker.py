@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -221,14 +222,28 @@ def build_module(store: StateStore, module: ModulePlan, digest: str) -> Any:
 
 
 def sub_module(root: Any, module: ModulePlan) -> Any:
-    """The sub-module at the call's attribute path (``hop.generate_query``)."""
+    """The sub-module at the call's attribute path (``hop.generate_query``, ``drafts[1]``)."""
+    path = str((module.inputs or {}).get("path", ""))
+    try:
+        return at_path(root, path)
+    except (AttributeError, IndexError, TypeError):
+        raise ModuleInputError(f"call '{module.name}': {type(root).__name__} has no sub-module '{path}'") from None
+
+
+def at_path(root: Any, path: str) -> Any:
+    """The object at ``path`` under ``root``: dotted public attributes, each with optional ``[i]`` indexes."""
     target = root
-    for part in str((module.inputs or {}).get("path", "")).split("."):
-        if part.startswith("_") or not hasattr(target, part):
-            raise ModuleInputError(f"call '{module.name}': {type(root).__name__} has no sub-module "
-                                   f"'{module.inputs and module.inputs.get('path')}'")
-        target = getattr(target, part)
+    for part in path.split("."):
+        match = _PATH_PART.fullmatch(part)
+        if match is None:
+            raise AttributeError(part)
+        target = getattr(target, match[1])
+        for index in re.findall(r"\[(\d+)\]", match[2]):
+            target = target[int(index)]
     return target
+
+
+_PATH_PART = re.compile(r"([A-Za-z]\w*)((?:\[\d+\])*)")
 
 
 # --- arguments and outputs -------------------------------------------------------------------------

@@ -54,8 +54,8 @@ class Slow(dspy.Module):
 
 
 class TwoAndLoop(dspy.Module):
-    """Two independent slow calls, a loop of dependent ones (each gets the last's lazy result) and an
-    LM call whose answer decides a branch."""
+    """Two independent slow calls, a loop of dependent ones (each gets the last's lazy result), an
+    LM call whose answer decides a branch, and a list of sub-modules."""
 
     def __init__(self, hops: int = 3, seconds: float = 0.0) -> None:
         super().__init__()
@@ -64,6 +64,7 @@ class TwoAndLoop(dspy.Module):
         self.right = Slow("R", seconds)
         self.step = Slow("S")
         self.respond = dspy.Predict("question -> answer")
+        self.critics = [Slow("C0"), Slow("C1")]
 
     def forward(self, question: str) -> dspy.Prediction:
         left = self.left(text=question)
@@ -74,7 +75,9 @@ class TwoAndLoop(dspy.Module):
         answer = self.respond(question=question).answer
         verdict = "known" if answer != "unknown" else "unknown"
         assert draft is not None
-        return dspy.Prediction(left=left.text, right=right.text, draft=draft.text, answer=answer, verdict=verdict)
+        critics = [critic(text=question).text for critic in self.critics]
+        return dspy.Prediction(left=left.text, right=right.text, draft=draft.text, answer=answer, verdict=verdict,
+                               critics=critics)
 
 
 class Chain(dspy.Module):
