@@ -5,7 +5,8 @@ Dask distributed and Ray on the same 8 slots, next to the informed greedy schedu
 
 The workflows are the committed JSON DAGs of ``scripts/data/wfcommons/`` (``wfcommons_data.py``
 regenerates them): ~200 tasks each, runtimes scaled so that work / 8 slots ≈ 1.2 s; every task
-sleeps its runtime. dspex: two `dspex-celery worker` subprocesses (threads pool, concurrency 4);
+sleeps its runtime. dspex: two `dspex-celery worker` subprocesses (threads pool, concurrency 4) on a
+redis-server of its own (broker + state);
 Dask: a ``LocalCluster`` of 2 processes × 4 threads; Ray: ``ray.init(num_cpus=8)``, one CPU per
 task, parents passed as ObjectRefs. Makespan = first task start to last task end, from times each
 engine's tasks record themselves. Cases run in interleaved rounds (order rotated each round);
@@ -16,12 +17,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import tempfile
 import statistics
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import benchlib as bench
@@ -35,6 +40,7 @@ from dspex_celery.examples.synthetic import WORK
 from dspex_celery.results import parse_time
 from dspex_celery.routing import queue_name
 from dspex_celery.runtime import Runtime
+from dspex_celery.testing import RedisServer
 
 HEADING = "WfCommons workflows: dspex vs Ray and Dask (issue 18)"
 WORKERS = [bench.WorkerSpec(("default",), concurrency=4, pool="threads", includes=("bench_dag_tasks",))] * 2
@@ -205,6 +211,30 @@ def cases(cluster: bench.BenchCluster, profiled: Runtime, peers: Peers,
     return {f"{w.name}/{engine}": partial(run, w) for w in workflows for engine, run in engines.items()}
 
 
+@contextmanager
+def own_redis() -> Iterator[str]:
+    """A redis-server of this run (Ray and Dask keep their state in their own processes; the shared
+    Redis of a busy machine would charge dspex for other jobs' load); DSPEX_BENCH_REDIS_URL: use that."""
+    if os.environ.get("DSPEX_BENCH_REDIS_URL"):
+        yield bench.REDIS_URL
+        return
+    server = RedisServer(Path(tempfile.mkdtemp(prefix="dspex-bench-redis-"))).start()
+    try:
+        yield server.url(0)
+    finally:
+        server.stop()
+
+
+@contextmanager
+def dspex_cluster(redis_url: str) -> Iterator[bench.BenchCluster]:
+    cluster = bench.BenchCluster(WORKERS, redis_url=redis_url)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 def warm_up(cluster: bench.BenchCluster, peers: Peers, workflow: Workflow) -> None:
     for strategy in (DAG, LEVELS):
         run_dspex(cluster.runtime, workflow, strategy)
@@ -256,7 +286,8 @@ def goal_lines(means: dict[str, float | None]) -> list[str]:
     return lines
 
 
-def docs_body(headers: list[str], rows: list[list[str]], goals: list[str], rounds: int, elapsed: float) -> str:
+def docs_body(headers: list[str], rows: list[list[str]], goals: list[str], rounds: int, elapsed: float,
+              broker: str) -> str:
     intro = (
         "`scripts/bench_wfcommons.py`: workflows generated from WfCommons recipes (WfChef, ~200 tasks, "
         "`scripts/data/wfcommons/`, runtimes scaled so work / 8 slots ≈ 1.2 s; every task sleeps its runtime), "
@@ -267,9 +298,11 @@ def docs_body(headers: list[str], rows: list[list[str]], goals: list[str], round
         f"{LEARNING_RUNS} recorded `dag` runs per workflow, `optimize`d, then `use_profile`. *Celery floor*: no "
         "engine at all — the slower of a plain Celery chain of the critical path's sleeps and a group of every "
         "sleep (longest first). Dask: `LocalCluster` 2 processes × 4 threads; Ray: `ray.init(num_cpus=8)`, "
-        "parents passed as ObjectRefs. The machine is shared with other jobs: numbers are noisy."
+        "parents passed as ObjectRefs. dspex's broker and state store: a redis-server of the run's own (as Ray "
+        "and Dask keep their state in their own processes). The machine is shared with other jobs: numbers "
+        "are noisy."
     )
-    return "\n".join([intro, "", *bench.machine_lines(WORKERS), "", bench.markdown_table(headers, rows), "", *goals])
+    return "\n".join([intro, "", *bench.machine_lines(WORKERS, broker), "", bench.markdown_table(headers, rows), "", *goals])
 
 
 def main() -> None:
@@ -283,7 +316,7 @@ def main() -> None:
     rounds = 1 if args.quick else args.rounds
     started = time.perf_counter()
     peers = Peers()
-    with bench.cluster(WORKERS) as cluster:
+    with own_redis() as redis_url, dspex_cluster(redis_url) as cluster:
         try:
             peers.start()
             warm_up(cluster, peers, workflows[0])
@@ -291,6 +324,7 @@ def main() -> None:
             chosen = {name: case for name, case in cases(cluster, profiled, peers, workflows).items()
                       if not args.engine or name.split("/", 1)[1] in args.engine}
             samples = bench.interleaved(chosen, rounds, on_failure=lambda *_: cluster.restart())
+            broker = f"{redis_url}, own redis-server" if redis_url != bench.REDIS_URL else redis_url
         finally:
             peers.stop()
     samples = {f"{w.name}/{e}": samples.get(f"{w.name}/{e}", bench.Samples()) for w in workflows for e in ENGINES}
@@ -301,7 +335,7 @@ def main() -> None:
     for line in goals:
         bench.console.print(line)
     if not (args.only or args.quick or args.engine):
-        bench.write_section(HEADING, docs_body(headers, rows, goals, rounds, elapsed))
+        bench.write_section(HEADING, docs_body(headers, rows, goals, rounds, elapsed, broker))
         bench.console.print(f"written to {bench.BENCHMARKS_MD.relative_to(bench.ROOT)}")
 
 
