@@ -23,7 +23,14 @@ from dspex_celery.errors import ModuleNotAllowed
 from dspex_celery.execution import Execution
 from dspex_celery.graph import UsesRefused, is_allowed, resolve_uses
 from dspex_celery.plan import ModulePlan
-from dspex_celery.results import CompensationRecord, CompensationStatus, isoformat, parse_time, utcnow
+from dspex_celery.results import (
+    CompensationRecord,
+    CompensationStatus,
+    ExecutionStatus,
+    isoformat,
+    parse_time,
+    utcnow,
+)
 from dspex_celery.runner import resolve_inputs
 from dspex_celery.runtime import Runtime
 from dspex_celery.spec import RetryPolicy
@@ -96,6 +103,14 @@ class CompensationRun:
         final = record.model_copy(update={"status": status, "error": error, "finished_at": isoformat(finished),
                                           "duration_s": round((finished - started).total_seconds(), 6)})
         compensation_store.save(self.runtime.store, self.execution.id, self.name, final)
+        if status is not CompensationStatus.RETRYING:
+            self._tell_hooks()
+
+    def _tell_hooks(self) -> None:
+        """The execution's result with its compensations now (history records them)."""
+        status = ExecutionStatus(self.runtime.store.meta_field(self.execution.id, "status", "failed"))
+        if status.final:
+            self.runtime.hooks.on_compensation(self.execution.result(status))
 
     def _status(self) -> str:
         return compensation_store.records(self.runtime.store, self.execution.id).get(

@@ -69,6 +69,9 @@ class Hook:
     def on_execution_finished(self, result: ExecutionResult) -> None:
         """Once per execution, after its result is published."""
 
+    def on_compensation(self, result: ExecutionResult) -> None:
+        """After one of the execution's compensations ended: its result with them as they are now."""
+
 
 class HookChain:
     """Runs a list of hooks with the ordering and error rules of this module."""
@@ -100,6 +103,9 @@ class HookChain:
 
     def on_execution_finished(self, result: ExecutionResult) -> None:
         self._after("on_execution_finished", result)
+
+    def on_compensation(self, result: ExecutionResult) -> None:
+        self._after("on_compensation", result)
 
     def _after(self, method: str, *args: Any) -> None:
         for hook in reversed(self.hooks):

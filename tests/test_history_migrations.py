@@ -57,6 +57,8 @@ def made_before_alembic(url: str) -> None:
     """A database as releases before Alembic left it: ``create_all``, the version row, one execution."""
     engine = sa.create_engine(url)
     Base.metadata.create_all(engine)
+    with engine.begin() as connection:  # columns added by later revisions (0002) did not exist then
+        connection.execute(sa.text("ALTER TABLE dspex_executions DROP COLUMN compensations"))
     with sa.orm.Session(engine) as session, session.begin():
         session.add(SchemaVersion(name="history", version=1))
         session.add(ExecutionRow(id="e-old", program="story", status="succeeded", rank=3,

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from dspex_celery.compensation_store import records as compensation_records
 from dspex_celery.plan import Plan
 from dspex_celery.results import (
     ExecutionResult,
@@ -155,12 +156,14 @@ def finished_result(
     store: StateStore, execution_id: str, published: dict[str, Any] | None = None
 ) -> ExecutionResult | None:
     """The result of a finished execution (the published one if given, else rebuilt); None if open."""
-    if published is not None:
-        return ExecutionResult.model_validate(published)
+    if published is not None:  # with its compensations as they are now (the result showed them pending)
+        result = ExecutionResult.model_validate(published)
+        return result.model_copy(update={"compensations": compensation_records(store, execution_id)})
     meta = store.meta(execution_id)
     plan = store.plan(execution_id)
     status = ExecutionStatus(meta.get("status", ExecutionStatus.RUNNING.value))
     if plan is None or not status.final:
         return None
     records, outputs = store.records(execution_id), store.outputs(execution_id, plan.modules)
-    return build_result(execution_id, plan, meta, records, outputs, status, finished_at=meta.get("finished_at"))
+    result = build_result(execution_id, plan, meta, records, outputs, status, finished_at=meta.get("finished_at"))
+    return result.model_copy(update={"compensations": compensation_records(store, execution_id)})

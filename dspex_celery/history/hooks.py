@@ -91,6 +91,8 @@ class StreamPublisher(Hook):
         self.flush()
         self._send([FinishedEvent(result)])
 
+    on_compensation = on_execution_finished  # the row's compensations (applying it again is idempotent)
+
     def flush(self) -> None:
         """Send every record event queued so far (in this thread)."""
         items = _drain(self._queue)
@@ -152,6 +154,8 @@ class EmbeddedRecorder(Hook):
 
     def on_execution_finished(self, result: ExecutionResult) -> None:
         self._put(FinishedEvent(result))
+
+    on_compensation = on_execution_finished  # the row's compensations (applying it again is idempotent)
 
     def _put(self, item: Event) -> None:
         self._start()

@@ -58,6 +58,8 @@ class ExecutionRow(Base):
     inputs_digest: Mapped[str | None] = mapped_column(String(64))
     outputs: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     failed_modules: Mapped[list[str] | None] = mapped_column(JSON)
+    #: Module -> its compensation record (``ExecutionResult.compensations``); migration 0002.
+    compensations: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     submitted_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]

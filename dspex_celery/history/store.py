@@ -160,6 +160,7 @@ class HistoryStore:
                 rank=FINAL_RANK,
                 outputs=result.outputs,
                 failed_modules=result.failed_modules,
+                compensations={name: record.model_dump(mode="json") for name, record in result.compensations.items()},
                 error=None if result.error is None else text_column(result.error),
                 submitted_at=_time(result.submitted_at),
                 finished_at=_time(result.finished_at),
@@ -257,6 +258,7 @@ class HistoryStore:
             submitted_at=optional_iso(row.submitted_at),
             finished_at=optional_iso(row.finished_at),
             resumed_from=row.resumed_from,
+            compensations=row.compensations or {},
         )
 
     def finished_executions(self, fingerprint: str) -> list[ExecutionRow]:
