@@ -98,8 +98,11 @@ def resource_tables(classes: list[dict[str, Any]], width: int) -> list[Table]:
     for row in classes:
         utilization = row["utilization"]
         rows.append([str(row["resource"]), limit_cell(row), str(row["rate"] or "-"), str(row["in_use"]),
-                     f"{utilization:.0%}" if isinstance(utilization, float) else "-"])
-    tables = [fitted_table(("resource", "max", "rate", "in use", "utilization"), rows, width, ids=("resource",))]
+                     f"{utilization:.0%}" if isinstance(utilization, float) else "-", lowered_cell(row)])
+    if not any(row[-1] for row in rows):  # no class lowered by a 429: no column for it
+        rows = [row[:-1] for row in rows]
+    headers = ("resource", "max", "rate", "in use", "utilization", "lowered")[:len(rows[0])]
+    tables = [fitted_table(headers, rows, width, ids=("resource",))]
     holders = [[f"{holder.get('execution_id')}.{holder.get('module')}", str(row["resource"]),
                 str(holder.get("worker")), f"{holder['expires_in_s']}s"]
                for row in classes for holder in row["holders"]]
@@ -109,12 +112,20 @@ def resource_tables(classes: list[dict[str, Any]], width: int) -> list[Table]:
 
 
 def limit_cell(row: dict[str, object]) -> str:
-    """The class's limit: ``8``, or while a 429 has lowered it ``2/8 (halved 2× after 429, +1 per 10 s quiet)``."""
+    """The class's limit now: ``8``, or ``2/8`` while a 429 has lowered it to 2 of 8."""
     adaptive = row.get("adaptive")
     if not isinstance(adaptive, dict):
         return str(row["max_concurrent"] or "-")
-    paused = f", paused {adaptive['paused_for_s']:g} s (Retry-After)" if adaptive["paused_for_s"] else ""
-    return f"{adaptive['limit']}/{adaptive['cap']} ({adaptive['reason']}{paused})"
+    return f"{adaptive['limit']}/{adaptive['cap']}"
+
+
+def lowered_cell(row: dict[str, object]) -> str:
+    """Why the limit is lowered, e.g. ``halved 2× after 429, +1 per 10 s quiet``; empty when it is not."""
+    adaptive = row.get("adaptive")
+    if not isinstance(adaptive, dict):
+        return ""
+    paused = f"; paused {adaptive['paused_for_s']:g} s (Retry-After)" if adaptive["paused_for_s"] else ""
+    return f"{adaptive['reason']}{paused}"
 
 
 @click.command()
