@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from dspex_celery import Program, submit_batch
+from dspex_celery.integrations.lm_cache import TAG
 from dspex_celery.optimizer import optimize
 from dspex_celery.usage import total_usage
 from tests.conftest import HistoryCluster
@@ -103,6 +104,10 @@ def test_batch_tokens_are_the_sum_of_its_executions(hc: HistoryCluster) -> None:
         records = hc.cluster.runtime.store.records(str(line.execution_id))
         assert line.usage == total_usage(records.values())
         assert line.to_json()["usage"]["tokens"] == line.usage.tokens > 0
+    # And without the shared LM cache (the default) every request went to the LM: no lookups, no entries
+    assert (result.usage.cache_hits, result.usage.cache_misses) == (0, 0)
+    client = hc.cluster.runtime.store.client
+    assert not list(client.scan_iter(match=f"{hc.cluster.settings.namespace}:{TAG}:*"))
 
 
 def test_cost_per_module_call_is_recorded_and_summed(hc: HistoryCluster) -> None:

@@ -15,6 +15,7 @@ history entries (cost, as DSPy priced them) and the cache's hits and misses.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import sys
@@ -23,6 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import redis
 
 from dspex_celery.usage import Usage
 
@@ -117,28 +119,21 @@ def current_meter() -> LMMeter | None:
     return meter if isinstance(meter, LMMeter) else None
 
 
-def _cache_base() -> type:
-    import dspy.clients.cache  # optional dependency: the cache is installed only for DSPy modules
-
-    return dspy.clients.cache.Cache
-
-
 def redis_lm_cache(store: StateStore, ttl_s: int, max_entries: int) -> Any:
-    """A ``dspy.clients.Cache`` on the state store's Redis (the class is made once dspy is imported)."""
+    """A ``RedisLMCache`` (a ``dspy.clients.Cache``) on the state store's Redis."""
     return _redis_cache_class()(store, ttl_s, max_entries)
 
 
-_classes: dict[str, type] = {}
-
-
+@functools.cache
 def _redis_cache_class() -> type:
-    if "cache" not in _classes:
-        _classes["cache"] = type("RedisLMCache", (_RedisLMCacheMixin, _cache_base()), {
-            "__doc__": _RedisLMCacheMixin.__doc__, "__module__": __name__})
-    return _classes["cache"]
+    """``RedisLMCache``: made on first use, so that importing this module does not import dspy."""
+    from dspy.clients.cache import Cache  # optional dependency: the cache is installed only for DSPy modules
+
+    return type("RedisLMCache", (RedisLMCacheMixin, Cache), {"__doc__": RedisLMCacheMixin.__doc__,
+                                                              "__module__": __name__})
 
 
-class _RedisLMCacheMixin:
+class RedisLMCacheMixin:
     """DSPy's cache API (``get``/``put`` by ``cache_key``) over Redis, JSON entries, TTL and LRU bound."""
 
     cache_key: Any  # from dspy.clients.Cache
@@ -164,7 +159,11 @@ class _RedisLMCacheMixin:
         pipe = self.client.pipeline(transaction=False)
         pipe.get(key)
         pipe.zadd(self.lru_key, {key: time.time()}, xx=True)
-        raw, _ = pipe.execute()
+        try:
+            raw, _ = pipe.execute()
+        except redis.RedisError as exc:  # the cache must not fail the call: the LM answers instead
+            log.warning("LM cache: Redis did not answer (%s); calling the LM", exc)
+            raw = None
         value = None if raw is None else self._decode(raw)
         meter = current_meter()
         if meter is not None:
@@ -181,7 +180,10 @@ class _RedisLMCacheMixin:
         if encoded is None:
             log.debug("LM cache: a %s response is not JSON; not cached", type(value).__name__)
             return
-        self._put(keys=[key, self.lru_key], args=[encoded, self.ttl_s, time.time(), self.max_entries])
+        try:
+            self._put(keys=[key, self.lru_key], args=[encoded, self.ttl_s, time.time(), self.max_entries])
+        except redis.RedisError as exc:  # the answer is returned all the same, only not shared
+            log.warning("LM cache: Redis did not store an answer (%s)", exc)
 
     def _decode(self, raw: str | bytes) -> Any:
         try:
