@@ -158,3 +158,16 @@ class UsesFlaky(dspy.Module):
 
     def forward(self, text: str) -> dspy.Prediction:
         return self.echo(text=text)
+
+
+class Fanout(dspy.Module):
+    """``width`` independent slow calls (a list of sub-modules), then one over their results."""
+
+    def __init__(self, width: int = 8, seconds: float = 0.25) -> None:
+        super().__init__()
+        self.experts = [Slow(f"E{index}", seconds) for index in range(width)]
+        self.merge = Slow("M")
+
+    def forward(self, text: str) -> dspy.Prediction:
+        drafts = [expert(text=text) for expert in self.experts]
+        return dspy.Prediction(texts=[draft.text for draft in drafts], merged=self.merge(text=text).text)
