@@ -165,6 +165,24 @@ class DagStrategy(Strategy):
         self._drain(execution, plan, [reply])
         return True
 
+    def starts_in_pipeline(self, execution: Execution) -> bool:
+        """When the store writes the broker's queues (a Redis broker in its database) and there are modules."""
+        return execution.runtime.queues is not None and bool(execution.require_plan().modules)
+
+    def queue_start(self, execution: Execution, pipe: Any) -> None:
+        """A new execution's counters, then its roots' task messages (most urgent first), as :meth:`start`."""
+        plan, runtime = execution.require_plan(), execution.runtime
+        queues = runtime.queues
+        assert queues is not None, "queue_start without starts_in_pipeline"
+        deps_key, _, open_key, _, _ = self._keys(execution)
+        pipe.hset(deps_key, mapping={name: len(module.parents) for name, module in plan.modules.items()})
+        pipe.set(open_key, len(plan.modules))
+        for key in (deps_key, open_key):
+            pipe.expire(key, execution.store.ttl_s)
+        for name in _by_urgency(plan, roots(plan, {})):
+            signature = module_signature(runtime.app, plan, execution.id, name, runtime.settings.namespace)
+            pipe.lpush(*queues.message(signature))
+
     # --- counters -------------------------------------------------------------------------------
 
     def _keys(self, execution: Execution) -> list[str]:
@@ -198,7 +216,7 @@ class DagStrategy(Strategy):
         blocks = status.value if status in BLOCKING else ""
         children = _by_urgency(plan, plan.modules[module].children)
         keys = self._keys(execution)
-        args = [runtime.store.ttl_s, module, blocks, len(children), "1" if queues else "0", *children]
+        args: list[Any] = [runtime.store.ttl_s, module, blocks, len(children), "1" if queues else "0", *children]
         if queues is not None:
             namespace = runtime.settings.namespace
             signatures = [module_signature(runtime.app, plan, execution.id, child, namespace) for child in children]
