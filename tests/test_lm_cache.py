@@ -18,6 +18,7 @@ import redis
 from dspex_celery import Program, submit_batch
 from dspex_celery.batch import BatchResult
 from dspex_celery.integrations.lm_cache import TAG, redis_lm_cache
+from dspex_celery.report import load_report, render_html
 from dspex_celery.state import StateStore
 from tests.conftest import Cluster
 from tests.modules import lm_usage_mods
@@ -77,6 +78,10 @@ def test_second_identical_batch_makes_no_lm_call(cached: Cluster) -> None:
     # And each module's record says it was answered from the cache
     records = cached.runtime.store.records(str(second.lines[0].execution_id))
     assert [(r.lm_cache_hits, r.lm_cache_misses, r.prompt_tokens) for r in records.values()] == [(1, 0, 0)] * 2
+    # And the HTML report of one line's execution says so, per module and in total
+    html = render_html(load_report(cached.runtime, str(second.lines[0].execution_id)))
+    assert "LM usage: tokens 0 (0 prompt + 0 completion), cost -, LM cache 2 hit(s) / 0 miss(es)" in html
+    assert html.count('<td class="num">1/1</td>') == 2
     # And another process (this one) asking DSPy the same request is answered from what workers stored
     assert ask(redis_lm_cache(cached.runtime.store, 60, 100), lines[0]["question"])[1] is False
 
