@@ -217,6 +217,21 @@ def test_a_transient_failure_of_a_call_is_retried_like_any_module(cluster: Clust
     assert (record.status, record.attempts) == (ModuleStatus.SUCCEEDED, 2)
 
 
+def test_a_failed_execution_resumed_reuses_its_finished_calls(cluster: Cluster, redis_url: str) -> None:
+    # Given an execution whose second call failed (no retries)
+    key = f"{cluster.settings.namespace}:test:resume-failed"
+    options = {"counter_url": redis_url, "counter_key": key}
+    execution_id = os.urandom(8).hex()
+    module = distributed(cluster, mods.CountThenFlaky(**options), with_=options, retry={"max_attempts": 1})
+    with pytest.raises(CallFailed, match="echo.0"):
+        module.run(execution_id, text="hi")
+    # When it is resumed
+    assert resume_forward(execution_id, app=cluster.runtime.app).text == "K(HI)"
+    # Then the first call was reused (called once in all), the failed one ran again
+    counter = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert counter.hgetall(key) == {"K": "1", "flaky": "2"}
+
+
 def test_a_failed_call_raises_when_read(cluster: Cluster) -> None:
     with pytest.raises(CallFailed, match="not JSON-serialisable"):
         distributed(cluster, mods.UsesNotJson())(question="a b")

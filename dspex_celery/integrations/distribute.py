@@ -401,6 +401,7 @@ class ForwardSession:
         self.closed = threading.Event()
         self.dispatcher: threading.Thread | None = None
         self.plan_stored = 0  # calls in the plan stored last (the dispatcher stores a newer one)
+        self.fresh = False  # stored by this session: no call of it can have run before (no replay)
         self.program = type(module).__qualname__
 
     @classmethod
@@ -435,6 +436,7 @@ class ForwardSession:
             "distribute": self.config.to_meta(digest),
         }
         self.store.create(self.execution_id, self.plan({}), meta)
+        self.fresh = True
 
     def fingerprint(self, digest: str) -> str:
         content = json.dumps([self.config.class_ref, self.config.with_, self.config.resources, digest], sort_keys=True)
@@ -477,6 +479,7 @@ class ForwardSession:
                 store.put_output(self.execution_id, name, outputs[name])
                 execution.write_record(name, records[name].model_copy(update={"reused": True}))
         store.update_meta(self.execution_id, resumed_from=source_id)
+        self.fresh = False  # its reused calls are taken as a replay takes them
 
     # --- running forward ---
 
@@ -560,23 +563,13 @@ class ForwardSession:
         """A call stored finished (a replay) is done; one already sent is waited for; else send it
         (its entry is stored before the dispatcher can see it, so a worker always finds it)."""
         name, store = call.plan.name, self.store
-        record = store.record(self.execution_id, name)
-        sent = store.key(self.execution_id, CALLS_SENT)
-        if record.status is ModuleStatus.SUCCEEDED:
-            with self.changed:
-                self.calls[name] = call
-            self.settle(name)
+        if not self.fresh and self.replayed(call):
             return
         self.ensure_dispatcher()
-        if record.status.final:  # failed in the run this replays: run it again
-            store.client.hdel(store.key(self.execution_id, "rec"), name)
-            store.client.srem(sent, name)
-        elif store.client.sismember(sent, name):
-            with self.changed:
-                self.calls[name] = call
-            return
-        store.client.hset(store.key(self.execution_id, CALLS), name, call_plan_json(call.plan))
-        store.client.expire(store.key(self.execution_id, CALLS), store.ttl_s)
+        pipe = store.client.pipeline(transaction=False)
+        pipe.hset(store.key(self.execution_id, CALLS), name, call_plan_json(call.plan))
+        pipe.expire(store.key(self.execution_id, CALLS), store.ttl_s)
+        pipe.execute()
         with self.changed:
             self.calls[name] = call
             self.refresh_waiting(call)
@@ -585,6 +578,23 @@ class ForwardSession:
             self.send(call.plan)
         elif call.error is not None:
             self.skip(call.plan, sorted(call.plan.parents)[0])
+
+    def replayed(self, call: Call) -> bool:
+        """In a replay: True when the call finished (its stored output is taken) or was sent (it is
+        waited for); a call that failed is cleared to run again (False)."""
+        name, store = call.plan.name, self.store
+        sent = store.key(self.execution_id, CALLS_SENT)
+        record = store.record(self.execution_id, name)
+        if record.status is ModuleStatus.SUCCEEDED or (not record.status.final and store.client.sismember(sent, name)):
+            self.ensure_dispatcher()
+            with self.changed:
+                self.calls[name] = call
+            self.settle(name)  # nothing yet unless it finished
+            return True
+        if record.status.final:  # failed in the run this replays: run it again
+            store.client.hdel(store.key(self.execution_id, "rec"), name)
+            store.client.srem(sent, name)
+        return False
 
     def send(self, module: ModulePlan) -> None:
         options: dict[str, Any] = {
@@ -597,8 +607,10 @@ class ForwardSession:
         with unsubscribed_dispatch():
             self.runtime.app.send_task(RUN_CALL, args=(self.execution_id, module.name), **options)
         sent = self.store.key(self.execution_id, CALLS_SENT)
-        self.store.client.sadd(sent, module.name)
-        self.store.client.expire(sent, self.store.ttl_s)
+        pipe = self.store.client.pipeline(transaction=False)
+        pipe.sadd(sent, module.name)
+        pipe.expire(sent, self.store.ttl_s)
+        pipe.execute()
 
     def refresh_waiting(self, call: Call) -> None:
         """Drop the calls ``call`` waits for that are done; a failed one fails ``call`` too."""

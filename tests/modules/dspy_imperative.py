@@ -171,3 +171,15 @@ class Fanout(dspy.Module):
     def forward(self, text: str) -> dspy.Prediction:
         drafts = [expert(text=text) for expert in self.experts]
         return dspy.Prediction(texts=[draft.text for draft in drafts], merged=self.merge(text=text).text)
+
+
+class CountThenFlaky(dspy.Module):
+    """A counted call, then one that fails the first time (for resuming an execution that failed)."""
+
+    def __init__(self, counter_url: str | None = None, counter_key: str | None = None) -> None:
+        super().__init__()
+        self.count = Slow("K", 0.0, counter_url, counter_key)
+        self.echo = FlakyOnce(counter_url, counter_key)
+
+    def forward(self, text: str) -> dspy.Prediction:
+        return self.echo(text=self.count(text=text).text)
