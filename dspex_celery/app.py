@@ -12,7 +12,14 @@ from celery.backends.redis import RedisBackend, SentinelBackend
 
 from dspex_celery import defaults
 from dspex_celery.errors import ConfigError
-from dspex_celery.redis_clients import CLUSTER_SCHEMES, SENTINEL_SCHEMES, connect, is_sentinel_url, require_master
+from dspex_celery.redis_clients import (
+    CLUSTER_SCHEMES,
+    SENTINEL_SCHEMES,
+    connect,
+    failover_retry,
+    is_sentinel_url,
+    require_master,
+)
 from dspex_celery.routing import PRIORITY_LEVELS, control_queue
 from dspex_celery.settings import Settings, redact
 from dspex_celery.transport import TRANSPORT, transport_options
@@ -117,7 +124,13 @@ class RedisResultBackend(RedisBackend):
 
 
 class SentinelResultBackend(RedisResultBackend, SentinelBackend):
-    """Celery's Sentinel result backend (the master named in ``master_name``), subscribing as above."""
+    """Celery's Sentinel result backend (the master named in ``master_name``), subscribing as above;
+    its commands (a chord's count, a stored result) are retried through a failover."""
+
+    def _get_pool(self, **params: Any) -> Any:
+        pool = super()._get_pool(**params)
+        pool.connection_kwargs.update(failover_retry())
+        return pool
 
 
 class ClusterResultBackend(RedisResultBackend):

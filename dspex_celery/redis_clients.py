@@ -19,7 +19,9 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from dspex_celery.errors import ConfigError
@@ -31,6 +33,9 @@ CLUSTER_SCHEMES = ("redis-cluster://", "rediss-cluster://")
 SENTINEL_SCHEMES = ("sentinel://",)
 #: Seconds a Sentinel set-up's client tries to reach a master (failovers take a few seconds).
 SENTINEL_SOCKET_TIMEOUT_S = 5.0
+#: Retries of a command whose master does not answer, backing off up to this many seconds apart.
+FAILOVER_RETRIES = 20
+FAILOVER_BACKOFF_CAP_S = 2.0
 
 
 def is_cluster_url(url: str | None) -> bool:
@@ -113,9 +118,17 @@ def sentinel_master_client(url: str, master: str | None, **options: Any) -> redi
     name = require_master(url, master)
     options.setdefault("socket_timeout", SENTINEL_SOCKET_TIMEOUT_S)
     options.setdefault("socket_connect_timeout", SENTINEL_SOCKET_TIMEOUT_S)
+    options = {**failover_retry(), **options}
     sentinel = Sentinel(list(servers.nodes), sentinel_kwargs={"socket_timeout": SENTINEL_SOCKET_TIMEOUT_S})
     client: redis.Redis = sentinel.master_for(name, db=servers.db, **servers.credentials(), **options)
     return client
+
+
+def failover_retry() -> dict[str, Any]:
+    """Connection options that retry a command through a failover: each retry connects again, to the
+    master the sentinels name then (up to ~30 s: Sentinel notices after ``down-after-milliseconds``)."""
+    return {"retry": Retry(ExponentialBackoff(cap=FAILOVER_BACKOFF_CAP_S, base=0.1), FAILOVER_RETRIES),
+            "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}
 
 
 def require_master(url: str | None, master: str | None) -> str:

@@ -457,7 +457,8 @@ class SentinelServers:
             replicas = redis.Redis(port=self.sentinel_port).sentinel_slaves(self.master_name)
         except redis.RedisError:
             return False
-        return any(int(replica.get("port", 0)) == self.replica_port for replica in replicas)
+        return any(int(replica.get("port", 0)) == self.replica_port and not replica.get("is_sdown")
+                   and not replica.get("is_disconnected") for replica in replicas)
 
     def master_port_now(self) -> int:
         """The port of the server the sentinel calls master now."""
@@ -465,10 +466,21 @@ class SentinelServers:
         return int(address[1])
 
     def kill_master(self) -> None:
-        """SIGKILL the first master (no goodbye to its clients); the sentinel promotes the replica."""
+        """SIGKILL the master (no goodbye to its clients); the sentinel promotes the replica."""
         master = self.processes["master"]
         master.kill()
         master.wait(timeout=10)
+
+    def restore_replica(self) -> None:
+        """After :meth:`kill_master` and the promotion: start the dead master again as the new master's
+        replica (roles swapped), so the set-up can fail over once more."""
+        wait_for(lambda: self.master_port_now() == self.replica_port, timeout=30, what="the replica's promotion")
+        self.master_port, self.replica_port = self.replica_port, self.master_port
+        self.processes["master"] = self.processes["replica"]
+        self.processes["replica"] = _redis_server(self.replica_port, self.tmp / f"replica-{self.replica_port}",
+                                                  "--replicaof", "127.0.0.1", str(self.master_port))
+        wait_for(self._replica_in_sync, timeout=15, what="the new replica in sync")
+        wait_for(self._sentinel_sees_replica, timeout=20, what="the sentinel to discover the new replica")
 
     def stop(self) -> None:
         _terminate(list(self.processes.values()))
