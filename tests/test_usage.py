@@ -122,3 +122,19 @@ def test_cost_per_module_call_is_recorded_and_summed(hc: HistoryCluster) -> None
     usage = total_usage(result.modules.values())
     assert usage.cost == 2 * lm_usage_mods.PRICE_PER_CALL
     assert "cost $0.5000" in usage.describe()
+
+
+def test_a_retried_module_records_the_usage_of_every_attempt(hc: HistoryCluster) -> None:
+    # Given a module that asks the LM and then fails its first attempt (retried after 0.1 s)
+    program = {"name": "usage_retry", "inputs": ["question"], "dspy": {"lm": "tests.modules.lm_usage_mods:counting_lm"},
+               "modules": {"ask": {"uses": "tests.modules.lm_usage_mods:AnswerThenFailOnce",
+                                   "inputs": {"question": "$inputs.question"}, "retry": {"backoff_s": 0.1}}},
+               "outputs": {"answer": "$ask.answer"}}
+    before = reported(hc)
+    result = hc.cluster.run(Program.from_dict(program), {"question": f"retry {uuid.uuid4().hex[:6]}"})
+    assert result.succeeded, result.modules
+    spent = delta(reported(hc), before)
+    # Then both attempts called the LM, and the final record has the tokens of both
+    record = result.modules["ask"]
+    assert (record.attempts, spent["calls"]) == (2, 2)
+    assert (record.prompt_tokens, record.completion_tokens) == (spent["prompt_tokens"], spent["completion_tokens"])

@@ -19,6 +19,8 @@ import dspy
 import redis
 from dspy.lm15 import Message, Response, TextPart, Usage
 
+from dspex_celery.errors import TransientError
+
 #: Seconds each LM call takes (``DSPEX_TEST_LM_LATENCY_S``; the benchmark sets it).
 LATENCY_ENV = "DSPEX_TEST_LM_LATENCY_S"
 COUNTER_ENV = "DSPEX_TEST_LM_COUNTER"
@@ -112,3 +114,21 @@ class PricedLM(dspy.BaseLM):
 
 def priced_lm() -> PricedLM:
     return PricedLM()
+
+
+class AnswerThenFailOnce(dspy.Module):
+    """Asks the LM (the question and its attempt number), then fails its first attempt with a
+    transient error: its record must sum the usage of both attempts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.predict = dspy.Predict("question -> answer")
+        url, key = os.environ.get("DSPEX_TEST_REDIS_URL"), os.environ.get(COUNTER_ENV)
+        self.counter = (redis.Redis.from_url(url), f"{key}:attempts") if url and key else None
+
+    def forward(self, question: str) -> dspy.Prediction:
+        attempt = int(self.counter[0].hincrby(self.counter[1], question, 1)) if self.counter else 2
+        prediction = self.predict(question=f"{question} (attempt {attempt})")
+        if attempt == 1:
+            raise TransientError(f"first attempt fails after its LM call: {question}")
+        return prediction
