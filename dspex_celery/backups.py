@@ -14,10 +14,12 @@ final record, so outputs and children go out once. The winner revokes the other 
 it where the pool can: prefork); a thread pool cannot stop a call, so the loser runs on and its
 late result is discarded. Both are recorded: the winner's record says ``backup: true`` when the
 backup won (``backup_launched: true`` when a backup was sent), and the loser's attempt is logged with
-status ``cancelled`` and why. A backup that fails is logged and changes nothing: the primary goes on.
-The primary keeps its own rules while its backup runs: if it fails for good first (no retry left), the
-module fails and the backup's later success is refused (and logged as lost); if it retries, its retry
-races the backup in the same way. One backup per module per execution.
+status ``cancelled`` and why. A failure decides nothing while the other attempt of the race runs on:
+the first of the two to fail for good (a backup never retries; the primary may retry first, its retry
+racing the backup in the same way) is logged and steps aside; the second fails the module as any
+failure would; except under a staged strategy (``levels``), where a stage's chord waits for the
+primary's own task, so a primary that fails for good fails the module (its backup's later success is
+refused and logged as lost). One backup per module per execution.
 """
 
 from __future__ import annotations
@@ -69,6 +71,17 @@ def log_attempt(store: StateStore, execution_id: str, module: str, record: Modul
     """Add an attempt to the execution's attempt log without touching the module's record."""
     key = store.key(execution_id, ATTEMPTS)
     store.client.pipeline().rpush(key, attempt_entry(module, record)).expire(key, store.ttl_s).execute()
+
+
+def leave_race(store: StateStore, execution_id: str, module: str) -> int:
+    """Count an attempt of the race as out (failed for good, or a backup no longer needed); how many are."""
+    return int(store.client.hincrby(store.key(execution_id, BACKUPS), f"{module}:out", 1))
+
+
+def steps_aside(store: StateStore, execution_id: str, module: str) -> bool:
+    """True when a failing attempt should leave the module to the other attempt of its race (a backup
+    was sent and the other is not out yet); it is counted out either way."""
+    return launched(store, execution_id, module) is not None and leave_race(store, execution_id, module) == 1
 
 
 def backup_record(record: ModuleRecord, worker: str | None) -> ModuleRecord:

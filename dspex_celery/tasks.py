@@ -17,7 +17,7 @@ from celery import Celery, Task
 from celery.signals import worker_process_init
 from celery.utils.time import get_exponential_backoff_interval
 
-from dspex_celery.backups import backup_record, is_backup, log_attempt
+from dspex_celery.backups import backup_record, is_backup, leave_race, log_attempt, steps_aside
 from dspex_celery.call_threads import CallThreads
 from dspex_celery.defaults import RESULT_SUMMARY_CHARS
 from dspex_celery.canvas import ADVANCE, COMPENSATE, RUN_MODULE, module_signature
@@ -223,6 +223,7 @@ class ModuleRun:
             return {"module": self.name, "status": ModuleStatus.CANCELLED.value}
         backup = is_backup(self.task)
         if backup and previous.status is not ModuleStatus.RUNNING:  # the attempt it backs up is over
+            leave_race(self.store, self.execution_id, self.name)
             return {"module": self.name, "status": "backup not needed"}
         if previous.status is ModuleStatus.RUNNING and not backup:
             previous = self._lost(previous)
@@ -322,11 +323,14 @@ class ModuleRun:
     def _failed(self, ctx: ModuleContext, error: Exception) -> dict[str, Any]:
         if self.store.is_finished(self.execution_id):
             return self._too_late(ctx, lambda: self.runtime.hooks.after_failure(ctx, error, False))
-        if (ctx.record.model_extra or {}).get("backup"):
-            return self._backup_failed(ctx, error)
         policy = ctx.module.retry_policy
         message = f"{type(error).__name__}: {error}"
-        will_retry = is_transient(error, ctx.module) and ctx.attempt < policy.max_attempts
+        backup = bool((ctx.record.model_extra or {}).get("backup"))  # a backup attempt never retries
+        will_retry = not backup and is_transient(error, ctx.module) and ctx.attempt < policy.max_attempts
+        # A stage's chord waits for the primary's own task: under levels the primary never steps aside.
+        may_step_aside = backup or not isinstance(self.strategy, StagedStrategy)
+        if not will_retry and may_step_aside and steps_aside(self.store, self.execution_id, self.name):
+            return self._step_aside(ctx, error, message)
         status = ModuleStatus.RETRYING if will_retry else ModuleStatus.FAILED
         record = self._finished_record(ctx, status=status, error=message)
         self.execution.write_record(self.name, record, attempt=True)
@@ -341,9 +345,9 @@ class ModuleRun:
         self.strategy.module_finished(self.execution, self.name, ModuleStatus.FAILED)
         return {"module": self.name, "status": record.status.value, "error": short_text(message)}
 
-    def _backup_failed(self, ctx: ModuleContext, error: Exception) -> dict[str, Any]:
-        """A failed backup attempt is logged and changes nothing: the attempt it backs up goes on."""
-        message = f"{type(error).__name__}: {error}"
+    def _step_aside(self, ctx: ModuleContext, error: Exception, message: str) -> dict[str, Any]:
+        """One of a backup race failed for good while the other runs on: its attempt is logged, the
+        other decides the module."""
         log_attempt(self.store, self.execution_id, self.name,
                     self._finished_record(ctx, status=ModuleStatus.FAILED, error=message))
         self.runtime.hooks.after_failure(ctx, error, False)

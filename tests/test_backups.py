@@ -106,3 +106,30 @@ def test_learned_backup_thresholds_fill_in_where_the_program_sets_none() -> None
     # Then the program's own backup_after_s wins, backup: false has none, the rest take the learned one
     assert [plan.modules[name].backup_after_s for name in "abc"] == [2.0, 5, None]
     assert (learned_backup(0.1), learned_backup(3.01)) == (1.0, 6.1)
+
+
+FAILS = "tests.modules.backup_mods:slow_then_fail"
+
+
+def failing(name: str, key: str, fail_calls: list[int]) -> object:
+    inputs = {"key": key, "seconds": 1.5, "fail_calls": fail_calls}
+    return program(name, {"m": {"uses": FAILS, "inputs": inputs, "resource": "slowt", "backup_after_s": 0.5,
+                                "retry": {"max_attempts": 1}}})
+
+
+def test_a_primary_that_fails_for_good_leaves_the_module_to_its_backup(cluster: Cluster) -> None:
+    # Given a module whose first call fails for good after 1.5 s while its backup (sent at 0.5 s) succeeds
+    # (under dag: a levels stage's chord waits for the primary's task, so there the primary decides)
+    result = cluster.run(failing("fails_first", f"ff-{uuid.uuid4().hex}", [1]), timeout=30, strategy="dag")
+    # Then the backup decides: the module succeeded, the primary's failure is in the attempt log
+    assert result.status is ExecutionStatus.SUCCEEDED and result.outputs["m"] == {"call": 2}
+    logged = cluster.runtime.store.attempts(result.execution_id)
+    assert [(a["status"], a.get("backup", False)) for a in logged] == [("failed", False), ("succeeded", True)]
+
+
+def test_both_attempts_failing_fails_the_module(cluster: Cluster) -> None:
+    # Given both the primary and its backup fail for good
+    result = cluster.run(failing("both_fail", f"bf-{uuid.uuid4().hex}", [1, 2]), timeout=30, strategy="dag")
+    # Then the second failure fails the module (nothing waits forever)
+    assert result.status is ExecutionStatus.FAILED and result.modules["m"].status.value == "failed"
+    assert len(cluster.runtime.store.attempts(result.execution_id)) == 2

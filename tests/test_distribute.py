@@ -197,6 +197,8 @@ def test_cli_runs_a_module_reference_and_a_batch(cluster: Cluster, tmp_path: Pat
     ("tests.modules.dspy_imperative:NeedsArgs", (), "pass its constructor's arguments with --with"),
     ("dspex_celery.examples.dspy_rag:Generate", (), "outside the allow-list"),
     ("tests.modules.dspy_imperative:UsesNotJson", (), "output 'words' is not JSON-serialisable"),
+    ("tests.modules.dspy_imperative:QA", ("--lm", "tests.modules.dspy_imperative:no_such_lm"),
+     "lm factory 'tests.modules.dspy_imperative:no_such_lm' cannot be imported"),
 ])
 def test_cli_bad_module_references_get_one_line(cluster: Cluster, reference: str, args: tuple[str, ...],
                                                 fragment: str) -> None:

@@ -139,6 +139,7 @@ def distribute(
     )
     check_allowed_here(config)
     check_buildable(config, type(module))
+    check_factories(config)
     return DistributedModule(module, config)
 
 
@@ -158,6 +159,16 @@ def check_buildable(config: Config, cls: type) -> None:
         raise UsageError(f"distribute(): workers cannot build {cls.__qualname__}(**{config.with_!r}) "
                          f"({type(exc).__name__}: {exc}): pass its constructor's keyword arguments as "
                          "with_={...} (CLI: --with k=v)") from None
+
+
+def check_factories(config: Config) -> None:
+    """The ``lm``/``adapter`` factories must import (workers call them; a typo would fail every call)."""
+    for key, path in config.dspy.items():
+        try:
+            resolve_uses(path)
+        except ImportError as exc:
+            raise UsageError(f"distribute(): {key} factory '{path}' cannot be imported ({exc}): "
+                             "pass package.module:factory") from None
 
 
 def check_allowed_here(config: Config) -> None:

@@ -20,3 +20,12 @@ def stall_first(key: str, stall_s: float = 30.0, **_: Any) -> dict[str, Any]:
         time.sleep(stall_s)
     store.rpush(f"{key}:returned", call)
     return {"call": call}
+
+
+def slow_then_fail(key: str, seconds: float = 1.5, fail_calls: tuple[int, ...] = (1,), **_: Any) -> dict[str, Any]:
+    """Takes ``seconds``, then fails for good (ValueError) if it is one of the ``fail_calls``-th calls."""
+    call = int(client().incr(f"{key}:n"))
+    time.sleep(seconds)
+    if call in fail_calls:
+        raise ValueError(f"call {call} failed for good")
+    return {"call": call}
