@@ -295,8 +295,8 @@ class Cluster:
             return
         try:
             purge_namespace(client, self.settings.namespace)
-        except redis.ConnectionError:
-            pass  # a Redis that is gone (a test's own, stopped) holds no keys to delete
+        except (redis.ConnectionError, redis.exceptions.RedisClusterException):
+            pass  # a Redis (or Redis Cluster) that is gone (a test's own, stopped) holds no keys to delete
 
     def _state_client(self) -> Any:
         url = self.settings.state_url
