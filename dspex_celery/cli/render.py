@@ -77,7 +77,7 @@ def print_result(result: ExecutionResult) -> None:
         console.print(f"  [bold]{key}[/bold]: {json.dumps(value, ensure_ascii=False)}", soft_wrap=True)
     usage = total_usage(result.modules.values())
     if not usage.empty:
-        console.print(f"LM usage: {usage.describe()}")
+        console.print(f"LM usage: {usage.describe()}", soft_wrap=True)
     console.print(module_table(result, lm=not usage.empty))
 
 
