@@ -29,10 +29,11 @@ STALE_AFTER_S = 3 * HEARTBEAT_S
 WORKERS = "workers"
 
 
-def announce(runtime: Runtime, node: str, resources: Iterable[str]) -> None:
-    """Record that ``node`` is up and serves ``resources`` (now)."""
+def announce(runtime: Runtime, node: str, resources: Iterable[str], slots: int | None = None) -> None:
+    """Record that ``node`` is up and serves ``resources`` (now) with ``slots`` pool slots (the resource
+    limiter starts an unconfigured class's 429-adaptive limit from the slots serving it)."""
     key = runtime.store.global_key(WORKERS)
-    entry = json.dumps({"resources": sorted(resources), "seen": time.time()})
+    entry = json.dumps({"resources": sorted(resources), "seen": time.time(), "slots": slots})
     runtime.store.client.pipeline().hset(key, node, entry).expire(key, round(STALE_AFTER_S)).execute()
 
 
@@ -82,18 +83,20 @@ def keep_announced(runtime: Runtime, resources: Iterable[str]) -> None:
     served = tuple(resources)
     stop = threading.Event()
 
-    def beat(node: str) -> None:
+    def beat(node: str, slots: int | None) -> None:
         while not stop.wait(HEARTBEAT_S):
             try:
-                announce(runtime, node, served)
+                announce(runtime, node, served, slots)
             except Exception:  # a Redis hiccup must not end the heartbeat; the next beat retries
                 log.warning("could not announce worker %s", node, exc_info=True)
 
     @worker_ready.connect(weak=False)
     def _ready(sender: object = None, **_: object) -> None:
         node = str(getattr(sender, "hostname", ""))
-        announce(runtime, node, served)
-        threading.Thread(target=beat, args=(node,), name="dspex-presence", daemon=True).start()
+        slots = getattr(getattr(sender, "controller", None), "concurrency", None)
+        slots = slots if isinstance(slots, int) else None
+        announce(runtime, node, served, slots)
+        threading.Thread(target=beat, args=(node, slots), name="dspex-presence", daemon=True).start()
 
         @worker_shutdown.connect(weak=False)
         def _shutdown(**_: object) -> None:

@@ -19,9 +19,9 @@ backs off, AIMD: it is halved (at most once per :data:`COOLDOWN_S` or Retry-Afte
 longer: errors of one burst are one event), then grows by 1 per ``recover_every_s`` without a 429,
 back up to ``max_concurrent``, where the adaptive state ends. A Retry-After also pauses the class's
 new starts until it has passed (and the retry's countdown is at least that long). A class without
-``max_concurrent`` is not limited until its first 429; its limit then starts at half the modules of
-the class that the worker process which saw the 429 was running, and climbs back to that number,
-where the class is unlimited again. ``adaptive: false`` turns this off for a class.
+``max_concurrent`` is not limited until its first 429; its cap is then the pool slots of the live
+workers serving it (their presence entries; else the modules of the class the reporting process was
+running), it starts at half that and climbs back, where the class is unlimited again. ``adaptive: false`` turns this off for a class.
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ RECOVER_EVERY_S = 10.0
 COOLDOWN_S = 1.0
 #: How long a process trusts its last look at whether an unconfigured class has an adaptive limit.
 ADAPTIVE_CHECK_S = 1.0
+#: A worker's presence entry older than this no longer counts its slots (presence.STALE_AFTER_S).
+WORKER_STALE_S = 30.0
 #: Seconds per rate unit.
 RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*([smh])\s*$")
@@ -355,7 +357,8 @@ class ResourceLimiter(Hook):
         if not limit.adaptive:
             return None
         with self._lock:
-            cap = limit.max_concurrent or max(1, self._running[resource])
+            running_here = self._running[resource]
+        cap = limit.max_concurrent or slots_serving(store, resource) or max(1, running_here)
         script = store.script(_BACK_OFF)
         args = [cap, int((retry_after or 0) * 1000), int(COOLDOWN_S * 1000), int(limit.recover_every_s * 1000)]
         new_limit = int(script(keys=[adaptive_key(store, resource)], args=args))
@@ -408,6 +411,15 @@ class ResourceLimiter(Hook):
         pipe.ltrim(wake, -WAKE_TOKENS, -1)
         pipe.expire(wake, 60)
         pipe.execute()
+
+
+def slots_serving(store: StateStore, resource: str) -> int:
+    """Pool slots of the live workers that serve ``resource``, from their presence entries in
+    ``{ns}:workers`` (see :mod:`dspex_celery.presence`); 0 when none says."""
+    now = time.time()
+    entries = [json.loads(raw) for raw in store.client.hvals(store.global_key("workers"))]
+    return sum(int(entry.get("slots") or 0) for entry in entries
+               if resource in entry.get("resources", ()) and now - float(entry.get("seen", 0)) < WORKER_STALE_S)
 
 
 def limiter_hooks(settings: Settings) -> list[Hook]:
