@@ -23,7 +23,7 @@ from dspex_celery.examples import multihop
 from dspex_celery.integrations.distribute import CallFailed, resume_forward
 from dspex_celery.results import ExecutionStatus, ModuleStatus, parse_time
 from dspex_celery.testing import wait_for
-from tests.conftest import ROOT, Cluster
+from tests.conftest import ROOT, Cluster, HistoryCluster
 from tests.modules import dspy_imperative as mods
 from tests.modules.dspy_mods import inline_demos_adapter
 
@@ -232,6 +232,28 @@ def test_a_failed_execution_resumed_reuses_its_finished_calls(cluster: Cluster, 
     # Then the first call was reused (called once in all), the failed one ran again
     counter = redis.Redis.from_url(redis_url, decode_responses=True)
     assert counter.hgetall(key) == {"K": "1", "flaky": "2"}
+
+
+def test_calls_are_modules_of_the_execution_in_history(cluster: Cluster, redis_url: str, tmp_path: Path) -> None:
+    # Given a listener writing this cluster's history
+    history = HistoryCluster(cluster, f"sqlite:///{tmp_path / 'history.db'}", redis_url)
+    history.start_listener()
+    try:
+        # When a distributed module runs from a client that records history
+        execution_id = os.urandom(8).hex()
+        module = distribute(mods.TwoAndLoop(hops=2), lm=mods.LM, adapter=mods.ADAPTER, with_={"hops": 2},
+                            app=history.runtime.app)
+        module.run(execution_id, question=QUESTION)
+        # Then history has the execution with one module per call (a worker's last record may reach
+        # the listener after the client's finish event: wait for it)
+        history.recorded(execution_id)
+        recorded = wait_for(lambda: (result := history.history.result(execution_id)) is not None
+                            and "critics[1].0" in result.modules and result, 20, "every call in history")
+    finally:
+        history.stop()
+    assert recorded.program == "TwoAndLoop" and recorded.status is ExecutionStatus.SUCCEEDED
+    assert {"left.0", "step.1", "respond.0", "critics[1].0"} <= set(recorded.modules)
+    assert all(record.status is ModuleStatus.SUCCEEDED for record in recorded.modules.values())
 
 
 def test_a_failed_call_raises_when_read(cluster: Cluster) -> None:
