@@ -354,6 +354,7 @@ tr.critical td { background: #fff8e1; }
 .legend span { display: inline-block; margin-right: 14px; }
 .swatch { display: inline-block; width: 12px; height: 12px; margin-right: 4px; vertical-align: -1px; }
 .error { color: #b71c1c; white-space: pre-wrap; max-width: 520px; }
+h2 { font-size: 16px; margin: 20px 0 0; }
 </style>
 </head>
 <body>
@@ -394,6 +395,13 @@ finished <span id="finished">{{ r.finished_at or "not yet" }}</span> &#183;
 {% for row in rows %}<tr{% if row.critical %} class="critical"{% endif %}><td>{{ row.module }}</td><td class="status-{{ row.status }}">{{ row.status }}</td><td class="num">{{ row.attempts }}</td><td>{{ row.resource }}</td><td class="num">{{ row.waited }}</td><td class="num">{{ row.run }}</td><td class="num">{{ row.span }}</td><td>{{ row.workers }}</td><td>{% if row.critical %}&#9733;{% endif %}</td>{% if not usage.empty %}<td class="num">{{ row.lm.tokens }}</td><td class="num">{{ row.lm.cost }}</td><td class="num">{{ row.lm.cache }}</td>{% endif %}<td class="error">{% for error in row.errors %}<div>{{ error }}</div>{% endfor %}</td></tr>
 {% endfor %}</tbody>
 </table>
+{% if r.compensations %}<h2>Compensations (in the order they ran)</h2>
+<table id="compensations">
+<thead><tr><th>module</th><th>status</th><th>attempts</th><th>worker</th><th>run s</th><th>error</th></tr></thead>
+<tbody>
+{% for name, c in r.compensations.items() %}<tr><td>{{ name }}</td><td class="status-{{ c.status.value }}">{{ c.status.value }}</td><td class="num">{{ c.attempts }}</td><td>{{ c.worker or "" }}</td><td class="num">{{ "%.3f" | format(c.duration_s) if c.duration_s is not none else "" }}</td><td class="error">{{ c.error or "" }}</td></tr>
+{% endfor %}</tbody>
+</table>{% endif %}
 <p class="meta">critical path: {{ data.critical_path | join(" -> ") }} &#183; generated {{ data.generated_at.isoformat() }}</p>
 </body>
 </html>

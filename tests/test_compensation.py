@@ -20,6 +20,7 @@ from dspex_celery.compensation_store import records as compensation_records
 from dspex_celery.errors import ProgramError
 from dspex_celery.execution import Execution
 from dspex_celery.history.store import HistoryStore
+from dspex_celery.report import load_report, render_html
 from dspex_celery.results import CompensationRecord, CompensationStatus
 from tests.conftest import Cluster, program, wait_for
 
@@ -88,6 +89,11 @@ def test_strict_failure_compensates_in_reverse_order_exactly_once(cluster: Clust
     assert lines(log) == ["do:a", "do:b", "undo:b:2", "undo:a:1"]
     execution = Execution(cluster.runtime, result.execution_id)
     assert execution.result(ExecutionStatus.FAILED).compensations == found
+    # And the HTML report lists them
+    html = render_html(load_report(cluster.runtime, result.execution_id))
+    section = html.split('<table id="compensations">')[1].split("</table>")[0]
+    assert section.count('<td class="status-succeeded">succeeded</td>') == 2
+    assert section.index("<td>b</td>") < section.index("<td>a</td>")
 
 
 def test_history_and_show_record_the_compensations(cluster: Cluster, tmp_path: Path) -> None:
@@ -97,14 +103,20 @@ def test_history_and_show_record_the_compensations(cluster: Cluster, tmp_path: P
     result = cluster.run(chain_program(tmp_path / "effects.log"))
     # Then history ends up with both compensations succeeded, and `show --json` prints them
     history = HistoryStore(url)
-    recorded = wait_for(lambda: (found := history.result(result.execution_id).compensations) and all(
-        r.status is CompensationStatus.SUCCEEDED for r in found.values()) and found, timeout=30,
-        what="the compensations in history")
+
+    def compensated() -> dict[str, CompensationRecord] | None:
+        if not history.final_ids([result.execution_id]):  # not written yet
+            return None
+        found = history.result(result.execution_id).compensations
+        return found if found and all(r.status is CompensationStatus.SUCCEEDED for r in found.values()) else None
+    recorded = wait_for(compensated, timeout=30, what="the compensations in history")
     assert list(recorded) == ["b", "a"]
     shown = CliRunner().invoke(cli, ["show", result.execution_id, "--json"], env={"DSPEX_HISTORY_URL": url})
     assert shown.exit_code == 0, shown.output
     assert {name: r["status"] for name, r in json.loads(shown.stdout)["compensations"].items()} == {
         "b": "succeeded", "a": "succeeded"}
+    human = CliRunner().invoke(cli, ["show", result.execution_id], env={"DSPEX_HISTORY_URL": url})
+    assert "compensation of" in human.stdout and human.stdout.count("succeeded") >= 4, human.stdout
 
 
 def test_worker_killed_during_a_compensation_runs_it_again_once(cluster: Cluster, tmp_path: Path) -> None:

@@ -79,9 +79,20 @@ def print_result(result: ExecutionResult) -> None:
     if not usage.empty:
         console.print(f"LM usage: {usage.describe()}", soft_wrap=True)
     console.print(module_table(result, lm=not usage.empty))
+    if result.compensations:
+        console.print(compensation_table(result))
 
 
 LM_COLUMNS = ("tokens", "cost", "LM cache")
+
+
+def compensation_table(result: ExecutionResult) -> Table:
+    """One row per compensation, in the order they run."""
+    table = Table("compensation of", "status", "attempts", "worker", "error", show_edge=False, box=None,
+                  pad_edge=False)
+    for name, record in result.compensations.items():
+        table.add_row(name, record.status.value, str(record.attempts), record.worker or "-", record.error or "")
+    return table
 
 
 def module_table(result: ExecutionResult, *, lm: bool = False) -> Table:
