@@ -38,6 +38,7 @@ from dspex_celery.app import unsubscribed_dispatch
 from dspex_celery.bootstrap import default_runtime
 from dspex_celery.canvas import hard_time_limit, task_id
 from dspex_celery.client import new_execution_id
+from dspex_celery.embedded import EmbeddedWorker
 from dspex_celery.errors import ModuleError, UnknownExecution, UsageError
 from dspex_celery.execution import Execution
 from dspex_celery.graph import is_allowed, package_of, resolve_uses
@@ -55,6 +56,7 @@ from dspex_celery.integrations.distribute_worker import (
 )
 from dspex_celery.integrations.dspy_plan import require_dspy
 from dspex_celery.plan import ModulePlan, Plan
+from dspex_celery.presence import warn_if_unserved
 from dspex_celery.results import ExecutionStatus, ModuleRecord, ModuleStatus, isoformat, utcnow
 from dspex_celery.routing import queue_name, worker_queues
 from dspex_celery.runtime import Runtime, runtime_of
@@ -413,6 +415,7 @@ class ForwardSession:
         self.dispatcher: threading.Thread | None = None
         self.plan_stored = 0  # calls in the plan stored last (the dispatcher stores a newer one)
         self.fresh = False  # stored by this session: no call of it can have run before (no replay)
+        self.classes_checked: set[str] = set()  # resource classes checked for a live worker
         self.program = type(module).__qualname__
 
     @classmethod
@@ -463,8 +466,6 @@ class ForwardSession:
         if not self.runtime.settings.embedded:
             self.runtime.check_reachable()
             return
-        from dspex_celery.embedded import EmbeddedWorker
-
         if not self.runtime.settings.allowed_packages:
             self.runtime.allowed |= {package_of(ref).split(".")[0] for ref in (self.config.class_ref,
                                                                                *self.config.dspy.values())}
@@ -577,6 +578,7 @@ class ForwardSession:
         if not self.fresh and self.replayed(call):
             return
         self.ensure_dispatcher()
+        self.check_served(call.plan)
         pipe = store.client.pipeline(transaction=False)
         pipe.hset(store.key(self.execution_id, CALLS), name, call_plan_json(call.plan))
         pipe.expire(store.key(self.execution_id, CALLS), store.ttl_s)
@@ -589,6 +591,13 @@ class ForwardSession:
             self.send(call.plan)
         elif call.error is not None:
             self.skip(call.plan, sorted(call.plan.parents)[0])
+
+    def check_served(self, module: ModulePlan) -> None:
+        """Warn (UnservedResourceWarning) once per resource class that no live worker serves: its calls
+        would wait in their queue, and ``forward`` with them."""
+        if module.resource not in self.classes_checked:
+            self.classes_checked.add(module.resource)
+            warn_if_unserved(self.runtime, self.plan({module.name: module}))
 
     def replayed(self, call: Call) -> bool:
         """In a replay: True when the call finished (its stored output is taken) or was sent (it is
