@@ -97,7 +97,8 @@ def test_killed_worker_slot_comes_back(cluster: Cluster) -> None:
     assert [row["in_use"] for row in shown["resources"] if row["resource"] == "gpu"] == [1]
     table = invoke(cluster, "resources", **LIMITS_ENV).stdout
     gpu_line = next(line for line in table.splitlines() if line.startswith("gpu"))
-    assert gpu_line.split()[:5] == ["gpu", "1", "-", "1", "100%"] and f"{hog.execution_id}.hog" in gpu_line
+    holder_line = next(line for line in table.splitlines() if line.startswith(f"{hog.execution_id}.hog"))
+    assert gpu_line.split()[:5] == ["gpu", "1", "-", "1", "100%"] and holder_line.split()[1] == "gpu"
     # When the whole worker (main process and pool) is killed
     for pid in [*holder.pool_pids(), holder.process.pid]:
         os.kill(pid, signal.SIGKILL)

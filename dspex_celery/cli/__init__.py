@@ -59,7 +59,7 @@ COMMANDS: dict[str, LazyCommand] = {
         "Write a self-contained HTML report of an execution: timeline, critical path, durations."),
     "resources": LazyCommand(
         "dspex_celery.cli.monitor:resources",
-        "Show resource-class limits, who holds a slot now, and utilization."),
+        "Show resource-class limits (and any a 429 lowered), who holds a slot now, and utilization."),
     "resume": LazyCommand(
         "dspex_celery.cli.ops:resume",
         "Run an ended execution again, reusing the outputs of its succeeded modules."),
