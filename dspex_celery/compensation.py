@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from celery import Task
 from celery.utils.time import get_exponential_backoff_interval
@@ -21,7 +21,8 @@ from celery.utils.time import get_exponential_backoff_interval
 from dspex_celery import compensation_store
 from dspex_celery.errors import ModuleNotAllowed
 from dspex_celery.execution import Execution
-from dspex_celery.graph import UsesRefused, is_allowed, resolve_uses
+from dspex_celery.graph import UsesRefused, is_allowed, is_method_name, resolve_uses
+from dspex_celery.integrations.dspy_worker import DspyCall
 from dspex_celery.plan import ModulePlan
 from dspex_celery.results import (
     CompensationRecord,
@@ -31,7 +32,7 @@ from dspex_celery.results import (
     parse_time,
     utcnow,
 )
-from dspex_celery.runner import resolve_inputs
+from dspex_celery.runner import check_allowed, load_callable, resolve_inputs
 from dspex_celery.runtime import Runtime
 from dspex_celery.spec import RetryPolicy
 
@@ -122,8 +123,15 @@ class CompensationRun:
 
 
 def load_compensation(module: ModulePlan, allowed: tuple[str, ...]) -> Callable[..., Any]:
-    """The module's ``compensate`` function, only from the worker's allow-listed packages."""
+    """The module's ``compensate`` function, only from the worker's allow-listed packages; a method
+    name is that method of the module's instance (the one its calls use: ``with:``, ``state:``, and
+    inside ``dspy.context`` with the module's LM)."""
     target = module.compensate or ""
+    if is_method_name(target):
+        check_allowed(module, allowed)
+        instance = load_callable(module)
+        method = getattr(getattr(instance, "__wrapped__", instance), target)
+        return DspyCall(method, instance.settings) if isinstance(instance, DspyCall) else cast(Callable[..., Any], method)
     if not is_allowed(target, allowed):
         raise ModuleNotAllowed(f"module '{module.name}': compensate '{target}' is not allowed on this worker "
                                f"(allow-listed packages: {', '.join(allowed) or 'none'})")

@@ -258,21 +258,40 @@ def _uses_problems(modules: Mapping[str, ModuleSpec]) -> list[str]:
 
 
 def _compensate_problems(modules: Mapping[str, ModuleSpec]) -> list[str]:
-    """Modules whose ``compensate`` does not resolve, or cannot take ``inputs=`` and ``output=``."""
+    """Modules whose ``compensate`` does not resolve (a method: ``uses`` is no class that has it), or
+    cannot take ``inputs=`` and ``output=``."""
     problems = []
     for name, module in modules.items():
-        if module.compensate is None:
+        compensate = module.compensate
+        if compensate is None:
             continue
         try:
-            target = resolve_uses(module.compensate)
+            target, given = _compensation(module, compensate)
         except ImportError as exc:
-            problems.append(f"module '{name}': compensate '{module.compensate}' cannot be resolved ({exc})")
+            problems.append(f"module '{name}': compensate '{compensate}' cannot be resolved ({exc})")
             continue
         keywords = _Keywords.of(target) if inspect.isfunction(target) else None
-        if keywords is not None and keywords.problems(name, module.compensate, COMPENSATE_KEYWORDS):
-            problems.append(f"module '{name}': compensate {module.compensate} must take the keywords inputs "
+        if keywords is not None and keywords.problems(name, compensate, given):
+            problems.append(f"module '{name}': compensate {compensate} must take the keywords inputs "
                             f"and output ({keywords.signature}): def undo(inputs, output)")
     return problems
+
+
+def _compensation(module: ModuleSpec, compensate: str) -> tuple[object, tuple[str, ...]]:
+    """What ``compensate`` names and the arguments it gets (a method also gets ``self``)."""
+    if not is_method_name(compensate):
+        return resolve_uses(compensate), COMPENSATE_KEYWORDS
+    cls = resolve_uses(module.uses)
+    method = inspect.getattr_static(cls, compensate, None) if inspect.isclass(cls) else None
+    if not inspect.isfunction(method):
+        raise ImportError(f"it names a method, but uses '{module.uses}' is not a class with a method "
+                          f"'{compensate}'")
+    return method, ("self", *COMPENSATE_KEYWORDS)
+
+
+def is_method_name(compensate: str) -> bool:
+    """``compensate`` names a method of the module's instance (no ``package.module:``)."""
+    return ":" not in compensate
 
 
 #: The keyword arguments a compensation is called with: the module's resolved inputs and its output.

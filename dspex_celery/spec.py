@@ -22,6 +22,8 @@ from dspex_celery.errors import ProgramError
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 USES_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+#: ``package.module:function``, or the name of a method of the module's instance (``uses`` a class).
+COMPENSATE_PATTERN = r"^([A-Za-z_][\w.]*:[A-Za-z_][\w.]*|[A-Za-z][A-Za-z0-9_]*)$"
 RESERVED_NAMES = frozenset({"inputs"})
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -93,9 +95,9 @@ class ModuleSpec(_Frozen):
     backup_after_s: float | None = Field(default=None, gt=0)
     #: ``false``: never a backup attempt (the module has side effects); unset: on.
     backup: bool | None = None
-    #: ``package.module:function`` called with ``inputs=`` and ``output=`` to undo this module's side
-    #: effects when the execution fails (strict or over its threshold) or is cancelled (compensation.py).
-    compensate: Annotated[str, Field(pattern=USES_PATTERN)] | None = None
+    #: ``package.module:function`` (or a method name of the module's instance) called with ``inputs=`` and
+    #: ``output=`` to undo this module's side effects when the execution fails or is cancelled (saga.py).
+    compensate: Annotated[str, Field(pattern=COMPENSATE_PATTERN)] | None = None
 
 
 class ProgramSpec(_Frozen):
@@ -421,6 +423,8 @@ def _describe(error: Any) -> str:
 
 
 def _pattern_hint(location: str) -> str:
-    if location.endswith(("uses", "compensate", "dspy.lm", "dspy.adapter")) or ".on." in location:
+    if location.endswith("compensate"):
+        return "expected 'package.module:function' or the name of a method of the module's class"
+    if location.endswith(("uses", "dspy.lm", "dspy.adapter")) or ".on." in location:
         return "expected 'package.module:attribute'"
     return "expected a name of letters, digits and '_' not starting with a digit"

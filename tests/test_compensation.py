@@ -119,6 +119,18 @@ def test_history_and_show_record_the_compensations(cluster: Cluster, tmp_path: P
     assert "compensation of" in human.stdout and human.stdout.count("succeeded") >= 4, human.stdout
 
 
+def test_a_dspy_module_compensates_with_its_own_method(cluster: Cluster, tmp_path: Path) -> None:
+    # Given a dspy.Module (with: prefix) whose compensation is its method undo
+    log = tmp_path / "effects.log"
+    indexer = {"uses": "tests.modules.compensation_dspy_mods:Indexer", "with": {"prefix": "doc-"},
+               "compensate": "undo", "inputs": {"name": "a", "log": str(log), "value": 0}}
+    result = cluster.run(program("dspy_saga", {"a": indexer, "c": module("c", log, uses="boom", undo=None,
+                                                                           value="$a.value")}))
+    # Then the method of the module's instance undid it
+    assert settled(cluster, result.execution_id, 1)["a"].status is CompensationStatus.SUCCEEDED
+    assert lines(log) == ["do:doc-a", "undo:doc-a:1"]
+
+
 def test_worker_killed_during_a_compensation_runs_it_again_once(cluster: Cluster, tmp_path: Path) -> None:
     # Given a failing execution whose first module's compensation blocks on its first call
     log = tmp_path / "effects.log"
@@ -210,12 +222,14 @@ def test_compensate_of_an_unknown_execution_is_one_line(cluster: Cluster) -> Non
 
 
 @pytest.mark.parametrize(("undo", "problem"), [
-    ("wrong_signature", "must take the keywords inputs and output"),
-    ("missing", "cannot be resolved"),
+    (f"{MODS}:wrong_signature", "must take the keywords inputs and output"),
+    (f"{MODS}:missing", "cannot be resolved"),
+    ("undo", "uses 'tests.modules.compensation_mods:step' is not a class with a method 'undo'"),
+    ("not a name", "expected 'package.module:function' or the name of a method"),
 ])
 def test_a_bad_compensate_is_one_line_at_plan_time(tmp_path: Path, undo: str, problem: str) -> None:
     with pytest.raises(ProgramError) as raised:
-        program("bad", {"a": module("a", tmp_path / "log", undo=undo)}).plan()
+        program("bad", {"a": {**module("a", tmp_path / "log", undo=None), "compensate": undo}}).plan()
     assert len(raised.value.problems) == 1 and problem in raised.value.problems[0], raised.value.problems
 
 
