@@ -197,6 +197,7 @@ def test_cli_runs_a_module_reference_and_a_batch(cluster: Cluster, tmp_path: Pat
     ("tests.modules.dspy_imperative:NeedsArgs", (), "pass its constructor's arguments with --with"),
     ("dspex_celery.examples.dspy_rag:Generate", (), "outside the allow-list"),
     ("tests.modules.dspy_imperative:UsesNotJson", (), "output 'words' is not JSON-serialisable"),
+    ("tests.modules.dspy_imperative:QA", ("--strategy", "dag"), "--strategy applies to a program file only"),
     ("tests.modules.dspy_imperative:QA", ("--lm", "tests.modules.dspy_imperative:no_such_lm"),
      "lm factory 'tests.modules.dspy_imperative:no_such_lm' cannot be imported"),
 ])

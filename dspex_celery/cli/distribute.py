@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from dspex_celery.batch import Metric, resolve_metric
 from dspex_celery.cli.inputs import collect_inputs, parse_value
@@ -42,6 +43,21 @@ def module_reference_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--lm", metavar="PKG.MOD:FACTORY", default=None,
                         help="pkg.mod:MyModule: the factory workers build the LM with (no key crosses "
                              "the broker).")(command)
+
+
+#: ``run`` options only a module reference takes, and those only a program file takes.
+MODULE_ONLY = ("lm", "adapter", "with_pairs")
+PROGRAM_ONLY = ("strategy", "detach", "no_profile", "learned_timeouts", "modules", "timeout")
+
+
+def refuse_other_options(module_reference: bool) -> None:
+    """One line for a ``run`` option the kind of PROGRAM given does not take."""
+    context = click.get_current_context()
+    for name in PROGRAM_ONLY if module_reference else MODULE_ONLY:
+        if context.get_parameter_source(name) not in (None, ParameterSource.DEFAULT):
+            flag = "--with" if name == "with_pairs" else f"--{name.replace('_', '-')}"
+            needs = "a program file" if module_reference else "a module reference (pkg.mod:MyModule)"
+            raise UsageError(f"{flag} applies to {needs} only")
 
 
 def is_module_reference(argument: str) -> bool:

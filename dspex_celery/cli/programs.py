@@ -5,7 +5,12 @@ from __future__ import annotations
 import click
 
 from dspex_celery.cli.batch import batch_options
-from dspex_celery.cli.distribute import is_module_reference, module_reference_options, run_module_reference
+from dspex_celery.cli.distribute import (
+    is_module_reference,
+    module_reference_options,
+    refuse_other_options,
+    run_module_reference,
+)
 from dspex_celery.cli.inputs import collect_inputs
 from dspex_celery.cli.options import (
     in_process_connection_options,
@@ -66,8 +71,9 @@ def run(
 ) -> None:
     """Run PROGRAM and print its outputs (in-process when no broker is configured).
 
-    PROGRAM is a program file, or ``pkg.mod:MyModule``: a dspy.Module whose sub-module calls run on the
-    cluster (``-i`` are forward's arguments)."""
+    PROGRAM is a program file, or pkg.mod:MyModule, a dspy.Module class whose sub-module calls run on
+    the cluster (-i gives forward's arguments, --with the constructor's)."""
+    refuse_other_options(is_module_reference(program_file))
     if is_module_reference(program_file):
         run_module_reference(program_file, pairs=pairs, inputs_file=inputs_file, broker=broker,
                              result_backend=result_backend, lm=lm, adapter=adapter, with_pairs=with_pairs,
