@@ -13,12 +13,16 @@ state store's database (:mod:`dspex_celery.redis_queues`): elsewhere every child
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
+from celery.signals import worker_ready
 
 from dspex_celery.canvas import task_id
+
+log = logging.getLogger(__name__)
 
 #: What kombu's Redis transport calls its unacked-message hash and index (its defaults).
 KOMBU_UNACKED = ("unacked", "unacked_index")
@@ -75,3 +79,58 @@ class Offer:
     timeouts: bool
     held: bool = False
     claimed: str | None = field(default=None)
+
+
+# --- Flower ---------------------------------------------------------------------------------------
+
+#: The worker's own event dispatcher (remembered when the worker is ready: threads and solo pools run
+#: tasks in that process; a prefork pool child never sees it, and sends no events for continued modules).
+_dispatcher: Any = None
+
+
+@worker_ready.connect(weak=False)
+def _remember_dispatcher(sender: Any = None, **_: Any) -> None:
+    global _dispatcher
+    _dispatcher = getattr(sender, "event_dispatcher", None)
+
+
+def task_events_on() -> bool:
+    """True when this worker sends task events now (``worker -E``, or Flower turned them on)."""
+    dispatcher = _dispatcher
+    return bool(dispatcher is not None and dispatcher.enabled and (not dispatcher.groups or "task" in dispatcher.groups))
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEvents:
+    """The task events Celery would send for a continued module's own message, so Flower lists it
+    (id ``EXEC.MODULE``, name ``dspex.module:PROGRAM.MODULE``) as if it had come through the broker."""
+
+    app: Celery
+    hostname: str
+    uuid: str
+
+    @classmethod
+    def of(cls, app: Celery, hostname: str, execution_id: str, module: str) -> TaskEvents:
+        return cls(app, hostname, task_id(execution_id, module))
+
+    def started(self, name: str, args: str, kwargs: str) -> None:
+        self._send([("task-received", {"name": name, "args": args, "kwargs": kwargs, "retries": 0}),
+                    ("task-started", {})])
+
+    def ended(self, outcome: dict[str, Any], runtime_s: float) -> None:
+        status = outcome.get("status")
+        if status == "failed":
+            self._send([("task-failed", {"exception": str(outcome.get("error", "")), "traceback": ""})])
+        elif status == "retrying":
+            self._send([("task-retried", {"exception": str(outcome.get("error", "")), "traceback": ""})])
+        else:
+            self._send([("task-succeeded", {"result": repr(outcome), "runtime": runtime_s})])
+
+    def _send(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """Best effort, as Celery's own events: a failed send is logged, the module goes on."""
+        try:
+            with self.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
+                for kind, fields in events:
+                    dispatcher.send(kind, uuid=self.uuid, **fields)
+        except Exception:  # the broker's connection errors, whatever kombu raises
+            log.warning("could not send the task events of %s", self.uuid, exc_info=True)

@@ -7,6 +7,7 @@ import logging
 import reprlib
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -22,7 +23,7 @@ from dspex_celery.call_threads import CallThreads
 from dspex_celery.defaults import RESULT_SUMMARY_CHARS
 from dspex_celery.canvas import ADVANCE, COMPENSATE, RUN_MODULE, module_signature
 from dspex_celery.compensation import CompensationRun
-from dspex_celery.continuation import Lease, Offer, UnackedKeys
+from dspex_celery.continuation import Lease, Offer, TaskEvents, UnackedKeys, task_events_on
 from dspex_celery.errors import ModuleError, ModuleTimeout, TransientError, WorkerLost
 from dspex_celery.execution import Execution, lost_reason
 from dspex_celery.hooks import ModuleContext
@@ -156,8 +157,10 @@ def run_chain(task: Task, runtime: Runtime, execution_id: str, module: str) -> d
         lease, left = Lease(execution_id, run.offer.claimed, run.offer.keys), left - 1
         offer = continuation_offer(task, runtime, left, held=True)
         run = ModuleRun(task, runtime, execution_id, lease.module, offer=offer, lease=lease)
+        events, started = _task_events(task, run), time.monotonic()
+        outcome: dict[str, Any] = {"status": ModuleStatus.FAILED.value}
         try:
-            run.run()
+            outcome = run.run()
         except INFRA_ERRORS:
             raise
         except Exception as exc:  # a bug around the call: as on_failure does for a task
@@ -166,6 +169,18 @@ def run_chain(task: Task, runtime: Runtime, execution_id: str, module: str) -> d
         if not run.lease_released:
             lease.release(runtime.store.client)
     return result
+
+
+def _task_events(task: Task, run: ModuleRun) -> TaskEvents | None:
+    """While this worker sends task events, the events of a continued module's own task (sent as it
+    starts), so that Flower lists it; else None."""
+    plan = run.execution.plan
+    if plan is None or run.name not in plan.modules or not task_events_on():
+        return None
+    events = TaskEvents.of(task.app, str(task.request.hostname), run.execution_id, run.name)
+    events.started(f"dspex.module:{plan.program}.{run.name}", repr((run.execution_id, run.name)),
+                   repr({"program": plan.program}))
+    return events
 
 
 def continuation_offer(task: Task, runtime: Runtime, left: int, held: bool = False) -> Offer | None:

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -27,8 +31,25 @@ ANNOUNCED = "tests.modules.continuation_mods:announced"
 @pytest.fixture(scope="module")
 def cluster(make_cluster) -> Cluster:
     cluster = make_cluster()
-    cluster.start_worker("default", concurrency=4, pool="threads")
+    cluster.start_worker("default", concurrency=4, pool="threads", extra_args=("-E",))  # task events (Flower)
     return cluster
+
+
+@contextmanager
+def task_events(cluster: Cluster) -> Iterator[list[dict[str, Any]]]:
+    """The task events the workers send meanwhile (what Flower reads)."""
+    app, events = cluster.runtime.app, []
+    with app.connection_for_read() as connection:
+        receiver = app.events.Receiver(connection, handlers={"*": events.append})
+        thread = threading.Thread(target=receiver.capture, kwargs={"limit": None, "timeout": None, "wakeup": False},
+                                  daemon=True)
+        thread.start()
+        time.sleep(0.5)  # subscribed
+        try:
+            yield events
+        finally:
+            receiver.should_stop = True
+            thread.join(timeout=5)
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +110,18 @@ def test_a_continued_module_has_its_own_record(cluster: Cluster) -> None:
     data = as_steps(synthetic.layered(3, 1, name="chain"))
     data["modules"]["m0_0"]["inputs"] = {"ms": 50}
     # When it runs
-    result = cluster.run(program("chain", data["modules"]), strategy="dag")
-    # Then b and c ran inside a's task, each with its own worker, start and finish, one after another
+    with task_events(cluster) as events:
+        result = cluster.run(program("chain", data["modules"]), strategy="dag")
+        continued_ids = {task_id(result.execution_id, name) for name in ("m1_0", "m2_0")}
+        wait_for(lambda: {e["uuid"] for e in events if e["type"] == "task-succeeded"} >= continued_ids,
+                 timeout=10, what="the continued modules' task events")
+    # Then Flower hears of each continued module as of a task of its own
+    received = {e["uuid"]: e for e in events if e["type"] == "task-received"}
+    for name in ("m1_0", "m2_0"):
+        event = received[task_id(result.execution_id, name)]
+        assert event["name"] == f"dspex.module:chain.{name}" and result.execution_id in event["args"]
+        assert event["hostname"] == result.modules[name].worker
+    # And b and c ran inside a's task, each with its own worker, start and finish, one after another
     assert result.status is ExecutionStatus.SUCCEEDED
     assert continued(cluster, result) == ["m1_0", "m2_0"]
     records = [result.modules[name] for name in ("m0_0", "m1_0", "m2_0")]
