@@ -257,6 +257,13 @@ def test_calls_are_modules_of_the_execution_in_history(cluster: Cluster, redis_u
     assert all(record.status is ModuleStatus.SUCCEEDED for record in recorded.modules.values())
 
 
+def test_a_lazy_field_passed_to_another_call_is_a_dependency(cluster: Cluster) -> None:
+    execution_id = os.urandom(8).hex()
+    assert distributed(cluster, mods.FieldChain()).run(execution_id, text="x") == in_process(mods.FieldChain(), text="x")
+    plan = cluster.runtime.store.plan(execution_id)
+    assert plan is not None and plan.modules["second.0"].parents == ("first.0",)
+
+
 def test_a_failed_call_raises_when_read(cluster: Cluster) -> None:
     with pytest.raises(CallFailed, match="not JSON-serialisable"):
         distributed(cluster, mods.UsesNotJson())(question="a b")

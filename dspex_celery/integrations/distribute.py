@@ -63,7 +63,7 @@ from dspex_celery.runtime import Runtime, runtime_of
 from dspex_celery.spec import BreakerPolicy, RetryPolicy
 from dspex_celery.strategies.forward import CALLS_DONE, ForwardStrategy
 
-__all__ = ["CallFailed", "CallOutputNotJson", "DistributedModule", "LazyResult", "distribute", "resume_forward"]
+__all__ = ["CallFailed", "CallOutputNotJson", "DistributedModule", "LazyResult", "distribute", "lazy_field", "resume_forward"]
 
 #: The execution key part of the set of calls whose message was sent (a replay does not send them again).
 CALLS_SENT = "calls:sent"
@@ -270,14 +270,16 @@ def rebuild_here(runtime: Runtime, config: Config, digest: str) -> Any:
 class LazyResult:
     """A sub-module call's result, on its way: reading anything of it waits for the call."""
 
-    __slots__ = ("_session", "_name")
+    __slots__ = ("_session", "_name", "_field")
 
-    def __init__(self, session: ForwardSession, name: str) -> None:
+    def __init__(self, session: ForwardSession, name: str, field: str | None = None) -> None:
         self._session = session
         self._name = name
+        self._field = field
 
     def _resolve(self) -> Any:
-        return self._session.value(self._name)
+        value = self._session.value(self._name)
+        return value if self._field is None else getattr(value, self._field)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
@@ -310,6 +312,15 @@ class LazyResult:
     def __repr__(self) -> str:
         done = self._session.is_done(self._name)
         return repr(self._resolve()) if done else f"<pending call {self._name}>"
+
+
+def lazy_field(result: Any, field: str) -> Any:
+    """One field of a call's result, still on its way (reading ``result.field`` would wait): passed to
+    another call, it is a dependency like the whole result. In-process (a real result) it is
+    ``getattr(result, field)``, so the module runs the same both ways."""
+    if not isinstance(result, LazyResult) or result._field is not None:
+        return getattr(result, field)
+    return LazyResult(result._session, result._name, field)
 
 
 def resolved(value: Any) -> Any:
@@ -558,7 +569,7 @@ class ForwardSession:
         if isinstance(value, LazyResult):
             if value._session is self:
                 parents.add(value._name)
-                return {REF: value._name, "field": None}
+                return {REF: value._name, "field": value._field}
             value = value._resolve()
         if isinstance(value, list | tuple):
             return [self.encode(name, item, parents) for item in value]

@@ -266,7 +266,11 @@ def _resolve(module: ModulePlan, upstream: dict[str, dict[str, Any]], value: Any
     source = upstream.get(value[REF])
     if source is None:
         raise ModuleInputError(f"call '{module.name}': call '{value[REF]}' produced no output")
-    return output_value(source, value.get("field"))
+    try:
+        return output_value(source, value.get("field"))
+    except (KeyError, TypeError):
+        raise ModuleInputError(f"call '{module.name}': call '{value[REF]}' returned no field '{value.get('field')}' "
+                               f"(fields: {', '.join(source) or 'none'})") from None
 
 
 def output_value(output: dict[str, Any], field: str | None) -> Any:

@@ -16,6 +16,7 @@ import redis
 from dspy.utils import DummyLM
 
 from dspex_celery.errors import TransientError
+from dspex_celery.integrations.distribute import lazy_field
 
 DEMO_MARKER = "DEMO-91c2"
 COMPILED_ANSWER = "answered with the demo"
@@ -183,3 +184,16 @@ class CountThenFlaky(dspy.Module):
 
     def forward(self, text: str) -> dspy.Prediction:
         return self.echo(text=self.count(text=text).text)
+
+
+class FieldChain(dspy.Module):
+    """The second call takes one field of the first's result without waiting for it (lazy_field)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = Slow("F", 0.3)
+        self.second = Slow("G")
+
+    def forward(self, text: str) -> dspy.Prediction:
+        first = self.first(text=text)
+        return self.second(text=lazy_field(first, "text"))
