@@ -47,7 +47,6 @@ from dspex_celery.integrations.distribute_worker import (
     REF,
     RUN_CALL,
     at_path,
-    call_plan_from_json,
     call_plan_json,
     output_value,
     read_trace,
@@ -444,6 +443,8 @@ class ForwardSession:
         session = cls(config, runtime, execution_id or new_execution_id(), module, inputs)
         if execution_id is None or not store.exists(execution_id):
             session.create()
+        else:
+            session.prepare()  # a replay: its calls still need a worker (embedded) or a reachable cluster
         return session
 
     # --- the execution in the store ---
@@ -753,9 +754,3 @@ class ForwardSession:
                 if not call.done:
                     call.error = reason
             self.changed.notify_all()
-
-
-def read_calls(runtime: Runtime, execution_id: str) -> dict[str, ModulePlan]:
-    """The calls an execution made so far (for ``show`` while it runs)."""
-    raw = runtime.store.client.hgetall(runtime.store.key(execution_id, CALLS))
-    return {name: call_plan_from_json(text) for name, text in raw.items()}
