@@ -287,9 +287,16 @@ class DagStrategy(Strategy):
         """
         runtime = execution.runtime
         runnable, blocked = split_blocked(plan, _by_urgency(plan, ready), blocking)
-        for name in runnable:
-            module_signature(runtime.app, plan, execution.id, name, runtime.settings.namespace).apply_async(
-                ignore_result=True)
+        signatures = [module_signature(runtime.app, plan, execution.id, name, runtime.settings.namespace)
+                      for name in runnable]
+        if runtime.queues is not None and signatures:  # one round trip for all (a program's roots: many)
+            pipe = execution.store.client.pipeline(transaction=False)
+            for key, message in map(runtime.queues.message, signatures):
+                pipe.lpush(key, message)
+            pipe.execute()
+        else:
+            for signature in signatures:
+                signature.apply_async(ignore_result=True)
         skipped: list[list[Any]] = []
         for name, parent in blocked:
             execution.skip(name, parent, blocking[parent])
