@@ -7,8 +7,10 @@ fake LM (``--latency`` 0.3 s per call, HTTP 429 with Retry-After 0.5 s above ``-
 at once): ``adaptive`` (max_concurrent 16, halved on a 429, +1 per 2 s quiet; its adaptive state
 is cleared before every round, so each starts cold at 16), ``fixed`` (max_concurrent 16,
 ``adaptive: false``: the retries with their Retry-After are all there is) and ``fixed at N``
-(max_concurrent = the LM's limit: the oracle that knows it). A batch of ``--lines`` one-module
-lines runs on each, rounds interleaved; reported: median completion time and 429s.
+(max_concurrent = the LM's limit: the oracle that knows it). Two LMs: ``concurrency`` (a 429 costs
+nothing but its retry) and ``lockout`` (a 429 also refuses every call for the Retry-After, as an
+exhausted provider window does). A batch of ``--lines`` one-module lines runs on each class per
+LM, rounds interleaved; reported: median completion time and 429s.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from dspex_celery.settings import Settings
 
 HEADING = "429-adaptive limits vs fixed limits (issue 17)"
 CLASSES = ("adaptive", "fixed", "fixed_at_n")
+#: The fake LMs: seconds a 429 locks every caller out (0: none).
+LOCKOUTS = {"concurrency": 0.0, "lockout": 0.5}
 WORKERS = [WorkerSpec(resources=CLASSES, concurrency=8, pool="threads")] * 2
 LM = "bench_rate_limit_lm:answer"
 RETRY = {"max_attempts": 30, "backoff_s": 0.1, "max_backoff_s": 2.0}
@@ -70,14 +74,14 @@ class RateLimitBench(BenchCluster):
                         modules=f"{BENCH_MODULES},bench_rate_limit_lm", resources=self.limits)
 
 
-def lm_program(resource: str, key: str, lm_limit: int, latency_s: float) -> Program:
+def lm_program(resource: str, key: str, lm_limit: int, latency_s: float, lockout_s: float) -> Program:
     inputs = {"question": "$inputs.question", "key": key, "redis_url": REDIS_URL, "limit": lm_limit,
-              "latency_s": latency_s}
+              "latency_s": latency_s, "lockout_s": lockout_s}
     return Program.from_dict({"name": f"rl_{resource}", "inputs": ["question"], "modules": {
         "answer": {"uses": LM, "inputs": inputs, "resource": resource, "retry": RETRY}}})
 
 
-def case(bench: RateLimitBench, resource: str, lines: int, latency_s: float,
+def case(bench: RateLimitBench, resource: str, lines: int, latency_s: float, lockout_s: float,
          rate_limited: list[int]) -> Callable[[], float]:
     """One batch on ``resource``: its wall seconds; the LM's 429s are appended to ``rate_limited``."""
     client = redis.Redis.from_url(REDIS_URL)
@@ -85,13 +89,13 @@ def case(bench: RateLimitBench, resource: str, lines: int, latency_s: float,
     def run() -> float:
         client.delete(adaptive_key(bench.runtime.store, resource))  # every round starts cold
         key = f"bench-rl-{uuid.uuid4().hex}"
-        program = lm_program(resource, key, bench.lm_limit, latency_s)
+        program = lm_program(resource, key, bench.lm_limit, latency_s, lockout_s)
         start = time.perf_counter()
         result = submit_batch(program, [{"question": f"q{i}"} for i in range(lines)], app=bench.runtime.app,
                               max_in_flight=32).get()
         wall = time.perf_counter() - start
         rate_limited.append(int(client.get(f"{key}:429") or 0))
-        client.delete(f"{key}:429", f"{key}:in_flight")
+        client.delete(f"{key}:429", f"{key}:in_flight", f"{key}:locked")
         if result.count("succeeded") != lines:
             first = next(line.error for line in result.lines if line.status != "succeeded")
             raise RuntimeError(f"{lines - result.count('succeeded')} lines did not succeed, e.g. {first}")
@@ -100,14 +104,18 @@ def case(bench: RateLimitBench, resource: str, lines: int, latency_s: float,
     return run
 
 
-def reading(samples: dict[str, Samples], counts: dict[str, list[int]]) -> str:
-    """One sentence on what the table says: adaptive's 429s and time against the fixed limit of 16."""
-    median_429 = {name: statistics.median(values) if values else None for name, values in counts.items()}
-    fewer = ratio(median_429["fixed"], median_429["adaptive"])
-    return (f"Adaptive limits answered {fmt(fewer, 1)}× fewer 429s than the fixed limit of 16 and took "
-            f"{fmt(ratio(samples['adaptive'].median, samples['fixed'].median))}× its time; the fixed limit at the "
-            "LM's own N is the floor neither reaches. This fake LM's 429s cost nothing but a retry; a real "
-            "provider's may (quota penalties, longer Retry-After), which the adaptive limit avoids.")
+def median_of(values: list[int]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def reading(lm: str, samples: dict[str, Samples], counts: dict[str, list[int]]) -> str:
+    """One sentence per LM: adaptive's 429s and time against the fixed limit of 16."""
+    adaptive, fixed = f"{lm} / adaptive", f"{lm} / fixed"
+    fewer = ratio(median_of(counts[fixed]), median_of(counts[adaptive]))
+    said = f"- `{lm}` LM: adaptive limits answered {fmt(fewer, 1)}× fewer 429s than the fixed limit of 16"
+    if samples[fixed].failure is not None:
+        return f"{said}, which did not complete ({samples[fixed].failure})."
+    return f"{said} and took {fmt(ratio(samples[adaptive].median, samples[fixed].median))}× its time."
 
 
 def main() -> None:
@@ -120,37 +128,42 @@ def main() -> None:
     args = parser.parse_args()
     started = time.monotonic()
     bench = RateLimitBench(WORKERS, lm_limit=args.lm_limit)
-    counts: dict[str, list[int]] = {name: [] for name in CLASSES}
+    names = [f"{lm} / {resource}" for lm in LOCKOUTS for resource in CLASSES]
+    counts: dict[str, list[int]] = {name: [] for name in names}
     try:
         bench.start()
-        cases = {name: case(bench, name, args.lines, args.latency, counts[name]) for name in CLASSES}
+        cases = {name: case(bench, name.split(" / ")[1], args.lines, args.latency,
+                            LOCKOUTS[name.split(" / ")[0]], counts[name]) for name in names}
         samples = interleaved(cases, args.rounds)
     finally:
         bench.stop()
     elapsed = time.monotonic() - started
     ideal = args.lines * args.latency / args.lm_limit
-    fixed = samples["fixed"].median
-    headers = ["limit", "setting", "runs", "completion s (median)", "429s (median)", "vs fixed 16", "vs ideal"]
+    headers = ["LM", "limit", "setting", "runs", "completion s (median)", "429s (median)", "vs fixed 16", "vs ideal"]
     settings = {"adaptive": "max_concurrent 16, adaptive (halve, +1 per 2 s)",
                 "fixed": "max_concurrent 16, adaptive: false",
                 "fixed_at_n": f"max_concurrent {args.lm_limit}, adaptive: false"}
-    rows = [[name, settings[name], str(len(sample.values)), fmt(sample.median),
-             fmt(statistics.median(counts[name]) if counts[name] else None, 0),
-             fmt(ratio(sample.median, fixed)) + "×", fmt(ratio(sample.median, ideal)) + "×"]
-            for name, sample in samples.items()]
+    rows = []
+    for name, sample in samples.items():
+        lm, resource = name.split(" / ")
+        completion = "lines failed" if sample.failure is not None else fmt(sample.median)
+        rows.append([lm, resource, settings[resource], str(len(sample.values)), completion,
+                     fmt(median_of(counts[name]), 0), fmt(ratio(sample.median, samples[f"{lm} / fixed"].median)) + "×",
+                     fmt(ratio(sample.median, ideal)) + "×"])
     print_table("429-adaptive limits", headers, rows)
     if args.write_docs:
         intro = (
             "`.venv/bin/python scripts/bench_rate_limits.py --write-docs` — a batch of "
-            f"{args.lines} one-module lines (`submit_batch`, 32 in flight) against a fake LM that takes {args.latency:g} s "
-            f"per call and answers HTTP 429 (Retry-After 0.5 s) above {args.lm_limit} concurrent calls; "
-            "16 worker slots; retries `max_attempts 30, backoff_s 0.1`. Per resource class: `adaptive` "
-            "(starts cold at 16 every round), `fixed` at 16 (retries only), and `fixed_at_n` (the oracle "
-            f"that knows the LM's limit). Ideal: {ideal:.1f} s ({args.lines} × {args.latency:g} s / {args.lm_limit}). "
-            f"Rounds interleaved, median of {args.rounds}. Other jobs share the machine's cores: numbers are noisy."
+            f"{args.lines} one-module lines (`submit_batch`, 32 in flight) against a fake LM that takes "
+            f"{args.latency:g} s per call and answers HTTP 429 (Retry-After 0.5 s) above {args.lm_limit} concurrent "
+            "calls; `lockout`: a 429 also refuses every call for 0.5 s (an exhausted provider window). 16 worker "
+            "slots; retries `max_attempts 30, backoff_s 0.1`. Per resource class: `adaptive` (starts cold at 16 "
+            "every round), `fixed` at 16 (retries only), and `fixed_at_n` (the oracle that knows the LM's "
+            f"limit). Ideal: {ideal:.1f} s ({args.lines} × {args.latency:g} s / {args.lm_limit}). Rounds "
+            f"interleaved, median of {args.rounds}. Other jobs share the machine's cores: numbers are noisy."
         )
         body = "\n".join([intro, "", *machine_lines(WORKERS), f"- whole run {elapsed:.0f} s", "",
-                          markdown_table(headers, rows), "", reading(samples, counts)])
+                          markdown_table(headers, rows), "", *(reading(lm, samples, counts) for lm in LOCKOUTS)])
         write_section(HEADING, body)
 
 
