@@ -10,6 +10,9 @@ finishes the execution — no coordinator, no polling. On success the step runs 
 that stores the module's output and record, and, on a Redis broker sharing the store's database
 (:mod:`dspex_celery.redis_queues`), pushes the ready children's task messages itself: one round trip
 from "returned" to "children queued", and no window in which a dying worker could lose a child.
+There, the worker that finished the module may offer to run one ready child itself (worker-local
+continuation, :mod:`dspex_celery.continuation`): the same script then leases that child to it
+instead of queueing it.
 """
 
 from __future__ import annotations
