@@ -18,7 +18,7 @@ from dspex_celery.canvas import compensate_signature
 from dspex_celery.cli import cli
 from dspex_celery.compensation_store import records as compensation_records
 from dspex_celery.errors import ProgramError
-from dspex_celery.execution import Execution
+from dspex_celery.client import ExecutionHandle
 from dspex_celery.history.store import HistoryStore
 from dspex_celery.report import load_report, render_html
 from dspex_celery.results import CompensationRecord, CompensationStatus
@@ -95,8 +95,7 @@ def test_strict_failure_compensates_in_reverse_order_exactly_once(cluster: Clust
         assert again.apply_async(ignore_result=False).get(timeout=20) == {"module": name, "status": "succeeded"}
     # Then no succeeded compensation ran again
     assert lines(log) == ["do:a", "do:b", "undo:b:2", "undo:a:1"]
-    execution = Execution(cluster.runtime, result.execution_id)
-    assert execution.result(ExecutionStatus.FAILED).compensations == found
+    assert ExecutionHandle(cluster.runtime, result.execution_id).current().compensations == found
     # And the HTML report lists them
     html = render_html(load_report(cluster.runtime, result.execution_id))
     section = html.split('<table id="compensations">')[1].split("</table>")[0]
