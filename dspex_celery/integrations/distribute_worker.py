@@ -225,9 +225,12 @@ def sub_module(root: Any, module: ModulePlan) -> Any:
     """The sub-module at the call's attribute path (``hop.generate_query``, ``drafts[1]``)."""
     path = str((module.inputs or {}).get("path", ""))
     try:
-        return at_path(root, path)
+        target = at_path(root, path)
     except (AttributeError, IndexError, TypeError):
-        raise ModuleInputError(f"call '{module.name}': {type(root).__name__} has no sub-module '{path}'") from None
+        target = None
+    if not isinstance(target, require_dspy(f"call '{module.name}'").Module):  # only sub-modules are called
+        raise ModuleInputError(f"call '{module.name}': {type(root).__name__} has no sub-module '{path}'")
+    return target
 
 
 def at_path(root: Any, path: str) -> Any:
