@@ -17,6 +17,7 @@ from dspex_celery.breaker import CircuitBreaker
 from dspex_celery.errors import ConfigError
 from dspex_celery.hooks import Hook, ModuleContext
 from dspex_celery.results import ExecutionResult, ModuleRecord
+from dspex_celery.tracing import TracingHook
 from tests.conftest import Cluster, program, wait_for
 from tests.modules.hook_mods import CallRecorder, calls_key
 
@@ -85,7 +86,8 @@ def test_a_hook_passed_to_create_runtime_sees_every_call_next_to_the_defaults() 
     assert result.status is ExecutionStatus.FAILED
     wait_for(lambda: ("on_execution_finished", "failed") in recorder.calls, 10, "on_execution_finished")
     assert_saw_the_run(recorder.calls)
-    assert isinstance(runtime.hooks.hooks[0], CircuitBreaker) and runtime.hooks.hooks[-1] is recorder
+    first, second = runtime.hooks.hooks[:2]  # tracing first (its span covers the breaker), then the breaker
+    assert isinstance(first, TracingHook) and isinstance(second, CircuitBreaker) and runtime.hooks.hooks[-1] is recorder
 
 
 def test_a_list_of_hooks_is_exactly_the_runtime_hooks_and_add_extends_them() -> None:
@@ -105,7 +107,8 @@ def test_the_hooks_setting_adds_hooks_after_the_defaults() -> None:
     # An embedded runtime without an allow-list trusts the hook's own package, as it trusts programs
     settings = embedded_settings(hooks=(RECORDER,))
     hooks = default_hooks(settings)
-    assert isinstance(hooks[0], CircuitBreaker) and isinstance(hooks[-1], CallRecorder)
+    assert isinstance(hooks[0], TracingHook) and isinstance(hooks[1], CircuitBreaker)
+    assert isinstance(hooks[-1], CallRecorder)
     assert sum(isinstance(hook, CallRecorder) for hook in hooks) == 1
 
 
