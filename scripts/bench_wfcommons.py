@@ -226,8 +226,9 @@ def own_redis() -> Iterator[str]:
 
 
 @contextmanager
-def dspex_cluster(redis_url: str) -> Iterator[bench.BenchCluster]:
+def dspex_cluster(redis_url: str, worker_env: dict[str, str]) -> Iterator[bench.BenchCluster]:
     cluster = bench.BenchCluster(WORKERS, redis_url=redis_url)
+    cluster.cluster.extra_env.update(worker_env)
     try:
         cluster.start()
         yield cluster
@@ -311,12 +312,15 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=RECIPES, metavar="WORKFLOW", help="repeatable; no docs")
     parser.add_argument("--engine", action="append", choices=ENGINES, help="only these engines (repeatable); no docs")
     parser.add_argument("--quick", action="store_true", help="one round, no docs")
+    parser.add_argument("--continuation", type=int, metavar="N",
+                        help="the workers' DSPEX_DAG_CONTINUATION (e.g. 0 to measure dag without it); no docs")
     args = parser.parse_args()
     workflows = load_all(tuple(args.only or RECIPES))
     rounds = 1 if args.quick else args.rounds
     started = time.perf_counter()
     peers = Peers()
-    with own_redis() as redis_url, dspex_cluster(redis_url) as cluster:
+    worker_env = {} if args.continuation is None else {"DSPEX_DAG_CONTINUATION": str(args.continuation)}
+    with own_redis() as redis_url, dspex_cluster(redis_url, worker_env) as cluster:
         try:
             peers.start()
             warm_up(cluster, peers, workflows[0])
@@ -334,7 +338,7 @@ def main() -> None:
     goals = goal_lines(means)
     for line in goals:
         bench.console.print(line)
-    if not (args.only or args.quick or args.engine):
+    if not (args.only or args.quick or args.engine or args.continuation is not None):
         bench.write_section(HEADING, docs_body(headers, rows, goals, rounds, elapsed, broker))
         bench.console.print(f"written to {bench.BENCHMARKS_MD.relative_to(bench.ROOT)}")
 
