@@ -337,12 +337,14 @@ def _more_urgent(queues: RedisQueues, queue: str, priority: int) -> list[str]:
 
 
 def _continuable(plan: Plan, child: str, namespace: str, offer: Offer | None) -> str:
-    """The child's queue when the offering worker may run it itself, else ''."""
+    """The child's queue when the offering worker may run it itself, else ''. Not a child with a
+    ``backup_after_s``: a backup that wins revokes the task its attempt runs in (here, its parent's)."""
     if offer is None:
         return ""
     module = plan.modules[child]
     queue = queue_name(namespace, module.resource)
-    return queue if queue in offer.queues and (offer.timeouts or module.timeout_s is None) else ""
+    allowed = (offer.timeouts or module.timeout_s is None) and module.backup_after_s is None
+    return queue if allowed and queue in offer.queues else ""
 
 
 def roots(plan: Plan, done: Mapping[str, ModuleRecord]) -> list[str]:
