@@ -262,7 +262,7 @@ def table(workflows: list[Workflow], samples: dict[str, bench.Samples]) -> tuple
         for engine in ENGINES:
             sample = samples[f"{w.name}/{engine}"]
             if sample.median is None:
-                cells.append("failed")
+                cells.append("failed" if sample.failure else "—")
                 continue
             ratio = sample.median / lb
             ratios[engine].append(ratio)
