@@ -31,6 +31,7 @@ from dspex_celery.client import (
     cancel_execution,
     check_visibility_timeout,
     launch,
+    launch_together,
     new_execution_id,
     prepare_runtime,
     start_execution,
@@ -41,6 +42,7 @@ from dspex_celery.graph import resolve_uses
 from dspex_celery.integrations.dspy import make_example, make_prediction
 from dspex_celery.plan import Plan
 from dspex_celery.presence import warn_if_unserved
+from dspex_celery.result_stream import ResultStream
 from dspex_celery.program import Program
 from dspex_celery.results import ExecutionResult, ExecutionStatus, describe_failure
 from dspex_celery.runtime import Runtime, runtime_of
@@ -50,7 +52,7 @@ from dspex_celery.usage import Usage, total_usage
 
 #: Executions submitted and not yet finished, at most (the cluster's queue depth for this batch).
 DEFAULT_MAX_IN_FLIGHT = 16
-#: Seconds between two checks of the in-flight executions' results (one MGET each time).
+#: Seconds the loop waits for a published result before it looks at its submissions again.
 POLL_S = 0.02
 #: Threads that submit lines: one submission is a few Redis round trips, mostly spent waiting.
 SUBMIT_THREADS = 4
@@ -296,6 +298,15 @@ def _is_json(value: Any) -> bool:
     return True
 
 
+def batch_strategy(plan: Plan, requested: str | None) -> str:
+    """The requested strategy, else ``dag`` for a chain (one module per level: a level barrier has
+    nothing to wait for, and ``dag`` needs no chord and no stage task per line, and starts a group
+    of lines in one round trip), else what :func:`choose_strategy` recommends."""
+    if requested is None and all(len(level) == 1 for level in plan.levels):
+        return "dag"
+    return choose_strategy(plan, requested)
+
+
 def resolve_metric(path: str) -> Metric:
     """The metric function named ``package.module:function`` (called as ``metric(example, prediction)``)."""
     try:
@@ -342,7 +353,7 @@ class BatchRun:
         self.plan = apply_profile(runtime.settings, program, plan, learned_timeouts=learned_timeouts) if use_profile else plan
         self.packages = program.packages()
         self.max_in_flight = max_in_flight
-        self.strategy = choose_strategy(self.plan, strategy)
+        self.strategy = batch_strategy(self.plan, strategy)
         self.timeout = timeout
         self.metric = metric
         self.fingerprint = program_fingerprint(self.plan)
@@ -351,8 +362,11 @@ class BatchRun:
         self.on_submit = on_submit
         self._items = self._as_items(inputs)
         self._pending: dict[str, tuple[BatchItem, float]] = {}
+        self._results = ResultStream(runtime)  # one subscription for every execution in flight
         self._open: dict[str, BatchItem] = {}  # journaled executions whose line was not handed out yet
-        self._submitting: dict[futures.Future[str], BatchItem] = {}
+        self._submitting: dict[futures.Future[list[tuple[str, BatchItem]]], list[BatchItem]] = {}
+        self._group: list[BatchItem] = []  # lines to submit together, once the group before them is out
+        self._together = True  # groups go in one round trip (until launch_together says the strategy cannot)
         self._lock = threading.Lock()
         self.submit_threads = submit_threads
         self._started = time.monotonic()
@@ -371,7 +385,7 @@ class BatchRun:
     @property
     def in_flight(self) -> int:
         """Executions submitted (or being submitted) whose result was not read yet."""
-        return len(self._pending) + len(self._submitting)
+        return len(self._pending) + sum(map(len, self._submitting.values())) + len(self._group)
 
     @property
     def open_lines(self) -> int:
@@ -389,14 +403,17 @@ class BatchRun:
                         yield self._scored(ready, item)
                         continue
                     while self.in_flight >= self.max_in_flight:
+                        self._flush(pool)
                         yield from self._collect(wait=True)
                     self._start(item, pool)
                     yield from self._collect(wait=False)
+                self._flush(pool)
                 while self.in_flight:
                     yield from self._collect(wait=True)
             finally:  # stopped early (Ctrl-C, consumer gone): submissions under way finish (journaled),
                 pool.shutdown(wait=True, cancel_futures=True)  # queued ones never start
                 self._drain()
+                self._results.close()
 
     def get(self) -> BatchResult:
         """Run to the end; the lines in input order. Ctrl-C cancels the executions in flight."""
@@ -467,36 +484,49 @@ class BatchRun:
         self.ran_because[reason] += 1
 
     def _start(self, item: BatchItem, pool: ThreadPoolExecutor) -> None:
-        """Re-attach to the line's earlier execution, or submit it (the first one inline, the others
-        from the pool: a submission is a few Redis round trips, mostly waiting)."""
+        """Re-attach to the line's earlier execution, or submit it: the first one inline, the others
+        from the pool, in groups: lines that come while a group is being submitted go together in
+        the next one (one round trip for a group when the strategy can, see ``launch_together``)."""
         execution_id = self._reattachable(item)
         if execution_id is not None:
             self.reattached += 1
             self._journal(item, execution_id)
-            self._pending[execution_id] = (item, time.monotonic())
+            self._track(execution_id, item)
             return
         self._count_why_it_runs(item)
         if self.ran == 0 and not self._submitting:
-            self._pending[self._launch(item)] = (item, time.monotonic())
-        else:
-            self._submitting[pool.submit(self._launch, item)] = item
+            for execution_id, launched in self._launch([item]):
+                self._track(execution_id, launched)
+            return
+        self._group.append(item)
+        if not self._together or not self._submitting:
+            self._flush(pool)
 
-    def _launch(self, item: BatchItem) -> str:
-        """Submit one line (in a pool thread), journaling its execution id before anything is
+    def _flush(self, pool: ThreadPoolExecutor) -> None:
+        """Submit the lines waiting to go together, from the pool."""
+        if self._group:
+            group, self._group = self._group, []
+            self._submitting[pool.submit(self._launch, group)] = group
+
+    def _launch(self, items: list[BatchItem]) -> list[tuple[str, BatchItem]]:
+        """Submit lines (in a pool thread), journaling their execution ids before anything is
         stored, so a re-run after a kill finds every execution this client may have created."""
         if not self._prepared:  # the first line: a refused program or an unreachable broker journals nothing
             check_visibility_timeout(self.runtime, self.plan)
             prepare_runtime(self.runtime, self.packages, self.plan)
             self._prepared = True
-        execution_id = new_execution_id()
-        self._journal(item, execution_id)
-        handle = launch(
-            self.runtime, self.plan, self.packages, item.inputs, self.strategy, self.timeout,
-            execution_id=execution_id,
-        )
+        launched = {new_execution_id(): item for item in items}
+        for execution_id, item in launched.items():
+            self._journal(item, execution_id)
+        inputs = {execution_id: item.inputs for execution_id, item in launched.items()}
+        if not (self._together and launch_together(self.runtime, self.plan, inputs, self.strategy, self.timeout)):
+            self._together = False  # one line per submission, several at once from the pool
+            for execution_id, item in launched.items():
+                launch(self.runtime, self.plan, self.packages, item.inputs, self.strategy, self.timeout,
+                       execution_id=execution_id)
         with self._lock:
-            self.ran += 1
-        return handle.execution_id
+            self.ran += len(launched)
+        return list(launched.items())
 
     def _journal(self, item: BatchItem, execution_id: str) -> None:
         with self._lock:
@@ -524,13 +554,20 @@ class BatchRun:
             return
         done, _ = futures.wait(self._submitting, timeout=POLL_S if wait else 0, return_when=futures.FIRST_COMPLETED)
         for future in done:
-            item = self._submitting.pop(future)
-            self._pending[future.result()] = (item, time.monotonic())
+            self._submitting.pop(future)
+            for execution_id, item in future.result():
+                self._track(execution_id, item)
+
+    def _track(self, execution_id: str, item: BatchItem) -> None:
+        """Wait for ``execution_id``'s result (the line of ``item``)."""
+        self._pending[execution_id] = (item, time.monotonic())
+        self._results.add(execution_id)
 
     def _drain(self) -> None:
         """Iteration stopped: forget the submissions (finished, failed or never started); the
         executions they created are in ``_open`` for :meth:`cancel` or a re-run's journal."""
         self._submitting.clear()
+        self._group.clear()  # never journaled, never stored
 
     def _collect(self, *, wait: bool) -> Iterator[BatchLine]:
         """Finished executions' lines; with ``wait``, polls until at least one finished."""
@@ -541,10 +578,10 @@ class BatchRun:
                     continue
                 return
             self._end_overdue()
-            found = list(self.runtime.app.backend.get_many(
-                list(self._pending), interval=POLL_S if wait else 0, max_iterations=1,
-            ))
+            found = self._results.take(POLL_S if wait else 0)
             for execution_id, meta in found:
+                if execution_id not in self._pending:  # its line ended meanwhile (cancel)
+                    continue
                 item, _ = self._pending.pop(execution_id)
                 with self._lock:
                     self._open.pop(execution_id, None)
@@ -557,7 +594,7 @@ class BatchRun:
         now = time.monotonic()
         if now - self._checked >= TAKEOVER_CHECK_S:
             self._checked = now
-            for execution_id in list(self._pending):
+            for execution_id in self.runtime.store.finished_of(list(self._pending)):  # claimed, maybe not published
                 Execution(self.runtime, execution_id).publish_abandoned()
         if self.timeout is None:
             return

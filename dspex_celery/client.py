@@ -54,7 +54,7 @@ from dspex_celery.routing import worker_queues
 from dspex_celery.runtime import Runtime, runtime_of
 from dspex_celery.spec import ProgramSpec, non_finite_input
 from dspex_celery.strategies.registry import choose_strategy, get_strategy
-from dspex_celery.tracing import execution_span
+from dspex_celery.tracing import execution_span, tracing_enabled
 
 ProgramLike = Program | ProgramSpec | dict[str, Any] | str | Path
 
@@ -362,6 +362,30 @@ def start_execution(runtime: Runtime, execution_id: str, strategy: str, plan: Pl
     with unsubscribed_dispatch():  # nothing here waits on the module tasks' own results
         get_strategy(strategy).start(Execution(runtime, execution_id, plan))
     runtime.store.update_meta(execution_id, started=True)
+
+
+def launch_together(
+    runtime: Runtime, plan: Plan, inputs: dict[str, dict[str, Any]], strategy: str, timeout: float | None
+) -> bool:
+    """Store and start new executions of ``plan`` (execution id -> inputs) in one transaction, one
+    round trip for them all (batch runs; the caller checked plan and runtime, as :func:`launch` does).
+
+    False, with nothing stored, when ``strategy`` cannot start them so (then :func:`launch` each one):
+    it must write its first task messages from the store (``dag`` on a Redis broker in the store's
+    database); tracing on, each execution is submitted in its own span by :func:`launch`.
+    """
+    chosen = get_strategy(strategy)
+    executions = [Execution(runtime, execution_id, plan) for execution_id in inputs]
+    if not executions or tracing_enabled() or not chosen.starts_in_pipeline(executions[0]):
+        return False
+    plan_json = plan.to_json()
+    pipe = runtime.store.client.pipeline()
+    for execution in executions:
+        meta = {**_meta(plan, strategy, inputs[execution.id], timeout, None), "started": True}
+        runtime.store.queue_create(pipe, execution.id, plan_json, meta)
+        chosen.queue_start(execution, pipe)
+    pipe.execute()
+    return True
 
 
 def new_execution_id() -> str:

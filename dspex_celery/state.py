@@ -162,11 +162,16 @@ class StateStore:
     def create(self, execution_id: str, plan: Plan, meta: dict[str, Any]) -> None:
         """Write the plan and the execution's metadata (inputs, strategy, times)."""
         pipe = self.client.pipeline()
-        pipe.set(self.key(execution_id, "plan"), plan.to_json(), ex=self.ttl_s)
+        self.queue_create(pipe, execution_id, plan.to_json(), meta)
+        pipe.execute()
+
+    def queue_create(self, pipe: Any, execution_id: str, plan_json: str, meta: dict[str, Any]) -> None:
+        """Add :meth:`create`'s writes to ``pipe`` (``plan_json``: the plan, serialised once for many
+        executions of it)."""
+        pipe.set(self.key(execution_id, "plan"), plan_json, ex=self.ttl_s)
         pipe.hset(self.key(execution_id, "meta"), mapping={k: json.dumps(v) for k, v in meta.items()})
         pipe.expire(self.key(execution_id, "meta"), self.ttl_s)
         pipe.zadd(self.global_key("live"), {execution_id: _now_score()})
-        pipe.execute()
 
     def plan(self, execution_id: str) -> Plan | None:
         """The execution's plan; read from Redis once per process (plans never change)."""
@@ -214,6 +219,13 @@ class StateStore:
 
     def is_finished(self, execution_id: str) -> bool:
         return bool(self.client.exists(self.key(execution_id, "finished")))
+
+    def finished_of(self, execution_ids: Sequence[str]) -> list[str]:
+        """Those of ``execution_ids`` whose finish was claimed (one round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        for execution_id in execution_ids:
+            pipe.exists(self.key(execution_id, "finished"))
+        return [execution_id for execution_id, found in zip(execution_ids, pipe.execute(), strict=True) if found]
 
     def live_executions(self) -> list[str]:
         return list(self.client.zrange(self.global_key("live"), 0, -1))

@@ -85,14 +85,16 @@ def answered(example: Any, prediction: Any, trace: Any = None) -> bool:
 
 @dataclass
 class Meter:
-    """CPU seconds of a set of processes (their pool children included) between two readings."""
+    """CPU seconds of this process and of worker processes (their pool children included) between
+    two readings (this process's own children are the workers: not counted twice)."""
 
-    pids: Sequence[int]
+    workers: Sequence[int] = ()
     _start: float = 0.0
 
     def cpu_s(self) -> float:
-        total = 0.0
-        for pid in self.pids:
+        times = psutil.Process().cpu_times()
+        total = times.user + times.system
+        for pid in self.workers:
             try:
                 process = psutil.Process(pid)
                 for each in [process, *process.children(recursive=True)]:
@@ -129,7 +131,7 @@ def evaluate_case(lines: int, threads: int) -> Case:
 
     def run() -> tuple[float, float]:
         evaluate = dspy.Evaluate(devset=devset, metric=answered, num_threads=threads, display_progress=False)
-        with Meter([psutil.Process().pid]) as meter:
+        with Meter() as meter:
             start = time.perf_counter()
             result = evaluate(rag)
             wall = time.perf_counter() - start
@@ -141,7 +143,7 @@ def evaluate_case(lines: int, threads: int) -> Case:
 
 
 def batch_case(bench: Any, program: Program, lines: int, max_in_flight: int) -> Case:
-    pids = [psutil.Process().pid, *(worker.process.pid for worker in bench.workers)]
+    pids = [worker.process.pid for worker in bench.workers]
 
     def run() -> tuple[float, float]:
         with Meter(pids) as meter:

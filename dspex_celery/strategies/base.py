@@ -29,6 +29,15 @@ class Strategy:
         """Dispatch the first modules of a freshly stored execution."""
         raise NotImplementedError
 
+    def starts_in_pipeline(self, execution: Execution) -> bool:
+        """Whether :meth:`queue_start` can start this new execution (default: no, call :meth:`start`)."""
+        return False
+
+    def queue_start(self, execution: Execution, pipe: Any) -> None:
+        """Add to ``pipe`` (a transaction) what :meth:`start` does for a new execution without records,
+        so that many are started in one round trip (batch runs); only when :meth:`starts_in_pipeline`."""
+        raise NotImplementedError
+
     def module_finished(self, execution: Execution, module: str, status: ModuleStatus) -> None:
         """Called on the worker once a module's record is final (succeeded, failed, ...)."""
 
