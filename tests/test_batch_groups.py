@@ -72,4 +72,4 @@ def test_a_chain_batch_runs_as_dag_in_input_order(cluster: Cluster) -> None:
                           max_in_flight=8).get()
     # Then every line succeeded with its own outputs, each one executed under dag
     assert [line.outputs["query"] for line in result.lines if line.outputs] == [line["question"] for line in lines]
-    assert {cluster.runtime.store.meta(line.execution_id)["strategy"] for line in result.lines} == {"dag"}
+    assert {cluster.runtime.store.meta(line.execution_id or "")["strategy"] for line in result.lines} == {"dag"}
