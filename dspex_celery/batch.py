@@ -39,7 +39,7 @@ from dspex_celery.client import (
 from dspex_celery.errors import UsageError
 from dspex_celery.execution import TAKEOVER_CHECK_S, Execution
 from dspex_celery.graph import resolve_uses
-from dspex_celery.integrations.dspy import make_example, make_prediction
+from dspex_celery.integrations.dspy_values import make_example, make_prediction
 from dspex_celery.plan import Plan
 from dspex_celery.presence import warn_if_unserved
 from dspex_celery.result_stream import ResultStream

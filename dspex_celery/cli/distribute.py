@@ -26,7 +26,7 @@ from dspex_celery.cli.options import open_runtime
 from dspex_celery.client import new_execution_id
 from dspex_celery.errors import DspexError, InputError, UsageError
 from dspex_celery.graph import resolve_uses
-from dspex_celery.integrations.dspy import make_example
+from dspex_celery.integrations.dspy_values import make_example
 from dspex_celery.runtime import Runtime
 
 #: ``package.module:Class`` (what ``run`` takes instead of a program file).
