@@ -180,7 +180,7 @@ def module_stats(plan: Plan, name: str, rows: list[AttemptRow]) -> ModuleStats:
     finals = [max(run, key=lambda row: row.attempt) for run in runs.values()]
     count = len(runs)
     p99 = percentile(durations, 99) if durations else None
-    usage = total_usage(ModuleRecord.model_validate(row.record) for row in finals)
+    usage = total_usage(ModuleRecord.model_validate(row.record) for row in finals if row.record is not None)
     return ModuleStats(
         runs=count,
         attempts=len(rows),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import CLI, ROOT, Cluster
+from tests.conftest import CLI, ROOT, Cluster, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,8 @@ def write_programs(tmp: Path) -> dict[str, str]:
                "c": {"uses": "tests.modules.basic:add", "inputs": {"a": "$a.sum", "b": 2}}},
         "fails": {"a": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 2}},
                   "b": {"uses": "tests.modules.basic:fail", "depends_on": ["a"]}},
-        "slow": {"a": {"uses": "tests.modules.basic:sleep", "inputs": {"seconds": 3}},
+        "slow": {"a": {"uses": "tests.modules.basic:sleep_marked",
+                       "inputs": {"seconds": 3, "marker": str(tmp / "slow-started")}},
                  "b": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 1}, "depends_on": ["a"]}},
     }
     paths = {}
@@ -60,10 +61,12 @@ def assert_quiet(args: list[str], env: dict[str, str], codes: tuple[int, ...]) -
     assert not NOISE.search(done.stderr), f"{args}:\n{done.stderr}"
 
 
-def assert_quiet_interrupt(args: list[str], env: dict[str, str], after_s: float = 2.0) -> None:
-    """Ctrl-C during a run: ``cancelled execution ID``, exit 130, and nothing else on stderr."""
+def assert_quiet_interrupt(args: list[str], env: dict[str, str], started: Path) -> None:
+    """Ctrl-C while a run's module runs (``started`` exists): ``cancelled execution ID``, exit 130,
+    and nothing else on stderr."""
+    started.unlink(missing_ok=True)
     process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(after_s)
+    wait_for(started.exists, 60, f"{started} (the slow module started)")
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
@@ -89,7 +92,7 @@ def test_in_process_runs_exit_quietly(tmp_path: Path) -> None:
     # Ctrl-C while a module runs: the embedded worker is stopped before Python shuts its thread pools
     # down (it used to take one more message and fail it, ~1 run in 2); repeated for that reason
     for _ in range(4):
-        assert_quiet_interrupt([CLI, "run", paths["slow"], "--json"], env)
+        assert_quiet_interrupt([CLI, "run", paths["slow"], "--json"], env, tmp_path / "slow-started")
 
 
 def test_runs_against_workers_and_the_worker_exit_quietly(make_cluster, tmp_path: Path) -> None:
@@ -102,7 +105,7 @@ def test_runs_against_workers_and_the_worker_exit_quietly(make_cluster, tmp_path
     for args, codes in [*cli_runs(paths), ([CLI, "run", paths["slow"], "--detach"], (0,))]:
         assert_quiet(args, env, codes)
     for extra in ([], ["--json"]):
-        assert_quiet_interrupt([CLI, "run", paths["slow"], *extra], env)
+        assert_quiet_interrupt([CLI, "run", paths["slow"], *extra], env, tmp_path / "slow-started")
     # And so does the worker on SIGTERM, with a module still running
     assert_quiet([CLI, "run", paths["slow"], "--detach"], env, (0,))
     time.sleep(1)

@@ -277,7 +277,9 @@ def test_learned_timeouts_fail_a_slow_run_only_when_opted_in(make_cluster, redis
     cluster.start_worker("default", concurrency=2)  # prefork: Celery's soft time limit stops the call
     hc = HistoryCluster(cluster, f"sqlite:///{tmp_path / 'history.db'}", redis_url)
     hc.start_listener()
-    modules = {"nap": {"uses": NAP, "inputs": {"seconds": "$inputs.seconds"}, "retry": {"max_attempts": 1}}}
+    # backup: false: with learned timeouts on, a learned backup would add a second failing attempt per run
+    modules = {"nap": {"uses": NAP, "inputs": {"seconds": "$inputs.seconds"}, "retry": {"max_attempts": 1},
+                       "backup": False}}
     prog = program("napper", modules, inputs=["seconds"])
     fingerprint = prog.plan().fingerprint
 

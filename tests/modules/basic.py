@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -40,6 +41,13 @@ def whereami(**kwargs: Any) -> dict[str, Any]:
 def sleep(seconds: float = 0.1, value: Any = None, **_: Any) -> dict[str, Any]:
     time.sleep(seconds)
     return {"value": value, "slept": seconds}
+
+
+def sleep_marked(seconds: float, marker: str, **_: Any) -> dict[str, Any]:
+    """Create the file ``marker`` (the module has started), then sleep."""
+    Path(marker).touch()
+    time.sleep(seconds)
+    return {"slept": seconds}
 
 
 def fail(message: str = "boom", **_: Any) -> dict[str, Any]:
