@@ -168,6 +168,8 @@ def run_chain(task: Task, runtime: Runtime, execution_id: str, module: str) -> d
             run.offer = None
         if not run.lease_released:
             lease.release(runtime.store.client)
+        if events is not None:
+            events.ended(outcome, time.monotonic() - started)
     return result
 
 
