@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from celery import Task
-from celery.utils.time import get_exponential_backoff_interval
 
 from dspex_celery import compensation_store
 from dspex_celery.errors import ModuleNotAllowed
@@ -32,9 +31,8 @@ from dspex_celery.results import (
     parse_time,
     utcnow,
 )
-from dspex_celery.runner import check_allowed, load_callable, resolve_inputs
+from dspex_celery.runner import backoff_delay, check_allowed, load_callable, resolve_inputs
 from dspex_celery.runtime import Runtime
-from dspex_celery.spec import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +93,7 @@ class CompensationRun:
             self._save(record, CompensationStatus.FAILED, message)
             return
         self._save(record, CompensationStatus.RETRYING, message)
-        countdown = retry_delay(policy, record.attempts, self.runtime.settings.visibility_timeout_s)
+        countdown = backoff_delay(policy, record.attempts, self.runtime.settings.visibility_timeout_s)
         raise self.task.retry(countdown=countdown, exc=error, max_retries=None)
 
     def _save(self, record: CompensationRecord, status: CompensationStatus, error: str | None) -> None:
@@ -141,11 +139,3 @@ def load_compensation(module: ModulePlan, allowed: tuple[str, ...]) -> Callable[
         raise ModuleNotAllowed(f"module '{module.name}': compensate '{target}' is refused: {exc}") from exc
 
 
-def retry_delay(policy: RetryPolicy, attempt: int, visibility_timeout_s: float) -> float:
-    """The module's backoff after ``attempt`` (exponential, capped below half the visibility timeout)."""
-    if policy.backoff_s <= 0:
-        return 0.0
-    ceiling = min(policy.max_backoff_s, visibility_timeout_s / 2)
-    delay_ms = get_exponential_backoff_interval(factor=round(policy.backoff_s * 1000), retries=attempt - 1,
-                                                maximum=round(ceiling * 1000), full_jitter=policy.jitter)
-    return float(delay_ms) / 1000

@@ -10,12 +10,14 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
+from celery.utils.time import get_exponential_backoff_interval
+
 from dspex_celery.errors import ModuleImportError, ModuleInputError, ModuleNotAllowed, ModuleOutputError
 from dspex_celery.graph import UsesRefused, is_allowed, package_of, resolve_uses
 from dspex_celery.integrations.dspy_plan import dspy_factories
 from dspex_celery.integrations.dspy_worker import load_state, state_version, wrap_dspy
 from dspex_celery.plan import ModulePlan
-from dspex_celery.spec import parse_ref, unescape
+from dspex_celery.spec import RetryPolicy, parse_ref, unescape
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +151,17 @@ def _as_mapping(result: Any) -> dict[str, Any] | None:
     if hasattr(result, "toDict"):
         return dict(result.toDict())
     return None
+
+
+def backoff_delay(policy: RetryPolicy, attempt: int, visibility_timeout_s: float) -> float:
+    """Seconds before the attempt after ``attempt``: ``backoff_s * 2**(attempt-1)``, at most
+    ``max_backoff_s`` and half the broker's visibility timeout (a longer countdown would be
+    re-delivered while it waits: Celery #3270), with full jitter (uniform in 0..that) if asked."""
+    if policy.backoff_s <= 0:
+        return 0.0
+    ceiling = min(policy.max_backoff_s, visibility_timeout_s / 2)
+    delay_ms = get_exponential_backoff_interval(  # Celery's helper works in whole units: milliseconds
+        factor=round(policy.backoff_s * 1000), retries=attempt - 1, maximum=round(ceiling * 1000),
+        full_jitter=policy.jitter,
+    )
+    return float(delay_ms) / 1000

@@ -16,7 +16,6 @@ import redis
 from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Celery, Task
 from celery.signals import worker_process_init
-from celery.utils.time import get_exponential_backoff_interval
 
 from dspex_celery.backups import backup_record, is_backup, leave_race, log_attempt, steps_aside
 from dspex_celery.call_threads import CallThreads
@@ -38,13 +37,13 @@ from dspex_celery.results import (
     utcnow,
 )
 from dspex_celery.runner import (
+    backoff_delay,
     check_allowed,
     load_callable,
     normalize_output,
     resolve_inputs,
 )
 from dspex_celery.runtime import Runtime, runtime_of
-from dspex_celery.spec import RetryPolicy
 from dspex_celery.state import ModuleStart
 from dspex_celery.usage import Usage
 from dspex_celery.strategies.base import Strategy
@@ -426,20 +425,6 @@ def _short(value: Any) -> Any:
 def short_text(text: str, limit: int = RESULT_SUMMARY_CHARS) -> str:
     """``text`` cut to ``limit`` characters (ending with ``...`` when cut)."""
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def backoff_delay(policy: RetryPolicy, attempt: int, visibility_timeout_s: float) -> float:
-    """Seconds before the attempt after ``attempt``: ``backoff_s * 2**(attempt-1)``, at most
-    ``max_backoff_s`` and half the broker's visibility timeout (a longer countdown would be
-    re-delivered while it waits: Celery #3270), with full jitter (uniform in 0..that) if asked."""
-    if policy.backoff_s <= 0:
-        return 0.0
-    ceiling = min(policy.max_backoff_s, visibility_timeout_s / 2)
-    delay_ms = get_exponential_backoff_interval(  # Celery's helper works in whole units: milliseconds
-        factor=round(policy.backoff_s * 1000), retries=attempt - 1, maximum=round(ceiling * 1000),
-        full_jitter=policy.jitter,
-    )
-    return float(delay_ms) / 1000
 
 
 def call_module(module: ModulePlan, function: Callable[..., Any], kwargs: dict[str, Any]) -> Any:

@@ -16,7 +16,7 @@ from dspex_celery import ExecutionStatus, ModuleStatus, UsageError, submit_batch
 from dspex_celery.errors import UnknownExecution
 from dspex_celery.results import ExecutionResult, parse_time
 from dspex_celery.spec import RetryPolicy
-from dspex_celery.tasks import backoff_delay
+from dspex_celery.runner import backoff_delay
 from tests.conftest import Cluster, program, wait_for
 from tests.modules.faulty import side_channel
 

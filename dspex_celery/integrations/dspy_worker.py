@@ -16,7 +16,7 @@ import functools
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from dspex_celery.errors import LMFactoryError, ModuleStateError
 from dspex_celery.graph import resolve_uses
 from dspex_celery.integrations.dspy_plan import FACTORY_KEYS, require_dspy
 from dspex_celery.integrations.lm_cache import METER_SETTING, LMMeter, install_lm_cache
+from dspex_celery.rate_limits import causes
 from dspex_celery.usage import Usage
 
 if TYPE_CHECKING:
@@ -164,16 +165,7 @@ def lm_transient_errors() -> tuple[type[BaseException], ...]:
 def is_lm_transient(error: BaseException) -> bool:
     """True for an LM rate-limit/overload/connection error, or one raised from such an error."""
     classes = lm_transient_errors()
-    return bool(classes) and any(isinstance(exc, classes) for exc in _causes(error))
-
-
-def _causes(error: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
+    return bool(classes) and any(isinstance(exc, classes) for exc in causes(error))
 
 
 def usage_fields(record: ModuleRecord, meter: LMMeter | None) -> dict[str, Any]:
