@@ -38,6 +38,7 @@ from dspex_celery.execution import (
     timeout_message,
 )
 from dspex_celery.graph import package_of
+from dspex_celery.integrations.dspy_worker import TRACE_META
 from dspex_celery.plan import ModulePlan, Plan
 from dspex_celery.presence import warn_if_unserved
 from dspex_celery.program import Program
@@ -282,6 +283,7 @@ def submit_program(
     use_profile: bool = True,
     resume_from: str | None = None,
     learned_timeouts: bool | None = None,
+    dspy_trace: bool = False,
 ) -> ExecutionHandle:
     """Validate ``program``, store its plan and dispatch it; returns at once with a handle.
 
@@ -291,6 +293,8 @@ def submit_program(
     ``timeout``: seconds from now after which the execution ends as failed.
     ``resume_from``: an ended execution whose succeeded modules are reused (copied, ``reused: true``)
     when their definition and upstream are unchanged; ``inputs`` default to its inputs.
+    ``dspy_trace``: the workers keep each dspy module's DSPy trace (``dspy_worker.read_trace``), for a
+    client running under an active DSPy trace (an optimizer such as BootstrapFewShot).
     """
     runtime = runtime_of(app) if app is not None else default_runtime()
     program = Program.coerce(program)
@@ -304,7 +308,7 @@ def submit_program(
         inputs = source.same_inputs(inputs)
     values = check_inputs(plan, inputs or {})
     chosen = choose_strategy(plan, strategy)
-    handle = launch(runtime, plan, program.packages(), values, chosen, timeout, source)
+    handle = launch(runtime, plan, program.packages(), values, chosen, timeout, source, dspy_trace=dspy_trace)
     warn_if_unserved(runtime, plan)
     return handle
 
@@ -331,15 +335,19 @@ def launch(
     timeout: float | None,
     source: ResumeSource | None = None,
     execution_id: str | None = None,
+    dspy_trace: bool = False,
 ) -> ExecutionHandle:
     """Store a new execution (reused outputs first) and start its strategy.
 
     ``execution_id``: an id chosen (and journaled) by the caller beforehand; a fresh one otherwise.
+    ``dspy_trace``: the workers keep the DSPy traces of its dspy modules (see :func:`submit_program`).
     """
     check_visibility_timeout(runtime, plan)
     prepare_runtime(runtime, packages, plan)
     execution_id = execution_id or new_execution_id()
     meta = _meta(plan, strategy, inputs, timeout, source)
+    if dspy_trace:
+        meta[TRACE_META] = True
     with execution_span(plan.program, execution_id, strategy) as trace_context:
         if trace_context:
             meta["trace"] = trace_context  # the workers' module spans are its children

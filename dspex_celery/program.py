@@ -19,8 +19,14 @@ from dspex_celery.plan import Plan, build_plan
 from dspex_celery.spec import ProgramSpec, load_program_file, parse_program
 
 
+#: A run option (not a ``submit_program`` keyword) for the runner: a callable given, once the execution
+#: succeeded, ``read(module) -> trace entries`` of its dspy modules (the workers kept their DSPy traces).
+TRACE_OPTION = "on_dspy_trace"
+
+
 class ProgramRunner(Protocol):
-    """Runs ``program`` on ``inputs`` with ``submit_program`` keywords and returns its prediction."""
+    """Runs ``program`` on ``inputs`` with ``submit_program`` keywords (and :data:`TRACE_OPTION`) and
+    returns its prediction."""
 
     def __call__(self, program: Program, inputs: dict[str, Any], options: Mapping[str, Any]) -> Any: ...
 
@@ -145,14 +151,19 @@ class Program:
         runner = type(self).runner
         if runner is None:
             raise _no_runner()
-        return runner(self.runnable(), inputs, self.run_options)
+        return runner(self.runnable(), inputs, self.options_for_run())
 
     async def arun(self, inputs: dict[str, Any]) -> Any:
         """:meth:`run`, awaited: the event loop goes on while the execution runs (``Program.async_runner``)."""
         runner = type(self).async_runner
         if runner is None:
             raise _no_runner()
-        return await runner(self.runnable(), inputs, self.run_options)
+        return await runner(self.runnable(), inputs, self.options_for_run())
+
+    def options_for_run(self) -> Mapping[str, Any]:
+        """The runner's options for a run starting now: :attr:`run_options` (a DSPy ``Program`` adds
+        :data:`TRACE_OPTION` under an active DSPy trace)."""
+        return self.run_options
 
     def runnable(self) -> Program:
         """The program that :meth:`run` submits: this one (a DSPy ``Program`` adds its compiled state)."""

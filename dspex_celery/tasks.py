@@ -26,7 +26,7 @@ from dspex_celery.continuation import Lease, Offer, TaskEvents, UnackedKeys, tas
 from dspex_celery.errors import ModuleError, ModuleTimeout, TransientError, WorkerLost
 from dspex_celery.execution import Execution, lost_reason
 from dspex_celery.hooks import ModuleContext
-from dspex_celery.integrations.dspy_worker import is_lm_transient, metered_call, usage_fields
+from dspex_celery.integrations.dspy_worker import TRACE_META, is_lm_transient, metered_call, traced, usage_fields
 from dspex_celery.plan import ModulePlan, Plan
 from dspex_celery.rate_limits import is_rate_limit, retry_after_s
 from dspex_celery.results import (
@@ -311,7 +311,10 @@ class ModuleRun:
     def _call(self, ctx: ModuleContext, begin: ModuleStart) -> dict[str, Any]:
         module = ctx.module
         check_allowed(module, self.runtime.allowed_packages, ctx.plan.program)
-        function, ctx.extras["lm_meter"] = metered_call(load_callable(module), self.runtime)
+        loaded = load_callable(module)
+        function, ctx.extras["lm_meter"] = metered_call(loaded, self.runtime)
+        if begin.meta.get(TRACE_META):  # the client runs under a DSPy trace (BootstrapFewShot): keep this one's
+            function = traced(self.store, self.execution_id, module.name, loaded, function)
         kwargs = resolve_inputs(module, begin.meta.get("inputs", {}), begin.upstream)
         ctx.extras["called"] = True  # hooks (the circuit breaker) count only failures of real calls
         return normalize_output(module, call_module(module, function, kwargs))

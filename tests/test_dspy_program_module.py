@@ -15,7 +15,7 @@ from dspex_celery import Program, Settings, create_runtime
 from dspex_celery.testing import fresh_namespace
 from tests.conftest import Cluster
 from tests.modules import dspy_program_mods as qa
-from tests.modules.dspy_program_mods import COMPILED_ANSWER
+from tests.modules.dspy_program_mods import BOOTSTRAPPED_ANSWER, COMPILED_ANSWER
 
 pytestmark = pytest.mark.integration
 
@@ -117,17 +117,23 @@ def test_save_and_load_round_trip_embedded(tmp_path: Path) -> None:
     assert fresh(question="what is redis?").answer == COMPILED_ANSWER
 
 
-def test_bootstrap_few_shot_compiles_against_the_cluster(cluster: Cluster, tmp_path: Path) -> None:
+def test_bootstrap_few_shot_bootstraps_demos_from_the_workers_traces(cluster: Cluster, tmp_path: Path) -> None:
     program = on(cluster)
     program.state_dir = tmp_path
     before = sum(lm_calls(cluster).values())
-    optimizer = dspy.BootstrapFewShot(metric=qa.exact_match, max_bootstrapped_demos=1, max_labeled_demos=2,
+    optimizer = dspy.BootstrapFewShot(metric=qa.exact_match, max_bootstrapped_demos=1, max_labeled_demos=0,
                                       max_rounds=1)
-    compiled = optimizer.compile(program, trainset=[qa.demo(), *examples()])
-    # The teacher's LM calls ran on the workers, and the compiled program carries demos
+    compiled = optimizer.compile(program, trainset=[qa.kombu_example(), *examples()])
+    # The teacher's LM calls ran on the workers, and their trace made a bootstrapped demo: the
+    # teacher's inputs (the lookup's facts, which no example has) and the LM's answer
     assert sum(lm_calls(cluster).values()) > before
-    assert compiled.predictors()[0].demos and compiled._compiled
-    assert compiled(question="what is redis?").answer in {COMPILED_ANSWER, examples()[0].answer}
+    demos = compiled.predictors()[0].demos
+    assert compiled._compiled and len(demos) == 1
+    assert demos[0].augmented and demos[0].facts == ["kombu: a messaging library"]
+    assert demos[0].answer == qa.kombu_example().answer
+    # The workers run the compiled program with it (its answer's marker is in the prompt)
+    assert compiled(question="what is redis?").answer == BOOTSTRAPPED_ANSWER
+    assert program(question="what is redis?").answer == examples()[0].answer
 
 
 def test_miprov2_compiles_against_the_cluster(cluster: Cluster, tmp_path: Path) -> None:

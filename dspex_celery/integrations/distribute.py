@@ -49,11 +49,11 @@ from dspex_celery.integrations.distribute_worker import (
     at_path,
     call_plan_json,
     output_value,
-    read_trace,
     state_digest,
     state_key,
 )
 from dspex_celery.integrations.dspy_plan import require_dspy
+from dspex_celery.integrations.dspy_worker import append_trace, read_trace
 from dspex_celery.plan import ModulePlan, Plan
 from dspex_celery.presence import warn_if_unserved
 from dspex_celery.results import ExecutionStatus, ModuleRecord, ModuleStatus, isoformat, utcnow
@@ -684,10 +684,7 @@ class ForwardSession:
         if call.trace is None or not call.plan.inputs:
             return
         predictors = dict(at_path(self.module, str(call.plan.inputs["path"])).named_predictors())
-        prediction = require_dspy("distribute()").Prediction
-        for name, inputs, outputs in read_trace(self.store, self.execution_id, call.plan.name):
-            if name in predictors:
-                call.trace.append((predictors[name], inputs, prediction(**outputs)))
+        append_trace(call.trace, predictors, read_trace(self.store, self.execution_id, call.plan.name))
 
     def skip(self, module: ModulePlan, parent: str) -> None:
         record = ModuleRecord(status=ModuleStatus.SKIPPED, error=f"skipped: call '{parent}' failed",

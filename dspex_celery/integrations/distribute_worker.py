@@ -30,7 +30,7 @@ from dspex_celery.execution import Execution, lost_reason
 from dspex_celery.graph import resolve_uses
 from dspex_celery.hooks import ModuleContext
 from dspex_celery.integrations.dspy_plan import require_dspy
-from dspex_celery.integrations.dspy_worker import metered_call, wrap_dspy
+from dspex_celery.integrations.dspy_worker import metered_call, traced_call, wrap_dspy
 from dspex_celery.plan import ModulePlan, Plan
 from dspex_celery.results import ModuleStatus
 from dspex_celery.runner import check_allowed, normalize_output
@@ -44,8 +44,6 @@ log = logging.getLogger(__name__)
 RUN_CALL = "dspex.run_call"
 #: The execution key part of the hash of call entries (name -> module plan JSON).
 CALLS = "calls"
-#: The execution key part of the hash of traced calls' DSPy traces (name -> JSON entries).
-CALLS_TRACE = "calls:trace"
 #: A reference to another call's output in a call's arguments: ``{REF: name, "field": f or None}``.
 REF = "__dspex_call__"
 #: The output key of a sub-module that returned something other than a ``dspy.Prediction``.
@@ -149,44 +147,10 @@ class CallRun(ModuleRun):
         args, kwargs = resolve_call_inputs(module, begin.upstream)
         call = functools.partial(target, *args)
         if (module.inputs or {}).get("trace"):
-            call = functools.partial(traced_call, self.store, self.execution_id, module.name, target, args)
+            call = functools.partial(traced_call, self.store, self.execution_id, module.name, target, call)
         function, ctx.extras["lm_meter"] = metered_call(wrap_dspy(module, call), self.runtime)
         ctx.extras["called"] = True
         return call_output(module, call_module(module, function, kwargs))
-
-
-def traced_call(store: StateStore, execution_id: str, name: str, target: Any, args: list[Any],
-                **kwargs: Any) -> Any:
-    """Call ``target`` and store its predictors' DSPy trace (by predictor name) for the client, whose
-    optimizer (BootstrapFewShot) reads it as if the call had run there."""
-    import dspy  # optional dependency: only distributed dspy.Modules get here
-
-    with dspy.context(trace=[]):
-        result = target(*args, **kwargs)
-        steps = list(dspy.settings.trace)
-    names = {id(predictor): path for path, predictor in target.named_predictors()}
-    entries = [[names[id(predictor)], dict(inputs), _plain(outputs)] for predictor, inputs, outputs in steps
-               if id(predictor) in names]
-    try:
-        text = json.dumps(entries)
-    except (TypeError, ValueError):  # a trace that is not JSON is not sent (the call's output is checked)
-        return result
-    key = store.key(execution_id, CALLS_TRACE)
-    pipe = store.client.pipeline()
-    pipe.hset(key, name, text)
-    pipe.expire(key, store.ttl_s)
-    pipe.execute()
-    return result
-
-
-def _plain(outputs: Any) -> Any:
-    return dict(outputs.toDict()) if hasattr(outputs, "toDict") else outputs
-
-
-def read_trace(store: StateStore, execution_id: str, name: str) -> list[list[Any]]:
-    """The trace entries ``[predictor name, inputs, outputs]`` a traced call stored."""
-    raw = store.client.hget(store.key(execution_id, CALLS_TRACE), name)
-    return [] if raw is None else list(json.loads(raw))
 
 
 # --- rebuilding the module -------------------------------------------------------------------------

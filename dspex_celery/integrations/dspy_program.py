@@ -10,6 +10,8 @@ cluster), and optimizers see its predictors.
 - A module whose state changed since it was built (an optimizer set demos or instructions) runs
   with that state: saved once as JSON under ``state_dir`` (named by its content) and given to the
   workers as the module's ``state:``, as ``add_module`` of an instance does.
+- Run under an active DSPy trace (BootstrapFewShot), the workers keep each dspy module's trace and
+  it is appended to the caller's ``dspy.settings.trace`` with the local predictors (bootstrapped demos).
 
 Imported only when dspy is installed (``dspex_celery.integrations.dspy`` checks): the core works
 without the ``[dspy]`` extra.
@@ -18,8 +20,10 @@ without the ``[dspy]`` extra.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Self
 
@@ -28,8 +32,9 @@ import dspy  # optional dependency (the [dspy] extra): this module is imported o
 from dspex_celery.errors import UsageError
 from dspex_celery.graph import resolve_uses
 from dspex_celery.integrations.dspy_plan import DEFAULT_STATE_DIR, module_reference
+from dspex_celery.integrations.dspy_worker import append_trace
 from dspex_celery.plan import ModulePlan
-from dspex_celery.program import Program
+from dspex_celery.program import TRACE_OPTION, Program
 
 #: Attributes a copy rebuilds itself instead of deep-copying (``run_options`` is shared: it holds the app).
 _OWN_ATTRIBUTES = frozenset({"_data", "_spec", "_instances", "_baseline", "_saved", "_lock", "run_options"})
@@ -108,6 +113,18 @@ class DspyProgram(Program, dspy.Module):
         return f"Program({self.name!r})"
 
     # --- running it ---------------------------------------------------------------------------------
+
+    def options_for_run(self) -> Mapping[str, Any]:
+        """:attr:`run_options`; under an active DSPy trace (BootstrapFewShot) also the hook that adds the
+        workers' traces of its dspy modules to it, with this program's own predictors."""
+        trace = dspy.settings.trace
+        if trace is None:
+            return self.run_options
+        return {**self.run_options, TRACE_OPTION: functools.partial(self._add_traces, trace)}
+
+    def _add_traces(self, trace: list[Any], read: Callable[[str], list[list[Any]]]) -> None:
+        for name, instance in self.dspy_modules().items():
+            append_trace(trace, dict(instance.named_predictors()), read(name))
 
     async def aforward(self, **inputs: Any) -> Any:
         """``await program.acall(...)``: the event loop goes on while the execution runs."""

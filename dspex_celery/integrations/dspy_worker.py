@@ -8,11 +8,14 @@
 - Retries: LM rate-limit, overload and connection errors count as transient.
 - Usage: each call's LM tokens, cost and shared-cache hits are metered (``metered_call``) for its
   record; the shared LM cache (``lm_cache.py``) is installed on the first DSPy call when asked.
+- Traces: under a client's active DSPy trace (meta ``dspy_trace``), a dspy module's predictor calls
+  are stored by predictor name (``traced_call``) and appended to the client's trace (``append_trace``).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import threading
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
     from dspex_celery.plan import ModulePlan
     from dspex_celery.results import ModuleRecord
     from dspex_celery.runtime import Runtime
+    from dspex_celery.state import StateStore
 
 #: LM client errors worth a retry with backoff, by module; only modules already imported count
 #: (an error of a library that was never imported cannot have been raised).
@@ -171,3 +175,65 @@ def is_lm_transient(error: BaseException) -> bool:
 def usage_fields(record: ModuleRecord, meter: LMMeter | None) -> dict[str, Any]:
     """The usage fields of ``record`` with the metered call's added (none without a meter)."""
     return {} if meter is None else (Usage.of(record) + meter.usage()).record_fields()
+
+
+# --- DSPy traces for the client's optimizers (BootstrapFewShot) -------------------------------------
+
+#: The execution meta flag set by a client that runs under an active DSPy trace: its dspy modules' traces are kept.
+TRACE_META = "dspy_trace"
+#: The execution key part of the hash of traced modules' and calls' DSPy traces (name -> JSON entries).
+TRACE_KEY = "calls:trace"
+
+
+def traced(store: StateStore, execution_id: str, name: str, loaded: Any,
+           function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` storing the DSPy trace of the predictors of ``loaded`` (a module's callable, maybe a
+    :class:`DspyCall`) under ``name``; ``function`` as is when ``loaded`` is no ``dspy.Module``."""
+    target = getattr(loaded, "__wrapped__", loaded)
+    if not callable(getattr(target, "named_predictors", None)):
+        return function
+    return functools.partial(traced_call, store, execution_id, name, target, function)
+
+
+def traced_call(store: StateStore, execution_id: str, name: str, target: Any, function: Callable[..., Any],
+                *args: Any, **kwargs: Any) -> Any:
+    """``function(*args, **kwargs)``, storing the DSPy trace of ``target``'s predictors (by predictor name)
+    for the client, whose optimizer (BootstrapFewShot) reads it as if the call had run there."""
+    import dspy  # optional dependency: only dspy.Modules get here
+
+    with dspy.context(trace=[]):
+        result = function(*args, **kwargs)
+        steps = list(dspy.settings.trace)
+    names = {id(predictor): path for path, predictor in target.named_predictors()}
+    entries = [[names[id(predictor)], dict(inputs), _plain(outputs)] for predictor, inputs, outputs in steps
+               if id(predictor) in names]
+    try:
+        text = json.dumps(entries)
+    except (TypeError, ValueError):  # a trace that is not JSON is not sent (the call's output is checked)
+        return result
+    key = store.key(execution_id, TRACE_KEY)
+    pipe = store.client.pipeline()
+    pipe.hset(key, name, text)
+    pipe.expire(key, store.ttl_s)
+    pipe.execute()
+    return result
+
+
+def _plain(outputs: Any) -> Any:
+    return dict(outputs.toDict()) if hasattr(outputs, "toDict") else outputs
+
+
+def read_trace(store: StateStore, execution_id: str, name: str) -> list[list[Any]]:
+    """The trace entries ``[predictor name, inputs, outputs]`` a traced module or call stored."""
+    raw = store.client.hget(store.key(execution_id, TRACE_KEY), name)
+    return [] if raw is None else list(json.loads(raw))
+
+
+def append_trace(trace: list[Any], predictors: dict[str, Any], entries: list[list[Any]]) -> None:
+    """Append stored trace ``entries`` to a DSPy ``trace`` as ``(predictor, inputs, Prediction)`` with
+    this process's ``predictors`` (by name); entries of unknown predictors are left out."""
+    import dspy  # optional dependency: only a client tracing dspy modules gets here
+
+    for name, inputs, outputs in entries:
+        if name in predictors:
+            trace.append((predictors[name], inputs, dspy.Prediction(**outputs)))

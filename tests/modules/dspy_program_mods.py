@@ -19,12 +19,18 @@ from tests.modules.dspy_mods import InlineDemosAdapter
 #: A question in a demo: when a compiled demo reaches the worker, the prompt contains it.
 DEMO_MARKER = "DEMO-b41c"
 COMPILED_ANSWER = "Answered with the compiled demo."
-FACTS = {"redis": "an in-memory store", "celery": "a task queue", "dspy": "LM programs", "chord": "a group and a callback"}
+#: In the LM's answer about kombu only: when a demo bootstrapped from that answer reaches the worker, the prompt has it.
+BOOTSTRAP_MARKER = "BOOT-7f3e"
+BOOTSTRAPPED_ANSWER = "Answered with the bootstrapped demo."
+FACTS = {"redis": "an in-memory store", "celery": "a task queue", "dspy": "LM programs", "chord": "a group and a callback",
+         "kombu": "a messaging library"}
 ANSWERS: dict[str, dict[str, str]] = {
     DEMO_MARKER: {"answer": COMPILED_ANSWER},
+    BOOTSTRAP_MARKER: {"answer": BOOTSTRAPPED_ANSWER},
     **{topic: {"answer": f"{topic} is {fact}"} for topic, fact in FACTS.items()},
     "[[ ## question ## ]]": {"answer": "I do not know."},
 }
+ANSWERS["kombu"] = {"answer": f"kombu is a messaging library ({BOOTSTRAP_MARKER})"}
 
 
 def lookup(question: str) -> dict[str, Any]:
@@ -91,6 +97,11 @@ class InProcessQA(dspy.Module):
 def demo() -> dspy.Example:
     """A labeled example whose question carries the marker (a demo LabeledFewShot puts in the prompt)."""
     return dspy.Example(question=f"{DEMO_MARKER}: what is a chord?", answer="a group and a callback").with_inputs("question")
+
+
+def kombu_example() -> dspy.Example:
+    """A training example the LM answers right (its answer carries :data:`BOOTSTRAP_MARKER`)."""
+    return dspy.Example(question="what is kombu?", answer=ANSWERS["kombu"]["answer"]).with_inputs("question")
 
 
 def exact_match(example: Any, prediction: Any, trace: Any = None) -> bool:
