@@ -114,6 +114,22 @@ def test_bootstrap_few_shot_compiles_from_traces_of_calls_run_on_workers(cluster
     assert compiled(question=QUESTION).answer == mods.COMPILED_ANSWER
 
 
+def test_miprov2_compiles_a_distributed_module(cluster: Cluster) -> None:
+    # Given MIPROv2 whose instruction proposer is an in-process DummyLM (the module's calls run on the workers)
+    proposer = dspy.utils.DummyLM([{"proposed_instruction": "Answer the question.", "summary": "qa",
+                                    "observations": "capitals", "program_description": "qa",
+                                    "module_description": "answers"}] * 100)
+    train = [dspy.Example(question=f"{mods.DEMO_MARKER}: capital?", answer=mods.COMPILED_ANSWER).with_inputs("question")]
+    student = distributed(cluster, mods.QA())
+    optimizer = dspy.MIPROv2(metric=mods.exact_answer, prompt_model=proposer, task_model=mods.dummy_lm(),
+                             auto=None, num_candidates=2, num_threads=4, max_bootstrapped_demos=1,
+                             max_labeled_demos=1, verbose=False)
+    compiled = optimizer.compile(student, trainset=train * 4, valset=train * 2, num_trials=2, minibatch=False)
+    # Then the best candidate is a distributed module too, and on the workers it answers as in-process
+    assert compiled is not student and type(compiled) is type(student)
+    assert compiled(question=QUESTION).answer == in_process(compiled.module, question=QUESTION).answer
+
+
 def test_evaluate_batch_and_acall_match_in_process(cluster: Cluster) -> None:
     # Given eight questions, some of which the LM answers as labelled
     devset = [dspy.Example(question=f"{QUESTION} #{index}" if index % 2 else f"who knows #{index}",
