@@ -14,4 +14,6 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
 .venv/bin/python -m mypy  # the package's types (settings in pyproject.toml)
 .venv/bin/lint-imports  # the layer contract ([tool.importlinter] in pyproject.toml)
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Three test files at a time (pytest-xdist; a file's tests stay together, so its cluster fixtures are shared):
+# the integration tests mostly wait on workers, so this halves the wall time on 2 cores (19 -> 9 min).
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n 3 --dist loadfile "$@"

@@ -56,7 +56,8 @@ def test_billion_laughs_fails_at_once_with_one_line(tmp_path: Path) -> None:
     for command in ("validate", "run"):
         result, elapsed = timed(command, str(laughs))
         assert_one_line_error(result, 2, "YAML aliases expand the file by more than 100,000 values (the limit)")
-        assert elapsed < startup + 1.0, f"{command} took {elapsed:.1f} s (a small program: {startup:.1f} s)"
+        # walking the expansion would take minutes; the margin absorbs a loaded machine's startup noise
+        assert elapsed < 2 * startup + 2.0, f"{command} took {elapsed:.1f} s (a small program: {startup:.1f} s)"
 
 
 def test_alias_expansion_is_checked_without_walking_it(tmp_path: Path) -> None:
