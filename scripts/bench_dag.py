@@ -13,7 +13,6 @@ do not write the docs.
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import os
 import statistics
@@ -679,26 +678,6 @@ def distribution_note(heteros: list[Hetero]) -> list[str]:
     return lines
 
 
-def list_schedule_s(hetero: Hetero, priority: dict[str, float]) -> float:
-    """Makespan of greedy list scheduling with no engine overhead: whenever a slot is free, start the
-    ready module of highest ``priority`` (what ``dag`` does, minus its latency)."""
-    left = {name: len(module.parents) for name, module in hetero.plan.modules.items()}
-    ready = [(-priority[name], name) for name, count in left.items() if count == 0]
-    heapq.heapify(ready)
-    running: list[tuple[float, str]] = []
-    now = 0.0
-    while ready or running:
-        while ready and len(running) < SLOTS:
-            name = heapq.heappop(ready)[1]
-            heapq.heappush(running, (now + hetero.ms[name] / 1000, name))
-        now, done = heapq.heappop(running)
-        for child in hetero.plan.modules[done].children:
-            left[child] -= 1
-            if left[child] == 0:
-                heapq.heappush(ready, (-priority[child], child))
-    return now
-
-
 def duration_priorities(hetero: Hetero) -> dict[str, float]:
     """Longest remaining path by nominal duration (what a learned profile approximates)."""
     remaining: dict[str, float] = {}
@@ -712,8 +691,10 @@ def schedule_floor_note(heteros: list[Hetero]) -> str:
     cells = []
     for hetero in heteros:
         lb = hetero.lower_bound_s()
-        by_count = list_schedule_s(hetero, {name: module.priority for name, module in hetero.plan.modules.items()})
-        by_duration = list_schedule_s(hetero, duration_priorities(hetero))
+        children = {name: module.children for name, module in hetero.plan.modules.items()}
+        by_count = bench.list_schedule_s(children, hetero.ms, {name: module.priority
+                                                          for name, module in hetero.plan.modules.items()}, SLOTS)
+        by_duration = bench.list_schedule_s(children, hetero.ms, duration_priorities(hetero), SLOTS)
         cells.append(f"{hetero.size} modules: by module count {by_count / lb:.3f} × LB, by duration "
                      f"{by_duration / lb:.3f} × LB")
     return ("- *scheduling floor*: makespan of the same greedy dispatch (a free slot takes the most urgent "

@@ -174,27 +174,6 @@ class Peers:
 # --- schedules and cases ------------------------------------------------------------------------
 
 
-def list_schedule_s(workflow: Workflow, priority: dict[str, float], slots: int = SLOTS) -> float:
-    """Greedy list scheduling with zero overhead: a free slot takes the ready task of highest priority."""
-    import heapq
-
-    left = {name: len(parents) for name, parents in workflow.parents.items()}
-    ready = [(-priority[name], name) for name, count in left.items() if count == 0]
-    heapq.heapify(ready)
-    running: list[tuple[float, str]] = []
-    now = 0.0
-    while ready or running:
-        while ready and len(running) < slots:
-            name = heapq.heappop(ready)[1]
-            heapq.heappush(running, (now + workflow.ms[name] / 1000, name))
-        now, done = heapq.heappop(running)
-        for child in workflow.children[done]:
-            left[child] -= 1
-            if left[child] == 0:
-                heapq.heappush(ready, (-priority[child], child))
-    return now
-
-
 def cases(cluster: bench.BenchCluster, profiled: Runtime, peers: Peers,
           workflows: list[Workflow]) -> dict[str, Callable[[], float]]:
     def dspex(workflow: Workflow, strategy: str, runtime: Runtime, use_profile: bool) -> float:
@@ -256,7 +235,7 @@ def table(workflows: list[Workflow], samples: dict[str, bench.Samples]) -> tuple
     rows, ratios = [], {engine: [] for engine in (INFORMED, *ENGINES)}
     for w in workflows:
         lb = w.lower_bound_s()
-        informed = list_schedule_s(w, w.remaining_s()) / lb
+        informed = bench.list_schedule_s(w.children, w.ms, w.remaining_s(), SLOTS) / lb
         ratios[INFORMED].append(informed)
         cells = [w.name, str(len(w.ms)), f"{lb:.2f}", f"{informed:.2f}"]
         for engine in ENGINES:
