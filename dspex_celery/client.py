@@ -38,6 +38,7 @@ from dspex_celery.execution import (
     timeout_message,
 )
 from dspex_celery.graph import package_of
+from dspex_celery.history.location import history_present
 from dspex_celery.integrations.dspy_worker import TRACE_META
 from dspex_celery.plan import ModulePlan, Plan
 from dspex_celery.presence import warn_if_unserved
@@ -299,8 +300,8 @@ def submit_program(
     runtime = runtime_of(app) if app is not None else default_runtime()
     program = Program.coerce(program)
     plan = program.plan()
-    if use_profile:
-        from dspex_celery.optimizer import apply_profile
+    if use_profile and history_present(runtime.settings):
+        from dspex_celery.optimizer import apply_profile  # SQLAlchemy: only when there is history to read
 
         plan = apply_profile(runtime.settings, program, plan, learned_timeouts=learned_timeouts)
     source = resume_source(runtime, resume_from) if resume_from else None

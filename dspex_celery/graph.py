@@ -1,7 +1,7 @@
 """The program as a DAG: semantic validation, dependency levels and critical path.
 
 Planning works on plain dicts: one pass over the references and one Kahn pass (:func:`validate`
-returns a :class:`Dag`). networkx words the cycles of an invalid program and serves the analyses of
+returns a :class:`Dag`). networkx, imported on first use, words the cycles of an invalid program and serves the analyses of
 recorded plans (:func:`critical_path` and :func:`remaining_path_lengths` over an ``nx.DiGraph``).
 """
 
@@ -13,8 +13,7 @@ import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
-
-import networkx as nx
+from typing import TYPE_CHECKING
 
 from dspex_celery.errors import ProgramError
 from dspex_celery.spec import (
@@ -27,6 +26,9 @@ from dspex_celery.spec import (
     iter_refs,
     non_json_problems,
 )
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 _NAME = re.compile(NAME_PATTERN)
 #: Value types that hold no reference but a string's own (anything else is searched with ``iter_refs``).
@@ -211,6 +213,8 @@ def module_parents(module: ModuleSpec) -> list[str]:
 
 def _nx_graph(spec: ProgramSpec) -> nx.DiGraph:
     """A DiGraph with an edge parent -> child for every dependency between known modules."""
+    import networkx as nx  # only an invalid program's cycles need it: planning does not import it
+
     graph = nx.DiGraph()
     graph.add_nodes_from(spec.modules)
     graph.add_edges_from(
@@ -223,6 +227,8 @@ def _nx_graph(spec: ProgramSpec) -> nx.DiGraph:
 
 
 def _cycle_problems(graph: nx.DiGraph) -> list[str]:
+    import networkx as nx
+
     if nx.is_directed_acyclic_graph(graph):
         return []
     problems = []
@@ -409,6 +415,8 @@ def critical_path(graph: nx.DiGraph, weights: Mapping[str, float] | None = None)
 
 def remaining_path_lengths(graph: nx.DiGraph, weights: Mapping[str, float] | None = None) -> dict[str, float]:
     """For each module, the length of the longest path from it to any sink (itself included)."""
+    import networkx as nx
+
     return _remaining(reversed(list(nx.topological_sort(graph))), graph.succ, weights)
 
 

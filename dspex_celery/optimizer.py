@@ -18,8 +18,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import networkx as nx
-
 from dspex_celery.errors import UsageError
 from dspex_celery.graph import critical_path, remaining_path_lengths
 from dspex_celery.history.models import AttemptRow
@@ -35,6 +33,8 @@ from dspex_celery.settings import Settings, redact
 from dspex_celery.usage import total_usage
 
 if TYPE_CHECKING:
+    import networkx as nx
+
     from dspex_celery.program import Program
 
 log = logging.getLogger(__name__)
@@ -229,6 +229,8 @@ def recommended_retry(plan: Plan, name: str, runs: list[list[AttemptRow]]) -> di
 
 
 def plan_graph(plan: Plan) -> nx.DiGraph:
+    import networkx as nx  # not at import: submissions load profiles through this module
+
     graph = nx.DiGraph()
     graph.add_nodes_from(plan.modules)
     graph.add_edges_from((parent, name) for name, module in plan.modules.items() for parent in module.parents)

@@ -32,7 +32,6 @@ from rich.text import Text
 from dspex_celery.cli.render import print_json, print_result
 from dspex_celery.client import ENDED_WAIT_S, ExecutionHandle, cancel_execution
 from dspex_celery.errors import DspexError, StateLost, StateStoreUnreachable
-from dspex_celery.optimizer import expected_durations as profile_durations
 from dspex_celery.plan import Plan
 from dspex_celery.results import (
     ExecutionResult,
@@ -64,6 +63,8 @@ DurationSource = Callable[[Runtime, Plan], Mapping[str, float] | None]
 
 def history_durations(runtime: Runtime, plan: Plan) -> Mapping[str, float] | None:
     """Expected seconds per module from execution history (the saved profile, else recent runs)."""
+    from dspex_celery.optimizer import expected_durations as profile_durations  # SQLAlchemy: only on a terminal
+
     return profile_durations(runtime.settings, plan)
 
 

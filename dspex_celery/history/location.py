@@ -33,3 +33,13 @@ def sqlite_path(url: str) -> Path | None:
     if not url.startswith("sqlite:///") or url in ("sqlite://", "sqlite:///:memory:"):
         return None
     return Path(url.removeprefix("sqlite:///").split("?")[0])
+
+
+def history_present(settings: Settings) -> bool:
+    """True when there may be history to read: it is on and, for SQLite, its file exists (a quick
+    check that imports no SQLAlchemy, made before loading a profile)."""
+    url = history_url(settings)
+    if url is None:
+        return False
+    path = sqlite_path(url)
+    return path is None or path.exists()
