@@ -7,8 +7,11 @@ every message it has taken and not acknowledged), exactly as if this worker had 
 queue. The worker runs the child, then deletes the lease (:meth:`Lease.release`: the ack). A worker
 killed meanwhile never acks: kombu's restore sweep on any live worker puts the message back on its
 queue once the visibility timeout has passed, and the child runs again (its record shows the lost
-attempt) — the same path a message of a killed worker takes. Only on a Redis broker that shares the
-state store's database (:mod:`dspex_celery.redis_queues`): elsewhere every child goes through the broker.
+attempt) — the same path a message of a killed worker takes. When no ready child is continued, the
+count leases the worker the next queued module of the same execution instead (the message its own
+fetch would return next, taken off its queue), so a bag of independent modules chains as well. Only on
+a Redis broker that shares the state store's database (:mod:`dspex_celery.redis_queues`): elsewhere
+every child goes through the broker.
 """
 
 from __future__ import annotations

@@ -175,3 +175,61 @@ def test_worker_killed_during_a_continued_module_the_execution_completes(make_cl
     assert result.modules["slow"].lost_attempts == 1
     assert not result.modules["slow"].worker.startswith(doomed.name)
     cluster.stop()
+
+
+def test_independent_modules_go_on_in_the_slot_that_freed(cluster: Cluster) -> None:
+    # Given twelve modules without dependencies (all queued at the start, none made ready by another)
+    modules = {f"m{index:02d}": {"uses": STEP, "inputs": {"ms": 20}} for index in range(12)}
+    # When they run on a worker of four slots
+    result = cluster.run(program("bag", modules), strategy="dag")
+    # Then most ran inside another module's task: the slot that freed took the next queued one itself,
+    # each with its own record, and no lease is left behind
+    assert result.status is ExecutionStatus.SUCCEEDED
+    assert values(cluster, result) == dict.fromkeys(modules, 1)
+    assert len(continued(cluster, result)) >= 6
+    assert all(record.worker and record.started_at for record in result.modules.values())
+    unacked = UnackedKeys.of(cluster.runtime.app)
+    wait_for(lambda: not [tag for tag in cluster.runtime.store.client.hkeys(unacked.messages)
+                          if result.execution_id in tag], timeout=5, what="the leases to be released")
+
+
+def test_a_slot_takes_only_its_own_executions_next_module(make_cluster) -> None:
+    # Given one slot and two executions of independent modules queued one after the other
+    cluster = make_cluster()
+    cluster.start_worker("default", concurrency=1, pool="threads")
+    modules = {f"m{index}": {"uses": STEP, "inputs": {"ms": 10}} for index in range(4)}
+    handles = [cluster.submit(program(f"queued{n}", modules), strategy="dag") for n in range(2)]
+    # When both run
+    results = [handle.get(timeout=60, propagate=False) for handle in handles]
+    # Then every module ran in a task of its own execution: the first one's last module did not take
+    # the second's (its queue's next message) into its chain
+    for result in results:
+        assert result.status is ExecutionStatus.SUCCEEDED
+        tasks = {output["task"] for output in outputs(cluster, result).values()}
+        assert all(task.startswith(result.execution_id + ".") for task in tasks)
+    assert any(continued(cluster, result) for result in results)
+    cluster.stop()
+
+
+def test_worker_killed_during_a_module_it_took_next_the_execution_completes(make_cluster) -> None:
+    # Given a one-slot worker (short visibility timeout) and two independent modules, the second slow
+    cluster = make_cluster(visibility_timeout_s=3)
+    doomed = cluster.start_worker("default", concurrency=1, pool="threads", env={"DSPEX_VISIBILITY_TIMEOUT_S": "3"})
+    key = f"{cluster.settings.namespace}:side:{uuid.uuid4().hex[:8]}"
+    modules = {"a_first": {"uses": STEP},
+               "b_slow": {"uses": ANNOUNCED, "inputs": {"key": key, "ms": 2500}}}
+    handle = cluster.submit(program("took-next", modules), strategy="dag")
+    client = cluster.runtime.store.client
+    # When it is killed (-9) while it runs the second, taken off the queue in the first's task
+    started = wait_for(lambda: client.lrange(key, 0, -1), timeout=30, what="the slow module to start")
+    assert started == [task_id(handle.execution_id, "a_first")]
+    os.kill(doomed.process.pid, signal.SIGKILL)
+    doomed.process.wait(timeout=10)
+    cluster.start_worker("default", concurrency=2, pool="threads", env={"DSPEX_VISIBILITY_TIMEOUT_S": "3"})
+    # Then the execution completes, the slow module run again elsewhere
+    result = handle.get(timeout=60, propagate=False)
+    assert result.status is ExecutionStatus.SUCCEEDED, result.error
+    assert set(outputs(cluster, result)) == {"a_first", "b_slow"}
+    assert result.modules["b_slow"].lost_attempts == 1
+    assert not result.modules["b_slow"].worker.startswith(doomed.name)
+    cluster.stop()

@@ -12,7 +12,8 @@ that stores the module's output and record, and, on a Redis broker sharing the s
 from "returned" to "children queued", and no window in which a dying worker could lose a child.
 There, the worker that finished the module may offer to run one ready child itself (worker-local
 continuation, :mod:`dspex_celery.continuation`): the same script then leases that child to it
-instead of queueing it.
+instead of queueing it — or, when it continues none, the module of this execution its queues would
+hand it next, so the slot goes on without an ack and a broker fetch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-from dspex_celery.canvas import module_signature
+from dspex_celery.canvas import RUN_MODULE, module_signature, task_id
 from dspex_celery.continuation import Offer, UnackedKeys, lease_tag
 from dspex_celery.execution import Execution
 from dspex_celery.plan import Plan
@@ -31,6 +32,35 @@ from dspex_celery.results import ExecutionStatus, ModuleRecord, ModuleStatus
 from dspex_celery.routing import queue_name
 from dspex_celery.state import LuaStep, lua_call
 from dspex_celery.strategies.base import BLOCKING, Strategy, blocking_of, split_blocked
+
+# The body of the count's take_next(): when none of the ready children is continued here (none ready,
+# none this worker serves, or a more urgent module queued), the worker takes the module it would be
+# sent next anyway: the oldest message of the most urgent non-empty list of its queues, leased to it as
+# a continued child is — only a ``run_module`` message of this execution, not delayed (a retry's
+# countdown) and without a Celery time limit where the worker may not run one in a chain; any other
+# message there (another execution's, another task) stays for a slot that frees. ``first``: the KEYS
+# index of the worker's first queue list.
+_TAKE_NEXT = """
+local base = a + 7 + 4 * n
+if ARGV[base + 1] ~= '1' then return end
+local prefix = ARGV[base + 3]
+for j = 1, tonumber(ARGV[base + 4]) do
+  local raw = redis.call('LINDEX', KEYS[first + j - 1], -1)
+  if raw then
+    local ok, message = pcall(cjson.decode, raw)
+    local headers = ok and type(message) == 'table' and message['headers']
+    if type(headers) ~= 'table' or headers['task'] ~= '""" + RUN_MODULE + """' or type(headers['eta']) == 'string' then return end
+    local id, limits = headers['id'], headers['timelimit']
+    if type(id) ~= 'string' or string.sub(id, 1, #prefix) ~= prefix then return end
+    local module = string.sub(id, #prefix + 1)
+    if module == '' or string.find(module, '.', 1, true) then return end
+    if ARGV[base + 2] ~= '1' and type(limits) == 'table' and (type(limits[1]) == 'number' or type(limits[2]) == 'number') then return end
+    redis.call('RPOP', KEYS[first + j - 1])
+    lease(module, raw, ARGV[base + 4 + j])
+    return
+  end
+end
+"""
 
 # A LuaStep body — KEYS[k..k+4]: deps hash, done set (created by the first count, so each count sets its
 # TTL), open counter, blocking hash, queued set; when enqueuing, then each child's queue list, then
@@ -41,7 +71,10 @@ from dspex_celery.strategies.base import BLOCKING, Strategy, blocking_of, split_
 # tag prefix, then per child how many of the KEYS after the unacked index are its queue's more urgent
 # lists (a child is continued only while they are empty: a slot that frees takes the most urgent
 # queued module, continuation must not jump ahead of it), then the tag of the lease this module ran
-# under ('' if none), released here (the ack of a continued module). Returns {repeated (0/1), open_left, #ready, continued child or '', ready..., blocking
+# under ('' if none), released here (the ack of a continued module), then whether the worker may take
+# its next queued module here ('1'/'0', see _TAKE_NEXT), whether it may run one with a time limit, the
+# execution's task-id prefix and the number m of the worker's queue lists (the KEYS after the more
+# urgent lists, in the order it reads them), then each one's queue name. Returns {repeated (0/1), open_left, #ready, continued child or '', ready..., blocking
 # module, its status, ...}: the ready children left to the caller — none when they were enqueued (or
 # one leased, see dspex_celery.continuation) here, which happens only while no module blocks its
 # children — and the blocking modules only with ready ones. A repeated count (a re-delivered task)
@@ -73,18 +106,32 @@ else
   open_left = redis.call('DECR', KEYS[k + 2])
 end
 local result = {repeated and 1 or 0, open_left, 0, ''}
-if ARGV[a + 4] == '1' and ARGV[a + 7 + 4 * n] ~= '' then
+local enqueue = ARGV[a + 4] == '1'
+if enqueue and ARGV[a + 7 + 4 * n] ~= '' then
   redis.call('ZREM', KEYS[k + 5 + n], ARGV[a + 7 + 4 * n])
   redis.call('HDEL', KEYS[k + 6 + n], ARGV[a + 7 + 4 * n])
 end
-if #ready == 0 then return result end
-local blocking = redis.call('HGETALL', KEYS[k + 3])
-if not repeated and ARGV[a + 4] == '1' and #blocking == 0 then
-  local urgent, first = {}, k + 7 + n
+local urgent, first = {}, k + 7 + n
+if enqueue then
   for i = 1, n do
     urgent[i] = first
     first = first + tonumber(ARGV[a + 6 + 3 * n + i])
   end
+end
+local function lease(child, message, queue)
+  local tag = ARGV[a + 6 + 3 * n] .. child
+  redis.call('HSET', KEYS[k + 6 + n], tag, '[' .. message .. ',"",' .. cjson.encode(queue) .. ']')
+  redis.call('ZADD', KEYS[k + 5 + n], ARGV[a + 5 + 3 * n], tag)
+  result[4] = child
+end
+local function take_next()
+""" + _TAKE_NEXT + """end
+if #ready == 0 then
+  if enqueue and not repeated then take_next() end
+  return result
+end
+local blocking = redis.call('HGETALL', KEYS[k + 3])
+if not repeated and enqueue and #blocking == 0 then
   local function nothing_more_urgent(i)
     for key = urgent[i], urgent[i] + tonumber(ARGV[a + 6 + 3 * n + i]) - 1 do
       if redis.call('LLEN', KEYS[key]) > 0 then return false end
@@ -94,16 +141,14 @@ if not repeated and ARGV[a + 4] == '1' and #blocking == 0 then
   for _, i in ipairs(ready) do
     local child, queue = ARGV[a + 4 + i], ARGV[a + 4 + 2 * n + i]
     if result[4] == '' and queue ~= '' and nothing_more_urgent(i) then
-      local tag = ARGV[a + 6 + 3 * n] .. child
-      redis.call('HSET', KEYS[k + 6 + n], tag, '[' .. ARGV[a + 4 + n + i] .. ',"",' .. cjson.encode(queue) .. ']')
-      redis.call('ZADD', KEYS[k + 5 + n], ARGV[a + 5 + 3 * n], tag)
-      result[4] = child
+      lease(child, ARGV[a + 4 + n + i], queue)
     else
       redis.call('LPUSH', KEYS[k + 4 + i], ARGV[a + 4 + n + i])
     end
     redis.call('SADD', KEYS[k + 4], child)
   end
   redis.call('EXPIRE', KEYS[k + 4], ARGV[a])
+  if result[4] == '' then take_next() end
   return result
 end
 result[3] = #ready
@@ -234,6 +279,10 @@ class DagStrategy(Strategy):
             held = lease_tag(execution.id, module) if offer is not None and offer.held else ""
             args += [*continuable, time.time(), lease_tag(execution.id, ""), *map(len, urgent), held]
             keys += [key for lists in urgent for key in lists]
+            lists = _worker_lists(queues, offer) if _may_take_next(plan, offer) else []
+            args += ["1" if lists else "0", "1" if offer is not None and offer.timeouts else "0",
+                     task_id(execution.id, ""), len(lists), *(queue for _, queue in lists)]
+            keys += [key for key, _ in lists]
         return LuaStep(_COUNT_DONE, keys, args)
 
     def _count_alone(self, execution: Execution, plan: Plan, module: str, status: ModuleStatus) -> list[Any]:
@@ -334,6 +383,19 @@ def _more_urgent(queues: RedisQueues, queue: str, priority: int) -> list[str]:
     own = queues.key(queue, priority)
     lists = [queues.key(queue, step) for step in queues.priority_steps]
     return lists[:lists.index(own)]
+
+
+def _may_take_next(plan: Plan, offer: Offer | None) -> bool:
+    """Whether the offering worker may take its next queued module of this execution in the slot that
+    just freed: not when a module has a ``backup_after_s`` (as :func:`_continuable`)."""
+    return offer is not None and all(module.backup_after_s is None for module in plan.modules.values())
+
+
+def _worker_lists(queues: RedisQueues, offer: Offer | None) -> list[tuple[str, str]]:
+    """The lists of the offering worker's queues in the order its BRPOP reads them (kombu: by priority,
+    then by queue), each with its queue's name."""
+    names = sorted(offer.queues) if offer is not None else []
+    return [(queues.key(name, step), name) for step in queues.priority_steps for name in names]
 
 
 def _continuable(plan: Plan, child: str, namespace: str, offer: Offer | None) -> str:
