@@ -78,7 +78,8 @@ class Claim:
     record: CompensationRecord
 
 
-def _keys(store: StateStore, execution_id: str) -> list[str]:
+def keys(store: StateStore, execution_id: str) -> list[str]:
+    """The execution's compensation records (hash) and their order (list)."""
     return [store.key(execution_id, "comp"), store.key(execution_id, "comp:order")]
 
 
@@ -87,12 +88,12 @@ def create(store: StateStore, execution_id: str, modules: Sequence[str]) -> bool
     if not modules:
         return False
     pending = CompensationRecord().model_dump_json(exclude_none=True)
-    return bool(store.script(_INIT)(keys=_keys(store, execution_id), args=[store.ttl_s, pending, *modules]))
+    return bool(store.script(_INIT)(keys=keys(store, execution_id), args=[store.ttl_s, pending, *modules]))
 
 
 def records(store: StateStore, execution_id: str) -> dict[str, CompensationRecord]:
     """The execution's compensations in the order they run (empty when it compensates nothing)."""
-    records_key, order_key = _keys(store, execution_id)
+    records_key, order_key = keys(store, execution_id)
     order = store.client.lrange(order_key, 0, -1)
     if not order:
         return {}
@@ -105,19 +106,19 @@ def claim(store: StateStore, execution_id: str, module: str, task_id: str, worke
           started_at: str) -> Claim:
     """Atomically take ``module``'s compensation for ``task_id`` unless it succeeded, failed, or another
     task holds it (:data:`_CLAIM`)."""
-    verdict, raw = store.script(_CLAIM)(keys=_keys(store, execution_id)[:1],
+    verdict, raw = store.script(_CLAIM)(keys=keys(store, execution_id)[:1],
                                         args=[module, task_id, worker, started_at])
     return Claim(verdict, CompensationRecord.model_validate_json(raw) if raw else CompensationRecord())
 
 
 def save(store: StateStore, execution_id: str, module: str, record: CompensationRecord) -> None:
     """Store the record of an attempt that ended (succeeded, failed, retrying)."""
-    store.client.hset(_keys(store, execution_id)[0], module, record.model_dump_json(exclude_none=True))
+    store.client.hset(keys(store, execution_id)[0], module, record.model_dump_json(exclude_none=True))
 
 
 def reset_failed(store: StateStore, execution_id: str, modules: Sequence[str]) -> list[str]:
     """Make the failed ones of ``modules`` pending again (for a re-run); returns those."""
     if not modules:
         return []
-    return list(store.script(_RESET_FAILED)(keys=_keys(store, execution_id)[:1], args=list(modules)))
+    return list(store.script(_RESET_FAILED)(keys=keys(store, execution_id)[:1], args=list(modules)))
 

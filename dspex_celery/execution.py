@@ -19,6 +19,7 @@ from dspex_celery import compensation_store
 from dspex_celery.canvas import compensate_signature, task_id
 from dspex_celery.plan import Plan
 from dspex_celery.results import (
+    CompensationRecord,
     ExecutionResult,
     ExecutionStatus,
     ModuleRecord,
@@ -31,7 +32,7 @@ from dspex_celery.results import (
 )
 from dspex_celery.runtime import Runtime
 from dspex_celery.saga import compensates, compensation_order
-from dspex_celery.state import StateStore
+from dspex_celery.state import FinishState, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,14 @@ def lost_reason(error: object) -> str:
     if isinstance(error, BaseException):
         return f"{type(error).__name__}: {error} (the task failed outside the module call)"
     return "the task ended without recording an outcome (its process was killed?)"
+
+
+def _compensations(store: StateStore, execution_id: str,
+                   read: FinishState | None) -> dict[str, CompensationRecord]:
+    """The execution's compensations, from ``read`` when the finish claim read them."""
+    if read is None:
+        return compensation_store.records(store, execution_id)
+    return {name: CompensationRecord.model_validate_json(raw) for name, raw in read.compensations.items()}
 
 
 def timeout_message(timeout_s: float | None) -> str:
@@ -179,10 +188,18 @@ class Execution:
         return True
 
     def finish(self, status: ExecutionStatus, error: str | None = None) -> bool:
-        """Publish the execution's result once; modules not yet final become ``cancelled``."""
-        if not self.store.claim_finish(self.id, status.value, error):
+        """Publish the execution's result once; modules not yet final become ``cancelled``. The claim
+        and the reads of what the result is made of are one round trip (when the plan is known)."""
+        plan = self.plan
+        if plan is None:
+            if not self.store.claim_finish(self.id, status.value, error):
+                return False
+            return self._publish(status, error)
+        state = self.store.claim_finish_reading(self.id, status.value, error, list(plan.modules),
+                                                compensation_store.keys(self.store, self.id))
+        if state is None:
             return False
-        return self._publish(status, error)
+        return self._publish(status, error, None if state.gone else state)
 
     def finish_abandoned(self, meta: dict[str, Any], older_than: float = FINISH_TAKEOVER_S) -> bool:
         """Publish the result of an execution whose finisher died between its claim and the publication.
@@ -205,14 +222,15 @@ class Execution:
         meta = self.store.meta(self.id)
         return bool(meta) and self.finish_abandoned(meta, older_than=CLIENT_TAKEOVER_S)
 
-    def _publish(self, status: ExecutionStatus, error: str | None) -> bool:
-        """Assemble and publish the result (Celery result, then the meta status that marks it published)."""
+    def _publish(self, status: ExecutionStatus, error: str | None, read: FinishState | None = None) -> bool:
+        """Assemble and publish the result (Celery result, then the meta status that marks it published);
+        ``read``: the execution's state as the finish claim read it (else it is read here)."""
         store, plan = self.store, self.plan
-        if plan is None or not store.exists(self.id):  # the plan may be cached: ask the store itself
+        if plan is None or (read is None and not store.exists(self.id)):  # the plan may be cached: ask the store
             log.warning("execution %s: its state is gone (expired, or Redis restarted without persistence): "
                         "no result published", self.id)
             return False
-        result = self.result(status, error, cancel_open=True)
+        result = self.result(status, error, cancel_open=True, read=read)
         order = compensation_order(plan, result.modules) if compensates(status) else []
         created = compensation_store.create(store, self.id, order)
         if created:
@@ -232,20 +250,21 @@ class Execution:
         signature.apply_async(ignore_result=True)
 
     def result(self, status: ExecutionStatus, error: str | None = None, *,
-               cancel_open: bool = False) -> ExecutionResult:
-        """The execution's result from the store (``cancel_open`` marks unfinished modules cancelled)."""
+               cancel_open: bool = False, read: FinishState | None = None) -> ExecutionResult:
+        """The execution's result from the store, or from what ``read`` read of it (``cancel_open``
+        marks unfinished modules cancelled)."""
         store, plan = self.store, self.require_plan()
-        meta = store.meta(self.id)
-        records = store.records(self.id)
+        meta = store.meta(self.id) if read is None else read.meta
+        records = store.records(self.id) if read is None else read.records
         if cancel_open:
             cancelled = cancelled_records(plan, records, status)
             for name, record in cancelled.items():
                 self.write_record(name, record)
             records = {**records, **cancelled}
         finished_at = (meta.get("finished_at") or isoformat(utcnow())) if status.final else None
-        outputs = store.outputs(self.id, plan.modules)
+        outputs = store.outputs(self.id, plan.modules) if read is None else read.outputs
         result = build_result(self.id, plan, meta, records, outputs, status, error, finished_at)
-        compensations = compensation_store.records(store, self.id) if status.final else {}
+        compensations = _compensations(store, self.id, read) if status.final else {}
         return result.model_copy(update={"compensations": compensations}) if compensations else result
 
     def _revoke_open(self, result: ExecutionResult) -> None:

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 _instances: dict[str, Callable[..., Any]] = {}
 _instances_lock = threading.Lock()
+#: ``(uses, allowed)`` pairs that resolved within the allow-list: checked once per process (a module
+#: imported stays imported, like the instances :func:`load_callable` keeps).
+_resolved_allowed: set[tuple[str, tuple[str, ...]]] = set()
 
 
 def check_allowed(module: ModulePlan, allowed: tuple[str, ...], program: str = "?") -> None:
@@ -41,12 +44,15 @@ def _refusal(uses: str, allowed: tuple[str, ...]) -> str | None:
     if not is_allowed(uses, allowed):
         top = package_of(uses).split(".")[0]
         return f" (allow-listed packages: {', '.join(allowed) or 'none'}); start the worker with --modules {top}"
+    if (uses, allowed) in _resolved_allowed:
+        return None
     try:
         resolve_uses(uses, allowed)
     except UsesRefused as exc:
         return f": {exc}"
     except ImportError:
         return None
+    _resolved_allowed.add((uses, allowed))
     return None
 
 

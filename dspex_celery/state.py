@@ -63,6 +63,36 @@ local result = {previous, redis.call('HGETALL', KEYS[2]), finished, written, out
 """
 
 
+# KEYS: finished flag, plan, meta, records, outputs, compensation order, compensation records
+# [, live set: left out on a Redis Cluster, where it is in another slot].
+# ARGV: claim JSON, ttl, execution id, the plan's modules...
+# Returns {0} when another caller claimed the finish first, {1, 0} when claimed but the plan is gone,
+# else {1, 1, meta as a flat list, records as a flat list, outputs, compensation order, compensations}.
+_CLAIM_FINISH = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return {0} end
+if KEYS[8] then redis.call('ZREM', KEYS[8], ARGV[3]) end
+if redis.call('EXISTS', KEYS[2]) == 0 then return {1, 0} end
+local outputs = {}
+if #ARGV >= 4 then outputs = redis.call('HMGET', KEYS[5], unpack(ARGV, 4, #ARGV)) end
+local order = redis.call('LRANGE', KEYS[6], 0, -1)
+local compensations = {}
+if #order > 0 then compensations = redis.call('HMGET', KEYS[7], unpack(order)) end
+return {1, 1, redis.call('HGETALL', KEYS[3]), redis.call('HGETALL', KEYS[4]), outputs, order, compensations}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class FinishState:
+    """What the one caller that claimed an execution's finish read in the same round trip; ``gone``:
+    its state expired (or Redis restarted without persistence), nothing else was read."""
+
+    gone: bool
+    meta: dict[str, Any]
+    records: dict[str, ModuleRecord]
+    outputs: dict[str, dict[str, Any]]
+    compensations: dict[str, str]  # module -> raw compensation record JSON, in their order
+
+
 @dataclass(frozen=True, slots=True)
 class LuaStep:
     """Lua run inside a store script, with its own keys and args.
@@ -212,6 +242,32 @@ class StateStore:
             self.client.zrem(self.global_key("live"), execution_id)
         return bool(claimed)
 
+    def claim_finish_reading(self, execution_id: str, status: str, error: str | None, modules: Sequence[str],
+                             compensation_keys: Sequence[str]) -> FinishState | None:
+        """:meth:`claim_finish` that also reads what the result is made of (meta, records, the
+        ``modules``' outputs, the compensations under ``compensation_keys``: order list, records hash),
+        in one round trip; None when another caller claimed it first."""
+        claim = json.dumps({"status": status, "error": error, "at": time.time()})
+        keys = [self.key(execution_id, part) for part in ("finished", "plan", "meta", "rec", "out")]
+        keys += [compensation_keys[1], compensation_keys[0]]
+        if not self.clustered:
+            keys.append(self.global_key("live"))
+        reply = self.script(_CLAIM_FINISH)(keys=keys, args=[claim, self.ttl_s, execution_id, *modules])
+        if not int(reply[0]):
+            return None
+        if self.clustered:
+            self.client.zrem(self.global_key("live"), execution_id)
+        if not int(reply[1]):
+            return FinishState(True, {}, {}, {}, {})
+        raw_meta, raw_records, outputs, order, compensations = reply[2:]
+        return FinishState(
+            gone=False,
+            meta={key: json.loads(value) for key, value in _pairs(raw_meta)},
+            records={name: ModuleRecord.model_validate_json(value) for name, value in _pairs(raw_records)},
+            outputs={name: json.loads(value) for name, value in zip(modules, outputs, strict=True) if value is not None},
+            compensations={name: value for name, value in zip(order, compensations, strict=True) if value is not None},
+        )
+
     def finish_claim(self, execution_id: str) -> dict[str, Any] | None:
         """What :meth:`claim_finish` stored: ``status``, ``error`` and ``at`` (epoch seconds)."""
         raw = self.client.get(self.key(execution_id, "finished"))
@@ -314,6 +370,11 @@ class StateStore:
     def records(self, execution_id: str) -> dict[str, ModuleRecord]:
         raw = self.client.hgetall(self.key(execution_id, "rec"))
         return {name: ModuleRecord.model_validate_json(value) for name, value in raw.items()}
+
+
+def _pairs(flat: Sequence[Any]) -> Iterable[tuple[Any, Any]]:
+    """The (key, value) pairs of a flat HGETALL reply from a script."""
+    return zip(flat[::2], flat[1::2], strict=True)
 
 
 def attempt_entry(module: str, record: ModuleRecord) -> str:

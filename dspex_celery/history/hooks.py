@@ -88,8 +88,8 @@ class StreamPublisher(Hook):
         self._queue.put(record_event(self.settings.namespace, execution_id, module, record))
 
     def on_execution_finished(self, result: ExecutionResult) -> None:
-        self.flush()
-        self._send([FinishedEvent(result)])
+        """The record events queued so far, then the finished event, in one round trip."""
+        self._send([*_drain(self._queue), FinishedEvent(result)])
 
     on_compensation = on_execution_finished  # the row's compensations (applying it again is idempotent)
 
