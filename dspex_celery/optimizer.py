@@ -14,7 +14,7 @@ import math
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -29,6 +29,7 @@ from dspex_celery.history.store import (
 )
 from dspex_celery.plan import Plan
 from dspex_celery.results import ModuleRecord
+from dspex_celery.schedule import Span, learned_slots, scheduled
 from dspex_celery.settings import Settings, redact
 from dspex_celery.usage import total_usage
 
@@ -156,6 +157,7 @@ def analyze(plan: Plan, attempts: Iterable[AttemptRow], executions: int) -> Repo
         "backups": {name: learned_backup(stats.p95_s) for name, stats in modules.items()
                     if stats.p95_s is not None and stats.samples >= MIN_TIMEOUT_SAMPLES},
         "critical_path": path,
+        "slots": learned_slots(_spans(row for rows in by_module.values() for row in rows)),
     }
     advice = advise_strategy(plan, weights, length)
     profile["strategy"] = advice.recommended
@@ -170,6 +172,13 @@ def analyze(plan: Plan, attempts: Iterable[AttemptRow], executions: int) -> Repo
         strategy=advice,
         profile=profile,
     )
+
+
+def _spans(rows: Iterable[AttemptRow]) -> Iterator[Span]:
+    """The attempts that ran, as :func:`~dspex_celery.schedule.learned_slots` counts them."""
+    for row in rows:
+        if row.resource and row.started_at is not None and row.finished_at is not None:
+            yield row.execution_id, row.resource, row.started_at, row.finished_at
 
 
 def module_stats(plan: Plan, name: str, rows: list[AttemptRow]) -> ModuleStats:
@@ -294,12 +303,14 @@ def optimize(history: HistoryStore, program: str, fingerprint: str | None = None
 
 @dataclass(frozen=True)
 class Profile:
-    """What a submission learns from history: weights (seconds per module), timeouts and their basis."""
+    """What a submission learns from history: weights (seconds per module), timeouts and their basis,
+    and the slots each resource class had."""
 
     weights: dict[str, float]
     timeouts: dict[str, float]
     basis: dict[str, dict[str, Any]] = field(default_factory=dict)
     backups: dict[str, float] = field(default_factory=dict)  # learned backup_after_s per module
+    slots: dict[str, int] = field(default_factory=dict)  # per resource class
 
     def timeout_sources(self, off_hint: str) -> dict[str, str]:
         """Per learned timeout: where it came from and ``off_hint`` (how to turn it off)."""
@@ -337,7 +348,7 @@ def load_profile(settings: Settings, fingerprint: str) -> Profile | None:
     if data is None:
         return None
     return Profile(dict(data.get("weights", {})), dict(data.get("timeouts", {})), dict(data.get("timeout_basis", {})),
-                   dict(data.get("backups", {})))
+                   dict(data.get("backups", {})), {str(k): int(v) for k, v in data.get("slots", {}).items()})
 
 
 def expected_durations(settings: Settings, plan: Plan) -> dict[str, float] | None:
@@ -357,17 +368,20 @@ def _recent_weights(history: HistoryStore, plan: Plan) -> dict[str, float] | Non
 
 
 def apply_profile(settings: Settings, program: Program, plan: Plan, *, learned_timeouts: bool | None = None) -> Plan:
-    """``plan`` re-planned with its fingerprint's profile, if any: its priorities, and its timeouts and
-    backup thresholds (``backup_after_s``) where the program sets none when learned timeouts are on
-    (see :func:`learned_timeouts_hint`)."""
+    """``plan`` re-planned with its fingerprint's profile, if any: its priorities (the start order of the
+    greedy schedule of its durations and slot counts, :mod:`dspex_celery.schedule`; by duration alone
+    when no slot count was learned), and its timeouts and backup thresholds (``backup_after_s``) where
+    the program sets none when learned timeouts are on (see :func:`learned_timeouts_hint`)."""
     profile = load_profile(settings, plan.fingerprint)
     if profile is None:
         return plan
     off_hint = learned_timeouts_hint(settings, program, learned_timeouts)
     if off_hint is None or not (profile.timeouts or profile.backups):
-        return program.plan(weights=profile.weights)
-    return program.plan(weights=profile.weights, learned_timeouts=profile.timeouts,
-                        timeout_sources=profile.timeout_sources(off_hint), learned_backups=profile.backups)
+        planned = program.plan(weights=profile.weights)
+    else:
+        planned = program.plan(weights=profile.weights, learned_timeouts=profile.timeouts,
+                               timeout_sources=profile.timeout_sources(off_hint), learned_backups=profile.backups)
+    return scheduled(planned, profile.weights, profile.slots) if profile.slots else planned
 
 
 def learned_timeouts_hint(settings: Settings, program: Program, requested: bool | None) -> str | None:

@@ -198,6 +198,9 @@ def print_report(report: Report) -> None:
     for item in report.bottlenecks:
         console.print(f"  bottleneck {item.module}: p50 {item.p50_s:.3f} s, path {item.saving_s:.3f} s shorter if instant")
     console.print(f"strategy: {report.strategy.recommended} ({report.strategy.reason})")
+    if slots := report.profile.get("slots"):
+        learned = ", ".join(f"{resource} {count}" for resource, count in slots.items())
+        console.print(f"slots per resource class (most modules running at once): {learned}")
     console.print(profile_line(report))
 
 
