@@ -3,8 +3,11 @@ priorities from a greedy list schedule simulated with learned durations and thos
 
 The simulation is the informed greedy schedule: whenever a slot of a module's resource class is free,
 the ready module with the longest remaining path (by learned duration) starts. Its start order becomes
-the plan's priorities (earliest start = most urgent), so the engine dispatches modules in the order
-that schedule starts them, also where it runs slower or faster than simulated.
+the plan's priorities (how long before the schedule's end a module starts: the earliest the most
+urgent), so the engine dispatches modules in the order that schedule starts them, also where it runs
+slower or faster than simulated. (By start time rather than by rank: modules the schedule starts
+together share a broker priority level, measured a little closer to the informed schedule with the
+broker's ten levels.)
 """
 
 from __future__ import annotations
@@ -38,8 +41,14 @@ def learned_slots(spans: Iterable[Span]) -> dict[str, int]:
 
 
 def start_order(plan: Plan, weights: Mapping[str, float], slots: Mapping[str, int]) -> list[str]:
-    """The modules in the order the greedy list schedule starts them (modules without a weight take
-    no time; a resource class without a learned slot count has a slot for every ready module)."""
+    """The modules in the order the greedy list schedule starts them."""
+    return list(start_times(plan, weights, slots))
+
+
+def start_times(plan: Plan, weights: Mapping[str, float], slots: Mapping[str, int]) -> dict[str, float]:
+    """When the greedy list schedule starts each module (seconds, in start order; modules without a
+    weight take no time; a resource class without a learned slot count has a slot for every ready
+    module)."""
     left = {name: len(module.parents) for name, module in plan.modules.items()}
     ready: dict[str, list[tuple[float, str]]] = defaultdict(list)
     for name, count in left.items():
@@ -49,14 +58,14 @@ def start_order(plan: Plan, weights: Mapping[str, float], slots: Mapping[str, in
         heapq.heapify(queue)
     free = {resource: slots.get(resource, len(plan.modules)) for resource in {m.resource for m in plan.modules.values()}}
     running: list[tuple[float, str]] = []
-    order: list[str] = []
+    order: dict[str, float] = {}
     now = 0.0
     while len(order) < len(plan.modules):
         for resource, queue in ready.items():
             while queue and free[resource] > 0:
                 name = heapq.heappop(queue)[1]
                 free[resource] -= 1
-                order.append(name)
+                order[name] = now
                 heapq.heappush(running, (now + weights.get(name, 0.0), name))
         if not running:
             break
@@ -70,11 +79,12 @@ def start_order(plan: Plan, weights: Mapping[str, float], slots: Mapping[str, in
 
 
 def scheduled(plan: Plan, weights: Mapping[str, float], slots: Mapping[str, int]) -> Plan:
-    """``plan`` (planned with ``weights``) with priorities from :func:`start_order`: the first module
-    started has the highest; its critical path stays the one by duration."""
-    order = start_order(plan, weights, slots)
-    if len(order) != len(plan.modules):
+    """``plan`` (planned with ``weights``) with priorities from :func:`start_times`: the schedule's
+    length minus the module's start (the first started has the highest); its critical path stays the
+    one by duration. Unchanged when the schedule takes no time (no weights)."""
+    starts = start_times(plan, weights, slots)
+    end = max((start + weights.get(name, 0.0) for name, start in starts.items()), default=0.0)
+    if len(starts) != len(plan.modules) or end <= 0:
         return plan
-    count = len(order)
-    modules = {name: replace(plan.modules[name], priority=float(count - rank)) for rank, name in enumerate(order)}
-    return replace(plan, modules={name: modules[name] for name in plan.modules}, max_priority=float(count or 1))
+    modules = {name: replace(module, priority=end - starts[name]) for name, module in plan.modules.items()}
+    return replace(plan, modules=modules, max_priority=end)

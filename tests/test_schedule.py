@@ -47,7 +47,8 @@ def test_profile_priorities_are_the_start_order_of_the_greedy_schedule() -> None
     assert start_order(plan, SECONDS, {"llm": 1, "io": 1}) == ["x", "w", "z", "y"]
     # Its start order is the plan's priorities: the first started the most urgent
     planned = scheduled(plan, SECONDS, {"llm": 1, "io": 1})
-    assert {name: module.priority for name, module in planned.modules.items()} == {"x": 4, "y": 1, "w": 3, "z": 2}
+    # (the schedule's 7 s minus each start: x and w at 0, z at 0.5, y at 2)
+    assert {name: module.priority for name, module in planned.modules.items()} == {"x": 7, "y": 5, "w": 7, "z": 6.5}
     assert planned.urgency("x") == 1.0 and planned.critical_path == plan.critical_path == ["x", "y"]
     # By remaining path alone y (5 s) would outrank z (0.5 s): the schedule knows z runs first
     assert plan.modules["y"].priority > plan.modules["z"].priority
