@@ -49,28 +49,32 @@ class Dag:
         has a cycle or names an unknown module. Levels are Kahn's generations, each sorted."""
         children: dict[str, list[str]] = {name: [] for name in parents}
         try:
-            for name, sources in parents.items():
-                for parent in sources:
+            for name in sorted(parents):  # each module's children come out sorted
+                for parent in parents[name]:
                     children[parent].append(name)
         except KeyError:
             return None
         waiting = {name: len(sources) for name, sources in parents.items()}
         level = [name for name, count in waiting.items() if not count]
         levels: list[list[str]] = []
+        placed = 0
         while level:
-            levels.append(sorted(level))
+            level.sort()
+            levels.append(level)
+            placed += len(level)
             ready = []
             for name in level:
                 for child in children[name]:
-                    waiting[child] -= 1
-                    if not waiting[child]:
+                    left = waiting[child] - 1
+                    waiting[child] = left
+                    if not left:
                         ready.append(child)
             level = ready
-        if sum(map(len, levels)) < len(parents):
+        if placed < len(parents):
             return None
         return cls(
             {name: tuple(sorted(sources)) for name, sources in parents.items()},
-            {name: tuple(sorted(names)) for name, names in children.items()},
+            {name: tuple(names) for name, names in children.items()},
             levels,
         )
 
@@ -115,18 +119,19 @@ def _names_valid(spec: ProgramSpec) -> bool:
             and len(set(spec.inputs)) == len(spec.inputs))
 
 
-def _parents(spec: ProgramSpec) -> dict[str, dict[str, None]] | None:
-    """Each module's parents (referenced modules, then ``depends_on``; as a dict: no repeats), or
-    None when a reference names an undeclared program input or an output names an unknown module.
-    Modules that name unknown modules are left to :meth:`Dag.build`."""
-    parents: dict[str, dict[str, None]] = {}
+def _parents(spec: ProgramSpec) -> dict[str, set[str]] | None:
+    """Each module's parents (the modules it references or depends on), or None when a reference
+    names an undeclared program input or an output names an unknown module. Modules that name
+    unknown modules are left to :meth:`Dag.build`."""
+    parents: dict[str, set[str]] = {}
+    sources_of: dict[str, str] = {}  # each string value met -> the source it refers to, or _LITERAL
     for name, module in spec.modules.items():
         values = module.inputs.values() if module.inputs else ()
         if _PLAIN.issuperset(map(type, values)):  # the common case: only strings and numbers
-            sources = [value[1:].partition(".")[0] for value in values
-                       if type(value) is str and value[:1] == "$" and value[1:2] != "$"]
+            sources = {source for value in values if type(value) is str
+                       and (source := sources_of.get(value) or _source(value, sources_of)) != _LITERAL}
         elif all(map(is_json, values)):
-            sources = [ref.source for value in values for ref in iter_refs(value)]
+            sources = {ref.source for value in values for ref in iter_refs(value)}
         else:
             return None
         if module.with_ and not is_json(module.with_):
@@ -134,12 +139,24 @@ def _parents(spec: ProgramSpec) -> dict[str, dict[str, None]] | None:
         if "inputs" in sources:
             if not all(ref.field in spec.inputs for value in values for ref in iter_refs(value) if ref.is_input):
                 return None
-            sources = [source for source in sources if source != "inputs"]
-        parents[name] = dict.fromkeys([*sources, *module.depends_on])
+            sources.discard("inputs")
+        sources.update(module.depends_on)
+        parents[name] = sources
     outputs = (spec.outputs or {}).values()
     if not all(map(is_json, outputs)) or any(_unknown(ref, spec) for value in outputs for ref in iter_refs(value)):
         return None
     return parents
+
+
+#: What :func:`_source` makes of a literal string (no module can be named so).
+_LITERAL = "$"
+
+
+def _source(value: str, sources_of: dict[str, str]) -> str:
+    """What the string ``value`` refers to (``$NAME.FIELD``: NAME, maybe ""; a literal: :data:`_LITERAL`),
+    remembered in ``sources_of``: a module's output is read by several modules with the same string."""
+    source = sources_of[value] = value[1:].partition(".")[0] if value[:1] == "$" and value[1:2] != "$" else _LITERAL
+    return source
 
 
 def _unknown(ref: Ref, spec: ProgramSpec) -> bool:

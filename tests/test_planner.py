@@ -185,3 +185,23 @@ def test_signatures_are_the_ones_celery_builds(broker: str) -> None:
     header = [module_signature(app, plan, "x" * 32, name, "ns") for name in plan.levels[1]]
     assert json.dumps(stage) == json.dumps(chord(header, stage.body, app=app))
     assert all(task.app is app for task in stage.tasks)
+
+
+def test_module_plan_takes_every_module_key() -> None:
+    # Given a module that sets every key the plan carries (the planner passes them by position)
+    module = {"uses": ECHO, "inputs": {"x": 1}, "depends_on": ["a"], "resource": "io", "with": {"w": 2},
+              "state": "/tmp/state.json", "timeout_s": 3.5, "retry": {"max_attempts": 7},
+              "circuit_breaker": {"failures": 9}, "dspy": {"lm": "tests.modules.basic:echo"},
+              "backup_after_s": 4.5, "compensate": "tests.modules.basic:echo"}
+    data = {"name": "p", "modules": {"a": {"uses": ECHO}, "b": module}}
+    # When it is planned (state files are not checked without resolving)
+    plan = Program.from_dict(data).plan(resolve=False, weights={"a": 2.0, "b": 0.5})
+    # Then each field holds its own key's value
+    planned = plan.modules["b"]
+    assert (planned.name, planned.uses, planned.inputs, planned.depends_on) == ("b", ECHO, {"x": 1}, ("a",))
+    assert (planned.parents, planned.children, planned.resource) == (("a",), (), "io")
+    assert (planned.level, planned.priority, planned.with_, planned.state) == (1, 0.5, {"w": 2}, "/tmp/state.json")
+    assert (planned.timeout_s, planned.retry["max_attempts"], planned.circuit_breaker["failures"]) == (3.5, 7, 9)
+    assert (planned.dspy, planned.timeout_source) == ({"lm": "tests.modules.basic:echo"}, None)
+    assert (planned.backup_after_s, planned.compensate) == (4.5, "tests.modules.basic:echo")
+    assert plan.modules["a"].children == ("b",) and plan.modules["a"].priority == 2.5
