@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
@@ -19,7 +20,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, aliased
 
@@ -198,7 +198,8 @@ class HistoryStore:
         )
 
     def _insert(self, model: type[Base], values: dict[str, Any]) -> Any:
-        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        name = "postgresql" if self.engine.dialect.name == "postgresql" else "sqlite"
+        dialect = importlib.import_module(f"sqlalchemy.dialects.{name}")  # SQLite's history never loads PostgreSQL's
         return dialect.insert(model).values(**values)
 
     # --- reading ----------------------------------------------------------------------------
