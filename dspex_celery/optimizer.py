@@ -1,6 +1,7 @@
 """The optimizer: per-module statistics from history, the critical path by observed durations,
-bottlenecks, learned timeouts and retries, a strategy advice, and a profile later runs use
-(its priorities always; its timeouts only when learned timeouts are turned on).
+bottlenecks, learned timeouts and retries, each resource class's slots (the most modules of it seen
+running at once), a strategy advice, and a profile later runs use (its priorities always; its timeouts
+only when learned timeouts are turned on).
 
 Numbers are over the finished executions of one program fingerprint, counting only attempts
 that really ran (``reused`` ones from a resume are left out). Durations are those of successful
@@ -16,6 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from dspex_celery.errors import UsageError
@@ -29,7 +31,6 @@ from dspex_celery.history.store import (
 )
 from dspex_celery.plan import Plan
 from dspex_celery.results import ModuleRecord
-from dspex_celery.schedule import Span, learned_slots, scheduled
 from dspex_celery.settings import Settings, redact
 from dspex_celery.usage import total_usage
 
@@ -174,11 +175,31 @@ def analyze(plan: Plan, attempts: Iterable[AttemptRow], executions: int) -> Repo
     )
 
 
+#: An attempt as slot counts are learned from: (execution id, resource class, started, finished).
+Span = tuple[str, str, datetime, datetime]
+
+
 def _spans(rows: Iterable[AttemptRow]) -> Iterator[Span]:
-    """The attempts that ran, as :func:`~dspex_celery.schedule.learned_slots` counts them."""
+    """The attempts that ran, as :func:`learned_slots` counts them."""
     for row in rows:
         if row.resource and row.started_at is not None and row.finished_at is not None:
             yield row.execution_id, row.resource, row.started_at, row.finished_at
+
+
+def learned_slots(spans: Iterable[Span]) -> dict[str, int]:
+    """Per resource class, the most attempts that ran at the same time in one execution: the slots it
+    had (at least; an execution that never filled them shows fewer)."""
+    events: dict[tuple[str, str], list[tuple[datetime, int]]] = defaultdict(list)
+    for execution_id, resource, started, finished in spans:
+        events[execution_id, resource] += [(started, 1), (finished, -1)]
+    slots: dict[str, int] = {}
+    for (_, resource), changes in events.items():
+        running = peak = 0
+        for _, change in sorted(changes):  # at one instant an end (-1) comes before a start
+            running += change
+            peak = max(peak, running)
+        slots[resource] = max(slots.get(resource, 0), peak)
+    return dict(sorted(slots.items()))
 
 
 def module_stats(plan: Plan, name: str, rows: list[AttemptRow]) -> ModuleStats:
@@ -368,20 +389,17 @@ def _recent_weights(history: HistoryStore, plan: Plan) -> dict[str, float] | Non
 
 
 def apply_profile(settings: Settings, program: Program, plan: Plan, *, learned_timeouts: bool | None = None) -> Plan:
-    """``plan`` re-planned with its fingerprint's profile, if any: its priorities (the start order of the
-    greedy schedule of its durations and slot counts, :mod:`dspex_celery.schedule`; by duration alone
-    when no slot count was learned), and its timeouts and backup thresholds (``backup_after_s``) where
-    the program sets none when learned timeouts are on (see :func:`learned_timeouts_hint`)."""
+    """``plan`` re-planned with its fingerprint's profile, if any: its priorities, and its timeouts and
+    backup thresholds (``backup_after_s``) where the program sets none when learned timeouts are on
+    (see :func:`learned_timeouts_hint`)."""
     profile = load_profile(settings, plan.fingerprint)
     if profile is None:
         return plan
     off_hint = learned_timeouts_hint(settings, program, learned_timeouts)
     if off_hint is None or not (profile.timeouts or profile.backups):
-        planned = program.plan(weights=profile.weights)
-    else:
-        planned = program.plan(weights=profile.weights, learned_timeouts=profile.timeouts,
-                               timeout_sources=profile.timeout_sources(off_hint), learned_backups=profile.backups)
-    return scheduled(planned, profile.weights, profile.slots) if profile.slots else planned
+        return program.plan(weights=profile.weights)
+    return program.plan(weights=profile.weights, learned_timeouts=profile.timeouts,
+                        timeout_sources=profile.timeout_sources(off_hint), learned_backups=profile.backups)
 
 
 def learned_timeouts_hint(settings: Settings, program: Program, requested: bool | None) -> str | None:

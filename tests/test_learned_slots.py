@@ -1,19 +1,15 @@
-"""The learned schedule: slot counts per resource class learned from history, and profile priorities
-in the start order of the greedy schedule of learned durations and slots."""
+"""Slot counts per resource class, learned from history by ``optimize`` into the profile."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-import pytest
-
-from dspex_celery import ExecutionResult, ExecutionStatus, ModuleRecord, ModuleStatus, Settings
+from dspex_celery import ExecutionResult, ExecutionStatus, ModuleRecord, ModuleStatus
 from dspex_celery.cli.history import print_report
 from dspex_celery.history.events import ExecutionInfo, FinishedEvent, RecordEvent
 from dspex_celery.history.store import HistoryStore
-from dspex_celery.optimizer import apply_profile, optimize
+from dspex_celery.optimizer import learned_slots, optimize
 from dspex_celery.results import isoformat, utcnow
-from dspex_celery.schedule import learned_slots, scheduled, start_order
 from tests.conftest import program
 
 NOOP = "tests.modules.basic:echo"
@@ -41,26 +37,13 @@ def test_slots_are_the_most_attempts_of_a_class_running_at_once_in_one_execution
     assert learned_slots(spans) == {"io": 1, "llm": 3}
 
 
-def test_profile_priorities_are_the_start_order_of_the_greedy_schedule() -> None:
-    # One slot per class: x before y (its parent), w before z (by name); all classes at once
-    plan = CROSSED.plan(weights=SECONDS)
-    assert start_order(plan, SECONDS, {"llm": 1, "io": 1}) == ["x", "w", "z", "y"]
-    # Its start order is the plan's priorities: the first started the most urgent
-    planned = scheduled(plan, SECONDS, {"llm": 1, "io": 1})
-    # (the schedule's 7 s minus each start: x and w at 0, z at 0.5, y at 2)
-    assert {name: module.priority for name, module in planned.modules.items()} == {"x": 7, "y": 5, "w": 7, "z": 6.5}
-    assert planned.urgency("x") == 1.0 and planned.critical_path == plan.critical_path == ["x", "y"]
-    # By remaining path alone y (5 s) would outrank z (0.5 s): the schedule knows z runs first
-    assert plan.modules["y"].priority > plan.modules["z"].priority
-
-
 def record(name: str, start: float) -> ModuleRecord:
     return ModuleRecord(status=ModuleStatus.SUCCEEDED, attempts=1, started_at=isoformat(at(start)),
                         finished_at=isoformat(at(start + SECONDS[name])), duration_s=SECONDS[name],
                         resource=CROSSED.plan().modules[name].resource, worker="w1")
 
 
-def test_optimize_learns_the_slots_and_later_plans_follow_the_schedule(tmp_path, capsys) -> None:
+def test_optimize_learns_each_resource_class_slots_and_shows_them(tmp_path, capsys) -> None:
     # Given two recorded runs: llm modules one at a time, the two io modules at once
     history = HistoryStore(f"sqlite:///{tmp_path / 'history.db'}")
     plan = CROSSED.plan()
@@ -80,15 +63,3 @@ def test_optimize_learns_the_slots_and_later_plans_follow_the_schedule(tmp_path,
     assert report.profile["slots"] == {"io": 2, "llm": 1}
     print_report(report)
     assert "slots per resource class (most modules running at once): io 2, llm 1" in capsys.readouterr().out
-    # And a later plan's priorities are the start order of the schedule with those slots
-    planned = apply_profile(Settings(history_url=history.url), CROSSED, plan)
-    by_priority = sorted(planned.modules, key=lambda name: -planned.modules[name].priority)
-    assert by_priority == start_order(planned, SECONDS, {"io": 2, "llm": 1}) == ["x", "w", "z", "y"]
-    assert planned.critical_path == ["x", "y"]
-
-
-@pytest.mark.parametrize("slots", [{}, {"llm": 1}])
-def test_a_class_without_a_learned_slot_count_runs_every_ready_module(slots: dict[str, int]) -> None:
-    plan = CROSSED.plan(weights=SECONDS)
-    order = start_order(plan, SECONDS, slots)
-    assert set(order) == set(SECONDS) and order.index("x") < order.index("y")
