@@ -10,7 +10,11 @@ redis-server of its own (broker + state);
 Dask: a ``LocalCluster`` of 2 processes × 4 threads; Ray: ``ray.init(num_cpus=8)``, one CPU per
 task, parents passed as ObjectRefs. Makespan = first task start to last task end, from times each
 engine's tasks record themselves. Cases run in interleaved rounds (order rotated each round);
-medians. Writes its section of docs/benchmarks.md (not with ``--only`` or ``--quick``).
+medians. Writes its section of docs/benchmarks.md (not with ``--only`` or ``--quick``). ``--gaps``
+also prints, per dspex case, where its time above the informed schedule went (from the records):
+the mean gap from a module's readiness (its last parent's end) to its start, the slot-seconds a slot
+stood idle while a module was ready, and the makespan / LB of its observed start order replayed with
+zero overhead (what its dispatch order alone would cost).
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ DAG, PROFILED, LEVELS, DASK, RAY, FLOOR = "dag", "dag + learned profile", "level
 ENGINES = (DAG, PROFILED, LEVELS, DASK, RAY, FLOOR)
 INFORMED = "informed greedy"
 Times = dict[str, tuple[float, float]]
+#: --gaps: per dspex case, each run's (mean ready-to-start gap s, idle slot-s while ready, order replay / LB).
+GAPS: dict[str, list[tuple[float, float, float]]] = {}
 
 
 def sleep_task(ms: float, *parents: Any) -> tuple[float, float]:
@@ -76,6 +82,35 @@ def program_of(workflow: Workflow) -> dict[str, Any]:
     modules = {name: {"uses": WORK, "inputs": {"ms": ms, **{f"p_{p}": f"${p}.value" for p in workflow.parents[name]}}}
                for name, ms in workflow.ms.items()}
     return {"name": f"wf-{workflow.name}", "modules": modules}
+
+
+def gaps(workflow: Workflow, times: Times) -> tuple[float, float, float]:
+    """Of one run: the mean gap from readiness to start (s), the slot-seconds idle while a module was
+    ready, and the makespan / LB of its start order replayed with zero overhead."""
+    first = min(start for start, _ in times.values())
+    ready = {name: max((times[p][1] for p in workflow.parents[name]), default=first) for name in times}
+    waits = [times[name][0] - ready[name] for name in times if workflow.parents[name]]
+    instants = sorted({t for span in times.values() for t in span} | set(ready.values()))
+    idle = 0.0
+    for a, b in zip(instants, instants[1:], strict=False):
+        mid = (a + b) / 2
+        busy = sum(start <= mid < end for start, end in times.values())
+        waiting = sum(ready[name] <= mid < times[name][0] for name in times)
+        idle += min(SLOTS - busy, waiting) * (b - a)
+    order = sorted(times, key=lambda name: times[name][0])
+    replay = bench.list_schedule_s(workflow.children, workflow.ms, {n: -i for i, n in enumerate(order)}, SLOTS)
+    return (statistics.fmean(waits) if waits else 0.0), idle, replay / workflow.lower_bound_s()
+
+
+def gap_rows(workflows: list[Workflow]) -> list[list[str]]:
+    rows = []
+    for w in workflows:
+        for engine in (DAG, PROFILED, LEVELS):
+            runs = GAPS.get(f"{w.name}/{engine}")
+            if runs:
+                wait, idle, replay = (statistics.median(run[i] for run in runs) for i in range(3))
+                rows.append([w.name, engine, f"{1000 * wait:.1f}", f"{idle:.2f}", f"{replay:.2f}"])
+    return rows
 
 
 def run_dspex(runtime: Runtime, workflow: Workflow, strategy: str, use_profile: bool = False) -> tuple[str, Times]:
@@ -177,7 +212,11 @@ class Peers:
 def cases(cluster: bench.BenchCluster, profiled: Runtime, peers: Peers,
           workflows: list[Workflow]) -> dict[str, Callable[[], float]]:
     def dspex(workflow: Workflow, strategy: str, runtime: Runtime, use_profile: bool) -> float:
-        return checked(workflow, run_dspex(runtime, workflow, strategy, use_profile)[1])
+        times = run_dspex(runtime, workflow, strategy, use_profile)[1]
+        span = checked(workflow, times)
+        engine = PROFILED if use_profile else strategy
+        GAPS.setdefault(f"{workflow.name}/{engine}", []).append(gaps(workflow, times))
+        return span
 
     engines: dict[str, Callable[[Workflow], float]] = {
         DAG: partial(dspex, strategy=DAG, runtime=cluster.runtime, use_profile=False),
@@ -291,6 +330,8 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=RECIPES, metavar="WORKFLOW", help="repeatable; no docs")
     parser.add_argument("--engine", action="append", choices=ENGINES, help="only these engines (repeatable); no docs")
     parser.add_argument("--quick", action="store_true", help="one round, no docs")
+    parser.add_argument("--gaps", action="store_true",
+                        help="also print each dspex case's readiness gaps, idle slot time and order replay")
     parser.add_argument("--continuation", type=int, metavar="N",
                         help="the workers' DSPEX_DAG_CONTINUATION (e.g. 0 to measure dag without it); no docs")
     args = parser.parse_args()
@@ -317,6 +358,10 @@ def main() -> None:
     goals = goal_lines(means)
     for line in goals:
         bench.console.print(line)
+    if args.gaps:
+        bench.print_table("where dspex's time went (medians)",
+                          ["workflow", "engine", "ready->start ms", "idle slot-s while ready", "order replay / LB"],
+                          gap_rows(workflows))
     if not (args.only or args.quick or args.engine or args.continuation is not None):
         bench.write_section(HEADING, docs_body(headers, rows, goals, rounds, elapsed, broker))
         bench.console.print(f"written to {bench.BENCHMARKS_MD.relative_to(bench.ROOT)}")
