@@ -14,6 +14,7 @@ from typing import Any
 
 from billiard.exceptions import TimeLimitExceeded
 from celery import states
+from celery.backends.redis import RedisBackend
 
 from dspex_celery import compensation_store
 from dspex_celery.canvas import compensate_signature, task_id
@@ -235,13 +236,26 @@ class Execution:
         created = compensation_store.create(store, self.id, order)
         if created:
             result = result.model_copy(update={"compensations": compensation_store.records(store, self.id)})
-        self.runtime.app.backend.store_result(self.id, result.to_json_dict(), states.SUCCESS)
-        store.update_meta(self.id, status=result.status.value, finished_at=result.finished_at)
+        self._store_result(result)
         self._revoke_open(result)
         self.runtime.hooks.on_execution_finished(result)
         if created:
             self.compensate(order)
         return True
+
+    def _store_result(self, result: ExecutionResult) -> None:
+        """The Celery result, then the meta status that marks it published: one script when the
+        result backend is this store's Redis (not a Redis Cluster, where they are in other slots)."""
+        backend, store = self.runtime.app.backend, self.store
+        if not isinstance(backend, RedisBackend) or store.clustered or self.runtime.settings.embedded:
+            backend.store_result(self.id, result.to_json_dict(), states.SUCCESS)
+            store.update_meta(self.id, status=result.status.value, finished_at=result.finished_at)
+            return
+        meta = backend._get_result_meta(result=result.to_json_dict(), state=states.SUCCESS, traceback=None,
+                                        request=None)
+        meta["task_id"] = self.id
+        store.publish_result(self.id, backend.get_key_for_task(self.id).decode(), backend.encode(meta),
+                             int(backend.expires or 0), status=result.status.value, finished_at=result.finished_at)
 
     def compensate(self, order: list[str]) -> None:
         """Send the chain of compensations of ``order`` (each task runs one, then sends the rest)."""

@@ -81,6 +81,21 @@ return {1, 1, redis.call('HGETALL', KEYS[3]), redis.call('HGETALL', KEYS[4]), ou
 """
 
 
+# KEYS: the Celery result key, meta. ARGV: the encoded Celery result, its expiry seconds (0: none),
+# then the meta fields and their JSON values. A stored SUCCESS result is kept (as Celery's own
+# store_result does); the meta fields are written either way.
+_PUBLISH_RESULT = """
+local current = redis.call('GET', KEYS[1])
+local ok, stored = pcall(cjson.decode, current or 'null')
+if not (ok and type(stored) == 'table' and stored.status == 'SUCCESS') then
+  if tonumber(ARGV[2]) > 0 then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  else redis.call('SET', KEYS[1], ARGV[1]) end
+  redis.call('PUBLISH', KEYS[1], ARGV[1])
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 3, #ARGV))
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class FinishState:
     """What the one caller that claimed an execution's finish read in the same round trip; ``gone``:
@@ -267,6 +282,14 @@ class StateStore:
             outputs={name: json.loads(value) for name, value in zip(modules, outputs, strict=True) if value is not None},
             compensations={name: value for name, value in zip(order, compensations, strict=True) if value is not None},
         )
+
+    def publish_result(self, execution_id: str, result_key: str, encoded: str, expires_s: int,
+                       **meta: Any) -> None:
+        """Store and publish an execution's encoded Celery result (unless a SUCCESS one is stored),
+        then its ``meta`` fields, in one script; the Celery result key must live in this Redis."""
+        fields = [item for key, value in meta.items() for item in (key, json.dumps(value))]
+        self.script(_PUBLISH_RESULT)(keys=[result_key, self.key(execution_id, "meta")],
+                                     args=[encoded, expires_s, *fields])
 
     def finish_claim(self, execution_id: str) -> dict[str, Any] | None:
         """What :meth:`claim_finish` stored: ``status``, ``error`` and ``at`` (epoch seconds)."""
