@@ -21,6 +21,8 @@ from dspex_celery.redis_clients import ReplicaSync, connect, is_cluster_client, 
 from dspex_celery.results import ModuleRecord
 
 PLAN_CACHE_SIZE = 512
+#: Plan texts whose parsed plan a process keeps: the executions of a batch share one plan text.
+PLAN_TEXT_CACHE_SIZE = 16
 
 #: The module's attempts, one JSON entry per finished attempt (``report`` and history read them).
 ATTEMPTS = "attempts"
@@ -160,6 +162,7 @@ class StateStore:
         self.namespace = namespace
         self.ttl_s = ttl_s
         self._plans: OrderedDict[str, Plan] = OrderedDict()
+        self._parsed: OrderedDict[str, Plan] = OrderedDict()  # plan text -> plan
         self._lock = threading.Lock()
         self._scripts: dict[str, Any] = {}
 
@@ -227,11 +230,25 @@ class StateStore:
         text = self.client.get(self.key(execution_id, "plan"))
         if text is None:
             return None
-        plan = Plan.from_json(text)
+        plan = self._parse_plan(text)
         with self._lock:
             self._plans[execution_id] = plan
             while len(self._plans) > PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)
+        return plan
+
+    def _parse_plan(self, text: str) -> Plan:
+        """The plan of ``text``, parsed once per process for the last few texts (plans never change)."""
+        with self._lock:
+            plan = self._parsed.get(text)
+            if plan is not None:
+                self._parsed.move_to_end(text)
+                return plan
+        plan = Plan.from_json(text)
+        with self._lock:
+            self._parsed[text] = plan
+            while len(self._parsed) > PLAN_TEXT_CACHE_SIZE:
+                self._parsed.popitem(last=False)
         return plan
 
     def meta(self, execution_id: str) -> dict[str, Any]:
