@@ -6,7 +6,11 @@ Tests taking ``runtime`` run embedded and against a real Redis worker: both must
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +133,24 @@ def test_embedded_worker_leaves_result_get_usable(embedded_app) -> None:
 
     submit_program("examples/rag.yaml", {"question": QUESTION}, app=embedded_app).get(timeout=30)
     assert task_join_will_block() is False
+
+
+def test_embedded_run_without_history_imports_neither_sqlalchemy_nor_networkx() -> None:
+    # Given the README's first command with history off (the optimizer and the history store need them)
+    script = (
+        "import sys\n"
+        "from dspex_celery.cli import main\n"
+        f"sys.argv = ['dspex-celery', 'run', 'examples/rag.yaml', '-i', 'question={QUESTION}']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    print('exit', exc.code)\n"
+        "print(' '.join(sorted({name.split('.')[0] for name in sys.modules} & {'sqlalchemy', 'networkx'})) or '-')\n"
+    )
+    # When it runs in-process
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "DSPEX_HISTORY_URL": "off"})
+    # Then it succeeds having imported neither
+    *_, status, imported = done.stdout.strip().splitlines()
+    assert status == "exit 0", done.stderr
+    assert imported == "-", f"imported by an embedded run: {imported}"
