@@ -46,6 +46,28 @@ HEADING = "LM batch throughput vs dspy.Evaluate (issue 17)"
 EXAMPLE = ROOT / "examples" / "dspy_rag.yaml"
 MODULES_PER_LINE = 2
 QUESTIONS = [f"What is {topic}?" for topic in OFFLINE_ANSWERS] + ["How do I bake bread?"]
+#: The section's history paragraph, kept under the table (update it with each before/after).
+HISTORY = (
+    "History (same script; this shared 2-core machine makes every number noisy). Before the issue 17 "
+    "throughput work (code `de35094`, under load: a chain batch ran as `levels`, a pub/sub-less MGET of "
+    "every in-flight result every 20 ms, five round trips per submitted line): 23.4 lines/s, 0.17× "
+    "`dspy.Evaluate`, 25.4 CPU ms / module. At `e59ab90` (quiet machine): 113.2 lines/s, 0.77× (147.9), "
+    "6.1 CPU ms / module. Then (`743a713`): finishing an execution takes 3 round trips instead of 11 (the"
+    " finish claim and the reads of the result in one Lua script; the Celery result and the meta status "
+    "in another; the history finished event with the record events still queued, in one pipeline), the "
+    "allow-list check resolves a module's `uses` once per process and a batch's plan text is parsed once "
+    "per worker: a worker thread makes 8 round trips per line instead of 16 (MONITOR on one line; Redis "
+    "commands per line, those inside scripts included, stay ≈ 100), but throughput and CPU moved within "
+    "the noise — this table; one worker thread over 100 lines, interleaved with the `e59ab90` files: "
+    "111.3 vs 110.9 ms per line on a quiet machine, 2–4 % less under load 3–4. The goal (≥ 0.9×, ≤ 5 ms /"
+    " module) is not reached. Where the rest goes (2×8 threads, per line): a worker thread holds a line ≈"
+    " 130 ms (Celery's `succeeded in`), `dspy.Evaluate` ≈ 108 ms; per-thread CPU from /proc: the pool "
+    "threads ≈ 8 ms (DSPy's own work ≈ 3.4 ms of it, the engine ≈ 2.4 ms per module: Celery's task "
+    "machinery, `begin`/`save_success` and the finish, pydantic records, JSON), the consumer thread ≈ 1 "
+    "ms, the history publisher ≈ 0.25 ms; the rest is waiting for the GIL behind the other threads' CPU, "
+    "and each thread idles ≈ 5–10 % between lines while the consumer fetches its next message after an "
+    "ack (prefetch 1)."
+)
 
 
 def dataset(count: int) -> list[dict[str, str]]:
@@ -234,7 +256,7 @@ def write_docs(args: argparse.Namespace, workers: list[WorkerSpec], rows: list[l
         "the machine's 2 cores, so the numbers are noisy."
     )
     body = "\n".join([intro, "", *machine_lines(workers), f"- whole run {elapsed:.0f} s", "",
-                      markdown_table(headers, rows)])
+                      markdown_table(headers, rows), "", HISTORY])
     write_section(HEADING, body)
 
 
