@@ -6,7 +6,8 @@
 The same program on both sides: ``examples/dspy_rag.yaml`` (Retrieve -> Generate, a ChainOfThought
 with its compiled demos) whose LM is ``dspex_celery.examples.latency_lm`` (the offline DummyLM, 100 ms per call,
 uncached). ``dspy.Evaluate(num_threads=T)`` runs it in this process; ``submit_batch`` runs it on
-``--workers`` real ``dspex-celery worker`` subprocesses with T threads in all, on this machine.
+real ``dspex-celery worker`` subprocesses with T threads in all, in each ``--layouts`` layout
+(processes x threads, e.g. 2x8,8x2; 2x8 by default), side by side on this machine.
 Rounds interleaved; medians of lines/s and of CPU ms per module (client + worker processes' CPU
 time over the modules run; Evaluate: this process over its module calls, two per line).
 """
@@ -14,6 +15,7 @@ time over the modules run; Evaluate: this process over its module calls, two per
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -192,7 +194,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", type=int, default=480, help="lines per run (default 480)")
     parser.add_argument("--threads", type=int, default=16, help="threads in all, both sides (default 16)")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes sharing the threads (default 2)")
+    parser.add_argument("--layouts", default=None, type=layouts,
+                        help="worker layouts run side by side, PROCESSESxTHREADS each, comma-separated; "
+                             "every layout has --threads threads in all (default: 2 processes sharing them)")
     parser.add_argument("--pool", default="threads", choices=["threads", "prefork"], help="worker pool")
     parser.add_argument("--max-in-flight", type=int, default=None, help="batch bound (default 2 x threads)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per case (median reported)")
@@ -202,23 +206,39 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.lines, args.rounds, args.write_docs = 64, 1, False
     args.max_in_flight = args.max_in_flight or 2 * args.threads
+    args.layouts = args.layouts or [(2, max(1, args.threads // 2))]
+    wrong = [f"{workers}x{threads}" for workers, threads in args.layouts if workers * threads != args.threads]
+    if wrong:
+        parser.error(f"--layouts {','.join(wrong)}: each layout needs {args.threads} threads in all (--threads)")
     return args
+
+
+def layouts(text: str) -> list[tuple[int, int]]:
+    """``2x8,8x2`` -> [(2, 8), (8, 2)]: worker processes x threads each."""
+    try:
+        pairs = [tuple(int(part) for part in item.lower().split("x")) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write layouts as PROCESSESxTHREADS, e.g. 2x8,8x2") from None
+    if not pairs or any(len(pair) != 2 or min(pair) < 1 for pair in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: write layouts as PROCESSESxTHREADS, e.g. 2x8,8x2")
+    return [(pair[0], pair[1]) for pair in pairs]
 
 
 def main() -> None:
     args = parse_args()
     dspy.configure(lm=latency_lm())
     program = cluster_program()
-    per_worker = max(1, args.threads // args.workers)
-    workers = [WorkerSpec(resources=("default", "io", "llm"), concurrency=per_worker, pool=args.pool)] * args.workers
     started = time.monotonic()
     redis_before = redis_cpu_s()
-    with cluster(workers) as bench:
-        cases = {
-            f"dspy.Evaluate(num_threads={args.threads})": evaluate_case(args.lines, args.threads),
-            f"dspex-celery batch ({args.workers}×{per_worker} threads)": batch_case(
-                bench, program, args.lines, args.max_in_flight),
-        }
+    with contextlib.ExitStack() as stack:
+        cases = {f"dspy.Evaluate(num_threads={args.threads})": evaluate_case(args.lines, args.threads)}
+        all_workers: list[WorkerSpec] = []
+        for processes, threads in args.layouts:
+            workers = [WorkerSpec(resources=("default", "io", "llm"), concurrency=threads, pool=args.pool)] * processes
+            bench = stack.enter_context(cluster(workers))
+            all_workers += workers
+            cases[f"dspex-celery batch ({processes}×{threads} threads)"] = batch_case(
+                bench, program, args.lines, args.max_in_flight)
         for case in cases.values():  # warm-up: imports, adapters, LMs built once per process
             case()
             case.cpu_ms.clear()
@@ -238,7 +258,7 @@ def main() -> None:
     print_table("LM batch throughput", headers, rows)
     print(f"shared Redis CPU over the whole run (all its clients): {redis_used:.1f} s")
     if args.write_docs:
-        write_docs(args, workers, rows, headers, elapsed)
+        write_docs(args, all_workers, rows, headers, elapsed)
 
 
 def write_docs(args: argparse.Namespace, workers: list[WorkerSpec], rows: list[list[str]], headers: list[str],
@@ -249,8 +269,10 @@ def write_docs(args: argparse.Namespace, workers: list[WorkerSpec], rows: list[l
         f"{args.lines} distinct questions, its LM the offline DummyLM taking {LATENCY_S * 1000:g} ms per "
         f"call, uncached (`dspex_celery/examples/latency_lm.py`). `dspy.Evaluate(num_threads={args.threads})` runs it in "
         f"the benchmark's process; `submit_batch(max_in_flight={args.max_in_flight})` runs one execution "
-        f"per line on {args.workers} real `dspex-celery worker` subprocesses ({args.threads} threads in all) "
-        "on the same machine, Redis as broker and state store. Rounds interleaved, medians of "
+        f"per line on real `dspex-celery worker` subprocesses, {args.threads} threads in all, in each layout "
+        f"({', '.join(f'{p} processes × {t} threads' for p, t in args.layouts)}; every layout's workers are "
+        "started before the rounds and idle while another case runs) on the same machine, Redis as broker "
+        "and state store. Rounds interleaved, medians of "
         f"{args.rounds}. CPU ms / module: CPU time of the client and worker processes (Evaluate: its one "
         "process) over the modules run (two per line); Redis's own CPU is not in it. Other jobs share "
         "the machine's 2 cores, so the numbers are noisy."
