@@ -542,11 +542,19 @@ class BatchRun:
         if earlier is None or earlier.status != SUBMITTED or not earlier.execution_id:
             return None
         meta = self.runtime.store.meta(earlier.execution_id)
-        if not meta or meta.get("status") == ExecutionStatus.CANCELLED.value:
+        if not meta or self._cancelled(earlier.execution_id, meta):
             return None  # killed before it was stored (nothing ran), or cancelled: run it again
         if not meta.get("started") and not self.runtime.store.is_finished(earlier.execution_id):
             start_execution(self.runtime, earlier.execution_id, meta.get("strategy", self.strategy))
         return earlier.execution_id
+
+    def _cancelled(self, execution_id: str, meta: Mapping[str, Any]) -> bool:
+        """True when the execution was cancelled: published so, or only claimed so by a client that
+        was killed before it published (a second Ctrl-C while cancelling)."""
+        if meta.get("status") == ExecutionStatus.CANCELLED.value:
+            return True
+        claim = self.runtime.store.finish_claim(execution_id)
+        return claim is not None and claim.get("status") == ExecutionStatus.CANCELLED.value
 
     def _harvest(self, *, wait: bool) -> None:
         """Move finished submissions to the pending executions (a failed submission raises here)."""

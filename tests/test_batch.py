@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pty
@@ -15,7 +16,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from dspex_celery import Program, Settings, create_runtime, submit_batch
+from dspex_celery import Program, Settings, create_runtime, submit_batch, submit_program
 from dspex_celery.batch import BatchItem, program_fingerprint
 from dspex_celery.cli import cli
 from tests.conftest import CLI, ROOT, Cluster, wait_for
@@ -311,6 +312,24 @@ def test_submit_batch_reuses_previous_lines_of_the_same_program_version_only(clu
     fresh = submit_batch(program_a, rows, app=app, previous=first.lines, fresh=True).get()
     assert (fresh.ran, fresh.reused, fresh.ran_because) == (3, 0, {"fresh": 3})
     assert side_channel(key, "finished") == {"A:p0": 2, "A:p1": 2, "A:p2": 2, "B:p0": 1, "B:p1": 1, "B:p2": 1}
+
+
+def test_a_line_whose_killed_client_only_claimed_its_cancel_runs_again(cluster: Cluster) -> None:
+    key = f"{cluster.settings.namespace}:claimed-cancel"
+    program, rows, app = Program.from_dict(tagger(key, tag="C", seconds=0.5)), [{"line": "c0"}], cluster.runtime.app
+    first = submit_batch(program, rows, app=app).get()
+    # Given an earlier run's line whose client claimed the cancel of its execution and died before publishing it
+    execution_id = submit_program(program, rows[0], app=app).execution_id
+    assert cluster.runtime.store.claim_finish(execution_id, "cancelled", "interrupted")
+    submitted = dataclasses.replace(first.lines[0], status="submitted", execution_id=execution_id, outputs=None)
+    # When the batch runs again with that line as the previous one
+    started = time.monotonic()
+    again = submit_batch(program, rows, app=app, previous=[submitted]).get()
+    # Then the line runs again in a new execution (it is not waited for, nor ends "cancelled")
+    line = again.lines[0]
+    assert (line.status, line.outputs) == ("succeeded", {"echo": "C:c0"}), line
+    assert line.execution_id not in (execution_id, first.lines[0].execution_id)
+    assert time.monotonic() - started < 8  # no wait for a client takeover (10 s)
 
 
 def start_batch(
