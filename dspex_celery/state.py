@@ -6,6 +6,7 @@ embedded mode uses the same code over an in-process Redis (fakeredis), so there 
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -162,7 +163,6 @@ class StateStore:
         self.namespace = namespace
         self.ttl_s = ttl_s
         self._plans: OrderedDict[str, Plan] = OrderedDict()
-        self._parsed: OrderedDict[str, Plan] = OrderedDict()  # plan text -> plan
         self._lock = threading.Lock()
         self._scripts: dict[str, Any] = {}
 
@@ -230,25 +230,11 @@ class StateStore:
         text = self.client.get(self.key(execution_id, "plan"))
         if text is None:
             return None
-        plan = self._parse_plan(text)
+        plan = parsed_plan(text)
         with self._lock:
             self._plans[execution_id] = plan
             while len(self._plans) > PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)
-        return plan
-
-    def _parse_plan(self, text: str) -> Plan:
-        """The plan of ``text``, parsed once per process for the last few texts (plans never change)."""
-        with self._lock:
-            plan = self._parsed.get(text)
-            if plan is not None:
-                self._parsed.move_to_end(text)
-                return plan
-        plan = Plan.from_json(text)
-        with self._lock:
-            self._parsed[text] = plan
-            while len(self._parsed) > PLAN_TEXT_CACHE_SIZE:
-                self._parsed.popitem(last=False)
         return plan
 
     def meta(self, execution_id: str) -> dict[str, Any]:
@@ -410,6 +396,12 @@ class StateStore:
     def records(self, execution_id: str) -> dict[str, ModuleRecord]:
         raw = self.client.hgetall(self.key(execution_id, "rec"))
         return {name: ModuleRecord.model_validate_json(value) for name, value in raw.items()}
+
+
+@functools.lru_cache(maxsize=PLAN_TEXT_CACHE_SIZE)
+def parsed_plan(text: str) -> Plan:
+    """The plan of ``text``, parsed once per process for the last few texts (plans never change)."""
+    return Plan.from_json(text)
 
 
 def _pairs(flat: Sequence[Any]) -> Iterable[tuple[Any, Any]]:
