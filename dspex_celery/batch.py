@@ -34,6 +34,7 @@ from dspex_celery.client import (
     launch_together,
     new_execution_id,
     prepare_runtime,
+    profiled_plan,
     start_execution,
 )
 from dspex_celery.errors import UsageError
@@ -344,13 +345,10 @@ class BatchRun:
     ) -> None:
         if max_in_flight < 1:
             raise UsageError(f"max_in_flight must be at least 1, got {max_in_flight}")
-        # Imported here, as submit_program does (the optimizer's history is optional).
-        from dspex_celery.optimizer import apply_profile
-
         self.runtime = runtime
         self.program = program
-        plan = program.plan()  # planned once, as submit_program plans each submission
-        self.plan = apply_profile(runtime.settings, program, plan, learned_timeouts=learned_timeouts) if use_profile else plan
+        # planned once, as submit_program plans each submission
+        self.plan = profiled_plan(runtime, program, use_profile=use_profile, learned_timeouts=learned_timeouts)
         self.packages = program.packages()
         self.max_in_flight = max_in_flight
         self.strategy = batch_strategy(self.plan, strategy)

@@ -274,6 +274,18 @@ def cancel_execution(runtime: Runtime, execution_id: str) -> bool:
     return Execution(runtime, execution_id).finish(ExecutionStatus.CANCELLED, "cancelled on request")
 
 
+def profiled_plan(runtime: Runtime, program: Program, *, use_profile: bool = True,
+                  learned_timeouts: bool | None = None) -> Plan:
+    """The program's plan, with its history profile applied when ``use_profile`` and there is history
+    to read (the optimizer, and SQLAlchemy with it, is imported only then)."""
+    plan = program.plan()
+    if not use_profile or not history_present(runtime.settings):
+        return plan
+    from dspex_celery.optimizer import apply_profile
+
+    return apply_profile(runtime.settings, program, plan, learned_timeouts=learned_timeouts)
+
+
 def submit_program(
     program: ProgramLike,
     inputs: dict[str, Any] | None = None,
@@ -299,11 +311,7 @@ def submit_program(
     """
     runtime = runtime_of(app) if app is not None else default_runtime()
     program = Program.coerce(program)
-    plan = program.plan()
-    if use_profile and history_present(runtime.settings):
-        from dspex_celery.optimizer import apply_profile  # SQLAlchemy: only when there is history to read
-
-        plan = apply_profile(runtime.settings, program, plan, learned_timeouts=learned_timeouts)
+    plan = profiled_plan(runtime, program, use_profile=use_profile, learned_timeouts=learned_timeouts)
     source = resume_source(runtime, resume_from) if resume_from else None
     if source is not None:
         inputs = source.same_inputs(inputs)
