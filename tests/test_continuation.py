@@ -152,6 +152,17 @@ def test_continuation_respects_resource_classes(make_cluster) -> None:
     cluster.stop()
 
 
+def kill_once_started(cluster: Cluster, doomed: Any, key: str) -> list[str]:
+    """Once the announced module has started (it pushes its task id on ``key``), kill -9 the ``doomed``
+    worker (a threads-pool worker is one process) and start another; returns the task ids pushed."""
+    started = wait_for(lambda: cluster.runtime.store.client.lrange(key, 0, -1), timeout=30,
+                       what="the slow module to start")
+    os.kill(doomed.process.pid, signal.SIGKILL)
+    doomed.process.wait(timeout=10)
+    cluster.start_worker("default", concurrency=2, pool="threads", env={"DSPEX_VISIBILITY_TIMEOUT_S": "3"})
+    return started
+
+
 def test_worker_killed_during_a_continued_module_the_execution_completes(make_cluster) -> None:
     # Given a worker (short visibility timeout) running a chain whose second module is slow
     cluster = make_cluster(visibility_timeout_s=3)
@@ -161,13 +172,9 @@ def test_worker_killed_during_a_continued_module_the_execution_completes(make_cl
                "slow": {"uses": ANNOUNCED, "inputs": {"key": key, "ms": 2500, "a": "$first.value"}},
                "last": {"uses": STEP, "inputs": {"a": "$slow.value"}}}
     handle = cluster.submit(program("killed", modules), strategy="dag")
-    client = cluster.runtime.store.client
     # When it is killed (-9, the whole worker) while it runs the continued module, and another starts
-    started = wait_for(lambda: client.lrange(key, 0, -1), timeout=30, what="the slow module to start")
+    started = kill_once_started(cluster, doomed, key)
     assert started == [task_id(handle.execution_id, "first")]  # it was continued, inside first's task
-    os.kill(doomed.process.pid, signal.SIGKILL)  # a threads-pool worker is one process
-    doomed.process.wait(timeout=10)
-    cluster.start_worker("default", concurrency=2, pool="threads", env={"DSPEX_VISIBILITY_TIMEOUT_S": "3"})
     # Then the execution completes, every output present, the slow module run again elsewhere
     result = handle.get(timeout=60, propagate=False)
     assert result.status is ExecutionStatus.SUCCEEDED, result.error
@@ -219,13 +226,9 @@ def test_worker_killed_during_a_module_it_took_next_the_execution_completes(make
     modules = {"a_first": {"uses": STEP},
                "b_slow": {"uses": ANNOUNCED, "inputs": {"key": key, "ms": 2500}}}
     handle = cluster.submit(program("took-next", modules), strategy="dag")
-    client = cluster.runtime.store.client
     # When it is killed (-9) while it runs the second, taken off the queue in the first's task
-    started = wait_for(lambda: client.lrange(key, 0, -1), timeout=30, what="the slow module to start")
+    started = kill_once_started(cluster, doomed, key)
     assert started == [task_id(handle.execution_id, "a_first")]
-    os.kill(doomed.process.pid, signal.SIGKILL)
-    doomed.process.wait(timeout=10)
-    cluster.start_worker("default", concurrency=2, pool="threads", env={"DSPEX_VISIBILITY_TIMEOUT_S": "3"})
     # Then the execution completes, the slow module run again elsewhere
     result = handle.get(timeout=60, propagate=False)
     assert result.status is ExecutionStatus.SUCCEEDED, result.error
