@@ -8,8 +8,9 @@ queue. The worker runs the child, then deletes the lease (:meth:`Lease.release`:
 killed meanwhile never acks: kombu's restore sweep on any live worker puts the message back on its
 queue once the visibility timeout has passed, and the child runs again (its record shows the lost
 attempt) — the same path a message of a killed worker takes. When no ready child is continued, the
-count leases the worker the next queued module of the same execution instead (the message its own
-fetch would return next, taken off its queue), so a bag of independent modules chains as well. Only on
+count leases the worker the next queued module instead (the message its own fetch would return
+next, taken off its queue) — of the same execution, or of another ``dag`` execution whose message
+allows it — so a bag of independent modules chains as well, and so do a batch's lines. Only on
 a Redis broker that shares the state store's database (:mod:`dspex_celery.redis_queues`): elsewhere
 every child goes through the broker.
 """
@@ -60,6 +61,12 @@ class Lease:
     module: str
     keys: UnackedKeys
 
+    @classmethod
+    def of(cls, leased: str, keys: UnackedKeys) -> Lease:
+        """The lease of the module whose task id (``EXEC.MODULE``) the strategy leased."""
+        execution_id, _, module = leased.rpartition(".")
+        return cls(execution_id, module, keys)
+
     def release(self, client: Any) -> None:
         """The ack: the child ran to an end here (its record says how), nothing to re-deliver."""
         tag = lease_tag(self.execution_id, self.module)
@@ -74,7 +81,7 @@ class Offer:
     through the broker); ``timeouts``: whether it may continue a child that has a ``timeout_s`` (not
     in a prefork child, where only Celery's per-message time limits stop a call); ``held``: the
     module runs under a lease, which the strategy's count releases once it succeeded. The strategy
-    sets ``claimed`` to the child it leased.
+    sets ``claimed`` to the task id (``EXEC.MODULE``) of the module it leased.
     """
 
     queues: frozenset[str]

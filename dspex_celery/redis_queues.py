@@ -59,7 +59,8 @@ class RedisQueues:
 
     def message(self, signature: Signature) -> tuple[str, str]:
         """The queue key and the message that ``signature.apply_async(ignore_result=True)`` would push,
-        sent from the task running in this thread (its root and parent ids, as Celery sets them)."""
+        sent from the task running in this thread (its root and parent ids, as Celery sets them; the
+        signature's ``headers`` option added to Celery's, as ``apply_async(headers=...)`` adds them)."""
         options = signature.options
         task_id = str(options["task_id"])
         parent = self.app.current_worker_task
@@ -89,7 +90,7 @@ class RedisQueues:
             "body": base64.b64encode(body.encode() if isinstance(body, str) else body).decode(),
             "content-encoding": content_encoding,
             "content-type": content_type,
-            "headers": task.headers,
+            "headers": {**task.headers, **options["headers"]} if "headers" in options else task.headers,
             "properties": properties,
         }
         return self.key(queue, priority), json.dumps(payload)

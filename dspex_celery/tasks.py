@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import reprlib
@@ -16,6 +17,7 @@ import redis
 from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Celery, Task
 from celery.signals import worker_process_init
+from celery.worker import state as worker_state
 
 from dspex_celery.backups import backup_record, is_backup, leave_race, log_attempt, steps_aside
 from dspex_celery.call_threads import CallThreads
@@ -144,8 +146,9 @@ def advance_stage(runtime: Runtime, execution_id: str, strategy: str, stage: int
 
 
 def run_chain(task: Task, runtime: Runtime, execution_id: str, module: str) -> dict[str, Any]:
-    """Run ``module``, then each ready child its strategy leased to this worker (worker-local
-    continuation, :mod:`dspex_celery.continuation`), at most ``dag_continuation`` in a row; returns the
+    """Run ``module``, then each module its strategy leased to this worker (a ready child, or the next
+    queued module of this or another execution: worker-local continuation,
+    :mod:`dspex_celery.continuation`), at most ``dag_continuation`` in a row; returns the
     first run's result (the task's). A continued run that fails outside its call is settled as a task
     failure would be; on a store or broker error the task is retried and the re-run puts the lease
     back on its queue; an interrupted one keeps its lease (it is re-delivered)."""
@@ -153,9 +156,9 @@ def run_chain(task: Task, runtime: Runtime, execution_id: str, module: str) -> d
     run = ModuleRun(task, runtime, execution_id, module, offer=continuation_offer(task, runtime, left))
     result = run.run()
     while run.offer is not None and run.offer.claimed is not None:
-        lease, left = Lease(execution_id, run.offer.claimed, run.offer.keys), left - 1
+        lease, left = Lease.of(run.offer.claimed, run.offer.keys), left - 1
         offer = continuation_offer(task, runtime, left, held=True)
-        run = ModuleRun(task, runtime, execution_id, lease.module, offer=offer, lease=lease)
+        run = ModuleRun(task, runtime, lease.execution_id, lease.module, offer=offer, lease=lease)
         events, started = _task_events(task, run), time.monotonic()
         outcome: dict[str, Any] = {"status": ModuleStatus.FAILED.value}
         try:
@@ -163,7 +166,7 @@ def run_chain(task: Task, runtime: Runtime, execution_id: str, module: str) -> d
         except INFRA_ERRORS:
             raise
         except Exception as exc:  # a bug around the call: as on_failure does for a task
-            settle_failed_run(runtime, execution_id, lease.module, exc)
+            settle_failed_run(runtime, lease.execution_id, lease.module, exc)
             run.offer = None
         if not run.lease_released:
             lease.release(runtime.store.client)
@@ -184,11 +187,18 @@ def _task_events(task: Task, run: ModuleRun) -> TaskEvents | None:
     return events
 
 
+def shutting_down() -> bool:
+    """True once the worker began a warm or cold shutdown: a slot ends the module it runs and, as Celery's
+    own warm shutdown promises, takes nothing more."""
+    return any(flag is not None and flag is not False
+               for flag in (worker_state.should_stop, worker_state.should_terminate))
+
+
 def continuation_offer(task: Task, runtime: Runtime, left: int, held: bool = False) -> Offer | None:
     """This worker's offer to continue a child (None when it may not: chain bound reached, no Redis
     queues to lease from, or this message's Celery time limit would cover the child too); ``held``:
     the module it goes with runs under a lease."""
-    if left <= 0 or runtime.queues is None or task.request.called_directly:
+    if left <= 0 or runtime.queues is None or task.request.called_directly or shutting_down():
         return None
     limited = _pool_child.is_set()
     if limited and any(task.request.timelimit or ()):
@@ -331,6 +341,8 @@ class ModuleRun:
         record = self._finished_record(ctx, status=ModuleStatus.SUCCEEDED)
         # One atomic store call (unless the execution ended meanwhile); children go out first:
         # they are on the critical path, the hooks are not.
+        if self.offer is not None and shutting_down():  # still released by the count; continues nothing
+            self.offer = dataclasses.replace(self.offer, queues=frozenset())
         if not self.strategy.module_succeeded(self.execution, self.name, output, record, offer=self.offer):
             return self._too_late(ctx, lambda: self.runtime.hooks.after_success(ctx, output))
         self.lease_released = self.offer is not None and self.offer.held

@@ -47,7 +47,13 @@ from dspex_celery.runtime import Runtime
 from dspex_celery.testing import RedisServer
 
 HEADING = "WfCommons workflows: dspex vs Ray and Dask (issue 18)"
-WORKERS = [bench.WorkerSpec(("default",), concurrency=4, pool="threads", includes=("bench_dag_tasks",))] * 2
+#: dspex's workers: processes x threads, SLOTS threads in all (--layout; the documented runs use 2x4, as Dask).
+LAYOUT = (2, SLOTS // 2)
+
+
+def worker_specs(layout: tuple[int, int]) -> list[bench.WorkerSpec]:
+    processes, threads = layout
+    return [bench.WorkerSpec(("default",), concurrency=threads, pool="threads", includes=("bench_dag_tasks",))] * processes
 RUN_TIMEOUT_S = 90.0
 LEARNING_RUNS = 2
 DAG, PROFILED, LEVELS, DASK, RAY, FLOOR = "dag", "dag + learned profile", "levels", "Dask", "Ray", "Celery floor"
@@ -244,8 +250,8 @@ def own_redis() -> Iterator[str]:
 
 
 @contextmanager
-def dspex_cluster(redis_url: str, worker_env: dict[str, str]) -> Iterator[bench.BenchCluster]:
-    cluster = bench.BenchCluster(WORKERS, redis_url=redis_url)
+def dspex_cluster(redis_url: str, worker_env: dict[str, str], layout: tuple[int, int]) -> Iterator[bench.BenchCluster]:
+    cluster = bench.BenchCluster(worker_specs(layout), redis_url=redis_url)
     cluster.cluster.extra_env.update(worker_env)
     try:
         cluster.start()
@@ -321,7 +327,15 @@ def docs_body(headers: list[str], rows: list[list[str]], goals: list[str], round
         "and Dask keep their state in their own processes). The machine is shared with other jobs: numbers "
         "are noisy."
     )
-    return "\n".join([intro, "", *bench.machine_lines(WORKERS, broker), "", bench.markdown_table(headers, rows), "", *goals])
+    return "\n".join([intro, "", *bench.machine_lines(worker_specs(LAYOUT), broker), "", bench.markdown_table(headers, rows), "", *goals])
+
+
+def layout_of(text: str) -> tuple[int, int]:
+    """``4x2`` -> (4, 2): worker processes x threads each."""
+    processes, _, threads = text.lower().partition("x")
+    if not (processes.isdigit() and threads.isdigit() and int(processes) > 0 and int(threads) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: write the layout as PROCESSESxTHREADS, e.g. 4x2")
+    return int(processes), int(threads)
 
 
 def main() -> None:
@@ -334,13 +348,17 @@ def main() -> None:
                         help="also print each dspex case's readiness gaps, idle slot time and order replay")
     parser.add_argument("--continuation", type=int, metavar="N",
                         help="the workers' DSPEX_DAG_CONTINUATION (e.g. 0 to measure dag without it); no docs")
+    parser.add_argument("--layout", type=layout_of, default=LAYOUT, metavar="PxT",
+                        help=f"dspex's worker processes x threads, {SLOTS} threads in all (default 2x4); no docs")
     args = parser.parse_args()
+    if args.layout[0] * args.layout[1] != SLOTS:
+        parser.error(f"--layout {args.layout[0]}x{args.layout[1]}: the layout needs {SLOTS} threads in all")
     workflows = load_all(tuple(args.only or RECIPES))
     rounds = 1 if args.quick else args.rounds
     started = time.perf_counter()
     peers = Peers()
     worker_env = {} if args.continuation is None else {"DSPEX_DAG_CONTINUATION": str(args.continuation)}
-    with own_redis() as redis_url, dspex_cluster(redis_url, worker_env) as cluster:
+    with own_redis() as redis_url, dspex_cluster(redis_url, worker_env, args.layout) as cluster:
         try:
             peers.start()
             warm_up(cluster, peers, workflows[0])
@@ -362,7 +380,7 @@ def main() -> None:
         bench.print_table("where dspex's time went (medians)",
                           ["workflow", "engine", "ready->start ms", "idle slot-s while ready", "order replay / LB"],
                           gap_rows(workflows))
-    if not (args.only or args.quick or args.engine or args.continuation is not None):
+    if not (args.only or args.quick or args.engine or args.continuation is not None or args.layout != LAYOUT):
         bench.write_section(HEADING, docs_body(headers, rows, goals, rounds, elapsed, broker))
         bench.console.print(f"written to {bench.BENCHMARKS_MD.relative_to(bench.ROOT)}")
 

@@ -200,21 +200,67 @@ def test_independent_modules_go_on_in_the_slot_that_freed(cluster: Cluster) -> N
                           if result.execution_id in tag], timeout=5, what="the leases to be released")
 
 
-def test_a_slot_takes_only_its_own_executions_next_module(make_cluster) -> None:
-    # Given one slot and two executions of independent modules queued one after the other
+def tasks_of(cluster: Cluster, result: ExecutionResult) -> set[str]:
+    """The ids of the Celery tasks its modules ran in."""
+    return {output["task"] for output in outputs(cluster, result).values()}
+
+
+def test_a_slot_goes_on_with_the_next_executions_queued_module(make_cluster) -> None:
+    # Given one slot and two executions of independent modules queued one after the other (a batch's lines)
     cluster = make_cluster()
     cluster.start_worker("default", concurrency=1, pool="threads")
-    modules = {f"m{index}": {"uses": STEP, "inputs": {"ms": 10}} for index in range(4)}
-    handles = [cluster.submit(program(f"queued{n}", modules), strategy="dag") for n in range(2)]
+    modules = {f"m{index}": {"uses": STEP, "inputs": {"ms": 50}} for index in range(3)}
+    first, second = (cluster.submit(program(f"line{n}", modules), strategy="dag") for n in range(2))
     # When both run
+    results = [handle.get(timeout=60, propagate=False) for handle in (first, second)]
+    # Then the first execution's chain went on with the second's modules, each with its own record
+    assert [result.status for result in results] == [ExecutionStatus.SUCCEEDED] * 2
+    assert any(task.startswith(first.execution_id + ".") for task in tasks_of(cluster, results[1]))
+    for name, record in results[1].modules.items():
+        assert record.status.value == "succeeded" and record.worker and record.started_at, name
+    unacked = UnackedKeys.of(cluster.runtime.app)
+    wait_for(lambda: not cluster.runtime.store.client.hlen(unacked.messages), timeout=5,
+             what="every lease and message to be acked")
+    cluster.stop()
+
+
+def test_a_slot_never_takes_a_module_that_must_run_in_its_own_task(make_cluster) -> None:
+    # Given one slot busy with a dag execution, and queued behind it a `levels` execution (its chords
+    # count task results) and a dag execution whose plan has a backup (a winning backup revokes a task)
+    cluster = make_cluster()
+    cluster.start_worker("default", concurrency=1, pool="threads")
+    busy = {f"m{index}": {"uses": STEP, "inputs": {"ms": 100}} for index in range(3)}
+    levels = {"a": {"uses": STEP}, "b": {"uses": STEP, "inputs": {"p": "$a.value"}}}
+    backed = {"x": {"uses": STEP, "backup_after_s": 30}, "y": {"uses": STEP}}
+    handles = [cluster.submit(program("busy", busy), strategy="dag"),
+               cluster.submit(program("staged", levels), strategy="levels"),
+               cluster.submit(program("backed", backed), strategy="dag")]
+    # When all run
     results = [handle.get(timeout=60, propagate=False) for handle in handles]
-    # Then every module ran in a task of its own execution: the first one's last module did not take
-    # the second's (its queue's next message) into its chain
-    for result in results:
-        assert result.status is ExecutionStatus.SUCCEEDED
-        tasks = {output["task"] for output in outputs(cluster, result).values()}
-        assert all(task.startswith(result.execution_id + ".") for task in tasks)
-    assert any(continued(cluster, result) for result in results)
+    # Then the last two ran every module in tasks of their own execution
+    assert [result.status for result in results] == [ExecutionStatus.SUCCEEDED] * 3
+    for result in results[1:]:
+        assert all(task.startswith(result.execution_id + ".") for task in tasks_of(cluster, result)), result.program
+    cluster.stop()
+
+
+def test_a_warm_shutdown_ends_the_running_module_and_takes_no_more(make_cluster) -> None:
+    # Given a one-slot worker running the first of three independent slow modules
+    cluster = make_cluster()
+    stopping = cluster.start_worker("default", concurrency=1, pool="threads")
+    key = f"{cluster.settings.namespace}:side:{uuid.uuid4().hex[:8]}"
+    modules = {f"m{index}": {"uses": ANNOUNCED, "inputs": {"key": key, "ms": 1500}} for index in range(3)}
+    handle = cluster.submit(program("warm-stop", modules), strategy="dag")
+    wait_for(lambda: cluster.runtime.store.client.llen(key), timeout=30, what="the first module to start")
+    # When it is asked to stop (SIGTERM: Celery's warm shutdown)
+    os.kill(stopping.process.pid, signal.SIGTERM)
+    stopping.process.wait(timeout=30)
+    # Then it finished that module only: the other two stayed queued, and another worker runs them
+    assert cluster.runtime.store.client.llen(key) == 1
+    cluster.start_worker("default", concurrency=2, pool="threads")
+    result = handle.get(timeout=60, propagate=False)
+    assert result.status is ExecutionStatus.SUCCEEDED, result.error
+    assert all(record.lost_attempts == 0 for record in result.modules.values())
     cluster.stop()
 
 

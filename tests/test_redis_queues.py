@@ -25,10 +25,12 @@ from dspex_celery import UnservedResourceWarning
 from dspex_celery.bootstrap import create_runtime
 from dspex_celery.canvas import RUN_MODULE, module_signature, task_id
 from dspex_celery.examples import synthetic
+from dspex_celery.execution import Execution
 from dspex_celery.program import Program
 from dspex_celery.redis_queues import RedisQueues
 from dspex_celery.routing import queue_name
 from dspex_celery.settings import Settings
+from dspex_celery.strategies.dag import CHAIN_HEADER, dag_signature
 from dspex_celery.testing import WorkerProcess
 from tests.conftest import ROOT, Cluster, program, wait_for
 from tests.modules.stock_celery import stock_app
@@ -131,7 +133,8 @@ def test_a_stock_celery_worker_runs_the_message_the_dag_step_pushed(make_cluster
     try:
         plan = runtime.store.plan(execution_id)
         assert plan is not None
-        signature = module_signature(runtime.app, plan, execution_id, "child", namespace)
+        signature = dag_signature(Execution(runtime, execution_id), plan, "child", chains=True)
+        assert signature.options["headers"] == {CHAIN_HEADER: True}  # a worker of another execution may take it
         queue = queue_name(namespace, STOCK)
         key = queues.key(queue, int(signature.options["priority"]))
         # When the parent finishes: the Lua step that stores its output pushes the child's message

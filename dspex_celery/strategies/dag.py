@@ -12,8 +12,9 @@ that stores the module's output and record, and, on a Redis broker sharing the s
 from "returned" to "children queued", and no window in which a dying worker could lose a child.
 There, the worker that finished the module may offer to run one ready child itself (worker-local
 continuation, :mod:`dspex_celery.continuation`): the same script then leases that child to it
-instead of queueing it — or, when it continues none, the module of this execution its queues would
-hand it next, so the slot goes on without an ack and a broker fetch.
+instead of queueing it — or, when it continues none, the module its queues would hand it next (of
+this execution, or of another ``dag`` execution that allows it), so the slot goes on without an ack
+and a broker fetch.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
+from celery.canvas import Signature
+
 from dspex_celery.canvas import RUN_MODULE, module_signature, task_id
-from dspex_celery.continuation import Offer, UnackedKeys, lease_tag
+from dspex_celery.continuation import TAG_PREFIX, Offer, UnackedKeys, lease_tag
 from dspex_celery.execution import Execution
 from dspex_celery.plan import Plan
 from dspex_celery.redis_queues import RedisQueues
@@ -33,17 +36,22 @@ from dspex_celery.routing import queue_name
 from dspex_celery.state import LuaStep, lua_call
 from dspex_celery.strategies.base import BLOCKING, Strategy, blocking_of, split_blocked
 
+#: The header that lets a worker running another ``dag`` execution take this module's message into its
+#: chain (set when the plan has no backups: a winning backup revokes its attempt's task, which in a
+#: chain is another module's).
+CHAIN_HEADER = "dspex_chain"
+
 # The body of the count's take_next(): when none of the ready children is continued here (none ready,
 # none this worker serves, or a more urgent module queued), the worker takes the module it would be
 # sent next anyway: the oldest message of the most urgent non-empty list of its queues, leased to it as
-# a continued child is — only a ``run_module`` message of this execution, not delayed (a retry's
-# countdown) and without a Celery time limit where the worker may not run one in a chain; any other
-# message there (another execution's, another task) stays for a slot that frees. ``first``: the KEYS
-# index of the worker's first queue list.
+# a continued child is — only a ``run_module`` message of this execution, or of another ``dag``
+# execution whose message says it may run in a chain (CHAIN_HEADER: its plan has no backups), not
+# delayed (a retry's countdown) and without a Celery time limit where the worker may not run one in a
+# chain; any other message there (another task, a levels module) stays for a slot that frees.
+# ``first``: the KEYS index of the worker's first queue list; ``own``: this execution's task-id prefix.
 _TAKE_NEXT = """
-local base = a + 7 + 4 * n
+local base = a + 6 + 4 * n
 if ARGV[base + 1] ~= '1' then return end
-local prefix = ARGV[base + 3]
 for j = 1, tonumber(ARGV[base + 4]) do
   local raw = redis.call('LINDEX', KEYS[first + j - 1], -1)
   if raw then
@@ -51,12 +59,20 @@ for j = 1, tonumber(ARGV[base + 4]) do
     local headers = ok and type(message) == 'table' and message['headers']
     if type(headers) ~= 'table' or headers['task'] ~= '""" + RUN_MODULE + """' or type(headers['eta']) == 'string' then return end
     local id, limits = headers['id'], headers['timelimit']
-    if type(id) ~= 'string' or string.sub(id, 1, #prefix) ~= prefix then return end
-    local module = string.sub(id, #prefix + 1)
-    if module == '' or string.find(module, '.', 1, true) then return end
+    if type(id) ~= 'string' then return end
+    local module
+    if string.sub(id, 1, #own) == own then
+      module = string.sub(id, #own + 1)
+      if module == '' or string.find(module, '.', 1, true) then return end
+    elseif headers['""" + CHAIN_HEADER + """'] == true then
+      module = string.match(id, '^[^.]+%.([^.]+)$')
+      if not module then return end
+    else
+      return
+    end
     if ARGV[base + 2] ~= '1' and type(limits) == 'table' and (type(limits[1]) == 'number' or type(limits[2]) == 'number') then return end
     redis.call('RPOP', KEYS[first + j - 1])
-    lease(module, raw, ARGV[base + 4 + j])
+    lease(id, raw, ARGV[base + 4 + j])
     return
   end
 end
@@ -67,14 +83,14 @@ end
 # kombu's unacked hash and index (continuation leases).
 # ARGV[a..]: ttl, module, its status if it blocks its children ('' otherwise), number of children n,
 # enqueue ('1'/'0'), children...; when enqueuing, then each child's task message, then each child's
-# queue name if this worker may continue it ('' otherwise), the time (the lease's score), the lease
-# tag prefix, then per child how many of the KEYS after the unacked index are its queue's more urgent
+# queue name if this worker may continue it ('' otherwise), the time (the lease's score), then per child how many of the KEYS after the unacked index are its queue's more urgent
 # lists (a child is continued only while they are empty: a slot that frees takes the most urgent
 # queued module, continuation must not jump ahead of it), then the tag of the lease this module ran
 # under ('' if none), released here (the ack of a continued module), then whether the worker may take
 # its next queued module here ('1'/'0', see _TAKE_NEXT), whether it may run one with a time limit, the
 # execution's task-id prefix and the number m of the worker's queue lists (the KEYS after the more
-# urgent lists, in the order it reads them), then each one's queue name. Returns {repeated (0/1), open_left, #ready, continued child or '', ready..., blocking
+# urgent lists, in the order it reads them), then each one's queue name. Returns {repeated (0/1), open_left, #ready,
+# the task id (EXEC.MODULE) of the module leased to the worker or '', ready..., blocking
 # module, its status, ...}: the ready children left to the caller — none when they were enqueued (or
 # one leased, see dspex_celery.continuation) here, which happens only while no module blocks its
 # children — and the blocking modules only with ready ones. A repeated count (a re-delivered task)
@@ -107,22 +123,23 @@ else
 end
 local result = {repeated and 1 or 0, open_left, 0, ''}
 local enqueue = ARGV[a + 4] == '1'
-if enqueue and ARGV[a + 7 + 4 * n] ~= '' then
-  redis.call('ZREM', KEYS[k + 5 + n], ARGV[a + 7 + 4 * n])
-  redis.call('HDEL', KEYS[k + 6 + n], ARGV[a + 7 + 4 * n])
+if enqueue and ARGV[a + 6 + 4 * n] ~= '' then
+  redis.call('ZREM', KEYS[k + 5 + n], ARGV[a + 6 + 4 * n])
+  redis.call('HDEL', KEYS[k + 6 + n], ARGV[a + 6 + 4 * n])
 end
 local urgent, first = {}, k + 7 + n
 if enqueue then
   for i = 1, n do
     urgent[i] = first
-    first = first + tonumber(ARGV[a + 6 + 3 * n + i])
+    first = first + tonumber(ARGV[a + 5 + 3 * n + i])
   end
 end
-local function lease(child, message, queue)
-  local tag = ARGV[a + 6 + 3 * n] .. child
+local own = ARGV[a + 9 + 4 * n]
+local function lease(id, message, queue)
+  local tag = '""" + TAG_PREFIX + """' .. id
   redis.call('HSET', KEYS[k + 6 + n], tag, '[' .. message .. ',"",' .. cjson.encode(queue) .. ']')
   redis.call('ZADD', KEYS[k + 5 + n], ARGV[a + 5 + 3 * n], tag)
-  result[4] = child
+  result[4] = id
 end
 local function take_next()
 """ + _TAKE_NEXT + """end
@@ -133,7 +150,7 @@ end
 local blocking = redis.call('HGETALL', KEYS[k + 3])
 if not repeated and enqueue and #blocking == 0 then
   local function nothing_more_urgent(i)
-    for key = urgent[i], urgent[i] + tonumber(ARGV[a + 6 + 3 * n + i]) - 1 do
+    for key = urgent[i], urgent[i] + tonumber(ARGV[a + 5 + 3 * n + i]) - 1 do
       if redis.call('LLEN', KEYS[key]) > 0 then return false end
     end
     return true
@@ -141,7 +158,7 @@ if not repeated and enqueue and #blocking == 0 then
   for _, i in ipairs(ready) do
     local child, queue = ARGV[a + 4 + i], ARGV[a + 4 + 2 * n + i]
     if result[4] == '' and queue ~= '' and nothing_more_urgent(i) then
-      lease(child, ARGV[a + 4 + n + i], queue)
+      lease(own .. child, ARGV[a + 4 + n + i], queue)
     else
       redis.call('LPUSH', KEYS[k + 4 + i], ARGV[a + 4 + n + i])
     end
@@ -227,9 +244,9 @@ class DagStrategy(Strategy):
         pipe.set(open_key, len(plan.modules))
         for key in (deps_key, open_key):
             pipe.expire(key, execution.store.ttl_s)
+        chains = _chains(plan)
         for name in _by_urgency(plan, roots(plan, {})):
-            signature = module_signature(runtime.app, plan, execution.id, name, runtime.settings.namespace)
-            pipe.lpush(*queues.message(signature))
+            pipe.lpush(*queues.message(dag_signature(execution, plan, name, chains)))
 
     # --- counters -------------------------------------------------------------------------------
 
@@ -266,8 +283,8 @@ class DagStrategy(Strategy):
         keys = self._keys(execution)
         args: list[Any] = [runtime.store.ttl_s, module, blocks, len(children), "1" if queues else "0", *children]
         if queues is not None:
-            namespace = runtime.settings.namespace
-            signatures = [module_signature(runtime.app, plan, execution.id, child, namespace) for child in children]
+            namespace, chains = runtime.settings.namespace, _chains(plan)
+            signatures = [dag_signature(execution, plan, child, chains) for child in children]
             messages = [queues.message(signature) for signature in signatures]
             keys += [key for key, _ in messages]
             args += [message for _, message in messages]
@@ -277,9 +294,9 @@ class DagStrategy(Strategy):
             urgent = [_more_urgent(queues, queue, int(signature.options["priority"])) if queue else []
                       for queue, signature in zip(continuable, signatures, strict=True)]
             held = lease_tag(execution.id, module) if offer is not None and offer.held else ""
-            args += [*continuable, time.time(), lease_tag(execution.id, ""), *map(len, urgent), held]
+            args += [*continuable, time.time(), *map(len, urgent), held]
             keys += [key for lists in urgent for key in lists]
-            lists = _worker_lists(queues, offer) if _may_take_next(plan, offer) else []
+            lists = _worker_lists(queues, offer) if offer is not None and chains else []
             args += ["1" if lists else "0", "1" if offer is not None and offer.timeouts else "0",
                      task_id(execution.id, ""), len(lists), *(queue for _, queue in lists)]
             keys += [key for key, _ in lists]
@@ -339,8 +356,8 @@ class DagStrategy(Strategy):
         """
         runtime = execution.runtime
         runnable, blocked = split_blocked(plan, _by_urgency(plan, ready), blocking)
-        signatures = [module_signature(runtime.app, plan, execution.id, name, runtime.settings.namespace)
-                      for name in runnable]
+        chains = _chains(plan)
+        signatures = [dag_signature(execution, plan, name, chains) for name in runnable]
         if runtime.queues is not None and signatures:  # one round trip for all (a program's roots: many)
             pipe = execution.store.client.pipeline(transaction=False)
             for key, message in map(runtime.queues.message, signatures):
@@ -360,7 +377,7 @@ class DagStrategy(Strategy):
 class Count(NamedTuple):
     """A count step's reply: whether it repeated an earlier count, how many modules are still open,
     the children it made ready (and left to the caller), the modules blocking their children and the
-    child it leased to the worker that offered to continue ('' for none)."""
+    task id (``EXEC.MODULE``) of the module it leased to the worker that offered to continue ('' for none)."""
 
     repeated: bool
     open_left: int
@@ -385,10 +402,19 @@ def _more_urgent(queues: RedisQueues, queue: str, priority: int) -> list[str]:
     return lists[:lists.index(own)]
 
 
-def _may_take_next(plan: Plan, offer: Offer | None) -> bool:
-    """Whether the offering worker may take its next queued module of this execution in the slot that
-    just freed: not when a module has a ``backup_after_s`` (as :func:`_continuable`)."""
-    return offer is not None and all(module.backup_after_s is None for module in plan.modules.values())
+def _chains(plan: Plan) -> bool:
+    """Whether a worker may take this plan's queued modules into a chain in a slot that just freed: not
+    when a module has a ``backup_after_s`` (as :func:`_continuable`)."""
+    return all(module.backup_after_s is None for module in plan.modules.values())
+
+
+def dag_signature(execution: Execution, plan: Plan, name: str, chains: bool) -> Signature:
+    """The task of module ``name``; its message carries :data:`CHAIN_HEADER` when ``chains``."""
+    runtime = execution.runtime
+    signature = module_signature(runtime.app, plan, execution.id, name, runtime.settings.namespace)
+    if chains:
+        signature.options["headers"] = {CHAIN_HEADER: True}
+    return signature
 
 
 def _worker_lists(queues: RedisQueues, offer: Offer | None) -> list[tuple[str, str]]:
