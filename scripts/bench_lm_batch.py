@@ -74,7 +74,20 @@ HISTORY = (
     "for the GIL); run side by side in one invocation, with the other layouts' workers idle beside them, "
     "2×8 / 4×4 / 8×2 gave 0.79× / 0.84× / 0.80× — within the noise of each other. Prefetch 2 instead of "
     "1: 0.82× for 2×8, 0.82× for 8×2 (not kept: it lets a busy worker hold messages an idle one could run, "
-    "which `dag`'s priorities rely on)."
+    "which `dag`'s priorities rely on). Session 8 (quiet machine, load ≈ 1, 3 rounds each): at `d9a3657` "
+    "0.81× (123.6 vs 152.7 lines/s), 5.3 CPU ms / module. A slot that ends a line now takes the next "
+    "line's queued module into its chain (take-next across `dag` executions): 241 BRPOPs for 960 lines, "
+    "0.82×, 4.6 CPU ms / module — the idle gap between lines was not what held throughput back. Tried "
+    "and not kept: a GIL switch interval of 1 ms / 0.2 ms in the workers (0.79× / 0.78×); the prefork "
+    "pool, 2×8 (0.83×); layouts side by side 2×8 / 4×4 / 8×2 (0.79× / 0.82× / 0.82×); `max_in_flight` 16 / 64 "
+    "(0.75× / 0.81×). CPU per line (960 lines, psutil): client 1.8 ms, workers 7.5–8.0 ms, Redis 1.2 ms. "
+    "Records: Generate 105.2 ms median (100 ms of it the LM), Retrieve 1.4 ms, so at ≈ 126 ms of slot "
+    "time per line ≈ 19 ms are outside the module calls. py-spy on a worker (wall time of its pool "
+    "threads): the LM's sleep 74 %, the rest of the DSPy call 6 %, the store scripts (begin, save + "
+    "count, finish claim, result) 9 %, waiting for a message 6 %; a script call takes ≈ 2 ms of a "
+    "thread's wall time against ≈ 0.1 ms of Redis time (waiting for a core and the GIL once the reply is "
+    "in). What would close the gap: fewer round trips per line (the begin of a continued module folded "
+    "into the count that leases it, the finish claim into the last count), not less CPU alone."
 )
 
 
