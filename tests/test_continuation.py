@@ -4,6 +4,7 @@ resource class."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -261,6 +262,33 @@ def test_a_warm_shutdown_ends_the_running_module_and_takes_no_more(make_cluster)
     result = handle.get(timeout=60, propagate=False)
     assert result.status is ExecutionStatus.SUCCEEDED, result.error
     assert all(record.lost_attempts == 0 for record in result.modules.values())
+    cluster.stop()
+
+
+@pytest.mark.parametrize("lose_it", [False, True], ids=["stored", "stored-message-lost"])
+def test_a_child_of_several_parents_waits_with_its_message_stored_once(make_cluster, lose_it: bool) -> None:
+    # Given a child of three parents, one of them slow, on a worker that chains
+    cluster = make_cluster()
+    cluster.start_worker("default", concurrency=3, pool="threads")
+    key = f"{cluster.settings.namespace}:side:{uuid.uuid4().hex[:8]}"
+    modules = {"fast1": {"uses": STEP}, "fast2": {"uses": STEP},
+               "slow": {"uses": ANNOUNCED, "inputs": {"key": key, "ms": 1500}},
+               "child": {"uses": STEP, "inputs": {"a": "$fast1.value", "b": "$fast2.value", "c": "$slow.value"}}}
+    handle = cluster.submit(program("fan-in", modules), strategy="dag")
+    store = cluster.runtime.store
+    messages = store.key(handle.execution_id, "dag:messages")
+    # When the fast parents are done and the slow one runs
+    wait_for(lambda: store.client.llen(key), timeout=30, what="the slow parent to start")
+    stored = wait_for(lambda: store.client.hget(messages, "child"), timeout=10, what="the child's stored message")
+    # Then the child's task message waits in the store (sent by the first parent's count only)
+    assert json.loads(stored)["headers"]["id"] == task_id(handle.execution_id, "child")
+    if lose_it:  # e.g. deleted by hand: the last parent's worker dispatches the child itself
+        store.client.hdel(messages, "child")
+    result = handle.get(timeout=60, propagate=False)
+    # And the child runs once its last parent is done, with every parent's value; its message is gone
+    assert result.status is ExecutionStatus.SUCCEEDED, result.error
+    assert values(cluster, result)["child"] == 4
+    assert not store.client.hexists(messages, "child")
     cluster.stop()
 
 
