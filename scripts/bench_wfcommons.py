@@ -311,6 +311,22 @@ def goal_lines(means: dict[str, float | None]) -> list[str]:
     return lines
 
 
+#: Measurements kept under the table (update with each before/after).
+NOTES = (
+    "Session 8 (quiet machine, `--engine` subsets, 3 rounds each, so no docs of their own). Layouts of dspex's 8 "
+    "threads (`--layout`), `dag` cold vs Ray: 2×4 1.27 vs 1.25, 4×2 1.27 vs 1.24, 8×1 1.28 vs 1.25; `dag` + "
+    "learned profile: 2×4 1.20, 8×1 1.22 — so the profile's loss on blast, seismology and srasearch (1.14 "
+    "where `dag` cold reaches 1.11–1.13) is not GIL contention inside one worker, as session 7 thought. "
+    "`--gaps` on blast / seismology: slot-seconds idle while a module was ready 0.63 / 0.39 cold, 0.93 / "
+    "0.68 with the profile, while the profiled start order replayed with zero overhead gives 1.00 / 1.01: "
+    "longest-first puts the millisecond tasks last (seismology: 74 of 198 tasks under 20 ms; srasearch "
+    "102 of 197), where each hop costs as much as the task it starts. A child of several parents now has "
+    "its message built once per worker process instead of once per parent (the profile showed 20 % of a "
+    "worker's CPU there on montage and srasearch): `dag` cold 1.27 → 1.26, montage 1.32 → 1.28 — within "
+    "the noise of one run."
+)
+
+
 def docs_body(headers: list[str], rows: list[list[str]], goals: list[str], rounds: int, elapsed: float,
               broker: str) -> str:
     intro = (
@@ -327,7 +343,8 @@ def docs_body(headers: list[str], rows: list[list[str]], goals: list[str], round
         "and Dask keep their state in their own processes). The machine is shared with other jobs: numbers "
         "are noisy."
     )
-    return "\n".join([intro, "", *bench.machine_lines(worker_specs(LAYOUT), broker), "", bench.markdown_table(headers, rows), "", *goals])
+    return "\n".join([intro, "", *bench.machine_lines(worker_specs(LAYOUT), broker), "", bench.markdown_table(headers, rows),
+                      "", *goals, "", NOTES])
 
 
 def layout_of(text: str) -> tuple[int, int]:
