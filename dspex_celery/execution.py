@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from billiard.exceptions import TimeLimitExceeded
@@ -33,7 +34,7 @@ from dspex_celery.results import (
 )
 from dspex_celery.runtime import Runtime
 from dspex_celery.saga import compensates, compensation_order
-from dspex_celery.state import FinishState, StateStore
+from dspex_celery.state import FinishState, LuaStep, StateStore, finish_state
 
 log = logging.getLogger(__name__)
 
@@ -188,19 +189,28 @@ class Execution:
         self.finish(ExecutionStatus.FAILED, timeout_message(meta.get("timeout_s")))
         return True
 
-    def finish(self, status: ExecutionStatus, error: str | None = None) -> bool:
+    def finish(self, status: ExecutionStatus, error: str | None = None, claimed: Sequence[Any] | None = None) -> bool:
         """Publish the execution's result once; modules not yet final become ``cancelled``. The claim
-        and the reads of what the result is made of are one round trip (when the plan is known)."""
+        and the reads of what the result is made of are one round trip (when the plan is known), or
+        none: ``claimed`` is the reply of a :meth:`finish_claim_step` a strategy's script ran."""
         plan = self.plan
         if plan is None:
             if not self.store.claim_finish(self.id, status.value, error):
                 return False
             return self._publish(status, error)
-        state = self.store.claim_finish_reading(self.id, status.value, error, list(plan.modules),
-                                                compensation_store.keys(self.store, self.id))
+        if claimed is None:
+            state = self.store.claim_finish_reading(self.id, status.value, error, list(plan.modules),
+                                                    compensation_store.keys(self.store, self.id))
+        else:
+            state = finish_state(claimed, plan.modules)
         if state is None:
             return False
         return self._publish(status, error, None if state.gone else state)
+
+    def finish_claim_step(self, status: ExecutionStatus) -> LuaStep:
+        """The finish claim of :meth:`finish`, as Lua for a strategy's own script (not on a Redis
+        Cluster: the live set is in another slot)."""
+        return self.store.claim_finish_step(self.id, status.value, None, compensation_store.keys(self.store, self.id))
 
     def finish_abandoned(self, meta: dict[str, Any], older_than: float = FINISH_TAKEOVER_S) -> bool:
         """Publish the result of an execution whose finisher died between its claim and the publication.

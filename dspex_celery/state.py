@@ -66,22 +66,23 @@ local result = {previous, redis.call('HGETALL', KEYS[2]), finished, written, out
 """
 
 
-# KEYS: finished flag, plan, meta, records, outputs, compensation order, compensation records
-# [, live set: left out on a Redis Cluster, where it is in another slot].
-# ARGV: claim JSON, ttl, execution id, the plan's modules...
+# A LuaStep body — KEYS[k..]: finished flag, plan, meta, records, outputs, compensation order,
+# compensation records[, live set: left out on a Redis Cluster, where it is in another slot].
+# ARGV[a..]: claim JSON, ttl, execution id, whether the live set is in KEYS ('1'/'0').
 # Returns {0} when another caller claimed the finish first, {1, 0} when claimed but the plan is gone,
-# else {1, 1, meta as a flat list, records as a flat list, outputs, compensation order, compensations}.
+# else {1, 1, meta, records, outputs (each a flat list), compensation order, compensations}.
 _CLAIM_FINISH = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return {0} end
-if KEYS[8] then redis.call('ZREM', KEYS[8], ARGV[3]) end
-if redis.call('EXISTS', KEYS[2]) == 0 then return {1, 0} end
-local outputs = {}
-if #ARGV >= 4 then outputs = redis.call('HMGET', KEYS[5], unpack(ARGV, 4, #ARGV)) end
-local order = redis.call('LRANGE', KEYS[6], 0, -1)
+if not redis.call('SET', KEYS[k], ARGV[a], 'NX', 'EX', ARGV[a + 1]) then return {0} end
+if ARGV[a + 3] == '1' then redis.call('ZREM', KEYS[k + 7], ARGV[a + 2]) end
+if redis.call('EXISTS', KEYS[k + 1]) == 0 then return {1, 0} end
+local order = redis.call('LRANGE', KEYS[k + 5], 0, -1)
 local compensations = {}
-if #order > 0 then compensations = redis.call('HMGET', KEYS[7], unpack(order)) end
-return {1, 1, redis.call('HGETALL', KEYS[3]), redis.call('HGETALL', KEYS[4]), outputs, order, compensations}
+if #order > 0 then compensations = redis.call('HMGET', KEYS[k + 6], unpack(order)) end
+return {1, 1, redis.call('HGETALL', KEYS[k + 2]), redis.call('HGETALL', KEYS[k + 3]), redis.call('HGETALL', KEYS[k + 4]),
+        order, compensations}
 """
+#: The keys and args of a claim step that names the live set (its offsets are fixed where it is composed).
+CLAIM_STEP_KEYS, CLAIM_STEP_ARGS = 8, 4
 
 
 # KEYS: the Celery result key, meta. ARGV: the encoded Celery result, its expiry seconds (0: none),
@@ -127,6 +128,9 @@ class LuaStep:
 def lua_call(body: str, first_key: int, first_arg: int) -> str:
     """A Lua expression calling ``function(k, a) body end`` with the given offsets."""
     return f"(function(k, a)\n{body}\nend)({first_key}, {first_arg})"
+
+
+_CLAIM_FINISH_ALONE = "return " + lua_call(_CLAIM_FINISH, 1, 1)
 
 
 def _begin_source(steps: Sequence[LuaStep]) -> str:
@@ -265,26 +269,22 @@ class StateStore:
         """:meth:`claim_finish` that also reads what the result is made of (meta, records, the
         ``modules``' outputs, the compensations under ``compensation_keys``: order list, records hash),
         in one round trip; None when another caller claimed it first."""
+        step = self.claim_finish_step(execution_id, status, error, compensation_keys)
+        reply = self.script(_CLAIM_FINISH_ALONE)(keys=step.keys, args=step.args)
+        if int(reply[0]) and self.clustered:
+            self.client.zrem(self.global_key("live"), execution_id)
+        return finish_state(reply, modules)
+
+    def claim_finish_step(self, execution_id: str, status: str, error: str | None,
+                          compensation_keys: Sequence[str]) -> LuaStep:
+        """The Lua of :meth:`claim_finish_reading`, to run inside another script (its reply goes to
+        :func:`finish_state`); on a Redis Cluster it leaves the live set to the caller."""
         claim = json.dumps({"status": status, "error": error, "at": time.time()})
         keys = [self.key(execution_id, part) for part in ("finished", "plan", "meta", "rec", "out")]
         keys += [compensation_keys[1], compensation_keys[0]]
         if not self.clustered:
             keys.append(self.global_key("live"))
-        reply = self.script(_CLAIM_FINISH)(keys=keys, args=[claim, self.ttl_s, execution_id, *modules])
-        if not int(reply[0]):
-            return None
-        if self.clustered:
-            self.client.zrem(self.global_key("live"), execution_id)
-        if not int(reply[1]):
-            return FinishState(True, {}, {}, {}, {})
-        raw_meta, raw_records, outputs, order, compensations = reply[2:]
-        return FinishState(
-            gone=False,
-            meta={key: json.loads(value) for key, value in _pairs(raw_meta)},
-            records={name: ModuleRecord.model_validate_json(value) for name, value in _pairs(raw_records)},
-            outputs={name: json.loads(value) for name, value in zip(modules, outputs, strict=True) if value is not None},
-            compensations={name: value for name, value in zip(order, compensations, strict=True) if value is not None},
-        )
+        return LuaStep(_CLAIM_FINISH, keys, [claim, self.ttl_s, execution_id, "0" if self.clustered else "1"])
 
     def publish_result(self, execution_id: str, result_key: str, encoded: str, expires_s: int,
                        **meta: Any) -> None:
@@ -402,6 +402,24 @@ class StateStore:
 def parsed_plan(text: str) -> Plan:
     """The plan of ``text``, parsed once per process for the last few texts (plans never change)."""
     return Plan.from_json(text)
+
+
+def finish_state(reply: Sequence[Any], modules: Iterable[str]) -> FinishState | None:
+    """What a finish claim's reply read (:data:`_CLAIM_FINISH`): None when another caller claimed it
+    first; only the ``modules``' outputs."""
+    if not int(reply[0]):
+        return None
+    if not int(reply[1]):
+        return FinishState(True, {}, {}, {}, {})
+    raw_meta, raw_records, raw_outputs, order, compensations = reply[2:]
+    wanted = set(modules)
+    return FinishState(
+        gone=False,
+        meta={key: json.loads(value) for key, value in _pairs(raw_meta)},
+        records={name: ModuleRecord.model_validate_json(value) for name, value in _pairs(raw_records)},
+        outputs={name: json.loads(value) for name, value in _pairs(raw_outputs) if name in wanted},
+        compensations={name: value for name, value in zip(order, compensations, strict=True) if value is not None},
+    )
 
 
 def _pairs(flat: Sequence[Any]) -> Iterable[tuple[Any, Any]]:

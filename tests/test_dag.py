@@ -219,3 +219,34 @@ def test_worker_dying_after_a_module_succeeds_never_loses_its_children(make_clus
     assert result.status is ExecutionStatus.SUCCEEDED
     assert result.outputs == {"b": {"value": 2}, "c": {"value": 2}}
     assert [dag_mods.calls(f"{token}:{name}") for name in "abc"] == [1, 1, 1]
+
+
+def test_the_last_count_claims_the_finish_in_the_same_script(cluster: Cluster) -> None:
+    # Given a dag execution whose last module is a sink, watched with MONITOR
+    client = cluster.runtime.store.client
+    commands: list[dict] = []
+    with client.monitor() as monitor:
+        handle = cluster.submit(program(unique_name("claim"), {
+            "a": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 2}},
+            "b": {"uses": "tests.modules.basic:add", "inputs": {"a": "$a.sum", "b": 1}},
+        }), strategy="dag")
+        result = handle.get(timeout=30)
+        finished_key = cluster.runtime.store.key(handle.execution_id, "finished")
+        open_key = cluster.runtime.store.key(handle.execution_id, "dag:open")
+        deadline = time.time() + 20
+        for command in monitor.listen():  # what Redis ran meanwhile, in order (Lua's own commands too)
+            commands.append(command)
+            if command["command"].startswith(f"SET {finished_key} ") or time.time() > deadline:
+                break
+    # Then the execution succeeded, and its finish was claimed by the script that counted its last module
+    assert result.status is ExecutionStatus.SUCCEEDED and result.outputs
+    script = []
+    for command in commands:
+        if command["command"].startswith(("EVALSHA", "EVAL ")):
+            script = []
+        script.append(command["command"])
+    assert script[-1].startswith(f"SET {finished_key} ") and f"DECR {open_key}" in script
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"

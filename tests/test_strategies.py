@@ -53,3 +53,5 @@ def test_a_count_reply_gives_the_ready_children_and_what_blocks() -> None:
     assert parse_count(reply) == Count(False, 3, ["left", "right"], {"top": "failed"})
     assert parse_count([1, 0, 0, ""]) == Count(True, 0, [], {})
     assert parse_count([0, 4, 0, "left"]) == Count(False, 4, [], {}, continued="left")
+    # a sink's count that closed the last open module: the finish claim's reply comes last
+    assert parse_count([0, 0, 0, "", [1, 0]]) == Count(False, 0, [], {}, claimed=[1, 0])

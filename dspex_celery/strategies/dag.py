@@ -19,6 +19,7 @@ and a broker fetch.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -35,7 +36,7 @@ from dspex_celery.plan import Plan
 from dspex_celery.redis_queues import RedisQueues
 from dspex_celery.results import ExecutionStatus, ModuleRecord, ModuleStatus
 from dspex_celery.routing import queue_name
-from dspex_celery.state import LuaStep, lua_call
+from dspex_celery.state import CLAIM_STEP_ARGS, CLAIM_STEP_KEYS, LuaStep, lua_call
 from dspex_celery.strategies.base import BLOCKING, Strategy, blocking_of, split_blocked
 
 #: The header that lets a worker running another ``dag`` execution take this module's message into its
@@ -198,6 +199,17 @@ return result
 """
 _COUNT_ALONE = "return " + lua_call(_COUNT_DONE, 1, 1)
 
+
+@functools.cache
+def _count_and_claim(claim: str) -> str:
+    """A sink's count followed, when it closed the last open module, by the execution's finish claim
+    (``claim``: its Lua, whose CLAIM_STEP_KEYS keys and CLAIM_STEP_ARGS args come first): its reply
+    is the count's with the claim's appended, so finishing takes no round trip of its own."""
+    count = f"(function(k, a)\n{_COUNT_DONE}\nend)(k + {CLAIM_STEP_KEYS}, a + {CLAIM_STEP_ARGS})"
+    return (f"local count = {count}\n"
+            f"if count[1] == 0 and count[2] == 0 then count[5] = (function(k, a)\n{claim}\nend)(k, a) end\n"
+            "return count")
+
 # KEYS: kombu's unacked hash and index, then each child's queue list. ARGV: each child's lease tag and
 # the suffix its lease adds to its message. Moves the leases still held back onto their queues.
 _RESTORE_LEASES = """
@@ -324,6 +336,9 @@ class DagStrategy(Strategy):
             args += ["1" if lists else "0", "1" if offer is not None and offer.timeouts else "0",
                      task_id(execution.id, ""), len(lists), *(queue for _, queue in lists)]
             keys += [key for key, _ in lists]
+            if not children and not execution.store.clustered:
+                claim = execution.finish_claim_step(ExecutionStatus.SUCCEEDED)
+                return LuaStep(_count_and_claim(claim.source), [*claim.keys, *keys], [*claim.args, *args])
         return LuaStep(_COUNT_DONE, keys, args)
 
     def _count_alone(self, execution: Execution, plan: Plan, module: str, status: ModuleStatus) -> list[Any]:
@@ -366,7 +381,7 @@ class DagStrategy(Strategy):
             ready = [name for name in ready if name not in started]
         skipped = self._dispatch_ready(execution, plan, ready, count.blocking)
         if count.open_left == 0:
-            execution.finish(ExecutionStatus.SUCCEEDED)
+            execution.finish(ExecutionStatus.SUCCEEDED, claimed=count.claimed)
         return skipped
 
     # --- dispatch -------------------------------------------------------------------------------
@@ -429,19 +444,24 @@ _SENT = _MessagesSent()
 
 class Count(NamedTuple):
     """A count step's reply: whether it repeated an earlier count, how many modules are still open,
-    the children it made ready (and left to the caller), the modules blocking their children and the
-    task id (``EXEC.MODULE``) of the module it leased to the worker that offered to continue ('' for none)."""
+    the children it made ready (and left to the caller), the modules blocking their children, the
+    task id (``EXEC.MODULE``) of the module it leased to the worker that offered to continue ('' for none)
+    and, from a sink's count that closed the last open module, the reply of the finish claim it ran."""
 
     repeated: bool
     open_left: int
     ready: list[str]
     blocking: dict[str, str]
     continued: str = ""
+    claimed: list[Any] | None = None
 
 
 def parse_count(reply: list[Any]) -> Count:
     """The :class:`Count` of a raw Lua reply
-    ``{repeated, open_left, #ready, continued, ready..., module, status, ...}``."""
+    ``{repeated, open_left, #ready, continued, ready..., module, status, ...}`` (or, from a sink's count
+    that closed the last open module, ``{repeated, 0, 0, continued, claim reply}``)."""
+    if len(reply) == 5 and isinstance(reply[4], list):
+        return Count(bool(int(reply[0])), int(reply[1]), [], {}, str(reply[3]), reply[4])
     repeated, left, count = (int(item) for item in reply[:3])
     flat = [str(item) for item in reply[4 + count:]]
     return Count(bool(repeated), left, [str(name) for name in reply[4:4 + count]],
