@@ -255,7 +255,8 @@ class Execution:
 
     def _store_result(self, result: ExecutionResult) -> None:
         """The Celery result, then the meta status that marks it published: one script when the
-        result backend is this store's Redis (not a Redis Cluster, where they are in other slots)."""
+        result backend is this store's Redis (not a Redis Cluster, where they are in other slots),
+        with the hooks' publish steps (e.g. the history's finished event) in it."""
         backend, store = self.runtime.app.backend, self.store
         if not isinstance(backend, RedisBackend) or store.clustered or self.runtime.settings.embedded:
             backend.store_result(self.id, result.to_json_dict(), states.SUCCESS)
@@ -265,7 +266,8 @@ class Execution:
                                         request=None)
         meta["task_id"] = self.id
         store.publish_result(self.id, backend.get_key_for_task(self.id).decode(), backend.encode(meta),
-                             int(backend.expires or 0), status=result.status.value, finished_at=result.finished_at)
+                             int(backend.expires or 0), self.runtime.hooks.publish_steps(result),
+                             status=result.status.value, finished_at=result.finished_at)
 
     def compensate(self, order: list[str]) -> None:
         """Send the chain of compensations of ``order`` (each task runs one, then sends the rest)."""

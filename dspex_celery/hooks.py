@@ -66,6 +66,12 @@ class Hook:
     def on_record(self, execution_id: str, module: str, record: ModuleRecord) -> None:
         """Whenever a module record is written (running, retrying, final)."""
 
+    def publish_step(self, result: ExecutionResult) -> LuaStep | None:
+        """Lua to run in the state store's script that publishes the execution's result (saving a round
+        trip; only where the result backend is that Redis). ``on_execution_finished`` is still called
+        afterwards: a hook whose step ran must not do its work again there."""
+        return None
+
     def on_execution_finished(self, result: ExecutionResult) -> None:
         """Once per execution, after its result is published."""
 
@@ -100,6 +106,19 @@ class HookChain:
 
     def on_record(self, execution_id: str, module: str, record: ModuleRecord) -> None:
         self._after("on_record", execution_id, module, record)
+
+    def publish_steps(self, result: ExecutionResult) -> list[LuaStep]:
+        """The hooks' :meth:`Hook.publish_step` Lua (one that raises is logged and left out)."""
+        steps = []
+        for hook in self.hooks:
+            try:
+                step = hook.publish_step(result)
+            except Exception:
+                log.exception("hook %s.publish_step failed", type(hook).__name__)
+                continue
+            if step is not None:
+                steps.append(step)
+        return steps
 
     def on_execution_finished(self, result: ExecutionResult) -> None:
         self._after("on_execution_finished", result)

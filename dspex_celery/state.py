@@ -85,9 +85,10 @@ return {1, 1, redis.call('HGETALL', KEYS[k + 2]), redis.call('HGETALL', KEYS[k +
 CLAIM_STEP_KEYS, CLAIM_STEP_ARGS = 8, 4
 
 
-# KEYS: the Celery result key, meta. ARGV: the encoded Celery result, its expiry seconds (0: none),
-# then the meta fields and their JSON values. A stored SUCCESS result is kept (as Celery's own
-# store_result does); the meta fields are written either way.
+# KEYS: the Celery result key, meta (then the steps' keys). ARGV: the encoded Celery result, its
+# expiry seconds (0: none), the number m of meta items, then the meta fields and their JSON values
+# (then the steps' args). A stored SUCCESS result is kept (as Celery's own store_result does); the
+# meta fields are written either way.
 _PUBLISH_RESULT = """
 local current = redis.call('GET', KEYS[1])
 local ok, stored = pcall(cjson.decode, current or 'null')
@@ -96,7 +97,7 @@ if not (ok and type(stored) == 'table' and stored.status == 'SUCCESS') then
   else redis.call('SET', KEYS[1], ARGV[1]) end
   redis.call('PUBLISH', KEYS[1], ARGV[1])
 end
-redis.call('HSET', KEYS[2], unpack(ARGV, 3, #ARGV))
+redis.call('HSET', KEYS[2], unpack(ARGV, 4, 3 + tonumber(ARGV[3])))
 """
 
 
@@ -287,12 +288,19 @@ class StateStore:
         return LuaStep(_CLAIM_FINISH, keys, [claim, self.ttl_s, execution_id, "0" if self.clustered else "1"])
 
     def publish_result(self, execution_id: str, result_key: str, encoded: str, expires_s: int,
-                       **meta: Any) -> None:
+                       steps: Sequence[LuaStep] = (), **meta: Any) -> None:
         """Store and publish an execution's encoded Celery result (unless a SUCCESS one is stored),
-        then its ``meta`` fields, in one script; the Celery result key must live in this Redis."""
+        then its ``meta`` fields, then run ``steps``, in one script; the Celery result key must live
+        in this Redis."""
         fields = [item for key, value in meta.items() for item in (key, json.dumps(value))]
-        self.script(_PUBLISH_RESULT)(keys=[result_key, self.key(execution_id, "meta")],
-                                     args=[encoded, expires_s, *fields])
+        keys: list[str] = [result_key, self.key(execution_id, "meta")]
+        args: list[Any] = [encoded, expires_s, len(fields), *fields]
+        calls = []
+        for step in steps:
+            calls.append(lua_call(step.source, len(keys) + 1, len(args) + 1))
+            keys += step.keys
+            args += step.args
+        self.script(_PUBLISH_RESULT + "".join(f"local _ = {call}\n" for call in calls))(keys=keys, args=args)
 
     def finish_claim(self, execution_id: str) -> dict[str, Any] | None:
         """What :meth:`claim_finish` stored: ``status``, ``error`` and ``at`` (epoch seconds)."""

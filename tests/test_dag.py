@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -240,12 +241,40 @@ def test_the_last_count_claims_the_finish_in_the_same_script(cluster: Cluster) -
                 break
     # Then the execution succeeded, and its finish was claimed by the script that counted its last module
     assert result.status is ExecutionStatus.SUCCEEDED and result.outputs
-    script = []
+    assert f"DECR {open_key}" in script_of(commands, lambda line: line.startswith(f"SET {finished_key} "))
+
+
+def test_the_result_and_its_history_event_go_out_in_one_script(cluster: Cluster) -> None:
+    # Given a dag execution, watched with MONITOR
+    client = cluster.runtime.store.client
+    commands: list[dict] = []
+    with client.monitor() as monitor:
+        handle = cluster.submit(program(unique_name("publish"), {
+            "a": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 2}}}), strategy="dag")
+        assert handle.get(timeout=30).status is ExecutionStatus.SUCCEEDED
+        result_key = cluster.runtime.app.backend.get_key_for_task(handle.execution_id).decode()
+        deadline = time.time() + 20
+        for command in monitor.listen():
+            commands.append(command)
+            if (command["command"].startswith("XADD") and handle.execution_id in command["command"]
+                    and " finished " in command["command"]) or time.time() > deadline:
+                break
+    # Then the script that stored the Celery result also appended the execution's finished event
+    script = script_of(commands, lambda line: line.startswith("XADD") and " finished " in line)
+    assert any(line.startswith(f"SET {result_key} ") for line in script)
+
+
+def script_of(commands: list[dict], last: Callable[[str], bool]) -> list[str]:
+    """The commands (MONITOR entries) a Lua script ran, up to the first one ``last`` accepts ([] if none)."""
+    script: list[str] = []
     for command in commands:
-        if command["command"].startswith(("EVALSHA", "EVAL ")):
+        if command["client_type"] != "lua":
             script = []
-        script.append(command["command"])
-    assert script[-1].startswith(f"SET {finished_key} ") and f"DECR {open_key}" in script
+        elif last(command["command"]):
+            return [*script, command["command"]]
+        else:
+            script.append(command["command"])
+    return []
 
 
 def unique_name(prefix: str) -> str:

@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+from typing import Any
 
 from dspex_celery.history.events import (
     Event,
@@ -27,7 +28,7 @@ from dspex_celery.history.location import history_url
 from dspex_celery.hooks import Hook
 from dspex_celery.results import ExecutionResult, ModuleRecord
 from dspex_celery.settings import Settings, redact
-from dspex_celery.state import StateStore
+from dspex_celery.state import LuaStep, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class StreamPublisher(Hook):
         self._pid = 0
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
+        #: Executions whose finished event a publish script carries (on_execution_finished sends none).
+        self._in_script: set[str] = set()
 
     @property
     def store(self) -> StateStore:
@@ -87,11 +90,31 @@ class StreamPublisher(Hook):
         self._start()
         self._queue.put(record_event(self.settings.namespace, execution_id, module, record))
 
+    def publish_step(self, result: ExecutionResult) -> LuaStep:
+        """The record events queued so far, then the finished event, appended by the script that
+        publishes the result: no round trip of their own, and no window in which the result is out and
+        its finished event is not."""
+        items = [*_drain(self._queue), FinishedEvent(result)]
+        args: list[Any] = [STREAM_MAXLEN, len(items)]
+        for item in items:
+            fields = [part for pair in encode(item).items() for part in pair]
+            args += [len(fields), *fields]
+        with self._lock:
+            self._in_script.add(result.execution_id)
+        return LuaStep(_XADD_EVENTS, [self.stream], args)
+
     def on_execution_finished(self, result: ExecutionResult) -> None:
-        """The record events queued so far, then the finished event, in one round trip."""
+        """The record events queued so far, then the finished event, in one round trip (unless the
+        script that published the result sent them: :meth:`publish_step`)."""
+        with self._lock:
+            if result.execution_id in self._in_script:
+                self._in_script.discard(result.execution_id)
+                return
         self._send([*_drain(self._queue), FinishedEvent(result)])
 
-    on_compensation = on_execution_finished  # the row's compensations (applying it again is idempotent)
+    def on_compensation(self, result: ExecutionResult) -> None:
+        """The row's compensations (applying a finished event again is idempotent)."""
+        self._send([*_drain(self._queue), FinishedEvent(result)])
 
     def flush(self) -> None:
         """Send every record event queued so far (in this thread)."""
@@ -121,6 +144,18 @@ class StreamPublisher(Hook):
                 pipe.execute()
         except Exception:  # history must never break a run; the listener reconciles from the store
             log.exception("could not publish %d history events to %s", len(items), self.stream)
+
+
+# A LuaStep body — KEYS[k]: the history stream. ARGV[a..]: its approximate length bound, the number of
+# events, then per event the number of its field and value items and the items.
+_XADD_EVENTS = """
+local at = a + 2
+for _ = 1, tonumber(ARGV[a + 1]) do
+  local count = tonumber(ARGV[at])
+  redis.call('XADD', KEYS[k], 'MAXLEN', '~', ARGV[a], '*', unpack(ARGV, at + 1, at + count))
+  at = at + count + 1
+end
+"""
 
 
 def _drain(events: queue.SimpleQueue[Event]) -> list[Event]:
