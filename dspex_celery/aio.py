@@ -115,18 +115,24 @@ async def _off_loop(function: Callable[[], T]) -> T:
 
 
 async def watch(handle: ExecutionHandle, poll_s: float = WATCH_POLL_S) -> AsyncIterator[RecordUpdate]:
-    """Each module record as it changes (running, retrying, final), until the execution has ended."""
+    """Each module record as it changes (running, retrying, final), until the execution has ended;
+    the changes one poll finds come in the order they happened (a parent's end before its child's)."""
     seen: dict[str, ModuleRecord] = {}
     while True:
         ended = (await _off_loop(handle.status)).final
         records = await _off_loop(handle.records)
-        for name, record in records.items():
-            if seen.get(name) != record:
-                seen[name] = record
-                yield RecordUpdate(name, record)
+        changed = [(name, record) for name, record in records.items() if seen.get(name) != record]
+        for name, record in sorted(changed, key=lambda item: _changed_at(item[1])):
+            seen[name] = record
+            yield RecordUpdate(name, record)
         if ended:
             return
         await asyncio.sleep(poll_s)
+
+
+def _changed_at(record: ModuleRecord) -> str:
+    """When the record took its current state, as its ISO times tell (those sort as strings)."""
+    return record.finished_at or record.started_at or ""
 
 
 class ResultHub:
