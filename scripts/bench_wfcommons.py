@@ -304,10 +304,10 @@ def goal_lines(means: dict[str, float | None]) -> list[str]:
     dag, ray, profiled, informed = means[DAG], means[RAY], means[PROFILED], means[INFORMED]
     lines = []
     if dag is not None and ray is not None:
-        lines.append(f"- goal `dag` cold geomean ≤ Ray's: {dag:.2f} vs {ray:.2f} — {met(dag <= ray)}")
+        lines.append(f"- goal `dag` cold geomean ≤ Ray's: {dag:.3f} vs {ray:.3f} — {met(dag <= ray)}")
     if profiled is not None and informed is not None:
-        lines.append(f"- goal `dag` + learned profile ≤ 1.05 × informed greedy: {profiled:.2f} vs "
-                     f"{1.05 * informed:.2f} — {met(profiled <= 1.05 * informed)}")
+        lines.append(f"- goal `dag` + learned profile ≤ 1.05 × informed greedy: {profiled:.3f} vs "
+                     f"{1.05 * informed:.3f} — {met(profiled <= 1.05 * informed)}")
     return lines
 
 
