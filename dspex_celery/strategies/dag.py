@@ -88,18 +88,19 @@ end
 # enqueue ('1'/'0'), children...; when enqueuing, then each child's task message ('' when an earlier
 # count stored it: a child of several parents has its message built once per worker process, see
 # _MessagesSent; a child not made ready here keeps the message it was sent), then each child's
-# queue name if this worker may continue it ('' otherwise), the time (the lease's score), then per child how many of the KEYS after the unacked index are its queue's more urgent
+# queue name if this worker may continue it ('' otherwise), the time (the lease's score), then per
+# child how many of the KEYS after the unacked index are its queue's more urgent
 # lists (a child is continued only while they are empty: a slot that frees takes the most urgent
 # queued module, continuation must not jump ahead of it), then the tag of the lease this module ran
 # under ('' if none), released here (the ack of a continued module), then whether the worker may take
 # its next queued module here ('1'/'0', see _TAKE_NEXT), whether it may run one with a time limit, the
 # execution's task-id prefix and the number m of the worker's queue lists (the KEYS after the more
-# urgent lists, in the order it reads them), then each one's queue name. Returns {repeated (0/1), open_left, #ready,
-# the task id (EXEC.MODULE) of the module leased to the worker or '', ready..., blocking
-# module, its status, ...}: the ready children left to the caller — none when they were enqueued (or
-# one leased, see dspex_celery.continuation) here, which happens only while no module blocks its
-# children, but those whose stored message is gone — and the blocking modules only with ready ones. A repeated count (a re-delivered task)
-# changes nothing and reports the children this module made ready that were not enqueued here: its
+# urgent lists, in the order it reads them), then each one's queue name. Returns {repeated (0/1),
+# open_left, #ready, the task id (EXEC.MODULE) of the module leased to the worker or '', ready...,
+# blocking module, its status, ...}: the ready children left to the caller — none when they were
+# enqueued (or one leased, see dspex_celery.continuation) here, which happens only while no module
+# blocks its children, but those whose stored message is gone — and the blocking modules only with
+# ready ones. A repeated count (a re-delivered task) changes nothing and reports the children this module made ready that were not enqueued here: its
 # first worker may have died before it dispatched them.
 _COUNT_DONE = """
 local n = tonumber(ARGV[a + 3])
@@ -290,7 +291,7 @@ class DagStrategy(Strategy):
         return [execution.store.key(execution.id, part) for part in parts]
 
     def _init_counters(self, execution: Execution, plan: Plan, records: dict[str, ModuleRecord]) -> None:
-        deps_key, done_key, open_key, blocking_key, *_ = self._keys(execution)
+        deps_key, done_key, open_key, blocking_key, _, messages_key = self._keys(execution)
         counts: dict[str | bytes, int] = {
             name: sum(parent not in records for parent in module.parents)
             for name, module in plan.modules.items()
@@ -298,6 +299,7 @@ class DagStrategy(Strategy):
         blocking = blocking_of(records)
         store = execution.store
         pipe = store.client.pipeline()
+        pipe.delete(messages_key)  # a resumed execution's children get messages of its new plan
         pipe.hset(deps_key, mapping=counts)
         if records:
             pipe.sadd(done_key, *records)
