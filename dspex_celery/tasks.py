@@ -187,7 +187,7 @@ def _task_events(task: Task, run: ModuleRun) -> TaskEvents | None:
     return events
 
 
-def shutting_down() -> bool:
+def worker_stopping() -> bool:
     """True once the worker began a warm or cold shutdown: a slot ends the module it runs and, as Celery's
     own warm shutdown promises, takes nothing more."""
     return any(flag is not None and flag is not False
@@ -198,7 +198,7 @@ def continuation_offer(task: Task, runtime: Runtime, left: int, held: bool = Fal
     """This worker's offer to continue a child (None when it may not: chain bound reached, no Redis
     queues to lease from, or this message's Celery time limit would cover the child too); ``held``:
     the module it goes with runs under a lease."""
-    if left <= 0 or runtime.queues is None or task.request.called_directly or shutting_down():
+    if left <= 0 or runtime.queues is None or task.request.called_directly:
         return None
     limited = _pool_child.is_set()
     if limited and any(task.request.timelimit or ()):
@@ -341,7 +341,7 @@ class ModuleRun:
         record = self._finished_record(ctx, status=ModuleStatus.SUCCEEDED)
         # One atomic store call (unless the execution ended meanwhile); children go out first:
         # they are on the critical path, the hooks are not.
-        if self.offer is not None and shutting_down():  # still released by the count; continues nothing
+        if self.offer is not None and worker_stopping():  # still released by the count; continues nothing
             self.offer = dataclasses.replace(self.offer, queues=frozenset())
         if not self.strategy.module_succeeded(self.execution, self.name, output, record, offer=self.offer):
             return self._too_late(ctx, lambda: self.runtime.hooks.after_success(ctx, output))

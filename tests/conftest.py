@@ -51,6 +51,11 @@ TEST_MODULES = "tests.modules"
 INHERITED = ("DSPEX_TEST_", "DSPEX_HISTORY_URL")
 
 
+def unique(name: str) -> str:
+    """A program name of its own: circuits are per program + module, so runs do not share one."""
+    return f"{name}_{uuid.uuid4().hex[:6]}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _history_in_a_temp_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Embedded runs record history; keep the tests' history out of the user's data directory."""

@@ -14,7 +14,7 @@ from dspex_celery.examples import synthetic
 from dspex_celery.plan import build_plan
 from dspex_celery.results import parse_time
 from dspex_celery.strategies.registry import recommend_strategy
-from tests.conftest import Cluster, program
+from tests.conftest import Cluster, program, unique
 from tests.modules import dag_mods
 from tests.modules.basic import DIAMOND
 
@@ -227,7 +227,7 @@ def test_the_last_count_claims_the_finish_in_the_same_script(cluster: Cluster) -
     client = cluster.runtime.store.client
     commands: list[dict] = []
     with client.monitor() as monitor:
-        handle = cluster.submit(program(unique_name("claim"), {
+        handle = cluster.submit(program(unique("claim"), {
             "a": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 2}},
             "b": {"uses": "tests.modules.basic:add", "inputs": {"a": "$a.sum", "b": 1}},
         }), strategy="dag")
@@ -249,7 +249,7 @@ def test_the_result_and_its_history_event_go_out_in_one_script(cluster: Cluster)
     client = cluster.runtime.store.client
     commands: list[dict] = []
     with client.monitor() as monitor:
-        handle = cluster.submit(program(unique_name("publish"), {
+        handle = cluster.submit(program(unique("publish"), {
             "a": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 2}}}), strategy="dag")
         assert handle.get(timeout=30).status is ExecutionStatus.SUCCEEDED
         result_key = cluster.runtime.app.backend.get_key_for_task(handle.execution_id).decode()
@@ -275,7 +275,3 @@ def script_of(commands: list[dict], last: Callable[[str], bool]) -> list[str]:
         else:
             script.append(command["command"])
     return []
-
-
-def unique_name(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"

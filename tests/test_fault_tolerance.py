@@ -17,7 +17,7 @@ from dspex_celery.errors import UnknownExecution
 from dspex_celery.results import ExecutionResult, parse_time
 from dspex_celery.spec import RetryPolicy
 from dspex_celery.runner import backoff_delay
-from tests.conftest import Cluster, program, wait_for
+from tests.conftest import Cluster, program, unique, wait_for
 from tests.modules.faulty import side_channel
 
 pytestmark = pytest.mark.integration
@@ -38,11 +38,6 @@ def cluster(make_cluster) -> Cluster:
 def new_key(cluster: Cluster, label: str) -> str:
     """A side-channel key inside the cluster's namespace (purged at teardown)."""
     return f"{cluster.settings.namespace}:side:{label}:{uuid.uuid4().hex[:8]}"
-
-
-def unique(name: str) -> str:
-    """A program name of its own: circuits are per program + module, so runs do not share one."""
-    return f"{name}_{uuid.uuid4().hex[:6]}"
 
 
 def statuses(result: ExecutionResult) -> dict[str, str]:
