@@ -33,6 +33,9 @@ from dspex_celery.settings import Settings
 PRIORITY_SEPARATOR: str = kombu_redis.Channel.sep
 #: Publishing defaults of Celery's task queues (persistent messages, anonymous exchange).
 DELIVERY_MODE = 2
+#: The envelope field a message's lead is written in, first, so a script reads it without decoding the
+#: message (kombu reads the envelope's own fields and ignores this one).
+LEAD_KEY = "dspex"
 
 
 @dataclass(frozen=True)
@@ -57,10 +60,11 @@ class RedisQueues:
         step = self.priority_steps[bisect(self.priority_steps, priority) - 1]
         return f"{queue}{PRIORITY_SEPARATOR}{step}" if step else queue
 
-    def message(self, signature: Signature) -> tuple[str, str]:
+    def message(self, signature: Signature, lead: str | None = None) -> tuple[str, str]:
         """The queue key and the message that ``signature.apply_async(ignore_result=True)`` would push,
         sent from the task running in this thread (its root and parent ids, as Celery sets them; the
-        signature's ``headers`` option added to Celery's, as ``apply_async(headers=...)`` adds them)."""
+        signature's ``headers`` option added to Celery's, as ``apply_async(headers=...)`` adds them);
+        ``lead``: a short string (no quote or backslash) put first in the envelope, under :data:`LEAD_KEY`."""
         options = signature.options
         task_id = str(options["task_id"])
         parent = self.app.current_worker_task
@@ -86,7 +90,8 @@ class RedisQueues:
             "body_encoding": "base64",
             "delivery_tag": str(uuid.uuid4()),
         }
-        payload = {
+        payload: dict[str, Any] = {LEAD_KEY: lead} if lead is not None else {}
+        payload |= {
             "body": base64.b64encode(body.encode() if isinstance(body, str) else body).decode(),
             "content-encoding": content_encoding,
             "content-type": content_type,

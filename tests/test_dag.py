@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import redis
 
 from dspex_celery import ExecutionStatus, ModuleStatus, Program
 from dspex_celery.examples import synthetic
 from dspex_celery.plan import build_plan
+from dspex_celery.redis_queues import LEAD_KEY
 from dspex_celery.results import parse_time
+from dspex_celery.strategies.dag import _TAKE_NEXT
 from dspex_celery.strategies.registry import recommend_strategy
 from tests.conftest import Cluster, program, unique
 from tests.modules import dag_mods
@@ -275,3 +279,41 @@ def script_of(commands: list[dict], last: Callable[[str], bool]) -> list[str]:
         else:
             script.append(command["command"])
     return []
+
+
+def _take_next_script() -> str:
+    """The count's take_next() on its own: n = 0 children, the worker's lists from KEYS[1]; returns
+    the leased task id and its queue, or nothing."""
+    return ("local a, n, first, own = 1, 0, 1, ARGV[10]\nlocal taken = {}\n"
+            "local function lease(id, message, queue) taken = {id, queue} end\n"
+            f"local function take_next()\n{_TAKE_NEXT}end\ntake_next()\nreturn taken")
+
+
+@pytest.mark.parametrize(("head", "timeouts", "taken"), [
+    ("own", "0", True),  # this execution's next module
+    ("chained", "0", True),  # another dag execution's, whose lead allows a chain
+    ("unchained", "0", False),  # another execution's without it (its plan has a backup)
+    ("limited", "0", False),  # a Celery time limit this worker could not enforce in a chain...
+    ("limited", "1", True),  # ... and one it can
+    ("no lead", "0", False),  # a message no dag count wrote (a retry with its countdown, another task)
+    ("quoted id", "0", False),  # a task id the lead pattern cannot read whole
+])
+def test_a_slot_takes_only_a_message_whose_lead_allows_it(redis_url: str, head: str, timeouts: str,
+                                                          taken: bool) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    own, other = f"{uuid.uuid4().hex}.", uuid.uuid4().hex
+    leads = {"own": f"00{own}b", "chained": f"10{other}.b", "unchained": f"00{other}.b",
+             "limited": f"11{other}.b", "quoted id": '10' + other + '.b\\"x'}
+    envelope = {"body": "", "headers": {"task": "dspex.run_module"}}
+    raw = json.dumps({LEAD_KEY: leads[head], **envelope} if head in leads else envelope)
+    urgent, later = f"test-take-{uuid.uuid4().hex}", f"test-take-{uuid.uuid4().hex}"
+    try:
+        client.lpush(urgent, raw)
+        client.lpush(later, json.dumps({LEAD_KEY: f"00{own}c", **envelope}))  # behind it: never jumped to
+        reply = client.eval(_take_next_script(), 2, urgent, later,
+                            *[""] * 7, "1", timeouts, own, 2, "q-urgent", "q-later")
+        assert reply == ([leads[head][2:], "q-urgent"] if taken else [])
+        assert client.llen(urgent) == (0 if taken else 1)
+        assert client.llen(later) == 1
+    finally:
+        client.delete(urgent, later)

@@ -27,7 +27,7 @@ from dspex_celery.canvas import RUN_MODULE, module_signature, task_id
 from dspex_celery.examples import synthetic
 from dspex_celery.execution import Execution
 from dspex_celery.program import Program
-from dspex_celery.redis_queues import RedisQueues
+from dspex_celery.redis_queues import LEAD_KEY, RedisQueues
 from dspex_celery.routing import queue_name
 from dspex_celery.settings import Settings
 from dspex_celery.strategies.dag import CHAIN_HEADER, dag_signature
@@ -145,7 +145,12 @@ def test_a_stock_celery_worker_runs_the_message_the_dag_step_pushed(make_cluster
         stock.signature(signature.task, signature.args, signature.kwargs, **signature.options).apply_async(
             ignore_result=True, root_id=parent_id, parent_id=parent_id)
         assert client.llen(key) == 2
-        assert decoded(client.lpop(key)) == decoded(pushed)  # LPUSH: the newest is first
+        # ... but for its lead, first in the envelope (take-next reads it without decoding the message):
+        # another execution's chain may take it, it has a time limit, and its task id
+        assert pushed.startswith('{"%s": ' % LEAD_KEY)
+        ours = decoded(pushed)
+        assert ours.pop(LEAD_KEY) == "11" + task_id(execution_id, "child")
+        assert decoded(client.lpop(key)) == ours  # LPUSH: the newest is first
         # And a stock Celery worker on that queue runs the module task with its args, ids and time limits
         record_key = stock_worker(queue, queues.priority_steps)
         call = json.loads(wait_for(lambda: client.lpop(record_key), 30, "the stock worker's call"))

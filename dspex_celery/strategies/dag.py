@@ -29,11 +29,11 @@ from typing import Any, NamedTuple
 
 from celery.canvas import Signature
 
-from dspex_celery.canvas import RUN_MODULE, module_signature, task_id
+from dspex_celery.canvas import module_signature, task_id
 from dspex_celery.continuation import TAG_PREFIX, Offer, UnackedKeys, lease_tag
 from dspex_celery.execution import Execution
 from dspex_celery.plan import Plan
-from dspex_celery.redis_queues import RedisQueues
+from dspex_celery.redis_queues import LEAD_KEY, RedisQueues
 from dspex_celery.results import ExecutionStatus, ModuleRecord, ModuleStatus
 from dspex_celery.routing import queue_name
 from dspex_celery.state import CLAIM_STEP_ARGS, CLAIM_STEP_KEYS, LuaStep, lua_call
@@ -41,39 +41,34 @@ from dspex_celery.strategies.base import BLOCKING, Strategy, blocking_of, split_
 
 #: The header that lets a worker running another ``dag`` execution take this module's message into its
 #: chain (set when the plan has no backups: a winning backup revokes its attempt's task, which in a
-#: chain is another module's).
+#: chain is another module's); take-next reads it from the message's lead (_lead).
 CHAIN_HEADER = "dspex_chain"
 
 # The body of the count's take_next(): when none of the ready children is continued here (none ready,
 # none this worker serves, or a more urgent module queued), the worker takes the module it would be
 # sent next anyway: the oldest message of the most urgent non-empty list of its queues, leased to it as
-# a continued child is — only a ``run_module`` message of this execution, or of another ``dag``
-# execution whose message says it may run in a chain (CHAIN_HEADER: its plan has no backups), not
-# delayed (a retry's countdown) and without a Celery time limit where the worker may not run one in a
-# chain; any other message there (another task, a levels module) stays for a slot that frees.
+# a continued child is — only a message a dag count or start wrote (its lead, see _lead: a
+# ``run_module`` message, never delayed), of this execution or of another ``dag`` execution whose lead
+# says it may run in a chain (its plan has no backups), and without a Celery time limit where the
+# worker may not run one in a chain; any other message there (another task, a levels module, a retry)
+# stays for a slot that frees. The lead is read with a pattern: no message is decoded here.
 # ``first``: the KEYS index of the worker's first queue list; ``own``: this execution's task-id prefix.
+_LEAD_PATTERN = '^{"' + LEAD_KEY + '": "([01])([01])([^"\\\\]+)"'  # a Lua pattern, in a Lua string
 _TAKE_NEXT = """
 local base = a + 6 + 4 * n
 if ARGV[base + 1] ~= '1' then return end
 for j = 1, tonumber(ARGV[base + 4]) do
   local raw = redis.call('LINDEX', KEYS[first + j - 1], -1)
   if raw then
-    local ok, message = pcall(cjson.decode, raw)
-    local headers = ok and type(message) == 'table' and message['headers']
-    if type(headers) ~= 'table' or headers['task'] ~= '""" + RUN_MODULE + """' or type(headers['eta']) == 'string' then return end
-    local id, limits = headers['id'], headers['timelimit']
-    if type(id) ~= 'string' then return end
-    local module
+    local chains, limited, id = string.match(raw, '""" + _LEAD_PATTERN + """')
+    if not id then return end
     if string.sub(id, 1, #own) == own then
-      module = string.sub(id, #own + 1)
+      local module = string.sub(id, #own + 1)
       if module == '' or string.find(module, '.', 1, true) then return end
-    elseif headers['""" + CHAIN_HEADER + """'] == true then
-      module = string.match(id, '^[^.]+%.([^.]+)$')
-      if not module then return end
-    else
+    elseif chains ~= '1' or not string.match(id, '^[^.]+%.[^.]+$') then
       return
     end
-    if ARGV[base + 2] ~= '1' and type(limits) == 'table' and (type(limits[1]) == 'number' or type(limits[2]) == 'number') then return end
+    if ARGV[base + 2] ~= '1' and limited == '1' then return end
     redis.call('RPOP', KEYS[first + j - 1])
     lease(id, raw, ARGV[base + 4 + j])
     return
@@ -282,7 +277,8 @@ class DagStrategy(Strategy):
             pipe.expire(key, execution.store.ttl_s)
         chains = _chains(plan)
         for name in _by_urgency(plan, roots(plan, {})):
-            pipe.lpush(*queues.message(dag_signature(execution, plan, name, chains)))
+            signature = dag_signature(execution, plan, name, chains)
+            pipe.lpush(*queues.message(signature, _lead(signature)))
 
     # --- counters -------------------------------------------------------------------------------
 
@@ -401,8 +397,8 @@ class DagStrategy(Strategy):
         signatures = [dag_signature(execution, plan, name, chains) for name in runnable]
         if runtime.queues is not None and signatures:  # one round trip for all (a program's roots: many)
             pipe = execution.store.client.pipeline(transaction=False)
-            for key, message in map(runtime.queues.message, signatures):
-                pipe.lpush(key, message)
+            for signature in signatures:
+                pipe.lpush(*runtime.queues.message(signature, _lead(signature)))
             pipe.execute()
         else:
             for signature in signatures:
@@ -430,7 +426,7 @@ class _MessagesSent:
                 signature: Signature) -> tuple[str, str]:
         """The child's queue key and its message, '' when a count was already sent it."""
         if len(plan.modules[child].parents) < 2:  # made ready by this count whenever it succeeds
-            return queues.message(signature)
+            return queues.message(signature, _lead(signature))
         key = (execution_id, child)
         with self._lock:
             if key in self._sent:
@@ -438,7 +434,7 @@ class _MessagesSent:
             self._sent[key] = None
             if len(self._sent) > self._bound:
                 self._sent.popitem(last=False)
-        return queues.message(signature)
+        return queues.message(signature, _lead(signature))
 
 
 _SENT = _MessagesSent()
@@ -490,6 +486,15 @@ def dag_signature(execution: Execution, plan: Plan, name: str, chains: bool) -> 
     if chains:
         signature.options["headers"] = {CHAIN_HEADER: True}
     return signature
+
+
+def _lead(signature: Signature) -> str:
+    """What a dag module's message says first, for _TAKE_NEXT: whether another execution's chain may
+    take it (CHAIN_HEADER), whether it has a Celery time limit ('1'/'0' each), then its task id."""
+    options = signature.options
+    chains = bool(options.get("headers", {}).get(CHAIN_HEADER))
+    limited = options.get("time_limit") is not None or options.get("soft_time_limit") is not None
+    return f"{int(chains)}{int(limited)}{options['task_id']}"
 
 
 def _worker_lists(queues: RedisQueues, offer: Offer | None) -> list[tuple[str, str]]:
