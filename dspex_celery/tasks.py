@@ -195,15 +195,17 @@ def worker_stopping() -> bool:
 
 
 def continuation_offer(task: Task, runtime: Runtime, left: int, held: bool = False) -> Offer | None:
-    """This worker's offer to continue a child (None when it may not: chain bound reached, no Redis
-    queues to lease from, or this message's Celery time limit would cover the child too); ``held``:
-    the module it goes with runs under a lease."""
-    if left <= 0 or runtime.queues is None or task.request.called_directly:
+    """This worker's offer to continue a child (None when there is no Redis queue to lease from); it
+    offers no queue when it may not continue one (chain bound reached, or this message's Celery time
+    limit would cover the child too), and then only when ``held``: the module it goes with runs under
+    a lease, which the strategy's count releases."""
+    if runtime.queues is None or task.request.called_directly:
         return None
     limited = _pool_child.is_set()
-    if limited and any(task.request.timelimit or ()):
+    may_continue = left > 0 and not (limited and any(task.request.timelimit or ()))
+    if not (may_continue or held):
         return None
-    consumed = task.app.amqp.queues.consume_from or {}
+    consumed = (task.app.amqp.queues.consume_from or {}) if may_continue else {}
     return Offer(frozenset(consumed), UnackedKeys.of(task.app), timeouts=not limited, held=held)
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from dspex_celery import ExecutionStatus
 from dspex_celery.canvas import task_id
-from dspex_celery.continuation import UnackedKeys
+from dspex_celery.continuation import TAG_PREFIX, UnackedKeys
 from dspex_celery.examples import synthetic
 from dspex_celery.results import ExecutionResult, parse_time
 from tests.conftest import Cluster, program, wait_for
@@ -309,4 +309,28 @@ def test_worker_killed_during_a_module_it_took_next_the_execution_completes(make
     assert set(outputs(cluster, result)) == {"a_first", "b_slow"}
     assert result.modules["b_slow"].lost_attempts == 1
     assert not result.modules["b_slow"].worker.startswith(doomed.name)
+    cluster.stop()
+
+
+def test_a_chain_at_its_bound_releases_its_last_lease_in_the_count(make_cluster) -> None:
+    # Given one slot whose chains end after two modules, and five independent modules, watched with MONITOR
+    cluster = make_cluster()
+    cluster.start_worker("default", concurrency=1, pool="threads", env={"DSPEX_DAG_CONTINUATION": "2"})
+    unacked = UnackedKeys.of(cluster.runtime.app)
+    modules = {f"m{index}": {"uses": STEP, "inputs": {"ms": 20}} for index in range(5)}
+    releases: list[dict] = []
+    with cluster.runtime.store.client.monitor() as monitor:
+        handle = cluster.submit(program("bounded", modules), strategy="dag")
+        result = handle.get(timeout=60)
+        deadline = time.time() + 3
+        for command in monitor.listen():  # until the result's script and a little after
+            if command["command"].startswith(f"HDEL {unacked.messages} {TAG_PREFIX}{handle.execution_id}"):
+                releases.append(command)
+            if time.time() > deadline:
+                break
+    # Then modules ran under leases, and each lease was released by the script that stored its
+    # module's success (the last of a chain too), not by a round trip of its own
+    assert result.status is ExecutionStatus.SUCCEEDED
+    assert len(continued(cluster, result)) >= 2
+    assert releases and all(command["client_type"] == "lua" for command in releases), releases
     cluster.stop()
