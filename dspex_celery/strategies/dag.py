@@ -475,8 +475,19 @@ def _more_urgent(queues: RedisQueues, queue: str, priority: int) -> list[str]:
 
 def _chains(plan: Plan) -> bool:
     """Whether a worker may take this plan's queued modules into a chain in a slot that just freed: not
-    when a module has a ``backup_after_s`` (as :func:`_continuable`)."""
-    return all(module.backup_after_s is None for module in plan.modules.values())
+    when a module has a ``backup_after_s`` (as :func:`_continuable`). Read once per plan (every count
+    asks; a plan never changes)."""
+    entry = _CHAINS.get(id(plan))
+    if entry is None or entry[0] is not plan:
+        if len(_CHAINS) >= _CHAINS_BOUND:
+            _CHAINS.clear()
+        entry = _CHAINS[id(plan)] = (plan, all(module.backup_after_s is None for module in plan.modules.values()))
+    return entry[1]
+
+
+#: :func:`_chains` of the plans seen lately (by identity, with the plan itself so an id is never reused).
+_CHAINS: dict[int, tuple[Plan, bool]] = {}
+_CHAINS_BOUND = 1024
 
 
 def dag_signature(execution: Execution, plan: Plan, name: str, chains: bool) -> Signature:
