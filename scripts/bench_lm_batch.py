@@ -92,6 +92,21 @@ HISTORY = (
     "BRPOP 0.23; ≈ 100 commands per line, those inside scripts included). What is left to fold: the begin "
     "of a continued module into the count that leases it (a batch's Generate is seldom continued: other "
     "lines' Retrieve messages are more urgent), and less CPU per module (workers ≈ 8 ms per line)."
+    " " +
+    "Session 9 ran on another machine (AMD EPYC, 2 cores: `dspy.Evaluate` still reaches ≈ 150 "
+    "lines/s, but every engine CPU millisecond costs more): at `7a42140`, runs of 3 rounds gave "
+    "0.67–0.76× (99–113 lines/s), 6.3–7.7 CPU ms / module, and the end of the session the same "
+    "spread (0.73–0.77×, 5.9–6.4; old and new code interleaved: 113.0 / 99.7 vs 109.5 / 114.8 "
+    "lines/s), so this session's changes do not show here. Per line (psutil, 480 lines): workers "
+    "11.8 ms (DSPy's own work ≈ 4.2 ms of it, as in Evaluate), client 2.7 ms, Redis ≈ 2.5 ms "
+    "(EVALSHA ≈ 220 µs mean) — ≈ 17 ms of CPU per line against Evaluate's 4.2, ≈ 1.8 of the 2 cores "
+    "busy: the batch is CPU-bound on this machine, so a saved round trip does not show (serving the "
+    "batch's plan from a per-process cache instead of one GET per line: 97 vs 103.5 lines/s, noise). "
+    "Records: Generate 111 ms median, Retrieve 3.1 ms; module calls fill 80 % of the slot time. "
+    "Inside Redis (TIME probes in the scripts): a count that takes the next module spent ≈ 55 µs in "
+    "`cjson.decode` of that message's ≈ 1.2 KB; take-next now reads the short lead a dag message "
+    "carries first instead. A round trip to Redis costs 0.11 ms back to back but 0.59 ms (p50) after "
+    "the caller slept 5 ms (this VM's idle vCPUs halt)."
 )
 
 

@@ -324,6 +324,23 @@ NOTES = (
     "its message built once per worker process instead of once per parent (the profile showed 20 % of a "
     "worker's CPU there on montage and srasearch): `dag` cold 1.27 → 1.26, montage 1.32 → 1.28 — within "
     "the noise of one run."
+    " " +
+    "Session 9, on another machine (AMD EPYC, 2 cores). Subset runs at `7a42140`: `dag` cold 1.344 "
+    "vs Ray 1.323, `dag` + profile 1.297; after the changes below, `dag` cold vs Ray 1.317 vs 1.296 "
+    "in a subset run and 1.321 vs 1.326 in the full run above — the two are within the noise of each "
+    "other, not ahead. Changes: every count checked all of the plan's modules for a `backup_after_s` "
+    "(`_chains`, O(modules) per module), now once per plan (a 2000-module bag on two threads: 2.2 → "
+    "1.8 worker CPU ms per module, 370 → 460 modules/s); take-next reads a message's short lead "
+    "instead of decoding it (≈ 55 µs of Redis time per take); a chain at its `dag_continuation` "
+    "bound releases its lease in its count. Where a hop goes (probes in `ModuleRun`, montage): a "
+    "module's record spans ≈ 2.9 ms (median) beyond its task's sleep, 1.2–1.5 ms of it the begin "
+    "round trip (≈ 70 µs of it in Redis; a round trip costs 0.11 ms back to back but 0.59 ms after "
+    "the caller slept 5 ms: this VM's idle vCPUs halt); a chain of 2 ms modules on two threads runs "
+    "at ≈ 5.5 ms per hop with 2.6 ms of worker CPU per module. Tried and not kept: running a "
+    "continued child's begin in the round trip of the count that leases it (a pipeline, the begin "
+    "guarded by its lease's score): 5.2 / 5.8 vs 5.6 / 6.0 ms per chain hop, epigenomics + genome + "
+    "cycles + montage 1.36 vs 1.37 — within the noise, as hops are CPU-bound in Python; a GIL switch "
+    "interval of 1 ms / 0.5 ms in the workers: montage's begin round trip stayed at 1.1–1.6 ms."
 )
 
 
