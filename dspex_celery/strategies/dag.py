@@ -277,8 +277,7 @@ class DagStrategy(Strategy):
             pipe.expire(key, execution.store.ttl_s)
         chains = _chains(plan)
         for name in _by_urgency(plan, roots(plan, {})):
-            signature = dag_signature(execution, plan, name, chains)
-            pipe.lpush(*queues.message(signature, _lead(signature)))
+            pipe.lpush(*_message(queues, dag_signature(execution, plan, name, chains)))
 
     # --- counters -------------------------------------------------------------------------------
 
@@ -398,7 +397,7 @@ class DagStrategy(Strategy):
         if runtime.queues is not None and signatures:  # one round trip for all (a program's roots: many)
             pipe = execution.store.client.pipeline(transaction=False)
             for signature in signatures:
-                pipe.lpush(*runtime.queues.message(signature, _lead(signature)))
+                pipe.lpush(*_message(runtime.queues, signature))
             pipe.execute()
         else:
             for signature in signatures:
@@ -426,7 +425,7 @@ class _MessagesSent:
                 signature: Signature) -> tuple[str, str]:
         """The child's queue key and its message, '' when a count was already sent it."""
         if len(plan.modules[child].parents) < 2:  # made ready by this count whenever it succeeds
-            return queues.message(signature, _lead(signature))
+            return _message(queues, signature)
         key = (execution_id, child)
         with self._lock:
             if key in self._sent:
@@ -434,7 +433,7 @@ class _MessagesSent:
             self._sent[key] = None
             if len(self._sent) > self._bound:
                 self._sent.popitem(last=False)
-        return queues.message(signature, _lead(signature))
+        return _message(queues, signature)
 
 
 _SENT = _MessagesSent()
@@ -497,6 +496,11 @@ def dag_signature(execution: Execution, plan: Plan, name: str, chains: bool) -> 
     if chains:
         signature.options["headers"] = {CHAIN_HEADER: True}
     return signature
+
+
+def _message(queues: RedisQueues, signature: Signature) -> tuple[str, str]:
+    """The queue key and task message of a dag module, with its lead."""
+    return queues.message(signature, _lead(signature))
 
 
 def _lead(signature: Signature) -> str:
