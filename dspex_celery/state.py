@@ -126,9 +126,19 @@ class LuaStep:
     args: Sequence[Any] = ()
 
 
-def lua_call(body: str, first_key: int, first_arg: int) -> str:
-    """A Lua expression calling ``function(k, a) body end`` with the given offsets."""
+def lua_call(body: str, first_key: int | str, first_arg: int | str) -> str:
+    """A Lua expression calling ``function(k, a) body end`` with the given offsets (numbers, or Lua
+    expressions such as ``"k + 8"`` inside another body)."""
     return f"(function(k, a)\n{body}\nend)({first_key}, {first_arg})"
+
+
+def step_calls(steps: Sequence[LuaStep], first_key: int, first_arg: int) -> list[str]:
+    """The Lua calls of ``steps`` whose keys and args follow one another from these offsets."""
+    calls = []
+    for step in steps:
+        calls.append(lua_call(step.source, first_key, first_arg))
+        first_key, first_arg = first_key + len(step.keys), first_arg + len(step.args)
+    return calls
 
 
 _CLAIM_FINISH_ALONE = "return " + lua_call(_CLAIM_FINISH, 1, 1)
@@ -136,10 +146,7 @@ _CLAIM_FINISH_ALONE = "return " + lua_call(_CLAIM_FINISH, 1, 1)
 
 def _begin_source(steps: Sequence[LuaStep]) -> str:
     """The begin script with ``steps`` run after it (only when the attempt starts)."""
-    calls, key, arg = [], 5, 5
-    for index, step in enumerate(steps):
-        calls.append(f"  result[{6 + index}] = {lua_call(step.source, key, arg)}")
-        key, arg = key + len(step.keys), arg + len(step.args)
+    calls = [f"  result[{6 + index}] = {call}" for index, call in enumerate(step_calls(steps, 5, 5))]
     body = "if written == 1 then\n" + "\n".join(calls) + "\nend\n" if calls else ""
     return _BEGIN + body + "return result"
 
@@ -295,11 +302,9 @@ class StateStore:
         fields = [item for key, value in meta.items() for item in (key, json.dumps(value))]
         keys: list[str] = [result_key, self.key(execution_id, "meta")]
         args: list[Any] = [encoded, expires_s, len(fields), *fields]
-        calls = []
-        for step in steps:
-            calls.append(lua_call(step.source, len(keys) + 1, len(args) + 1))
-            keys += step.keys
-            args += step.args
+        calls = step_calls(steps, len(keys) + 1, len(args) + 1)
+        keys += [key for step in steps for key in step.keys]
+        args += [arg for step in steps for arg in step.args]
         self.script(_PUBLISH_RESULT + "".join(f"local _ = {call}\n" for call in calls))(keys=keys, args=args)
 
     def finish_claim(self, execution_id: str) -> dict[str, Any] | None:

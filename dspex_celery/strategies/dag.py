@@ -201,9 +201,9 @@ def _count_and_claim(claim: str) -> str:
     """A sink's count followed, when it closed the last open module, by the execution's finish claim
     (``claim``: its Lua, whose CLAIM_STEP_KEYS keys and CLAIM_STEP_ARGS args come first): its reply
     is the count's with the claim's appended, so finishing takes no round trip of its own."""
-    count = f"(function(k, a)\n{_COUNT_DONE}\nend)(k + {CLAIM_STEP_KEYS}, a + {CLAIM_STEP_ARGS})"
+    count = lua_call(_COUNT_DONE, f"k + {CLAIM_STEP_KEYS}", f"a + {CLAIM_STEP_ARGS}")
     return (f"local count = {count}\n"
-            f"if count[1] == 0 and count[2] == 0 then count[5] = (function(k, a)\n{claim}\nend)(k, a) end\n"
+            f"if count[1] == 0 and count[2] == 0 then count[5] = {lua_call(claim, 'k', 'a')} end\n"
             "return count")
 
 # KEYS: kombu's unacked hash and index, then each child's queue list. ARGV: each child's lease tag and
