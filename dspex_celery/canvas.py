@@ -31,6 +31,11 @@ def advance_task_id(execution_id: str, stage: int, *, errback: bool = False) -> 
     return f"{execution_id}.advance.{stage}" + (".errback" if errback else "")
 
 
+#: The header with the digest of a module's plan text (``plan_digest``): a worker that parsed that text
+#: already, for another execution of the plan, does not read the plan again (``StateStore.plan``).
+PLAN_HEADER = "dspex_plan"
+
+
 def module_signature(app: Celery, plan: Plan, execution_id: str, name: str, namespace: str) -> Signature:
     """The task that runs one module on a worker of its resource class."""
     return _module_signature(app, plan, execution_id, name, namespace, str(app.conf.broker_url))

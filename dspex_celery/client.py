@@ -40,7 +40,7 @@ from dspex_celery.execution import (
 from dspex_celery.graph import package_of
 from dspex_celery.history.location import history_present
 from dspex_celery.integrations.dspy_worker import TRACE_META
-from dspex_celery.plan import ModulePlan, Plan
+from dspex_celery.plan import ModulePlan, Plan, plan_text
 from dspex_celery.presence import warn_if_unserved
 from dspex_celery.program import Program
 from dspex_celery.results import (
@@ -395,7 +395,7 @@ def launch_together(
     executions = [Execution(runtime, execution_id, plan) for execution_id in inputs]
     if not executions or tracing_enabled() or not chosen.starts_in_pipeline(executions[0]):
         return False
-    plan_json = plan.to_json()
+    plan_json, _ = plan_text(plan)
     pipe = runtime.store.client.pipeline()
     for execution in executions:
         meta = {**_meta(plan, strategy, inputs[execution.id], timeout, None), "started": True}

@@ -18,6 +18,7 @@ every child goes through the broker.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,9 @@ from celery import Celery
 from celery.signals import worker_ready
 
 from dspex_celery.canvas import task_id
+from dspex_celery.plan import Plan
+from dspex_celery.results import ModuleRecord
+from dspex_celery.state import LuaStep, ModuleStart
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +71,33 @@ class Lease:
         execution_id, _, module = leased.rpartition(".")
         return cls(execution_id, module, keys)
 
+    @property
+    def task_id(self) -> str:
+        return task_id(self.execution_id, self.module)
+
     def release(self, client: Any) -> None:
         """The ack: the child ran to an end here (its record says how), nothing to re-deliver."""
         tag = lease_tag(self.execution_id, self.module)
         client.pipeline(transaction=False).zrem(self.keys.index, tag).hdel(self.keys.messages, tag).execute()
+
+
+@dataclass(frozen=True, slots=True)
+class FirstAttempt:
+    """How a worker starts a module's first attempt: the running record it stores when the module has
+    none yet, and the hooks' begin steps, as ``(hook, step)`` pairs."""
+
+    record: ModuleRecord
+    steps: list[tuple[Any, LuaStep]]
+
+
+@dataclass(frozen=True, slots=True)
+class Begun:
+    """A continued child whose begin ran in the count that leased it (one round trip less): its task id
+    (``EXEC.MODULE``), the attempt it started and what that begin read."""
+
+    leased: str
+    attempt: FirstAttempt
+    start: ModuleStart
 
 
 @dataclass(slots=True)
@@ -80,15 +107,21 @@ class Offer:
     ``queues``: the queues this worker consumes (a child of a resource class it does not serve goes
     through the broker); ``timeouts``: whether it may continue a child that has a ``timeout_s`` (not
     in a prefork child, where only Celery's per-message time limits stop a call); ``held``: the
-    module runs under a lease, which the strategy's count releases once it succeeded. The strategy
-    sets ``claimed`` to the task id (``EXEC.MODULE``) of the module it leased.
+    module runs under a lease, which the strategy's count releases once it succeeded; ``ahead``: how
+    this worker starts a module's first attempt, so the count that leases a child may begin it too.
+    The strategy sets ``claimed`` to the task id (``EXEC.MODULE``) of the module it leased, ``plan``
+    to the digest of that module's plan text when it is another execution's and its message names it,
+    and ``begun`` when it began that module as well.
     """
 
     queues: frozenset[str]
     keys: UnackedKeys
     timeouts: bool
     held: bool = False
+    ahead: Callable[[Plan, str], FirstAttempt] | None = None
     claimed: str | None = field(default=None)
+    plan: str | None = field(default=None)
+    begun: Begun | None = field(default=None)
 
 
 # --- Flower ---------------------------------------------------------------------------------------

@@ -77,15 +77,18 @@ def timeout_message(timeout_s: float | None) -> str:
 
 class Execution:
     """One stored execution: its runtime, its id and its plan (read from the store once, when first
-    needed). Short-lived: made per task or client call, so it holds nothing that changes."""
+    needed; ``plan_digest``: its text's digest, when a task message named it). Short-lived: made per
+    task or client call, so it holds nothing that changes."""
 
-    __slots__ = ("runtime", "id", "_plan", "_plan_read")
+    __slots__ = ("runtime", "id", "_plan", "_plan_read", "_plan_digest")
 
-    def __init__(self, runtime: Runtime, execution_id: str, plan: Plan | None = None) -> None:
+    def __init__(self, runtime: Runtime, execution_id: str, plan: Plan | None = None,
+                 plan_digest: str | None = None) -> None:
         self.runtime = runtime
         self.id = execution_id
         self._plan = plan
         self._plan_read = plan is not None
+        self._plan_digest = plan_digest
 
     def __repr__(self) -> str:
         return f"Execution({self.id!r})"
@@ -98,7 +101,7 @@ class Execution:
     def plan(self) -> Plan | None:
         """The plan; None when the execution is unknown or expired."""
         if not self._plan_read:
-            self._plan, self._plan_read = self.runtime.store.plan(self.id), True
+            self._plan, self._plan_read = self.runtime.store.plan(self.id, self._plan_digest), True
         return self._plan
 
     def require_plan(self) -> Plan:

@@ -119,7 +119,7 @@ class Plan:
         return int(self.failure_tolerance)
 
     def to_json(self) -> str:
-        """The plan as compact JSON with sorted keys."""
+        """The plan as compact JSON with sorted keys (:func:`plan_text` keeps it, with its digest)."""
         data = _fields(self)
         data["modules"] = {name: _fields(module) for name, module in self.modules.items()}
         return canonical_json(data).decode()
@@ -287,6 +287,38 @@ def _module_plan(
         None if module.backup is False else module.backup_after_s or shared.learned_backups.get(name),
         module.compensate,
     )
+
+
+def plan_digest(text: str) -> str:
+    """A short digest of a plan's stored text: task messages carry it, so a worker that already parsed
+    that text (another execution of the same plan: a batch's lines) need not read it again."""
+    return hashlib.blake2b(text.encode(), digest_size=10).hexdigest()
+
+
+def plan_text(plan: Plan) -> tuple[str, str]:
+    """The plan's JSON text to store and its :func:`plan_digest` (remembered: :func:`known_digest`)."""
+    text = plan.to_json()
+    digest = plan_digest(text)
+    remember_digest(plan, digest)
+    return text, digest
+
+
+def known_digest(plan: Plan) -> str | None:
+    """The digest of the text ``plan`` was stored as or parsed from, if this process knows it."""
+    entry = _DIGESTS.get(id(plan))
+    return entry[1] if entry is not None and entry[0] is plan else None
+
+
+def remember_digest(plan: Plan, digest: str) -> None:
+    """Record that ``plan`` was stored as, or parsed from, a text of digest ``digest``."""
+    if len(_DIGESTS) >= _DIGESTS_BOUND:
+        _DIGESTS.clear()
+    _DIGESTS[id(plan)] = (plan, digest)
+
+
+#: The digests of the plans seen lately, by identity (with the plan itself, so an id is never reused).
+_DIGESTS: dict[int, tuple[Plan, str]] = {}
+_DIGESTS_BOUND = 1024
 
 
 def _outputs(spec: ProgramSpec, dag: Dag) -> dict[str, Any]:

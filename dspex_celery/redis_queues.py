@@ -18,6 +18,7 @@ import base64
 import json
 import uuid
 from bisect import bisect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,8 @@ DELIVERY_MODE = 2
 #: The envelope field a message's lead is written in, first, so a script reads it without decoding the
 #: message (kombu reads the envelope's own fields and ignores this one).
 LEAD_KEY = "dspex"
+#: The envelope field after the lead: the digest of the message's plan text (see ``plan_digest``).
+PLAN_LEAD_KEY = "dspex_plan"
 
 
 @dataclass(frozen=True)
@@ -60,11 +63,12 @@ class RedisQueues:
         step = self.priority_steps[bisect(self.priority_steps, priority) - 1]
         return f"{queue}{PRIORITY_SEPARATOR}{step}" if step else queue
 
-    def message(self, signature: Signature, lead: str | None = None) -> tuple[str, str]:
+    def message(self, signature: Signature, lead: Mapping[str, str] | None = None) -> tuple[str, str]:
         """The queue key and the message that ``signature.apply_async(ignore_result=True)`` would push,
         sent from the task running in this thread (its root and parent ids, as Celery sets them; the
         signature's ``headers`` option added to Celery's, as ``apply_async(headers=...)`` adds them);
-        ``lead``: a short string (no quote or backslash) put first in the envelope, under :data:`LEAD_KEY`."""
+        ``lead``: fields put first in the envelope, in order (short strings: no quote or backslash), such
+        as :data:`LEAD_KEY` and :data:`PLAN_LEAD_KEY`."""
         options = signature.options
         task_id = str(options["task_id"])
         parent = self.app.current_worker_task
@@ -90,7 +94,7 @@ class RedisQueues:
             "body_encoding": "base64",
             "delivery_tag": str(uuid.uuid4()),
         }
-        payload: dict[str, Any] = {LEAD_KEY: lead} if lead is not None else {}
+        payload: dict[str, Any] = dict(lead or {})
         payload |= {
             "body": base64.b64encode(body.encode() if isinstance(body, str) else body).decode(),
             "content-encoding": content_encoding,

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from dspex_celery.plan import Plan
+from dspex_celery.plan import Plan, plan_digest, plan_text, remember_digest
 from dspex_celery.redis_clients import ReplicaSync, connect, is_cluster_client, is_sentinel_url
 from dspex_celery.results import ModuleRecord
 
@@ -45,24 +45,25 @@ for i = 2, 4 do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
 """
 
 
-# KEYS: records, meta, finished flag, outputs (then the keys of the steps).
-# ARGV: module, ttl, running record JSON, number of step args (then the steps' args, then parents...).
-# Writes the running record only when the module has no record yet and the execution goes on; the
-# steps run only then. Returns {previous record or nil, meta as a flat list, finished (0/1),
-# written (0/1), parent outputs, the steps' replies...}.
+# A LuaStep body (see _begin_body) — KEYS[k..k+3]: records, meta, finished flag, outputs (then the
+# keys of the steps). ARGV[a..]: module, ttl, running record JSON, number of step args, number p of
+# parents (then the steps' args, then the p parents). Writes the running record only when the module
+# has no record yet and the execution goes on (and exists: its meta is there); the steps run only then. Returns {previous record or
+# nil, meta as a flat list, finished (0/1), written (0/1), parent outputs, the steps' replies...}.
 _BEGIN = """
-local previous = redis.call('HGET', KEYS[1], ARGV[1])
-local finished = redis.call('EXISTS', KEYS[3])
+local previous = redis.call('HGET', KEYS[k], ARGV[a])
+local finished = redis.call('EXISTS', KEYS[k + 2])
+local meta = redis.call('HGETALL', KEYS[k + 1])
 local written = 0
-if not previous and finished == 0 then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
+if not previous and finished == 0 and #meta > 0 then
+  redis.call('HSET', KEYS[k], ARGV[a], ARGV[a + 2])
+  redis.call('EXPIRE', KEYS[k], ARGV[a + 1])
   written = 1
 end
-local first_parent = 5 + tonumber(ARGV[4])
+local first_parent, parents = a + 5 + tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
 local outputs = {}
-if #ARGV >= first_parent then outputs = redis.call('HMGET', KEYS[4], unpack(ARGV, first_parent, #ARGV)) end
-local result = {previous, redis.call('HGETALL', KEYS[2]), finished, written, outputs}
+if parents > 0 then outputs = redis.call('HMGET', KEYS[k + 3], unpack(ARGV, first_parent, first_parent + parents - 1)) end
+local result = {previous, meta, finished, written, outputs}
 """
 
 
@@ -132,21 +133,29 @@ def lua_call(body: str, first_key: int | str, first_arg: int | str) -> str:
     return f"(function(k, a)\n{body}\nend)({first_key}, {first_arg})"
 
 
-def step_calls(steps: Sequence[LuaStep], first_key: int, first_arg: int) -> list[str]:
-    """The Lua calls of ``steps`` whose keys and args follow one another from these offsets."""
-    calls = []
+def step_calls(steps: Sequence[LuaStep], first_key: int | str, first_arg: int | str) -> list[str]:
+    """The Lua calls of ``steps`` whose keys and args follow one another from these offsets (numbers,
+    or Lua expressions such as ``"k + 4"`` inside another body)."""
+    calls, keys, args = [], 0, 0
     for step in steps:
-        calls.append(lua_call(step.source, first_key, first_arg))
-        first_key, first_arg = first_key + len(step.keys), first_arg + len(step.args)
+        calls.append(lua_call(step.source, _offset(first_key, keys), _offset(first_arg, args)))
+        keys, args = keys + len(step.keys), args + len(step.args)
     return calls
+
+
+def _offset(first: int | str, by: int) -> int | str:
+    return first + by if isinstance(first, int) else f"{first} + {by}"
 
 
 _CLAIM_FINISH_ALONE = "return " + lua_call(_CLAIM_FINISH, 1, 1)
 
 
-def _begin_source(steps: Sequence[LuaStep]) -> str:
-    """The begin script with ``steps`` run after it (only when the attempt starts)."""
-    calls = [f"  result[{6 + index}] = {call}" for index, call in enumerate(step_calls(steps, 5, 5))]
+@functools.cache
+def _begin_body(shapes: tuple[tuple[str, int, int], ...]) -> str:
+    """The begin step's body (:data:`_BEGIN`) with steps of these shapes (source, number of keys,
+    number of args) run after it, only when the attempt starts (their keys and args follow its own)."""
+    steps = [LuaStep(source, [""] * keys, [""] * args) for source, keys, args in shapes]
+    calls = [f"  result[{6 + index}] = {call}" for index, call in enumerate(step_calls(steps, "k + 4", "a + 5"))]
     body = "if written == 1 then\n" + "\n".join(calls) + "\nend\n" if calls else ""
     return _BEGIN + body + "return result"
 
@@ -222,7 +231,7 @@ class StateStore:
     def create(self, execution_id: str, plan: Plan, meta: dict[str, Any]) -> None:
         """Write the plan and the execution's metadata (inputs, strategy, times)."""
         pipe = self.client.pipeline()
-        self.queue_create(pipe, execution_id, plan.to_json(), meta)
+        self.queue_create(pipe, execution_id, plan_text(plan)[0], meta)
         pipe.execute()
 
     def queue_create(self, pipe: Any, execution_id: str, plan_json: str, meta: dict[str, Any]) -> None:
@@ -233,16 +242,20 @@ class StateStore:
         pipe.expire(self.key(execution_id, "meta"), self.ttl_s)
         pipe.zadd(self.global_key("live"), {execution_id: _now_score()})
 
-    def plan(self, execution_id: str) -> Plan | None:
-        """The execution's plan; read from Redis once per process (plans never change)."""
+    def plan(self, execution_id: str, digest: str | None = None) -> Plan | None:
+        """The execution's plan; read from Redis once per process (plans never change), and not at all
+        when this process parsed a plan text of ``digest`` already (the digest its task message carries:
+        another execution of the same plan)."""
         with self._lock:
             if execution_id in self._plans:
                 self._plans.move_to_end(execution_id)
                 return self._plans[execution_id]
-        text = self.client.get(self.key(execution_id, "plan"))
-        if text is None:
-            return None
-        plan = parsed_plan(text)
+        plan = _BY_DIGEST.get(digest) if digest else None
+        if plan is None:
+            text = self.client.get(self.key(execution_id, "plan"))
+            if text is None:
+                return None
+            plan = parsed_plan(text)
         with self._lock:
             self._plans[execution_id] = plan
             while len(self._plans) > PLAN_CACHE_SIZE:
@@ -358,21 +371,19 @@ class StateStore:
         """One round trip before a module runs: its record, the execution's meta and finished flag,
         the parents' outputs; ``first_running`` is stored at once when the module has no record yet
         (its first attempt) and the execution goes on, and ``steps`` (hooks' Lua) run then too."""
+        step = self.begin_step(execution_id, module, parents, first_running, steps)
+        reply = self.script("return " + lua_call(step.source, 1, 1))(keys=step.keys, args=step.args)
+        return module_start(reply, parents)
+
+    def begin_step(self, execution_id: str, module: str, parents: Sequence[str], first_running: ModuleRecord,
+                   steps: Sequence[LuaStep] = ()) -> LuaStep:
+        """:meth:`begin` as a step of another script (its reply is read by :func:`module_start`)."""
         keys = [self.key(execution_id, part) for part in ("rec", "meta", "finished", "out")]
         keys += [key for step in steps for key in step.keys]
         step_args = [arg for step in steps for arg in step.args]
-        args = [module, self.ttl_s, first_running.model_dump_json(), len(step_args), *step_args, *parents]
-        raw_record, raw_meta, finished, written, outputs, *replies = self.script(_begin_source(steps))(
-            keys=keys, args=args
-        )
-        return ModuleStart(
-            record=ModuleRecord() if raw_record is None else ModuleRecord.model_validate_json(raw_record),
-            meta={key: json.loads(value) for key, value in zip(raw_meta[::2], raw_meta[1::2], strict=True)},
-            finished=bool(finished),
-            upstream={name: json.loads(value) for name, value in zip(parents, outputs, strict=True) if value is not None},
-            running_written=bool(written),
-            step_replies=replies,
-        )
+        args = [module, self.ttl_s, first_running.model_dump_json(), len(step_args), len(parents), *step_args, *parents]
+        shapes = tuple((step.source, len(step.keys), len(step.args)) for step in steps)
+        return LuaStep(_begin_body(shapes), keys, args)
 
     def save_success(self, execution_id: str, module: str, output: dict[str, Any], record: ModuleRecord,
                      then: LuaStep | None = None) -> list[Any] | None:
@@ -411,10 +422,34 @@ class StateStore:
         return {name: ModuleRecord.model_validate_json(value) for name, value in raw.items()}
 
 
+def module_start(reply: Sequence[Any], parents: Sequence[str]) -> ModuleStart:
+    """The :class:`ModuleStart` of a begin step's reply (:data:`_BEGIN`)."""
+    raw_record, raw_meta, finished, written, outputs, *replies = reply
+    return ModuleStart(
+        record=ModuleRecord() if raw_record is None else ModuleRecord.model_validate_json(raw_record),
+        meta={key: json.loads(value) for key, value in _pairs(raw_meta)},
+        finished=bool(finished),
+        upstream={name: json.loads(value) for name, value in zip(parents, outputs, strict=True) if value is not None},
+        running_written=bool(written),
+        step_replies=list(replies),
+    )
+
+
 @functools.lru_cache(maxsize=PLAN_TEXT_CACHE_SIZE)
 def parsed_plan(text: str) -> Plan:
-    """The plan of ``text``, parsed once per process for the last few texts (plans never change)."""
-    return Plan.from_json(text)
+    """The plan of ``text``, parsed once per process for the last few texts (plans never change), and
+    found by its text's digest after that (:meth:`StateStore.plan`)."""
+    plan = Plan.from_json(text)
+    digest = plan_digest(text)
+    remember_digest(plan, digest)
+    _BY_DIGEST[digest] = plan
+    while len(_BY_DIGEST) > PLAN_TEXT_CACHE_SIZE:
+        _BY_DIGEST.pop(next(iter(_BY_DIGEST)))
+    return plan
+
+
+#: The plans :func:`parsed_plan` made lately, by their text's digest (oldest first).
+_BY_DIGEST: dict[str, Plan] = {}
 
 
 def finish_state(reply: Sequence[Any], modules: Iterable[str]) -> FinishState | None:

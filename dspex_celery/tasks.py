@@ -22,9 +22,9 @@ from celery.worker import state as worker_state
 from dspex_celery.backups import backup_record, is_backup, leave_race, log_attempt, steps_aside
 from dspex_celery.call_threads import CallThreads
 from dspex_celery.defaults import RESULT_SUMMARY_CHARS
-from dspex_celery.canvas import ADVANCE, COMPENSATE, RUN_MODULE, module_signature
+from dspex_celery.canvas import ADVANCE, COMPENSATE, PLAN_HEADER, RUN_MODULE, module_signature
 from dspex_celery.compensation import CompensationRun
-from dspex_celery.continuation import Lease, Offer, TaskEvents, UnackedKeys, task_events_on
+from dspex_celery.continuation import Begun, FirstAttempt, Lease, Offer, TaskEvents, UnackedKeys, task_events_on
 from dspex_celery.errors import ModuleError, ModuleTimeout, TransientError, WorkerLost
 from dspex_celery.execution import Execution, lost_reason
 from dspex_celery.hooks import ModuleContext
@@ -153,12 +153,14 @@ def run_chain(task: Task, runtime: Runtime, execution_id: str, module: str) -> d
     failure would be; on a store or broker error the task is retried and the re-run puts the lease
     back on its queue; an interrupted one keeps its lease (it is re-delivered)."""
     left = runtime.settings.dag_continuation
-    run = ModuleRun(task, runtime, execution_id, module, offer=continuation_offer(task, runtime, left))
+    run = ModuleRun(task, runtime, execution_id, module, offer=continuation_offer(task, runtime, left),
+                    plan_digest=getattr(task.request, PLAN_HEADER, None))
     result = run.run()
     while run.offer is not None and run.offer.claimed is not None:
-        lease, left = Lease.of(run.offer.claimed, run.offer.keys), left - 1
+        lease, left, begun = Lease.of(run.offer.claimed, run.offer.keys), left - 1, run.offer.begun
         offer = continuation_offer(task, runtime, left, held=True)
-        run = ModuleRun(task, runtime, lease.execution_id, lease.module, offer=offer, lease=lease)
+        run = ModuleRun(task, runtime, lease.execution_id, lease.module, offer=offer, lease=lease, begun=begun,
+                        plan_digest=run.offer.plan)
         events, started = _task_events(task, run), time.monotonic()
         outcome: dict[str, Any] = {"status": ModuleStatus.FAILED.value}
         try:
@@ -206,22 +208,45 @@ def continuation_offer(task: Task, runtime: Runtime, left: int, held: bool = Fal
     if not (may_continue or held):
         return None
     consumed = (task.app.amqp.queues.consume_from or {}) if may_continue else {}
-    return Offer(frozenset(consumed), UnackedKeys.of(task.app), timeouts=not limited, held=held)
+    return Offer(frozenset(consumed), UnackedKeys.of(task.app), timeouts=not limited, held=held,
+                 ahead=functools.partial(first_attempt, task, runtime))
+
+
+def first_attempt(task: Task, runtime: Runtime, plan: Plan, name: str) -> FirstAttempt:
+    """How module ``name`` starts its first attempt on this worker: its running record (stored when it
+    has none yet) and the hooks' begin steps."""
+    return FirstAttempt(running_record(task, plan, name, ModuleRecord()),
+                        runtime.hooks.begin_steps(runtime, plan, plan.modules[name]))
+
+
+def running_record(task: Task, plan: Plan, name: str, previous: ModuleRecord) -> ModuleRecord:
+    """The record of the attempt after ``previous``, starting now on this worker."""
+    return ModuleRecord(
+        status=ModuleStatus.RUNNING,
+        attempts=previous.attempts + 1,
+        started_at=isoformat(utcnow()),
+        worker=task.request.hostname,
+        resource=plan.modules[name].resource,
+        lost_attempts=previous.lost_attempts,
+        **Usage.of(previous).record_fields(),  # LM usage of all attempts
+    )
 
 
 class ModuleRun:
-    """One attempt of one module on a worker; ``lease``: a child continued here (not its own message);
-    ``offer``: whether this worker offers to continue one of its ready children."""
+    """One attempt of one module on a worker; ``lease``: a child continued here (not its own message),
+    ``begun`` when the count that leased it began it too; ``offer``: whether this worker offers to
+    continue one of its ready children."""
 
-    def __init__(self, task: Task, runtime: Runtime, execution_id: str, name: str, *,
-                 offer: Offer | None = None, lease: Lease | None = None) -> None:
+    def __init__(self, task: Task, runtime: Runtime, execution_id: str, name: str, *, offer: Offer | None = None,
+                 lease: Lease | None = None, begun: Begun | None = None, plan_digest: str | None = None) -> None:
         self.task = task
         self.offer = offer
         self.lease = lease
+        self.begun = begun if begun is not None and lease is not None and begun.leased == lease.task_id else None
         self.lease_released = False  # by the count that stored this (continued) module's success
         self.runtime = runtime
         self.store = runtime.store
-        self.execution = Execution(runtime, execution_id)
+        self.execution = Execution(runtime, execution_id, plan_digest=plan_digest)
         self.execution_id = execution_id
         self.name = name
         self.strategy: Strategy = get_strategy(FALLBACK_STRATEGY)  # the execution's, once its meta is read
@@ -236,9 +261,13 @@ class ModuleRun:
             log.warning("execution %s has no module %r; dropping a run_module message for it",
                         self.execution_id, self.name)
             return {"module": self.name, "status": "unknown"}
-        first = self._running_record(plan, ModuleRecord())
-        steps = self.runtime.hooks.begin_steps(self.runtime, plan, module)
-        begin = self.store.begin(self.execution_id, self.name, module.parents, first, [step for _, step in steps])
+        attempt = self.begun.attempt if self.begun is not None else first_attempt(self.task, self.runtime, plan, self.name)
+        first, steps = attempt.record, attempt.steps
+        begin = self.begun.start if self.begun is not None else self.store.begin(
+            self.execution_id, self.name, module.parents, first, [step for _, step in steps])
+        if not begin.meta:  # its state expired meanwhile (its plan came from this process's cache)
+            log.warning("execution %s is unknown or expired; dropping %s", self.execution_id, self.name)
+            return {"module": self.name, "status": "expired"}
         self.strategy = strategy_of(begin.meta)
         previous = begin.record
         if begin.finished:  # re-delivered after its worker died while finishing the execution?
@@ -293,15 +322,7 @@ class ModuleRun:
 
     def _running_record(self, plan: Plan, previous: ModuleRecord) -> ModuleRecord:
         """The record of the attempt after ``previous``, starting now."""
-        return ModuleRecord(
-            status=ModuleStatus.RUNNING,
-            attempts=previous.attempts + 1,
-            started_at=isoformat(utcnow()),
-            worker=self.task.request.hostname,
-            resource=plan.modules[self.name].resource,
-            lost_attempts=previous.lost_attempts,
-            **Usage.of(previous).record_fields(),  # LM usage of all attempts
-        )
+        return running_record(self.task, plan, self.name, previous)
 
     def _start(self, plan: Plan, record: ModuleRecord, *, stored: bool) -> ModuleContext:
         """The attempt's context; its running record is written unless ``stored`` already."""

@@ -8,6 +8,7 @@ import os
 import pty
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -405,3 +406,29 @@ def test_a_second_ctrl_c_leaves_at_once_and_a_rerun_still_resumes(cluster: Clust
     assert [line["outputs"]["echo"] for line in read_output(output)] == [f"T:t{index}" for index in range(24)]
     summary = json.loads(rerun.stdout)
     assert summary["ran"] + summary["reattached"] + summary["reused"] == 24
+
+
+def test_a_batchs_plan_is_read_once_per_worker_process_not_once_per_line(cluster: Cluster) -> None:
+    # Given a batch of 24 lines of a plan no worker has seen, on 4 worker processes (3 prefork
+    # children and a threads worker), watched with MONITOR
+    program = Program.from_dict(rag_program("plan_once", counter=counter(cluster, "plan_once")))
+    namespace, finished = cluster.settings.namespace, threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        outcome["result"] = submit_batch(program, dataset(24), app=cluster.runtime.app, max_in_flight=6).get()
+        finished.set()
+
+    reads = []
+    with cluster.runtime.store.client.monitor() as monitor:
+        threading.Thread(target=run, daemon=True).start()
+        for command in monitor.listen():
+            text = command["command"]
+            if text.startswith(f"GET {namespace}:x:") and text.endswith(":plan"):
+                reads.append(text)
+            if finished.is_set() or len(reads) > 24:
+                break
+    # Then every line succeeded, and a worker process read the plan for its first line only: the
+    # next lines' messages name the plan's digest, which it knows
+    assert all(line.succeeded for line in outcome["result"].lines)
+    assert 1 <= len(reads) <= 4, reads

@@ -334,3 +334,48 @@ def test_a_chain_at_its_bound_releases_its_last_lease_in_the_count(make_cluster)
     assert len(continued(cluster, result)) >= 2
     assert releases and all(command["client_type"] == "lua" for command in releases), releases
     cluster.stop()
+
+
+def scripts_seen(monitor: Any, until: float) -> list[list[str]]:
+    """The commands MONITOR shows until ``until``, grouped by the script that ran them (a command not
+    inside a script is a group of its own)."""
+    groups: list[list[str]] = []
+    for command in monitor.listen():
+        if command["client_type"] == "lua" and groups:
+            groups[-1].append(command["command"])
+        else:
+            groups.append([command["command"]])
+        if time.time() > until:
+            return groups
+    return groups
+
+
+def test_a_continued_child_is_begun_by_the_count_that_leases_it(make_cluster) -> None:
+    # Given one slot, and a chain a -> b -> c whose b has a circuit breaker (a begin step of its own),
+    # watched with MONITOR
+    cluster = make_cluster()
+    cluster.start_worker("default", concurrency=1, pool="threads")
+    data = as_steps(synthetic.layered(3, 1, name="ahead"))
+    data["modules"]["m1_0"]["circuit_breaker"] = {"failures": 3, "reset_s": 60}
+    store = cluster.runtime.store
+    with store.client.monitor() as monitor:
+        handle = cluster.submit(program("ahead", data["modules"]), strategy="dag")
+        result = handle.get(timeout=60)
+        groups = scripts_seen(monitor, time.time() + 2)
+    # Then b and c ran in a's task, with their own records and the outputs of plain dag
+    assert result.status is ExecutionStatus.SUCCEEDED
+    assert continued(cluster, result) == ["m1_0", "m2_0"]
+    assert values(cluster, result) == {"m0_0": 1, "m1_0": 2, "m2_0": 3}
+    assert all(result.modules[name].started_at and result.modules[name].finished_at for name in result.modules)
+    # And each one's running record was written by the script that counted its parent, which took
+    # b's circuit verdict too: no begin round trip of their own
+    records, done = store.key(handle.execution_id, "rec"), store.key(handle.execution_id, "dag:done")
+    circuit = store.global_key("breaker:ahead.m1_0")
+    for parent, child in (("m0_0", "m1_0"), ("m1_0", "m2_0")):
+        begins = [group for group in groups
+                  if any(c.startswith(f'HSET {records} {child} {{"status":"running"') for c in group)]
+        assert len(begins) == 1, begins
+        assert f"SADD {done} {parent}" in begins[0], begins[0]
+        if child == "m1_0":
+            assert any(circuit in c for c in begins[0]), begins[0]
+    cluster.stop()

@@ -23,11 +23,12 @@ from celery import Celery
 
 from dspex_celery import UnservedResourceWarning
 from dspex_celery.bootstrap import create_runtime
-from dspex_celery.canvas import RUN_MODULE, module_signature, task_id
+from dspex_celery.canvas import PLAN_HEADER, RUN_MODULE, module_signature, task_id
 from dspex_celery.examples import synthetic
 from dspex_celery.execution import Execution
 from dspex_celery.program import Program
-from dspex_celery.redis_queues import LEAD_KEY, RedisQueues
+from dspex_celery.plan import plan_digest
+from dspex_celery.redis_queues import LEAD_KEY, PLAN_LEAD_KEY, RedisQueues
 from dspex_celery.routing import queue_name
 from dspex_celery.settings import Settings
 from dspex_celery.strategies.dag import CHAIN_HEADER, dag_signature
@@ -133,8 +134,10 @@ def test_a_stock_celery_worker_runs_the_message_the_dag_step_pushed(make_cluster
     try:
         plan = runtime.store.plan(execution_id)
         assert plan is not None
+        digest = plan_digest(client.get(runtime.store.key(execution_id, "plan")))
         signature = dag_signature(Execution(runtime, execution_id), plan, "child", chains=True)
-        assert signature.options["headers"] == {CHAIN_HEADER: True}  # a worker of another execution may take it
+        # a worker of another execution may take it; one that parsed this plan's text does not read it again
+        assert signature.options["headers"] == {CHAIN_HEADER: True, PLAN_HEADER: digest}
         queue = queue_name(namespace, STOCK)
         key = queues.key(queue, int(signature.options["priority"]))
         # When the parent finishes: the Lua step that stores its output pushes the child's message
@@ -146,10 +149,11 @@ def test_a_stock_celery_worker_runs_the_message_the_dag_step_pushed(make_cluster
             ignore_result=True, root_id=parent_id, parent_id=parent_id)
         assert client.llen(key) == 2
         # ... but for its lead, first in the envelope (take-next reads it without decoding the message):
-        # another execution's chain may take it, it has a time limit, and its task id
-        assert pushed.startswith('{"%s": ' % LEAD_KEY)
+        # another execution's chain may take it, it has a time limit, and its task id; then its plan's digest
+        lead = "11" + task_id(execution_id, "child")
+        assert pushed.startswith(f'{{"{LEAD_KEY}": "{lead}", "{PLAN_LEAD_KEY}": "{digest}", ')
         ours = decoded(pushed)
-        assert ours.pop(LEAD_KEY) == "11" + task_id(execution_id, "child")
+        assert ours.pop(LEAD_KEY) == lead and ours.pop(PLAN_LEAD_KEY) == digest
         assert decoded(client.lpop(key)) == ours  # LPUSH: the newest is first
         # And a stock Celery worker on that queue runs the module task with its args, ids and time limits
         record_key = stock_worker(queue, queues.priority_steps)

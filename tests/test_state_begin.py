@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import uuid
 
+from dspex_celery.plan import plan_text
+from dspex_celery.program import Program
 from dspex_celery.results import ModuleRecord, ModuleStatus
 from dspex_celery.state import LuaStep, StateStore
 
@@ -16,6 +18,7 @@ def running() -> ModuleRecord:
 
 def test_first_attempt_is_started_and_every_step_gets_its_own_keys_and_args() -> None:
     store = StateStore.in_memory(f"begin-{uuid.uuid4().hex[:6]}", 60)
+    store.update_meta("e1", strategy="dag")
     store.put_output("e1", "parent", {"x": 1})
     steps = [LuaStep(ECHO, ["k1"], ["a1", "b1"]), LuaStep(ECHO, ["k2"], ["a2", "b2"])]
     start = store.begin("e1", "child", ["parent", "missing"], running(), steps)
@@ -32,3 +35,33 @@ def test_a_module_with_a_record_is_not_restarted_and_steps_do_not_run() -> None:
     assert not start.running_written and start.step_replies == []
     assert start.record.status is ModuleStatus.RETRYING
     assert store.record("e1", "m").status is ModuleStatus.RETRYING
+
+
+def test_a_module_of_an_execution_whose_state_is_gone_is_not_started() -> None:
+    # Given no execution e1 in the store (its state expired, say): only a worker's cached plan knew it
+    namespace = f"begin-{uuid.uuid4().hex[:6]}"
+    store = StateStore.in_memory(namespace, 60)
+    # When a module of it begins
+    start = store.begin("e1", "m", [], running())
+    # Then the begin says so (no meta) and writes nothing
+    assert start.meta == {} and not start.running_written
+    assert store.client.keys(f"{namespace}:*") == []
+
+
+def test_a_plan_parsed_once_is_found_by_its_digest_for_another_execution() -> None:
+    # Given two executions of one plan, and a worker's store that read the first one's plan
+    namespace = f"digest-{uuid.uuid4().hex[:6]}"
+    client = StateStore.in_memory(namespace, 60)
+    plan = Program.from_dict({"name": f"p{uuid.uuid4().hex[:6]}", "modules": {"m": {"uses": "tests.modules.basic:add"}}}).plan()
+    for execution_id in ("e1", "e2"):
+        client.create(execution_id, plan, {"strategy": "dag"})
+    worker = StateStore(client.client, namespace, 60)
+    first = worker.plan("e1")
+    reads: list[str] = []
+    get = worker.client.get
+    worker.client = type("Watched", (), {"get": lambda self, key: reads.append(key) or get(key)})()
+    # When it needs the second one's plan, knowing its text's digest (its task message names it)
+    found = worker.plan("e2", plan_text(plan)[1])
+    # Then it is the plan it parsed, and it read nothing; an unknown digest is read as before
+    assert found is first and reads == []
+    assert worker.plan("e3", "0" * 20) is None and reads == [worker.key("e3", "plan")]

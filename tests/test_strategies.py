@@ -55,3 +55,9 @@ def test_a_count_reply_gives_the_ready_children_and_what_blocks() -> None:
     assert parse_count([0, 4, 0, "left"]) == Count(False, 4, [], {}, continued="left")
     # a sink's count that closed the last open module: the finish claim's reply comes last
     assert parse_count([0, 0, 0, "", [1, 0]]) == Count(False, 0, [], {}, claimed=[1, 0])
+    # a count that leased a child and began it too: the begin's reply comes with the lease
+    begin = [None, ["strategy", '"dag"'], 0, 1, [None]]
+    assert parse_count([0, 2, 1, ["e.left", begin], "gone"]) == Count(False, 2, ["gone"], {}, "e.left", begun=begin)
+    # a count that took another execution's module whose message names its plan's digest
+    assert parse_count([0, 1, 0, ["f.m", None, "ab12"]]) == Count(False, 1, [], {}, "f.m", plan="ab12")
+    assert parse_count([0, 0, 0, ["f.m", None, "ab12"], [1, 0]]) == Count(False, 0, [], {}, "f.m", [1, 0], plan="ab12")

@@ -29,14 +29,14 @@ from typing import Any, NamedTuple
 
 from celery.canvas import Signature
 
-from dspex_celery.canvas import module_signature, task_id
-from dspex_celery.continuation import TAG_PREFIX, Offer, UnackedKeys, lease_tag
+from dspex_celery.canvas import PLAN_HEADER, module_signature, task_id
+from dspex_celery.continuation import TAG_PREFIX, Begun, FirstAttempt, Offer, UnackedKeys, lease_tag
 from dspex_celery.execution import Execution
-from dspex_celery.plan import Plan
-from dspex_celery.redis_queues import LEAD_KEY, RedisQueues
+from dspex_celery.plan import Plan, known_digest
+from dspex_celery.redis_queues import LEAD_KEY, PLAN_LEAD_KEY, RedisQueues
 from dspex_celery.results import ExecutionStatus, ModuleRecord, ModuleStatus
 from dspex_celery.routing import queue_name
-from dspex_celery.state import CLAIM_STEP_ARGS, CLAIM_STEP_KEYS, LuaStep, lua_call
+from dspex_celery.state import CLAIM_STEP_ARGS, CLAIM_STEP_KEYS, LuaStep, lua_call, module_start
 from dspex_celery.strategies.base import BLOCKING, Strategy, blocking_of, split_blocked
 
 #: The header that lets a worker running another ``dag`` execution take this module's message into its
@@ -54,6 +54,7 @@ CHAIN_HEADER = "dspex_chain"
 # stays for a slot that frees. The lead is read with a pattern: no message is decoded here.
 # ``first``: the KEYS index of the worker's first queue list; ``own``: this execution's task-id prefix.
 _LEAD_PATTERN = '^{"' + LEAD_KEY + '": "([01])([01])([^"\\\\]+)"'  # a Lua pattern, in a Lua string
+_PLAN_PATTERN = '^{"' + LEAD_KEY + '": "[^"]*", "' + PLAN_LEAD_KEY + '": "(%x+)"'  # the plan digest after it
 _TAKE_NEXT = """
 local base = a + 6 + 4 * n
 if ARGV[base + 1] ~= '1' then return end
@@ -71,6 +72,8 @@ for j = 1, tonumber(ARGV[base + 4]) do
     if ARGV[base + 2] ~= '1' and limited == '1' then return end
     redis.call('RPOP', KEYS[first + j - 1])
     lease(id, raw, ARGV[base + 4 + j])
+    local digest = string.match(raw, '""" + _PLAN_PATTERN + """')
+    if digest then result[4] = {id, false, digest} end
     return
   end
 end
@@ -97,7 +100,7 @@ end
 # blocks its children, but those whose stored message is gone — and the blocking modules only with
 # ready ones. A repeated count (a re-delivered task) changes nothing and reports the children this module made ready that were not enqueued here: its
 # first worker may have died before it dispatched them.
-_COUNT_DONE = """
+_COUNT_HEAD = """
 local n = tonumber(ARGV[a + 3])
 local ready = {}
 local repeated = redis.call('SADD', KEYS[k + 1], ARGV[a + 1]) == 0
@@ -147,6 +150,8 @@ if enqueue then
   end
 end
 local own = ARGV[a + 9 + 4 * n]
+local m = enqueue and tonumber(ARGV[a + 10 + 4 * n]) or 0
+local ahead = enqueue and ARGV[a + 11 + 4 * n + m] or ''
 local function lease(id, message, queue)
   local tag = '""" + TAG_PREFIX + """' .. id
   redis.call('HSET', KEYS[k + 7 + n], tag, '[' .. message .. ',"",' .. cjson.encode(queue) .. ']')
@@ -155,6 +160,9 @@ local function lease(id, message, queue)
 end
 local function take_next()
 """ + _TAKE_NEXT + """end
+local function begin_ahead()
+"""
+_COUNT_TAIL = """end
 if #ready == 0 then
   if enqueue and not repeated then take_next() end
   return result
@@ -178,6 +186,7 @@ if not repeated and enqueue and #blocking == 0 then
     else
       if result[4] == '' and queue ~= '' and nothing_more_urgent(i) then
         lease(own .. child, message, queue)
+        if child == ahead then result[4] = {result[4], begin_ahead()} end
       else
         redis.call('LPUSH', KEYS[k + 5 + i], message)
       end
@@ -193,6 +202,17 @@ for _, i in ipairs(ready) do table.insert(result, ARGV[a + 4 + i]) end
 for _, item in ipairs(blocking) do table.insert(result, item) end
 return result
 """
+
+
+@functools.cache
+def _count_done(begin: str = "return false") -> str:
+    """The count's body; ``begin``: the body of the begin step of the child it may begin ahead (its
+    keys after the worker's lists, its args after theirs), run when it leases that child."""
+    call = lua_call(begin, "first + m", "a + 12 + 4 * n + m")
+    return _COUNT_HEAD + f"return {call}\n" + _COUNT_TAIL
+
+
+_COUNT_DONE = _count_done()
 _COUNT_ALONE = "return " + lua_call(_COUNT_DONE, 1, 1)
 
 
@@ -251,13 +271,18 @@ class DagStrategy(Strategy):
 
     def module_succeeded(self, execution: Execution, module: str, output: dict[str, Any],
                          record: ModuleRecord, offer: Offer | None = None) -> bool:
-        plan = execution.require_plan()
-        step = self._count_step(execution, plan, module, ModuleStatus.SUCCEEDED, execution.runtime.queues, offer)
+        plan, queues = execution.require_plan(), execution.runtime.queues
+        ahead = _ahead(execution, plan, module, offer) if queues is not None else None
+        step = self._count_step(execution, plan, module, ModuleStatus.SUCCEEDED, queues, offer, ahead)
         reply = execution.store.save_success(execution.id, module, output, record, then=step)
         if reply is None:
             return False
         if offer is not None:
-            offer.claimed = parse_count(reply).continued or None
+            count = parse_count(reply)
+            offer.claimed, offer.plan = count.continued or None, count.plan
+            if ahead is not None and count.begun is not None:
+                child, attempt = ahead
+                offer.begun = Begun(count.continued, attempt, module_start(count.begun, plan.modules[child].parents))
         self._drain(execution, plan, [reply])
         return True
 
@@ -306,9 +331,11 @@ class DagStrategy(Strategy):
         pipe.execute()
 
     def _count_step(self, execution: Execution, plan: Plan, module: str, status: ModuleStatus,
-                    queues: RedisQueues | None = None, offer: Offer | None = None) -> LuaStep:
+                    queues: RedisQueues | None = None, offer: Offer | None = None,
+                    ahead: tuple[str, FirstAttempt] | None = None) -> LuaStep:
         """The count of a finished ``module``; with ``queues``, its ready children are enqueued by it,
-        and, with an ``offer``, the most urgent one the offering worker may run is leased to it instead."""
+        and, with an ``offer``, the most urgent one the offering worker may run is leased to it instead
+        (and begun too when it is the ``ahead`` child: see :func:`_ahead`)."""
         runtime = execution.runtime
         blocks = status.value if status in BLOCKING else ""
         children = _by_urgency(plan, plan.modules[module].children)
@@ -335,7 +362,13 @@ class DagStrategy(Strategy):
             keys += [key for key, _ in lists]
             if not children and not execution.store.clustered:
                 claim = execution.finish_claim_step(ExecutionStatus.SUCCEEDED)
-                return LuaStep(_count_and_claim(claim.source), [*claim.keys, *keys], [*claim.args, *args])
+                return LuaStep(_count_and_claim(claim.source), [*claim.keys, *keys], [*claim.args, *args, ""])
+            if ahead is not None:
+                child, attempt = ahead
+                begin = execution.store.begin_step(execution.id, child, plan.modules[child].parents, attempt.record,
+                                                   [step for _, step in attempt.steps])
+                return LuaStep(_count_done(begin.source), [*keys, *begin.keys], [*args, child, *begin.args])
+            args.append("")
         return LuaStep(_COUNT_DONE, keys, args)
 
     def _count_alone(self, execution: Execution, plan: Plan, module: str, status: ModuleStatus) -> list[Any]:
@@ -442,8 +475,10 @@ _SENT = _MessagesSent()
 class Count(NamedTuple):
     """A count step's reply: whether it repeated an earlier count, how many modules are still open,
     the children it made ready (and left to the caller), the modules blocking their children, the
-    task id (``EXEC.MODULE``) of the module it leased to the worker that offered to continue ('' for none)
-    and, from a sink's count that closed the last open module, the reply of the finish claim it ran."""
+    task id (``EXEC.MODULE``) of the module it leased to the worker that offered to continue ('' for none),
+    the reply of that module's begin when the count began it too and, when it took another execution's
+    module, the digest of that one's plan text; from a sink's count that closed the last open module,
+    the reply of the finish claim it ran."""
 
     repeated: bool
     open_left: int
@@ -451,18 +486,24 @@ class Count(NamedTuple):
     blocking: dict[str, str]
     continued: str = ""
     claimed: list[Any] | None = None
+    begun: list[Any] | None = None
+    plan: str | None = None
 
 
 def parse_count(reply: list[Any]) -> Count:
     """The :class:`Count` of a raw Lua reply
     ``{repeated, open_left, #ready, continued, ready..., module, status, ...}`` (or, from a sink's count
-    that closed the last open module, ``{repeated, 0, 0, continued, claim reply}``)."""
-    if len(reply) == 5 and isinstance(reply[4], list):
-        return Count(bool(int(reply[0])), int(reply[1]), [], {}, str(reply[3]), reply[4])
+    that closed the last open module, ``{repeated, 0, 0, continued, claim reply}``), where
+    ``continued`` is ``{task id, begin reply}`` when the count began the module it leased, and
+    ``{task id, nil, plan digest}`` when it took one whose message names its plan's digest."""
     repeated, left, count = (int(item) for item in reply[:3])
+    continued, begun, digest = (*reply[3], None)[:3] if isinstance(reply[3], list) else (reply[3], None, None)
+    plan = None if digest is None else str(digest)
+    if len(reply) == 5 and isinstance(reply[4], list):
+        return Count(bool(repeated), left, [], {}, str(continued), reply[4], plan=plan)
     flat = [str(item) for item in reply[4 + count:]]
     return Count(bool(repeated), left, [str(name) for name in reply[4:4 + count]],
-                 dict(zip(flat[::2], flat[1::2], strict=True)), str(reply[3]))
+                 dict(zip(flat[::2], flat[1::2], strict=True)), str(continued), begun=begun, plan=plan)
 
 
 def _more_urgent(queues: RedisQueues, queue: str, priority: int) -> list[str]:
@@ -493,14 +534,20 @@ def dag_signature(execution: Execution, plan: Plan, name: str, chains: bool) -> 
     """The task of module ``name``; its message carries :data:`CHAIN_HEADER` when ``chains``."""
     runtime = execution.runtime
     signature = module_signature(runtime.app, plan, execution.id, name, runtime.settings.namespace)
-    if chains:
-        signature.options["headers"] = {CHAIN_HEADER: True}
+    headers: dict[str, Any] = {CHAIN_HEADER: True} if chains else {}
+    digest = known_digest(plan)
+    if digest is not None:
+        headers[PLAN_HEADER] = digest
+    if headers:
+        signature.options["headers"] = headers
     return signature
 
 
 def _message(queues: RedisQueues, signature: Signature) -> tuple[str, str]:
-    """The queue key and task message of a dag module, with its lead."""
-    return queues.message(signature, _lead(signature))
+    """The queue key and task message of a dag module, with its lead (and its plan's digest after it)."""
+    digest = signature.options.get("headers", {}).get(PLAN_HEADER)
+    lead = {LEAD_KEY: _lead(signature)} | ({PLAN_LEAD_KEY: digest} if digest else {})
+    return queues.message(signature, lead)
 
 
 def _lead(signature: Signature) -> str:
@@ -528,6 +575,19 @@ def _continuable(plan: Plan, child: str, namespace: str, offer: Offer | None) ->
     queue = queue_name(namespace, module.resource)
     allowed = (offer.timeouts or module.timeout_s is None) and module.backup_after_s is None
     return queue if allowed and queue in offer.queues else ""
+
+
+def _ahead(execution: Execution, plan: Plan, module: str, offer: Offer | None) -> tuple[str, FirstAttempt] | None:
+    """The child the count of ``module`` may begin as well as lease, with how its first attempt starts:
+    the most urgent child the offering worker may continue, when ``module`` is its only parent (so the
+    count makes it ready); the count begins it only if it leases it (nothing more urgent queued)."""
+    if offer is None or offer.ahead is None or not offer.queues:
+        return None
+    namespace = execution.runtime.settings.namespace
+    for child in _by_urgency(plan, plan.modules[module].children):
+        if _continuable(plan, child, namespace, offer):
+            return (child, offer.ahead(plan, child)) if len(plan.modules[child].parents) == 1 else None
+    return None
 
 
 def roots(plan: Plan, done: Mapping[str, ModuleRecord]) -> list[str]:
