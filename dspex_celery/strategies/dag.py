@@ -93,8 +93,10 @@ end
 # under ('' if none), released here (the ack of a continued module), then whether the worker may take
 # its next queued module here ('1'/'0', see _TAKE_NEXT), whether it may run one with a time limit, the
 # execution's task-id prefix and the number m of the worker's queue lists (the KEYS after the more
-# urgent lists, in the order it reads them), then each one's queue name. Returns {repeated (0/1),
-# open_left, #ready, the task id (EXEC.MODULE) of the module leased to the worker or '', ready...,
+# urgent lists, in the order it reads them), then each one's queue name, then the child it begins
+# when it leases it ('' for none, see _ahead) and that begin's args (its keys follow the lists' keys).
+# Returns {repeated (0/1), open_left, #ready, the task id (EXEC.MODULE) of the module leased to the
+# worker or '' (with what else the count read of it, see parse_count), ready...,
 # blocking module, its status, ...}: the ready children left to the caller — none when they were
 # enqueued (or one leased, see dspex_celery.continuation) here, which happens only while no module
 # blocks its children, but those whose stored message is gone — and the blocking modules only with
@@ -531,7 +533,8 @@ _CHAINS_BOUND = 1024
 
 
 def dag_signature(execution: Execution, plan: Plan, name: str, chains: bool) -> Signature:
-    """The task of module ``name``; its message carries :data:`CHAIN_HEADER` when ``chains``."""
+    """The task of module ``name``; its message carries :data:`CHAIN_HEADER` when ``chains``, and
+    :data:`PLAN_HEADER` when this process knows its plan text's digest."""
     runtime = execution.runtime
     signature = module_signature(runtime.app, plan, execution.id, name, runtime.settings.namespace)
     headers: dict[str, Any] = {CHAIN_HEADER: True} if chains else {}
