@@ -48,8 +48,9 @@ for i = 2, 4 do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
 # A LuaStep body (see _begin_body) — KEYS[k..k+3]: records, meta, finished flag, outputs (then the
 # keys of the steps). ARGV[a..]: module, ttl, running record JSON, number of step args, number p of
 # parents (then the steps' args, then the p parents). Writes the running record only when the module
-# has no record yet and the execution goes on (and exists: its meta is there); the steps run only then. Returns {previous record or
-# nil, meta as a flat list, finished (0/1), written (0/1), parent outputs, the steps' replies...}.
+# has no record yet and the execution goes on (and exists: its meta is there); the steps run only
+# then. Returns {previous record or nil, meta as a flat list, finished (0/1), written (0/1), parent
+# outputs, the steps' replies...}.
 _BEGIN = """
 local previous = redis.call('HGET', KEYS[k], ARGV[a])
 local finished = redis.call('EXISTS', KEYS[k + 2])

@@ -289,7 +289,7 @@ class ModuleRun:
         if backup:  # races the running attempt; its record stays the module's until one finishes
             record = backup_record(previous, self.task.request.hostname)
         else:
-            record = first if begin.running_written else self._running_record(plan, previous)
+            record = first if begin.running_written else running_record(self.task, plan, self.name, previous)
         ctx = self._start(plan, record, stored=begin.running_written or backup)
         ctx.extras["task_id"] = self.task.request.id  # a backup that wins revokes it
         ctx.begun = {hook: reply for (hook, _), reply in zip(steps, begin.step_replies, strict=False)}
@@ -319,10 +319,6 @@ class ModuleRun:
                                          "finished_at": isoformat(utcnow())})
         self._fail(failed)
         return failed
-
-    def _running_record(self, plan: Plan, previous: ModuleRecord) -> ModuleRecord:
-        """The record of the attempt after ``previous``, starting now."""
-        return running_record(self.task, plan, self.name, previous)
 
     def _start(self, plan: Plan, record: ModuleRecord, *, stored: bool) -> ModuleContext:
         """The attempt's context; its running record is written unless ``stored`` already."""
