@@ -16,10 +16,10 @@ late result is discarded. Both are recorded: the winner's record says ``backup: 
 backup won (``backup_launched: true`` when a backup was sent), and the loser's attempt is logged with
 status ``cancelled`` and why. A failure decides nothing while the other attempt of the race runs on:
 the first of the two to fail for good (a backup never retries; the primary may retry first, its retry
-racing the backup in the same way) is logged and steps aside; the second fails the module as any
-failure would; except under a staged strategy (``levels``), where a stage's chord waits for the
-primary's own task, so a primary that fails for good fails the module (its backup's later success is
-refused and logged as lost). One backup per module per execution.
+racing the backup in the same way) is logged as the race's loser and steps aside; the second fails
+the module as any failure would; except under a staged strategy (``levels``), where a stage's chord
+waits for the primary's own task, so a primary that fails for good fails the module (its backup's
+later success is refused and logged as lost). One backup per module per execution.
 """
 
 from __future__ import annotations

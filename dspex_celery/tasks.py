@@ -19,7 +19,7 @@ from celery import Celery, Task
 from celery.signals import worker_process_init
 from celery.worker import state as worker_state
 
-from dspex_celery.backups import backup_record, is_backup, leave_race, log_attempt, steps_aside
+from dspex_celery.backups import backup_record, is_backup, leave_race, log_loser, steps_aside
 from dspex_celery.call_threads import CallThreads
 from dspex_celery.defaults import RESULT_SUMMARY_CHARS
 from dspex_celery.canvas import ADVANCE, COMPENSATE, PLAN_HEADER, RUN_MODULE, module_signature
@@ -396,10 +396,10 @@ class ModuleRun:
         return {"module": self.name, "status": record.status.value, "error": short_text(message)}
 
     def _step_aside(self, ctx: ModuleContext, error: Exception, message: str) -> dict[str, Any]:
-        """One of a backup race failed for good while the other runs on: its attempt is logged, the
-        other decides the module."""
-        log_attempt(self.store, self.execution_id, self.name,
-                    self._finished_record(ctx, status=ModuleStatus.FAILED, error=message))
+        """One of a backup race failed for good while the other runs on: its attempt is logged as the
+        race's loser (the winner logs no other), the other decides the module."""
+        log_loser(self.store, self.execution_id, self.name,
+                  self._finished_record(ctx, status=ModuleStatus.FAILED, error=message))
         self.runtime.hooks.after_failure(ctx, error, False)
         return {"module": self.name, "status": ModuleStatus.FAILED.value, "error": message}
 

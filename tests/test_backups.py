@@ -111,6 +111,12 @@ def test_learned_backup_thresholds_fill_in_where_the_program_sets_none() -> None
 FAILS = "tests.modules.backup_mods:slow_then_fail"
 
 
+def active_tasks(cluster: Cluster, execution_id: str) -> list[str]:
+    """Ids of the execution's tasks some worker is running."""
+    active = cluster.runtime.app.control.inspect(timeout=2).active() or {}
+    return [task["id"] for tasks in active.values() for task in tasks if task["id"].startswith(execution_id)]
+
+
 def failing(name: str, key: str, fail_calls: list[int]) -> object:
     inputs = {"key": key, "seconds": 1.5, "fail_calls": fail_calls}
     return program(name, {"m": {"uses": FAILS, "inputs": inputs, "resource": "slowt", "backup_after_s": 0.5,
@@ -123,6 +129,8 @@ def test_a_primary_that_fails_for_good_leaves_the_module_to_its_backup(cluster: 
     result = cluster.run(failing("fails_first", f"ff-{uuid.uuid4().hex}", [1]), timeout=30, strategy="dag")
     # Then the backup decides: the module succeeded, the primary's failure is in the attempt log
     assert result.status is ExecutionStatus.SUCCEEDED and result.outputs["m"] == {"call": 2}
+    # (once the winner's hooks are done too: they run after its result is out)
+    wait_for(lambda: not active_tasks(cluster, result.execution_id), timeout=10, what="no task of it to be active")
     logged = cluster.runtime.store.attempts(result.execution_id)
     assert [(a["status"], a.get("backup", False)) for a in logged] == [("failed", False), ("succeeded", True)]
 

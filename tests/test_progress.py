@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import select
 import struct
 import subprocess
@@ -32,8 +33,9 @@ def write_program(tmp_path: Path, seconds: float) -> str:
 
 
 def embedded_env(**extra: str) -> dict[str, str]:
-    """An in-process run (no broker): needs no service."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("DSPEX_")}
+    """An in-process run (no broker): needs no service. History stays in the tests' file."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("DSPEX_") or key == "DSPEX_HISTORY_URL"}
     return {**env, "PYTHONPATH": str(ROOT), "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40", **extra}
 
 
@@ -80,12 +82,24 @@ def test_progress_display_on_a_terminal(tmp_path: Path) -> None:
     code, output = run_in_pty([CLI, "run", write_program(tmp_path, 0.6)], embedded_env(**LIMITED))
     assert code == 0, output
     # The live display: counts, elapsed time, per-module states (waiting for the one slot, too)
-    assert "3 pending" in output or "2 waiting" in output, output
+    assert re.search(r"[0-2]/3 finished +\S*(\d pending|\d waiting)", output), output
     for text in ("finished", "elapsed", "waiting", "running", "step0", "step2"):
         assert text in output, f"{text!r} not shown:\n{output}"
     assert ESC in output  # drawn in place with terminal control sequences
     # And the final summary follows it
     assert "progress" in output and "succeeded" in output
+
+
+def test_the_display_shows_an_eta_once_history_knows_the_program(tmp_path: Path) -> None:
+    # Given a program run once before, with history in a file of its own
+    env = embedded_env(DSPEX_HISTORY_URL=f"sqlite:///{tmp_path / 'history.sqlite'}")
+    path = write_program(tmp_path, 0.4)
+    first, before = run_in_pty([CLI, "run", path], env)
+    # When it runs again on a terminal
+    second, output = run_in_pty([CLI, "run", path], env)
+    # Then the live display estimates the time left from the first run's durations (the first had none)
+    assert (first, second) == (0, 0), output
+    assert "ETA" not in before and re.search(r"elapsed [0-9.]+s  ETA ~\d+s", output), output
 
 
 def test_no_display_with_quiet_json_or_a_pipe(tmp_path: Path) -> None:

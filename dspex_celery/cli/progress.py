@@ -138,6 +138,10 @@ class ProgressView:
         except Exception:  # a store hiccup: keep showing the last state
             log.debug("progress poll failed", exc_info=True)
 
+    def learn_durations(self, runtime: Runtime) -> None:
+        """Look up the expected seconds per module (for the ETA; shown from the next frame on)."""
+        self.durations = expected_durations(runtime, self.plan)
+
     def render(self) -> RenderableType:
         self.poll()
         states = {name: module_state(self.records.get(name)) for name in self.plan.modules}
@@ -203,9 +207,9 @@ def follow(handle: ExecutionHandle, console: Console | None = None,
     plan = handle.runtime.store.plan(handle.execution_id)
     if plan is None:  # expired already: nothing to show
         return handle.get(propagate=False)
-    if durations is None:
-        durations = expected_durations(handle.runtime, plan)
     view = ProgressView(handle, plan, durations, console)
+    if durations is None:  # history is slow to open (SQLAlchemy, a query): the display starts without an ETA
+        threading.Thread(target=view.learn_durations, args=(handle.runtime,), name="dspex-eta", daemon=True).start()
     with Live(get_renderable=view.render, console=console, refresh_per_second=4, transient=True):
         return handle.get(propagate=False)
 
