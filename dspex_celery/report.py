@@ -111,11 +111,8 @@ def open_history(settings: Settings) -> HistoryStore | None:
 
 
 def _from_history(history: HistoryStore, execution_id: str) -> tuple[ExecutionResult, Plan]:
-    from dspex_celery.history.models import ExecutionRow
-
     result = history.result(execution_id)  # UnknownExecution (one line) when history lacks it too
-    with history.session() as session:
-        row = session.get(ExecutionRow, execution_id)
+    row = history.execution(execution_id)
     plan = history.plan(row.fingerprint) if row is not None and row.fingerprint else None
     if plan is None:
         raise UnknownExecution(f"history has execution '{execution_id}' but not its plan: no report possible")

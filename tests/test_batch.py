@@ -173,7 +173,8 @@ def test_rerun_retries_failed_lines_and_metric_is_the_mean(cluster: Cluster, tmp
 
 def test_progress_only_on_a_terminal(tmp_path: Path) -> None:
     inputs = write_inputs(tmp_path / "data.jsonl", [{"question": "What is Redis?"}] * 3 + [{"q": 1}])
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DSPEX_")}, "PYTHONPATH": str(ROOT)}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DSPEX_") or k == "DSPEX_HISTORY_URL"},
+           "PYTHONPATH": str(ROOT)}
     args = [CLI, "run", "examples/dspy_rag.yaml", "--inputs-file", str(inputs)]
     # On a terminal: a progress line on stderr; the invalid line is reported, exit 1
     leader, follower = pty.openpty()

@@ -135,8 +135,8 @@ def test_embedded_worker_leaves_result_get_usable(embedded_app) -> None:
     assert task_join_will_block() is False
 
 
-def test_embedded_run_without_history_imports_neither_sqlalchemy_nor_networkx() -> None:
-    # Given the README's first command with history off (the optimizer and the history store need them)
+def imported_by_a_run(watched: set[str], env: dict[str, str]) -> str:
+    """The README's first command, in-process: which of the ``watched`` modules it imported ('-': none)."""
     script = (
         "import sys\n"
         "from dspex_celery.cli import main\n"
@@ -145,12 +145,27 @@ def test_embedded_run_without_history_imports_neither_sqlalchemy_nor_networkx() 
         "    main()\n"
         "except SystemExit as exc:\n"
         "    print('exit', exc.code)\n"
-        "print(' '.join(sorted({name.split('.')[0] for name in sys.modules} & {'sqlalchemy', 'networkx'})) or '-')\n"
+        f"print(' '.join(sorted(set(sys.modules) & {watched!r})) or '-')\n"
     )
-    # When it runs in-process
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "DSPEX_HISTORY_URL": "off"})
-    # Then it succeeds having imported neither
+                          cwd=Path(__file__).resolve().parent.parent, env={**os.environ, **env})
     *_, status, imported = done.stdout.strip().splitlines()
     assert status == "exit 0", done.stderr
+    return imported
+
+
+def test_embedded_run_without_history_imports_neither_sqlalchemy_nor_networkx() -> None:
+    # Given the README's first command with history off (the optimizer and the history store need them)
+    imported = imported_by_a_run({"sqlalchemy", "networkx"}, {"DSPEX_HISTORY_URL": "off"})
+    # Then it succeeds having imported neither
     assert imported == "-", f"imported by an embedded run: {imported}"
+
+
+def test_embedded_run_with_history_imports_neither_the_orm_nor_alembic(tmp_path: Path) -> None:
+    # Given a history database made by an earlier run (the first run creates its tables with Alembic)
+    env = {"DSPEX_HISTORY_URL": f"sqlite:///{tmp_path / 'history.sqlite'}"}
+    imported_by_a_run(set(), env)
+    # When the README's first command runs again, history on
+    imported = imported_by_a_run({"sqlalchemy", "sqlalchemy.orm", "alembic"}, env)
+    # Then it wrote its history with SQLAlchemy Core alone (the ORM and Alembic cost ~0.1 s each to import)
+    assert imported == "sqlalchemy", f"imported by an embedded run: {imported}"

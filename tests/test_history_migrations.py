@@ -18,7 +18,7 @@ from alembic.script import ScriptDirectory
 from dspex_celery.errors import ConfigError
 from dspex_celery.history.events import ExecutionInfo, RecordEvent
 from dspex_celery.history.migrations import HEAD, VERSION_TABLE, alembic_config
-from dspex_celery.history.models import Base, ExecutionRow, SchemaVersion
+from dspex_celery.history.models import EXECUTIONS, SCHEMA, metadata
 from dspex_celery.history.store import HistoryStore
 from dspex_celery.results import ModuleRecord, ModuleStatus, utcnow
 from tests.conftest import CLI, ROOT
@@ -56,13 +56,13 @@ def sql(url: str, statement: str) -> list[tuple]:
 def made_before_alembic(url: str) -> None:
     """A database as releases before Alembic left it: ``create_all``, the version row, one execution."""
     engine = sa.create_engine(url)
-    Base.metadata.create_all(engine)
+    metadata.create_all(engine)
     with engine.begin() as connection:  # columns added by later revisions (0002) did not exist then
         connection.execute(sa.text("ALTER TABLE dspex_executions DROP COLUMN compensations"))
-    with sa.orm.Session(engine) as session, session.begin():
-        session.add(SchemaVersion(name="history", version=1))
-        session.add(ExecutionRow(id="e-old", program="story", status="succeeded", rank=3,
-                                 outputs={"answer": 42}, submitted_at=SUBMITTED))
+    with engine.begin() as connection:
+        connection.execute(SCHEMA.insert().values(name="history", version=1))
+        connection.execute(EXECUTIONS.insert().values(id="e-old", program="story", status="succeeded", rank=3,
+                                                      outputs={"answer": 42}, submitted_at=SUBMITTED))
     engine.dispose()
 
 
@@ -76,7 +76,7 @@ def test_new_database_is_migrated_to_head_and_usable(history_url: str) -> None:
     # the migrations build exactly the tables the models describe
     with history.engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-        assert compare_metadata(context, Base.metadata) == []
+        assert compare_metadata(context, metadata) == []
     record = ModuleRecord(status=ModuleStatus.RUNNING, attempts=1, resource="default", started_at=utcnow().isoformat())
     history.apply([RecordEvent("e-new", "fetch", record)], lambda _id: ExecutionInfo("e-new", "story", None, "levels"))
     assert [row.id for row in history.executions()] == ["e-new"]

@@ -1,18 +1,35 @@
-"""The history schema: SQLAlchemy 2 typed ORM models (SQLite and PostgreSQL).
+"""The history schema: SQLAlchemy Core tables (SQLite and PostgreSQL), and the rows read from them.
+
+Core, not the ORM: a CLI command that opens history (an embedded ``run`` does) would import
+``sqlalchemy.orm`` and configure its mappers for nothing but these five tables.
 
 The tables are made and changed by the Alembic scripts in ``history/migrations/versions`` (applied
 when ``HistoryStore`` opens a database): a change here needs a new script that makes it (a test
-compares the migrated database with these models).
+compares the migrated database with :data:`metadata`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Self
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    RowMapping,
+    String,
+    Table,
+    Text,
+)
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 #: The ``dspex_schema`` row's version, which releases before Alembic check (they refuse any other).
@@ -33,84 +50,122 @@ class UTCDateTime(TypeDecorator[datetime]):
         return None if value is None else value.replace(tzinfo=UTC)
 
 
-class Base(DeclarativeBase):
-    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[str]: JSON}
+metadata = MetaData()
+
+SCHEMA = Table(
+    "dspex_schema", metadata,
+    Column("name", String(32), primary_key=True),
+    Column("version", Integer, nullable=False),
+)
+
+#: One execution: what ran, how it ended, its outputs.
+EXECUTIONS = Table(
+    "dspex_executions", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("program", Text, index=True),
+    Column("fingerprint", String(64), index=True),
+    Column("strategy", String(32)),
+    Column("status", String(16), nullable=False, default="running"),
+    Column("rank", Integer, nullable=False, default=0),
+    Column("inputs_digest", String(64)),
+    Column("outputs", JSON),
+    Column("failed_modules", JSON),
+    Column("compensations", JSON),  # module -> its compensation record (ExecutionResult.compensations); 0002
+    Column("error", Text),
+    Column("submitted_at", UTCDateTime()),
+    Column("started_at", UTCDateTime()),
+    Column("finished_at", UTCDateTime()),
+    Column("resumed_from", String(64)),
+    Index("ix_dspex_executions_program_submitted", "program", "submitted_at"),
+)
+
+#: One attempt of one module (attempt 0: a module that never started, e.g. skipped).
+ATTEMPTS = Table(
+    "dspex_module_attempts", metadata,
+    Column("execution_id", String(64), ForeignKey("dspex_executions.id", ondelete="CASCADE"), primary_key=True),
+    Column("module", Text, primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("rank", Integer, nullable=False),
+    Column("resource", Text),
+    Column("queue", Text),
+    Column("worker", Text),
+    Column("started_at", UTCDateTime()),
+    Column("finished_at", UTCDateTime()),
+    Column("duration_s", Float),
+    Column("error_type", Text),
+    Column("error_message", Text),
+    Column("reused", Boolean, nullable=False, default=False),
+    Column("record", JSON, nullable=False),
+)
+
+#: The plan (graph) of a program fingerprint, for ``show`` and the optimizer.
+PLANS = Table(
+    "dspex_program_plans", metadata,
+    Column("fingerprint", String(64), primary_key=True),
+    Column("program", Text, nullable=False),
+    Column("plan", Text, nullable=False),
+    Column("first_seen", UTCDateTime(), nullable=False),
+)
+
+#: The optimizer's learned profile of one program fingerprint.
+PROFILES = Table(
+    "dspex_profiles", metadata,
+    Column("fingerprint", String(64), primary_key=True),
+    Column("program", Text, nullable=False, index=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("executions", Integer, nullable=False),
+    Column("profile", JSON, nullable=False),
+)
 
 
-class SchemaVersion(Base):
-    __tablename__ = "dspex_schema"
+class _Row:
+    """A row read from one of the tables, as a plain object (its columns are its fields)."""
 
-    name: Mapped[str] = mapped_column(String(32), primary_key=True)
-    version: Mapped[int] = mapped_column(Integer)
+    __slots__ = ()
 
-
-class ExecutionRow(Base):
-    """One execution: what ran, how it ended, its outputs."""
-
-    __tablename__ = "dspex_executions"
-
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    program: Mapped[str | None] = mapped_column(Text, index=True)
-    fingerprint: Mapped[str | None] = mapped_column(String(64), index=True)
-    strategy: Mapped[str | None] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16), default="running")
-    rank: Mapped[int] = mapped_column(Integer, default=0)
-    inputs_digest: Mapped[str | None] = mapped_column(String(64))
-    outputs: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    failed_modules: Mapped[list[str] | None] = mapped_column(JSON)
-    #: Module -> its compensation record (``ExecutionResult.compensations``); migration 0002.
-    compensations: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    error: Mapped[str | None] = mapped_column(Text)
-    submitted_at: Mapped[datetime | None]
-    started_at: Mapped[datetime | None]
-    finished_at: Mapped[datetime | None]
-    resumed_from: Mapped[str | None] = mapped_column(String(64))
-
-    __table_args__ = (Index("ix_dspex_executions_program_submitted", "program", "submitted_at"),)
+    @classmethod
+    def of(cls, row: RowMapping) -> Self:
+        return cls(**{field.name: row[field.name] for field in fields(cls)})  # type: ignore[arg-type]
 
 
-class AttemptRow(Base):
-    """One attempt of one module (attempt 0: a module that never started, e.g. skipped)."""
+@dataclass(frozen=True, slots=True)
+class ExecutionRow(_Row):
+    """A row of :data:`EXECUTIONS`."""
 
-    __tablename__ = "dspex_module_attempts"
-
-    execution_id: Mapped[str] = mapped_column(
-        String(64), ForeignKey("dspex_executions.id", ondelete="CASCADE"), primary_key=True
-    )
-    module: Mapped[str] = mapped_column(Text, primary_key=True)
-    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
-    status: Mapped[str] = mapped_column(String(16))
-    rank: Mapped[int] = mapped_column(Integer)
-    resource: Mapped[str | None] = mapped_column(Text)
-    queue: Mapped[str | None] = mapped_column(Text)
-    worker: Mapped[str | None] = mapped_column(Text)
-    started_at: Mapped[datetime | None]
-    finished_at: Mapped[datetime | None]
-    duration_s: Mapped[float | None] = mapped_column(Float)
-    error_type: Mapped[str | None] = mapped_column(Text)
-    error_message: Mapped[str | None] = mapped_column(Text)
-    reused: Mapped[bool] = mapped_column(default=False)
-    record: Mapped[dict[str, Any]] = mapped_column(JSON)
+    id: str
+    status: str = "running"
+    rank: int = 0
+    program: str | None = None
+    fingerprint: str | None = None
+    strategy: str | None = None
+    inputs_digest: str | None = None
+    outputs: dict[str, Any] | None = None
+    failed_modules: list[str] | None = None
+    compensations: dict[str, Any] | None = None
+    error: str | None = None
+    submitted_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    resumed_from: str | None = None
 
 
-class ProgramPlanRow(Base):
-    """The plan (graph) of a program fingerprint, for ``show`` and the optimizer."""
+@dataclass(frozen=True, slots=True)
+class AttemptRow(_Row):
+    """A row of :data:`ATTEMPTS`."""
 
-    __tablename__ = "dspex_program_plans"
-
-    fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
-    program: Mapped[str] = mapped_column(Text)
-    plan: Mapped[str] = mapped_column(Text)
-    first_seen: Mapped[datetime]
-
-
-class ProfileRow(Base):
-    """The optimizer's learned profile of one program fingerprint."""
-
-    __tablename__ = "dspex_profiles"
-
-    fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
-    program: Mapped[str] = mapped_column(Text, index=True)
-    created_at: Mapped[datetime]
-    executions: Mapped[int] = mapped_column(Integer)
-    profile: Mapped[dict[str, Any]] = mapped_column(JSON)
+    execution_id: str
+    module: str
+    attempt: int
+    status: str
+    rank: int = 0
+    resource: str | None = None
+    queue: str | None = None
+    worker: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_s: float | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    reused: bool = False
+    record: dict[str, Any] | None = None

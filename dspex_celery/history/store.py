@@ -6,14 +6,15 @@ import importlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    Connection,
     Engine,
     Select,
+    Table,
     create_engine,
     event,
     func,
@@ -21,7 +22,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, aliased
 
 from dspex_celery.errors import ConfigError, UnknownExecution, reason_of
 from dspex_celery.history.events import (
@@ -36,7 +36,7 @@ from dspex_celery.history.events import (
 )
 from dspex_celery.history.location import DISABLED, data_dir, history_url, sqlite_path  # noqa: F401 (importers)
 from dspex_celery.history.migrations import at_head, migrate
-from dspex_celery.history.models import AttemptRow, Base, ExecutionRow, ProfileRow, ProgramPlanRow
+from dspex_celery.history.models import ATTEMPTS, EXECUTIONS, PLANS, PROFILES, AttemptRow, ExecutionRow
 from dspex_celery.plan import Plan
 from dspex_celery.results import (
     ExecutionResult,
@@ -88,11 +88,6 @@ class HistoryStore:
                     ) from None
                 time.sleep(0.1 * (attempt + 1))
 
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        with Session(self.engine, expire_on_commit=False) as session:
-            yield session
-
     # --- writing events ---------------------------------------------------------------------
 
     def apply(self, events: Sequence[Event], describe: Describe) -> None:
@@ -100,23 +95,23 @@ class HistoryStore:
         if not events:
             return
         ids = list(dict.fromkeys(event.execution_id for event in events))
-        with self.session() as session, session.begin():
-            self._ensure_executions(session, ids, describe)
+        with self.engine.begin() as connection:
+            self._ensure_executions(connection, ids, describe)
             for item in events:
                 if isinstance(item, RecordEvent):
-                    self._upsert_attempt(session, item)
+                    self._upsert_attempt(connection, item)
                 else:
-                    self._finish(session, item)
-            self._mark_lost(session, ids)
-            self._set_started(session, ids)
+                    self._finish(connection, item)
+            self._mark_lost(connection, ids)
+            self._set_started(connection, ids)
 
-    def _ensure_executions(self, session: Session, ids: list[str], describe: Describe) -> None:
-        known = set(session.scalars(select(ExecutionRow.id).where(ExecutionRow.id.in_(ids))))
+    def _ensure_executions(self, connection: Connection, ids: list[str], describe: Describe) -> None:
+        known = set(connection.scalars(select(EXECUTIONS.c.id).where(EXECUTIONS.c.id.in_(ids))))
         for execution_id in ids:
             if execution_id not in known:
-                self._insert_execution(session, describe(execution_id))
+                self._insert_execution(connection, describe(execution_id))
 
-    def _insert_execution(self, session: Session, info: ExecutionInfo) -> None:
+    def _insert_execution(self, connection: Connection, info: ExecutionInfo) -> None:
         final = ExecutionStatus(info.status).final
         values = {
             "id": info.execution_id,
@@ -129,30 +124,30 @@ class HistoryStore:
             "submitted_at": _time(info.submitted_at),
             "resumed_from": info.resumed_from,
         }
-        session.execute(self._insert(ExecutionRow, values).on_conflict_do_nothing(index_elements=["id"]))
+        connection.execute(self._insert(EXECUTIONS, values).on_conflict_do_nothing(index_elements=["id"]))
         if info.plan is not None:
-            self.save_plan(session, info.plan)
+            self.save_plan(connection, info.plan)
 
-    def save_plan(self, session: Session, plan: Plan) -> None:
+    def save_plan(self, connection: Connection, plan: Plan) -> None:
         values = {"fingerprint": plan.fingerprint, "program": plan.program, "plan": plan.to_json(), "first_seen": utcnow()}
-        session.execute(self._insert(ProgramPlanRow, values).on_conflict_do_nothing(index_elements=["fingerprint"]))
+        connection.execute(self._insert(PLANS, values).on_conflict_do_nothing(index_elements=["fingerprint"]))
 
-    def _upsert_attempt(self, session: Session, item: RecordEvent) -> None:
+    def _upsert_attempt(self, connection: Connection, item: RecordEvent) -> None:
         values = attempt_values(item)
-        statement = self._insert(AttemptRow, values)
+        statement = self._insert(ATTEMPTS, values)
         keys = ("execution_id", "module", "attempt")
         statement = statement.on_conflict_do_update(
             index_elements=list(keys),
             set_={name: statement.excluded[name] for name in values if name not in keys},
-            where=AttemptRow.rank <= statement.excluded.rank,
+            where=ATTEMPTS.c.rank <= statement.excluded.rank,
         )
-        session.execute(statement)
+        connection.execute(statement)
 
-    def _finish(self, session: Session, item: FinishedEvent) -> None:
+    def _finish(self, connection: Connection, item: FinishedEvent) -> None:
         result = item.result
-        session.execute(
-            update(ExecutionRow)
-            .where(ExecutionRow.id == result.execution_id, ExecutionRow.rank <= FINAL_RANK)
+        connection.execute(
+            update(EXECUTIONS)
+            .where(EXECUTIONS.c.id == result.execution_id, EXECUTIONS.c.rank <= FINAL_RANK)
             .values(
                 program=result.program,
                 strategy=result.strategy,
@@ -168,77 +163,82 @@ class HistoryStore:
             )
         )
         for module, record in result.modules.items():
-            self._upsert_attempt(session, RecordEvent(result.execution_id, module, record))
+            self._upsert_attempt(connection, RecordEvent(result.execution_id, module, record))
 
-    def _mark_lost(self, session: Session, ids: list[str]) -> None:
+    def _mark_lost(self, connection: Connection, ids: list[str]) -> None:
         """Attempts still 'running' below a module's latest attempt: their worker died."""
-        later = aliased(AttemptRow)
+        later = ATTEMPTS.alias("later")
         newest = (
-            select(func.max(later.attempt))
-            .where(later.execution_id == AttemptRow.execution_id, later.module == AttemptRow.module)
+            select(func.max(later.c.attempt))
+            .where(later.c.execution_id == ATTEMPTS.c.execution_id, later.c.module == ATTEMPTS.c.module)
             .scalar_subquery()
         )
-        session.execute(
-            update(AttemptRow)
-            .where(AttemptRow.execution_id.in_(ids), AttemptRow.rank <= RUNNING_RANK, AttemptRow.attempt < newest)
+        connection.execute(
+            update(ATTEMPTS)
+            .where(ATTEMPTS.c.execution_id.in_(ids), ATTEMPTS.c.rank <= RUNNING_RANK, ATTEMPTS.c.attempt < newest)
             .values(status=LOST, rank=ATTEMPT_RANK[LOST], error_type="WorkerLost",
                     error_message="the worker running this attempt was lost")
-            .execution_options(synchronize_session=False)
         )
 
-    def _set_started(self, session: Session, ids: list[str]) -> None:
+    def _set_started(self, connection: Connection, ids: list[str]) -> None:
         first = (
-            select(func.min(AttemptRow.started_at))
-            .where(AttemptRow.execution_id == ExecutionRow.id)
+            select(func.min(ATTEMPTS.c.started_at))
+            .where(ATTEMPTS.c.execution_id == EXECUTIONS.c.id)
             .scalar_subquery()
         )
-        session.execute(
-            update(ExecutionRow).where(ExecutionRow.id.in_(ids)).values(started_at=first)
-            .execution_options(synchronize_session=False)
-        )
+        connection.execute(update(EXECUTIONS).where(EXECUTIONS.c.id.in_(ids)).values(started_at=first))
 
-    def _insert(self, model: type[Base], values: dict[str, Any]) -> Any:
+    def _insert(self, table: Table, values: dict[str, Any]) -> Any:
         name = "postgresql" if self.engine.dialect.name == "postgresql" else "sqlite"
         dialect = importlib.import_module(f"sqlalchemy.dialects.{name}")  # SQLite's history never loads PostgreSQL's
-        return dialect.insert(model).values(**values)
+        return dialect.insert(table).values(**values)
 
     # --- reading ----------------------------------------------------------------------------
 
+    def _read(self, query: Select[Any]) -> list[Any]:
+        """The rows of ``query``, as mappings of column name to value."""
+        with self.engine.connect() as connection:
+            return list(connection.execute(query).mappings())
+
+    def _value(self, query: Select[Any]) -> Any:
+        """The first column of the first row of ``query`` (None without one)."""
+        with self.engine.connect() as connection:
+            return connection.execute(query).scalar()
+
     def executions(self, program: str | None = None, limit: int = 20) -> list[ExecutionRow]:
         """Most recent executions first."""
-        query: Select[tuple[ExecutionRow]] = select(ExecutionRow)
+        query = select(EXECUTIONS)
         if program is not None:
-            query = query.where(ExecutionRow.program == program)
-        query = query.order_by(ExecutionRow.submitted_at.desc().nulls_last(), ExecutionRow.id).limit(limit)
-        with self.session() as session:
-            return list(session.scalars(query))
+            query = query.where(EXECUTIONS.c.program == program)
+        query = query.order_by(EXECUTIONS.c.submitted_at.desc().nulls_last(), EXECUTIONS.c.id).limit(limit)
+        return [ExecutionRow.of(row) for row in self._read(query)]
+
+    def execution(self, execution_id: str) -> ExecutionRow | None:
+        """The execution's row, if history has it."""
+        rows = self._read(select(EXECUTIONS).where(EXECUTIONS.c.id == execution_id))
+        return ExecutionRow.of(rows[0]) if rows else None
 
     def final_ids(self, ids: Iterable[str]) -> set[str]:
         """Those of ``ids`` whose execution is recorded as finished."""
-        wanted = list(ids)
-        with self.session() as session:
-            query = select(ExecutionRow.id).where(ExecutionRow.id.in_(wanted), ExecutionRow.rank >= FINAL_RANK)
-            return set(session.scalars(query))
+        query = select(EXECUTIONS.c.id).where(EXECUTIONS.c.id.in_(list(ids)), EXECUTIONS.c.rank >= FINAL_RANK)
+        return {row["id"] for row in self._read(query)}
 
     def attempts(self, execution_ids: Sequence[str]) -> list[AttemptRow]:
         """Attempt rows of these executions, by execution, module and attempt."""
         query = (
-            select(AttemptRow)
-            .where(AttemptRow.execution_id.in_(list(execution_ids)))
-            .order_by(AttemptRow.execution_id, AttemptRow.module, AttemptRow.attempt)
+            select(ATTEMPTS)
+            .where(ATTEMPTS.c.execution_id.in_(list(execution_ids)))
+            .order_by(ATTEMPTS.c.execution_id, ATTEMPTS.c.module, ATTEMPTS.c.attempt)
         )
-        with self.session() as session:
-            return list(session.scalars(query))
+        return [AttemptRow.of(row) for row in self._read(query)]
 
     def plan(self, fingerprint: str) -> Plan | None:
-        with self.session() as session:
-            row = session.get(ProgramPlanRow, fingerprint)
-            return None if row is None else Plan.from_json(row.plan)
+        text = self._value(select(PLANS.c.plan).where(PLANS.c.fingerprint == fingerprint))
+        return None if text is None else Plan.from_json(text)
 
     def result(self, execution_id: str) -> ExecutionResult:
         """The execution as history recorded it, in the ``run --json`` shape."""
-        with self.session() as session:
-            row = session.get(ExecutionRow, execution_id)
+        row = self.execution(execution_id)
         if row is None:
             raise UnknownExecution(
                 f"no execution '{execution_id}' in the history at {self.display_url}: list them with `dspex-celery history`"
@@ -263,9 +263,8 @@ class HistoryStore:
         )
 
     def finished_executions(self, fingerprint: str) -> list[ExecutionRow]:
-        query = select(ExecutionRow).where(ExecutionRow.fingerprint == fingerprint, ExecutionRow.rank >= FINAL_RANK)
-        with self.session() as session:
-            return list(session.scalars(query.order_by(ExecutionRow.submitted_at)))
+        query = select(EXECUTIONS).where(EXECUTIONS.c.fingerprint == fingerprint, EXECUTIONS.c.rank >= FINAL_RANK)
+        return [ExecutionRow.of(row) for row in self._read(query.order_by(EXECUTIONS.c.submitted_at))]
 
     def latest_fingerprint(self, program: str) -> str | None:
         """The fingerprint of the program's most recently submitted execution."""
@@ -277,16 +276,15 @@ class HistoryStore:
     def save_profile(self, fingerprint: str, program: str, executions: int, profile: dict[str, Any]) -> None:
         values = {"fingerprint": fingerprint, "program": program, "created_at": utcnow(),
                   "executions": executions, "profile": profile}
-        with self.session() as session, session.begin():
-            statement = self._insert(ProfileRow, values)
-            session.execute(statement.on_conflict_do_update(
+        with self.engine.begin() as connection:
+            statement = self._insert(PROFILES, values)
+            connection.execute(statement.on_conflict_do_update(
                 index_elements=["fingerprint"], set_={k: statement.excluded[k] for k in values if k != "fingerprint"}
             ))
 
     def profile(self, fingerprint: str) -> dict[str, Any] | None:
-        with self.session() as session:
-            row = session.get(ProfileRow, fingerprint)
-            return None if row is None else row.profile
+        profile = self._value(select(PROFILES.c.profile).where(PROFILES.c.fingerprint == fingerprint))
+        return None if profile is None else dict(profile)
 
 
 def attempt_values(item: RecordEvent) -> dict[str, Any]:

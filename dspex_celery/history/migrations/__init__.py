@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from dspex_celery.errors import ConfigError
-from dspex_celery.history.models import SCHEMA_VERSION, SchemaVersion
+from dspex_celery.history.models import SCHEMA, SCHEMA_VERSION
 
 if TYPE_CHECKING:  # Alembic is imported only when a database needs migrating (~200 ms)
     from alembic.config import Config
@@ -41,7 +41,7 @@ SCRIPTS = Path(__file__).parent
 PG_LOCK_KEY = 0x64737078_68697374  # "dspxhist"
 
 _AT_HEAD = text(
-    f"SELECT v.version_num, s.version FROM {VERSION_TABLE} v, {SchemaVersion.__tablename__} s WHERE s.name = 'history'"
+    f"SELECT v.version_num, s.version FROM {VERSION_TABLE} v, {SCHEMA.name} s WHERE s.name = 'history'"
 )
 
 
@@ -75,7 +75,7 @@ def current_revision(connection: Connection) -> str | None:
 
 def adopt(connection: Connection, where: str, *, create: bool) -> str | None:
     """A database without a version table: stamp one made before Alembic, else it is empty."""
-    if inspect(connection).has_table(SchemaVersion.__tablename__):
+    if inspect(connection).has_table(SCHEMA.name):
         check_version_row(connection, where)
         run(connection, "stamp", INITIAL)
         log.info("history database %s: schema made before Alembic, stamped revision %s", where, INITIAL)
@@ -98,9 +98,9 @@ def upgrade(connection: Connection, where: str, current: str | None) -> None:
 
 def check_version_row(connection: Connection, where: str) -> None:
     """Refuse a ``dspex_schema`` row of another version; add it when it is missing."""
-    version = connection.scalar(select(SchemaVersion.version).where(SchemaVersion.name == "history"))
+    version = connection.scalar(select(SCHEMA.c.version).where(SCHEMA.c.name == "history"))
     if version is None:
-        connection.execute(insert(SchemaVersion).values(name="history", version=SCHEMA_VERSION))
+        connection.execute(insert(SCHEMA).values(name="history", version=SCHEMA_VERSION))
     elif version != SCHEMA_VERSION:
         raise ConfigError(
             f"history database {where} has schema version {version}, this dspex-celery "
