@@ -169,3 +169,17 @@ def test_embedded_run_with_history_imports_neither_the_orm_nor_alembic(tmp_path:
     imported = imported_by_a_run({"sqlalchemy", "sqlalchemy.orm", "alembic"}, env)
     # Then it wrote its history with SQLAlchemy Core alone (the ORM and Alembic cost ~0.1 s each to import)
     assert imported == "sqlalchemy", f"imported by an embedded run: {imported}"
+
+
+def test_embedded_runs_leave_only_the_history_database_behind(tmp_path: Path) -> None:
+    # Given two embedded runs of the README's first command, history in a folder of its own
+    folder = tmp_path / "history"
+    env = {"DSPEX_HISTORY_URL": f"sqlite:///{folder / 'history.sqlite'}"}
+    for _ in range(2):
+        done = dspex("run", "examples/rag.yaml", "-i", f"question={QUESTION}", env=env)
+        assert done.returncode == 0, done.stderr
+    # Then both are in the history, and the folder holds the database alone (no SQLite WAL or shared
+    # memory file: every connection was closed before the process exited)
+    listed = dspex("history", "--json", env=env)
+    assert [row["status"] for row in json.loads(listed.stdout)] == ["succeeded", "succeeded"]
+    assert sorted(path.name for path in folder.iterdir()) == ["history.sqlite"]

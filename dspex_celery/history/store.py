@@ -22,6 +22,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
 from dspex_celery.errors import ConfigError, UnknownExecution, reason_of
 from dspex_celery.history.events import (
@@ -375,9 +376,12 @@ def _engine(url: str, create: bool) -> Engine:
 
 
 def _engine_options(url: str) -> dict[str, Any]:
-    if url.startswith("sqlite"):
-        return {"connect_args": {"timeout": 30, "check_same_thread": False}}
-    return {}
+    if not url.startswith("sqlite"):
+        return {}
+    options: dict[str, Any] = {"connect_args": {"timeout": 30, "check_same_thread": False}}
+    if sqlite_path(url) is not None:  # a file: a connection per transaction, closed at its end, so the last
+        options["poolclass"] = NullPool  # one out checkpoints the WAL and removes it (no pool to clean up at exit)
+    return options
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
