@@ -10,7 +10,7 @@ compares the migrated database with :data:`metadata`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Self
 
@@ -126,7 +126,8 @@ class _Row:
 
     @classmethod
     def of(cls, row: RowMapping) -> Self:
-        return cls(**{field.name: row[field.name] for field in fields(cls)})  # type: ignore[arg-type]
+        """The row of a ``select`` of the whole table."""
+        return cls(**row)
 
 
 @dataclass(frozen=True, slots=True)

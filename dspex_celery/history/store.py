@@ -284,8 +284,9 @@ class HistoryStore:
             ))
 
     def profile(self, fingerprint: str) -> dict[str, Any] | None:
-        profile = self._value(select(PROFILES.c.profile).where(PROFILES.c.fingerprint == fingerprint))
-        return None if profile is None else dict(profile)
+        query = select(PROFILES.c.profile).where(PROFILES.c.fingerprint == fingerprint)
+        profile: dict[str, Any] | None = self._value(query)
+        return profile
 
 
 def attempt_values(item: RecordEvent) -> dict[str, Any]:
