@@ -48,6 +48,19 @@ def test_diamond_outputs_and_routing(cluster: Cluster) -> None:
     assert io_worker.name != llm_worker.name
 
 
+def test_workers_keep_their_start_up_heap_out_of_full_collections(cluster: Cluster) -> None:
+    # Given a module on the prefork worker and one on the thread-pool worker
+    state = "tests.modules.ops_mods:gc_state"
+    prog = program("gc_state", {"p": {"uses": state, "resource": "io"}, "t": {"uses": state, "resource": "llm"}})
+    # When they run
+    result = cluster.run(prog)
+    # Then both pool kinds run with their start-up heap frozen (a full collection of it holds the GIL ~0.1 s
+    # with DSPy loaded) and the collector still on for what tasks make
+    assert result.status is ExecutionStatus.SUCCEEDED
+    for name in "pt":
+        assert result.outputs[name]["frozen"] > 10_000 and result.outputs[name]["enabled"], result.outputs
+
+
 def test_both_strategies_identical(cluster: Cluster) -> None:
     data = synthetic.random_dag(60, seed=11)
     levels = cluster.run(Program.from_dict(data), strategy="levels")

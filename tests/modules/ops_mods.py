@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 from typing import Any
@@ -29,3 +30,8 @@ def hold(seconds: float = 0.2, **_: Any) -> dict[str, Any]:
 def hostile(**_: Any) -> dict[str, Any]:
     """Fails with an error message full of HTML."""
     raise ValueError("<script>alert('pwned')</script> & <img src=x onerror=alert(1)> \"quoted\"")
+
+
+def gc_state(**_: Any) -> dict[str, Any]:
+    """The worker process's garbage collector: how many objects it keeps frozen, and whether it runs."""
+    return {"frozen": gc.get_freeze_count(), "enabled": gc.isenabled()}
