@@ -125,7 +125,7 @@ HISTORY = (
     "neither kept): what bounds a line here is the CPU and the GIL the worker processes share on two "
     "cores, not the count of round trips. Layouts side by side (3 rounds): 2×8 / 4×4 / 8×2 gave 0.82× / "
     "0.85× / 0.84×."
-    " Session 11 (the same kind of machine; no change to the batch path since session 10): this table "
+    " Session 11 (the same kind of machine; no change to the batch path since session 10): a 5-round run "
     "0.88× (134.2 vs 151.7 lines/s; its rounds 129.5–138.5 against Evaluate's 145.4–154.0), 4.1 CPU ms "
     "/ module; a 2-round run just before it gave 0.85× (130.3 vs 153.7). The machine's CPU busy time "
     "(/proc/stat, 1 s samples) over the batch rounds: 57–71 % of the two cores (Evaluate's rounds: 16–22 "

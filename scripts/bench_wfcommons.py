@@ -341,12 +341,17 @@ NOTES = (
     "guarded by its lease's score): 5.2 / 5.8 vs 5.6 / 6.0 ms per chain hop, epigenomics + genome + "
     "cycles + montage 1.36 vs 1.37 — within the noise, as hops are CPU-bound in Python; a GIL switch "
     "interval of 1 ms / 0.5 ms in the workers: montage's begin round trip stayed at 1.1–1.6 ms."
-    " Session 10 (this run, the same AMD machine): a continued child is begun by the count that leases "
+    " Session 10 (the same AMD machine): a continued child is begun by the count that leases "
     "it, so a chained hop costs one Redis script instead of two, and a worker reads a plan once per plan "
     "text. `dag` cold 1.278 vs Ray 1.278 (ratio 1.000; session 9: 1.321 vs 1.326), `dag` + learned "
     "profile 1.207 (1.259); the machine was quieter for every engine this time (Celery floor 1.13 vs "
     "1.17, `levels` 1.66 vs 1.89), so the ratios to Ray, not the absolute numbers, are what compare: "
     "`dag` cold is even with Ray, not ahead, and the profile stays above 1.05 × informed (1.145)."
+    " Session 11 (this run, the same AMD machine): workers now freeze their heap for the garbage collector"
+    " when ready and after their first task (the full collections that stalled every thread of a worker"
+    " for ~0.1 s with DSPy loaded; these workflows' workers load no DSPy). `dag` cold 1.255 vs Ray 1.256"
+    " (even again), `dag` + learned profile 1.186 (session 10: 1.207), above 1.05 × informed (1.145); the"
+    " machine was quieter again (Celery floor 1.10, `levels` 1.53), so compare ratios, not absolutes."
 )
 
 
