@@ -443,14 +443,16 @@ def parsed_plan(text: str) -> Plan:
     plan = Plan.from_json(text)
     digest = plan_digest(text)
     remember_digest(plan, digest)
-    _BY_DIGEST[digest] = plan
-    while len(_BY_DIGEST) > PLAN_TEXT_CACHE_SIZE:
-        _BY_DIGEST.pop(next(iter(_BY_DIGEST)))
+    with _BY_DIGEST_LOCK:  # pool threads parse new texts at once: the trim must see one dict at a time
+        _BY_DIGEST[digest] = plan
+        while len(_BY_DIGEST) > PLAN_TEXT_CACHE_SIZE:
+            _BY_DIGEST.pop(next(iter(_BY_DIGEST)))
     return plan
 
 
 #: The plans :func:`parsed_plan` made lately, by their text's digest (oldest first).
 _BY_DIGEST: dict[str, Plan] = {}
+_BY_DIGEST_LOCK = threading.Lock()
 
 
 def finish_state(reply: Sequence[Any], modules: Iterable[str]) -> FinishState | None:
