@@ -22,6 +22,7 @@ from dspex_celery.spec import (
     ModuleSpec,
     ProgramSpec,
     Ref,
+    field_values,
     is_json,
     iter_refs,
     non_json_problems,
@@ -124,12 +125,12 @@ def _parents(spec: ProgramSpec) -> dict[str, set[str]] | None:
     names an undeclared program input or an output names an unknown module. Modules that name
     unknown modules are left to :meth:`Dag.build`."""
     parents: dict[str, set[str]] = {}
-    sources_of: dict[str, str] = {}  # each string value met -> the source it refers to, or _LITERAL
+    source_of = _plain_sources(spec.modules.values())
     for name, module in spec.modules.items():
         values = module.inputs.values() if module.inputs else ()
-        if _PLAIN.issuperset(map(type, values)):  # the common case: only strings and numbers
-            sources = {source for value in values if type(value) is str
-                       and (source := sources_of.get(value) or _source(value, sources_of)) != _LITERAL}
+        if source_of is not None:  # the common case: only strings and numbers, looked up in C
+            sources = set(map(source_of, values))
+            sources.discard(_LITERAL)
         elif all(map(is_json, values)):
             sources = {ref.source for value in values for ref in iter_refs(value)}
         else:
@@ -140,7 +141,8 @@ def _parents(spec: ProgramSpec) -> dict[str, set[str]] | None:
             if not all(ref.field in spec.inputs for value in values for ref in iter_refs(value) if ref.is_input):
                 return None
             sources.discard("inputs")
-        sources.update(module.depends_on)
+        if module.depends_on:
+            sources.update(module.depends_on)
         parents[name] = sources
     outputs = (spec.outputs or {}).values()
     if not all(map(is_json, outputs)) or any(_unknown(ref, spec) for value in outputs for ref in iter_refs(value)):
@@ -148,15 +150,27 @@ def _parents(spec: ProgramSpec) -> dict[str, set[str]] | None:
     return parents
 
 
-#: What :func:`_source` makes of a literal string (no module can be named so).
+#: What :func:`_source` makes of a literal (no module can be named so).
 _LITERAL = "$"
 
 
-def _source(value: str, sources_of: dict[str, str]) -> str:
-    """What the string ``value`` refers to (``$NAME.FIELD``: NAME, maybe ""; a literal: :data:`_LITERAL`),
-    remembered in ``sources_of``: a module's output is read by several modules with the same string."""
-    source = sources_of[value] = value[1:].partition(".")[0] if value[:1] == "$" and value[1:2] != "$" else _LITERAL
-    return source
+def _plain_sources(modules: Collection[ModuleSpec]) -> Callable[[object], str] | None:
+    """A lookup of what each input value of ``modules`` refers to (see :func:`_source`), computed once per
+    distinct value (a module's output is read by several modules with the same string); None when some
+    value is not a plain string or number (a list, a mapping, a str subclass: searched with ``iter_refs``)."""
+    try:
+        values = set(field_values(modules, "inputs"))
+    except TypeError:  # an unhashable value: a list or a mapping
+        return None
+    if not _PLAIN.issuperset(map(type, values)):
+        return None
+    return {value: _source(value) if type(value) is str else _LITERAL for value in values}.__getitem__
+
+
+def _source(value: str) -> str:
+    """What the string ``value`` refers to: ``$NAME.FIELD``: NAME (maybe "" or ``inputs``); a literal:
+    :data:`_LITERAL`."""
+    return value[1:].partition(".")[0] if value[:1] == "$" and value[1:2] != "$" else _LITERAL
 
 
 def _unknown(ref: Ref, spec: ProgramSpec) -> bool:
@@ -444,7 +458,8 @@ def _remaining(
     lengths: dict[str, float] = {}
     for node in order:
         own = 1.0 if weights is None else float(weights.get(node, 0.0))
-        lengths[node] = own + max(map(lengths.__getitem__, children[node]), default=0.0)
+        below = children[node]  # max(..., default=) would cost a keyword call per module
+        lengths[node] = own + max(map(lengths.__getitem__, below)) if below else own
     return lengths
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from dspex_celery import defaults
+from dspex_celery.collector import without_collection
 from dspex_celery.errors import ProgramError
 from dspex_celery.graph import Dag, validate
 from dspex_celery.integrations.dspy_plan import (
@@ -125,6 +126,7 @@ class Plan:
         return canonical_json(data).decode()
 
     @classmethod
+    @without_collection
     def from_json(cls, text: str | bytes) -> Plan:
         data = orjson.loads(text)
         modules = data["modules"]
@@ -186,6 +188,7 @@ def _content(dumped: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in dumped.items() if key not in _NOT_CONTENT}
 
 
+@without_collection
 def build_plan(
     spec: ProgramSpec,
     *,

@@ -12,11 +12,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Protocol, Self
 
-from dspex_celery.errors import UsageError
+from dspex_celery.errors import ProgramError, UsageError
 from dspex_celery.graph import package_of
 from dspex_celery.integrations.dspy_plan import module_reference, spec_factories
 from dspex_celery.plan import Plan, build_plan
-from dspex_celery.spec import ProgramSpec, load_program_file, parse_program
+from dspex_celery.spec import ProgramSpec, field_values, load_program_file, parse_program
 
 
 #: A run option (not a ``submit_program`` keyword) for the runner: a callable given, once the execution
@@ -50,16 +50,24 @@ class Program:
     async_runner: ClassVar[ProgramAsyncRunner | None] = None
 
     def __init__(self, name: str, inputs: list[str] | tuple[str, ...] = (), **keys: Any) -> None:
-        self._data: dict[str, Any] = {"name": name, "inputs": list(inputs), "modules": {}, **keys}
+        #: The program data that :meth:`add_module` edits; None when it is :attr:`_spec`'s (see :meth:`_edited`).
+        self._data: dict[str, Any] | None = {"name": name, "inputs": list(inputs), "modules": {}, **keys}
         self.source = name
         self._spec: ProgramSpec | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "program") -> Self:
+        """The program ``data`` describes. ``data`` is not kept: changing it later leaves the program as
+        it was (valid data is parsed now, into containers of its own; invalid data is copied, and
+        :attr:`spec` raises its problems)."""
         program = cls.__new__(cls)
-        program._data = _copy(data)
         program.source = source
-        program._spec = None
+        try:
+            program._spec = _detached(parse_program(data, source))
+            program._data = None
+        except ProgramError:
+            program._spec = None
+            program._data = _copy(data)
         return program
 
     @classmethod
@@ -104,25 +112,34 @@ class Program:
         if "with_" in options:
             options["with"] = options.pop("with_")
         module.update(options)
-        self._data.setdefault("modules", {})[name] = module
+        self._edited().setdefault("modules", {})[name] = module
         self._spec = None
         return self
 
     def set_outputs(self, outputs: dict[str, Any]) -> Self:
-        self._data["outputs"] = outputs
+        self._edited()["outputs"] = outputs
         self._spec = None
         return self
 
     @property
     def name(self) -> str:
+        if self._data is None:
+            return self.spec.name
         return str(self._data.get("name", self.source))
 
     @property
     def spec(self) -> ProgramSpec:
         """The validated schema model (raises ProgramError listing every problem)."""
         if self._spec is None:
-            self._spec = parse_program(self._data, self.source)
+            self._spec = parse_program(self._edited(), self.source)
         return self._spec
+
+    def _edited(self) -> dict[str, Any]:
+        """The program data to edit or parse: this program's own (a parsed one's is dumped from its spec
+        when first needed)."""
+        if self._data is None:
+            self._data = self.spec.model_dump(by_alias=True, exclude_none=True)  # fresh containers throughout
+        return self._data
 
     def plan(self, *, resolve: bool = True, **hints: Any) -> Plan:
         """Validate the program completely and flatten it into a plan."""
@@ -183,6 +200,27 @@ def _no_runner() -> UsageError:
 
 #: Immutable value types that :func:`_copy` shares instead of copying.
 _ATOMS = frozenset({str, int, float, bool, type(None)})
+
+
+def _detached(spec: ProgramSpec) -> ProgramSpec:
+    """``spec`` with copies of the containers it shares with the data it was parsed from: validation
+    builds its own mappings, but a list or mapping *value* (of an input, a ``with`` key or an output)
+    is the caller's until copied."""
+    modules = spec.modules.values()
+    for field in ("inputs", "with_"):
+        if not _ATOMS.issuperset(map(type, field_values(modules, field))):
+            for module in modules:
+                _copy_values(getattr(module, field) or {})
+    if spec.outputs and not _ATOMS.issuperset(map(type, spec.outputs.values())):
+        _copy_values(spec.outputs)
+    return spec
+
+
+def _copy_values(values: dict[str, Any]) -> None:
+    """Replace each value of ``values`` (the spec's own mapping) that is not an atom by a copy of it."""
+    for key, value in values.items():
+        if type(value) not in _ATOMS:
+            values[key] = _copy(value)
 
 
 def _copy(value: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 from enum import StrEnum
@@ -20,6 +21,7 @@ from dspex_celery.canvas import (
 )
 from dspex_celery.examples import synthetic
 from dspex_celery.graph import Dag
+from dspex_celery.plan import Plan
 
 ADD = "tests.modules.basic:add"
 ECHO = "tests.modules.basic:echo"
@@ -153,18 +155,72 @@ def test_literals_and_escapes_are_not_references() -> None:
 
 
 def test_from_dict_copies_its_data() -> None:
-    # Given a program made from a mapping
-    data = {"name": "p", "modules": {"a": {"uses": ECHO, "inputs": {"x": [1, {"y": 2}]}}}}
+    # Given a program made from a mapping with lists and mappings in an input, a with key and an output
+    data = {"name": "p", "modules": {"a": {"uses": ECHO, "inputs": {"x": [1, {"y": 2}]}, "with": {"w": [3]}}},
+            "outputs": {"o": ["$a.x"]}}
     program = Program.from_dict(data)
-    # When the caller changes the mapping afterwards
+    # When the caller changes the mapping afterwards, at every depth
     data["modules"]["a"]["inputs"]["x"][1]["y"] = 3
+    data["modules"]["a"]["with"]["w"].append(4)
+    data["outputs"]["o"].append("$b.x")
     data["modules"]["b"] = {"uses": ECHO}
+    data["name"] = "q"
     # Then the program is the one it was given
     plan = program.plan()
     assert list(plan.modules) == ["a"] and plan.modules["a"].inputs == {"x": [1, {"y": 2}]}
+    assert plan.modules["a"].with_ == {"w": [3]} and plan.outputs == {"o": ["$a.x"]} and program.name == "p"
     # And building on the program leaves the caller's mapping alone
     program.add_module("c", ADD, inputs={"a": 1, "b": 2})
-    assert list(data["modules"]) == ["a", "b"]
+    assert list(data["modules"]) == ["a", "b"] and list(program.plan().modules) == ["a", "c"]
+
+
+def test_from_dict_of_invalid_data_copies_it_too() -> None:
+    # Given a program made from a mapping with a problem
+    data = {"name": "p", "modules": {"a": {"uses": ECHO, "inputs": {"x": "$ghost.y"}, "retry": {"max_attempts": 0}}}}
+    program = Program.from_dict(data)
+    # When the caller mends the mapping afterwards
+    data["modules"]["a"]["retry"]["max_attempts"] = 2
+    data["modules"]["a"]["inputs"]["x"] = 1
+    # Then the program still has its problem, worded when it is validated
+    with pytest.raises(ProgramError, match="max_attempts"):
+        program.plan()
+
+
+def test_planning_pauses_the_garbage_collector_and_restores_it() -> None:
+    # Given a collector that would collect after every few allocations
+    data = synthetic.dense_dag(200, seed=4)
+    collections: list[int] = []
+
+    def record(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    threshold = gc.get_threshold()
+    gc.set_threshold(10)
+    gc.callbacks.append(record)
+    try:
+        # When a program is parsed, planned, and its plan read back from JSON
+        counts = []
+        program = Program.from_dict(data)
+        counts.append(len(collections))
+        plan = program.plan()
+        counts.append(len(collections))
+        text = plan.to_json()
+        collections.clear()
+        again = Plan.from_json(text)
+        counts.append(len(collections))
+        # Then none of them collected meanwhile (one may run as each starts, one as the collector resumes), and the
+        # collector is on again afterwards
+        assert counts[0] <= 2 and counts[1] - counts[0] <= 2 and counts[2] <= 2, counts
+        assert gc.isenabled() and again.modules == plan.modules
+        # And a collector the caller turned off stays off
+        gc.disable()
+        Program.from_dict(data).plan()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.callbacks.remove(record)
+        gc.set_threshold(*threshold)
 
 
 @pytest.mark.parametrize("broker", ["memory://", "redis://localhost:6379/0", "amqp://guest@localhost//"])

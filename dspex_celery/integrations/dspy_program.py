@@ -97,7 +97,7 @@ class DspyProgram(Program, dspy.Module):
         return copy.deepcopy(self)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Self:
-        clone = type(self).from_dict(self._data, self.source)
+        clone = type(self).from_dict(self._edited(), self.source)
         clone.run_options = self.run_options
         for key, value in self.__dict__.items():
             if key not in _OWN_ATTRIBUTES:
@@ -138,7 +138,7 @@ class DspyProgram(Program, dspy.Module):
                    if (key := _state_key(instance)) != self._baseline[name]}
         if not changed:
             return self
-        data = copy.deepcopy(self._data)
+        data = copy.deepcopy(self._edited())
         for name, key in changed.items():
             module = data["modules"][name]
             state = self._state_file(name, key, instances[name], module.get("with", {}))
