@@ -142,6 +142,7 @@ HISTORY = (
     "reading and decoding messages 12 %, their acks 7.7 %), the pool threads 70 % (DSPy's Generate 22.5 "
     "%, the store's script calls 15 %, most of it redis-py's own Python per command: its pool's pid "
     "checks, retry and event wrappers, the reply parser; the finish 10 %)."
+    " Session 12 (a fresh machine of the same kind; no change to the batch path): two 7-round runs of the same code ten minutes apart gave 0.90× (140.5 vs 155.3 lines/s, 3.0 CPU ms / module: this table) and 0.86× (132.0 vs 153.7, 4.1 CPU ms / module) — the ratio follows the engine's CPU cost per module, i.e. how fast the shared machine runs at the moment, while `dspy.Evaluate` (which sleeps on its LM) barely moves; so the goal is met at the machine's quick moments only. Where a line's slot time went in the quick phase (records of 480-line batches): module calls 106 ms per line (`dspy.Evaluate`: ≈ 103 ms for the whole line), slots 113–114 ms per line, so ≈ 7–8 ms per line between module calls; py-spy `--idle` on a worker's pool threads over a 960-line batch: the LM's sleep ≈ 90 %, waiting for Redis replies ≈ 4.3 ms per line (the two counts 61 % of it, ≈ 1.3 ms each against ≈ 0.12 ms inside Redis; the result's publication 18 %; begins 17 %). A batch's fixed cost (wall against lines, 16 / 240 / 480 lines): ≈ 60 ms, 1.7 % of a 480-line batch — the first wave's 16 messages reach the slots over ≈ 35 ms, each worker's consumer taking its eight one by one — and the asymptotic rate 138.9 lines/s (0.91×) in that run."
 )
 
 
