@@ -204,7 +204,8 @@ def test_workers_publish_no_result_made_up_from_lost_state(own_cluster: Cluster,
     own_redis.start()
     # When the worker fails the execution from what is left (the plan it cached)
     wait_for(lambda: own_redis.client().hget(own_cluster.runtime.store.key(handle.execution_id, "rec"), "first"),
-             timeout=30, what="the failed record")
+             timeout=30, what=lambda: "the failed record; the worker's log ends:\n"
+             + own_cluster.workers[0].log.read_text(errors="replace")[-4000:])
     time.sleep(2)
     # Then it published no result (one that would call every other module "cancelled", 0 attempts)
     assert own_redis.client().exists(f"celery-task-meta-{handle.execution_id}") == 0
