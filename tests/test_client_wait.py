@@ -194,9 +194,10 @@ def test_redis_restarted_without_persistence_is_one_line(own_cluster: Cluster, o
 @pytest.mark.parametrize("strategy", ["levels", "dag"])
 def test_workers_publish_no_result_made_up_from_lost_state(own_cluster: Cluster, own_redis: RedisServer,
                                                            strategy: str) -> None:
-    # Given a strict execution whose module times out (fails) after Redis restarted without its data
+    # Given a strict execution whose module times out (fails) after Redis restarted without its data (6 s:
+    # the restart must be over first, or the failed record goes to the Redis that is about to lose it)
     handle = own_cluster.submit(program(f"lost_{strategy}", {
-        "first": {"uses": f"{BASIC}:sleep", "inputs": {"seconds": 10}, "timeout_s": 3, "retry": {"max_attempts": 1}},
+        "first": {"uses": f"{BASIC}:sleep", "inputs": {"seconds": 10}, "timeout_s": 6, "retry": {"max_attempts": 1}},
         "other": {"uses": f"{BASIC}:sleep", "inputs": {"seconds": 10}},
     }), strategy=strategy)
     running_execution(own_cluster)
