@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from dspex_celery.errors import ProgramError
 from dspex_celery.spec import (
+    ATOM_TYPES,
     NAME_PATTERN,
     RESERVED_NAMES,
     ModuleSpec,
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
     import networkx as nx
 
 _NAME = re.compile(NAME_PATTERN)
-#: Value types that hold no reference but a string's own (anything else is searched with ``iter_refs``).
-_PLAIN = frozenset({str, int, float, bool, type(None)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +161,7 @@ def _plain_sources(modules: Collection[ModuleSpec]) -> Callable[[object], str] |
         values = set(field_values(modules, "inputs"))
     except TypeError:  # an unhashable value: a list or a mapping
         return None
-    if not _PLAIN.issuperset(map(type, values)):
+    if not ATOM_TYPES.issuperset(map(type, values)):
         return None
     return {value: _source(value) if type(value) is str else _LITERAL for value in values}.__getitem__
 

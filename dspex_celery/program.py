@@ -16,7 +16,7 @@ from dspex_celery.errors import ProgramError, UsageError
 from dspex_celery.graph import package_of
 from dspex_celery.integrations.dspy_plan import module_reference, spec_factories
 from dspex_celery.plan import Plan, build_plan
-from dspex_celery.spec import ProgramSpec, field_values, load_program_file, parse_program
+from dspex_celery.spec import ATOM_TYPES, ProgramSpec, field_values, load_program_file, parse_program
 
 
 #: A run option (not a ``submit_program`` keyword) for the runner: a callable given, once the execution
@@ -198,8 +198,6 @@ def _no_runner() -> UsageError:
                       "(or import dspex_celery.integrations.dspy)")
 
 
-#: Immutable value types that :func:`_copy` shares instead of copying.
-_ATOMS = frozenset({str, int, float, bool, type(None)})
 
 
 def _detached(spec: ProgramSpec) -> ProgramSpec:
@@ -208,10 +206,10 @@ def _detached(spec: ProgramSpec) -> ProgramSpec:
     is the caller's until copied."""
     modules = spec.modules.values()
     for field in ("inputs", "with_"):
-        if not _ATOMS.issuperset(map(type, field_values(modules, field))):
+        if not ATOM_TYPES.issuperset(map(type, field_values(modules, field))):
             for module in modules:
                 _copy_values(getattr(module, field) or {})
-    if spec.outputs and not _ATOMS.issuperset(map(type, spec.outputs.values())):
+    if spec.outputs and not ATOM_TYPES.issuperset(map(type, spec.outputs.values())):
         _copy_values(spec.outputs)
     return spec
 
@@ -219,7 +217,7 @@ def _detached(spec: ProgramSpec) -> ProgramSpec:
 def _copy_values(values: dict[str, Any]) -> None:
     """Replace each value of ``values`` (the spec's own mapping) that is not an atom by a copy of it."""
     for key, value in values.items():
-        if type(value) not in _ATOMS:
+        if type(value) not in ATOM_TYPES:
             values[key] = _copy(value)
 
 
@@ -227,7 +225,7 @@ def _copy(value: Any) -> Any:
     """A deep copy of program data: dicts and lists of plain values quickly, anything else by deepcopy."""
     kind = type(value)
     if kind is dict:
-        return {key: item if type(item) in _ATOMS else _copy(item) for key, item in value.items()}
+        return {key: item if type(item) in ATOM_TYPES else _copy(item) for key, item in value.items()}
     if kind is list:
-        return [item if type(item) in _ATOMS else _copy(item) for item in value]
-    return value if kind in _ATOMS else copy.deepcopy(value)
+        return [item if type(item) in ATOM_TYPES else _copy(item) for item in value]
+    return value if kind in ATOM_TYPES else copy.deepcopy(value)

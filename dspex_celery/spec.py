@@ -185,6 +185,9 @@ def unescape(text: str) -> str:
 
 #: What a literal may be made of: values travel to workers as JSON.
 _JSON_ATOMS = (str, int, float, bool, type(None))
+#: The same types exactly (no subclasses), for ``type(value) in ATOM_TYPES`` checks: immutable, and holding no
+#: reference but a string's own.
+ATOM_TYPES = frozenset(_JSON_ATOMS)
 
 
 def is_json(value: Any) -> bool:
