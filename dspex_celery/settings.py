@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+import yaml
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     YamlConfigSettingsSource,
 )
 
@@ -43,9 +45,9 @@ class Settings(BaseSettings):
     )
     modules: str = Field(default="", description="Comma-separated allow-listed packages.")
     namespace: str = defaults.NAMESPACE
-    state_ttl_s: int = defaults.STATE_TTL_S
-    visibility_timeout_s: int = defaults.VISIBILITY_TIMEOUT_S
-    embedded_concurrency: int = defaults.EMBEDDED_CONCURRENCY
+    state_ttl_s: int = Field(default=defaults.STATE_TTL_S, gt=0, description="Seconds execution state lives.")
+    visibility_timeout_s: int = Field(default=defaults.VISIBILITY_TIMEOUT_S, gt=0)
+    embedded_concurrency: int = Field(default=defaults.EMBEDDED_CONCURRENCY, ge=1)
     history_url: str | None = None
     resources: dict[str, dict[str, Any]] = Field(default_factory=dict)
     sent_events: bool = Field(
@@ -171,3 +173,26 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors())
         raise ConfigError(f"invalid setting ({problems}): fix the DSPEX_* variable, flag or config file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {config_file()}: invalid YAML{where} ({problem}): fix it or set "
+                          "DSPEX_CONFIG to another file") from None
+    except SettingsError as exc:  # e.g. DSPEX_RESOURCES that is not JSON
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise ConfigError(f"invalid setting: {exc}{cause}: fix the DSPEX_* variable") from None
+    except ValueError as exc:  # the YAML source given a file that is not a mapping (a list, a string)
+        if _config_is_a_mapping():
+            raise
+        raise ConfigError(f"config file {config_file()} must be a mapping of setting names to values "
+                          "(broker_url: ..., namespace: ...): fix it or set DSPEX_CONFIG to another file") from exc
+
+
+def _config_is_a_mapping() -> bool:
+    """Whether the config file in force is missing, empty or a mapping (what the YAML source can take)."""
+    try:
+        data = yaml.safe_load(config_file().read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return True
+    return data is None or isinstance(data, dict)

@@ -315,6 +315,8 @@ def load_program_file(path: str | Path) -> dict[str, Any]:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ProgramError(["file not found: check the path"], source) from None
+    except IsADirectoryError:
+        raise ProgramError(["is a directory: name the program file in it (PROGRAM.yaml)"], source) from None
     except UnicodeDecodeError as exc:
         raise ProgramError([f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
                             "a program file is YAML or JSON saved as UTF-8"], source) from None

@@ -184,3 +184,72 @@ def test_deeply_nested_input_values(tmp_path: Path) -> None:
     inputs = tmp_path / "inputs.json"
     inputs.write_text('{"x": %s}' % nested)
     assert_one_line_error(dspex("run", nan_program(tmp_path), "--inputs", str(inputs)), 2, "nests too deeply")
+
+
+def test_program_that_is_a_directory(tmp_path: Path) -> None:
+    for command in ("run", "validate", "plan"):
+        assert_one_line_error(dspex(command, str(tmp_path)), 2, str(tmp_path), "is a directory")
+
+
+def test_inputs_file_that_is_a_directory_or_not_utf8(tmp_path: Path) -> None:
+    assert_one_line_error(dspex("run", "examples/rag.yaml", "--inputs", str(tmp_path)), 2, "Is a directory")
+    binary = tmp_path / "inputs.json"
+    binary.write_bytes(b"\xa0\xff{}")
+    assert_one_line_error(dspex("run", "examples/rag.yaml", "--inputs", str(binary)), 2, "not UTF-8 text")
+    assert_one_line_error(dspex("run", "examples/rag.yaml", "--inputs-file", str(binary), "--output",
+                                str(tmp_path / "out.jsonl")), 2, "not UTF-8 text")
+
+
+def test_batch_output_that_cannot_be_written_is_refused_before_any_line_runs(tmp_path: Path) -> None:
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text('{"question": "x"}\n')
+    missing = tmp_path / "no" / "such" / "out.jsonl"
+    assert_one_line_error(dspex("run", "examples/rag.yaml", "--inputs-file", str(lines), "--output", str(missing)),
+                          2, "does not exist")
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for fresh in ((), ("--fresh",)):
+        result = dspex("run", "examples/rag.yaml", "--inputs-file", str(lines), "--output", str(folder), *fresh)
+        assert_one_line_error(result, 2, "is a directory")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["lines.jsonl", "results"]  # nothing left behind
+    assert not list(folder.iterdir())
+
+
+def test_the_same_batch_running_twice_at_once_is_refused(tmp_path: Path) -> None:
+    import fcntl
+
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text('{"question": "x"}\n')
+    output = tmp_path / "out.jsonl"
+    with (tmp_path / "out.jsonl.partial").open("a") as journal:  # as a running batch holds it
+        fcntl.flock(journal.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = dspex("run", "examples/rag.yaml", "--inputs-file", str(lines), "--output", str(output))
+    assert_one_line_error(result, 2, "another batch is running into", "pick another --output")
+    assert not output.exists()
+    ran = dspex("run", "examples/rag.yaml", "--inputs-file", str(lines), "--output", str(output))
+    assert ran.returncode == 0, ran.stderr
+
+
+@pytest.mark.parametrize(("text", "fragment"), [("broker_url: [\n", "invalid YAML at line 2"),
+                                                ("- a\n- b\n", "must be a mapping"),
+                                                ("state_ttl_s: 0\n", "state_ttl_s: Input should be greater than 0")])
+def test_config_file_problems(tmp_path: Path, text: str, fragment: str) -> None:
+    config = tmp_path / "dspex.yaml"
+    config.write_text(text)
+    result = dspex("--config", str(config), "run", "examples/rag.yaml", "-i", "question=x")
+    assert_one_line_error(result, 2, fragment)
+
+
+def test_resources_variable_that_is_not_json() -> None:
+    result = dspex("run", "examples/rag.yaml", "-i", "question=x", env={"DSPEX_RESOURCES": "{bad"})
+    assert_one_line_error(result, 2, "resources", "DSPEX_")
+
+
+def test_worker_resource_classes() -> None:
+    from dspex_celery.cli.worker import resource_classes
+
+    assert resource_classes(()) == ("default",)
+    assert resource_classes(("io,llm", "default", "io")) == ("io", "llm", "default")
+    for bad in ("a b", "1x", "h1.llm"):
+        assert_one_line_error(dspex("worker", "--resource", bad), 2, f"--resource '{bad}' is not a resource class")
+    assert_one_line_error(dspex("worker", "--resource", ""), 2, "--resource is empty")

@@ -357,6 +357,28 @@ def test_cancel_ends_quickly_and_leaves_nothing_running(cluster: Cluster) -> Non
     assert not side_channel().hexists(key, "done")
 
 
+def test_cancel_on_a_threads_worker_logs_no_error_and_reaches_every_running_module(make_cluster) -> None:
+    # Given a threads-pool worker (it cannot stop a running call) running two slow modules at once
+    cluster = make_cluster()
+    worker = cluster.start_worker("default", concurrency=2, pool="threads")
+    keys = [new_key(cluster, f"threads{index}") for index in range(2)]
+    handle = cluster.submit(program(unique("threadscancel"), {
+        f"long{index}": {"uses": f"{FAULTY}:sleeper", "inputs": {"key": key, "seconds": 4}}
+        for index, key in enumerate(keys)}), strategy="dag")
+    for key in keys:
+        wait_for(lambda key=key: side_channel().hget(key, "pid"), what="both slow modules to start")
+    # When the execution is cancelled
+    result = handle.cancel()
+    # Then it ends cancelled, and the worker says once per running module that it lets the call run out,
+    # with no error (Celery's threads pool raises NotImplementedError when asked to terminate a call)
+    assert result.status is ExecutionStatus.CANCELLED
+    wait_for(lambda: worker.log.read_text(errors="replace").count("cannot stop the running call") == 2,
+             timeout=10, what="a line per running module")
+    log = worker.log.read_text(errors="replace")
+    assert "NotImplementedError" not in log and "pidbox command error" not in log, log[-2000:]
+    cluster.stop()
+
+
 def test_cli_cancel(cluster: Cluster) -> None:
     key = new_key(cluster, "clicancel")
     handle = cluster.submit(program(unique("clicancel"), {

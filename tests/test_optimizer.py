@@ -323,6 +323,9 @@ def test_learned_timeouts_fail_a_slow_run_only_when_opted_in(make_cluster, redis
         assert not report["saved"] and report["executions"] == 7
         assert report["profile"]["timeouts"]["nap"] > learned
         assert hc.history.profile(fingerprint) == stored
+        by_file = hc.cli("optimize", str(path), "--dry-run", "--json")  # the program file names it too
+        assert by_file.returncode == 0, by_file.stderr
+        assert json.loads(by_file.stdout)["executions"] == 7
         shown = hc.cli("optimize", "napper", "--dry-run")
         assert "dry run, profile not saved (the stored one is unchanged)" in shown.stdout, shown.stderr
         assert hc.history.profile(fingerprint) == stored

@@ -152,6 +152,15 @@ def test_unknown_execution_is_one_line(cluster: Cluster) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_output_in_a_missing_directory_is_one_line(cluster: Cluster, executed: tuple[str, str, ExecutionResult],
+                                                   tmp_path: Path) -> None:
+    target = tmp_path / "no" / "such" / "report.html"
+    result = CliRunner().invoke(cli, ["report", executed[0], "-o", str(target)], env=cluster.env())
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: cannot write the report to {target} (No such file or directory)")
+    assert len(result.stderr.strip().splitlines()) == 1 and not target.parent.exists()
+
+
 def test_hostile_names_are_escaped() -> None:
     # Names that validation would refuse, to check the renderer itself escapes everything
     hostile = '<img src=x onerror="alert(1)">'

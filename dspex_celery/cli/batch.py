@@ -10,6 +10,7 @@ cancels the executions in flight, journals them and exits 130; a second Ctrl-C l
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -44,7 +45,7 @@ from dspex_celery.batch import (
     submit_batch,
 )
 from dspex_celery.cli.distribute import is_module_reference, run_module_batch
-from dspex_celery.cli.inputs import collect_inputs
+from dspex_celery.cli.inputs import check_output, collect_inputs
 from dspex_celery.cli.options import open_runtime, refuse_modules_on_a_cluster
 from dspex_celery.cli.progress import INTERRUPTED
 from dspex_celery.errors import DspexError, InputError, UsageError
@@ -132,6 +133,7 @@ def run_batch(
     base = collect_inputs(pairs, inputs_file)
     source = Path(batch_file)
     target = Path(output) if output else source.with_name(f"{source.stem}.results.jsonl")
+    check_output(target)
     journal = target.with_name(target.name + ".partial")
     metric_fn = resolve_metric(metric) if metric else None
     total = count_lines(source)
@@ -139,7 +141,7 @@ def run_batch(
                            check=refuse_modules_on_a_cluster if modules else None)
     previous = [] if fresh else read_previous(target, journal)
     done: dict[int, BatchLine] = {}
-    with journal.open("w" if fresh else "a", encoding="utf-8") as log, SecondInterruptLeaves(), \
+    with open_journal(journal, fresh) as log, SecondInterruptLeaves(), \
             dropped_if_unused(journal):
         if fresh:
             log.write(json.dumps(FRESH_MARK) + "\n")
@@ -247,6 +249,25 @@ def _s(count: int) -> str:
 # --- files ----------------------------------------------------------------------------------------
 
 
+def open_journal(journal: Path, fresh: bool) -> IO[str]:
+    """The journal, opened to append (``--fresh``: emptied) and locked for this run: the same batch
+    started again while it runs (another terminal, a cron job) is refused, instead of submitting the
+    lines this one has not journaled yet a second time. A path that cannot be written is one line too."""
+    try:
+        log = journal.open("a", encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot write {journal} ({exc.strerror}): pick another --output") from None
+    try:
+        fcntl.flock(log.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.close()
+        raise UsageError(f"another batch is running into {journal.with_suffix('')} (its journal {journal} is "
+                         "locked): wait for it to end, or pick another --output") from None
+    if fresh:
+        log.truncate(0)
+    return log
+
+
 def count_lines(path: Path) -> int:
     """Non-blank lines of the inputs file (the batch's size, for progress)."""
     try:
@@ -254,6 +275,9 @@ def count_lines(path: Path) -> int:
             return sum(1 for text in file if text.strip())
     except FileNotFoundError:
         raise InputError(f"inputs file {path} not found: check the path") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"inputs file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                         f"{exc.start}): save it as UTF-8 JSON lines") from None
     except OSError as exc:
         raise InputError(f"cannot read inputs file {path} ({exc.strerror})") from None
 

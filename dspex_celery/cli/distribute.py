@@ -21,7 +21,7 @@ import click
 from click.core import ParameterSource
 
 from dspex_celery.batch import Metric, resolve_metric
-from dspex_celery.cli.inputs import collect_inputs, parse_value
+from dspex_celery.cli.inputs import check_output, collect_inputs, parse_value
 from dspex_celery.cli.options import open_runtime
 from dspex_celery.client import new_execution_id
 from dspex_celery.errors import DspexError, InputError, UsageError
@@ -149,6 +149,7 @@ def run_module_batch(reference: str, *, batch_file: str, output: str | None, max
     score = resolve_metric(metric) if metric else None
     lines = read_lines(Path(batch_file))
     target = Path(output) if output else Path(batch_file).with_name(f"{Path(batch_file).stem}.results.jsonl")
+    check_output(target)
     journal = target.with_name(target.name + ".partial")
     ids = journaled_ids(journal)
     with journal.open("a", encoding="utf-8") as log:

@@ -8,6 +8,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import click
@@ -31,6 +32,7 @@ from dspex_celery.results import isoformat, utcnow
 from dspex_celery.routing import CONTROL, queue_name
 from dspex_celery.runtime import Runtime
 from dspex_celery.settings import Settings, load_settings
+from dspex_celery.spec import load_program_file
 from dspex_celery.usage import Usage, cost_text, total_usage
 
 
@@ -172,11 +174,21 @@ def show(execution_id: str, as_json: bool, history_db: str | None) -> None:
 @history_option
 def optimize_command(program: str, fingerprint: str | None, dry_run: bool, as_json: bool, history_db: str | None) -> None:
     """Analyse PROGRAM's history; save the profile its next runs use."""
-    report = optimize(open_store(load_settings(history_url=history_db)), program, fingerprint, save=not dry_run)
+    report = optimize(open_store(load_settings(history_url=history_db)), program_name(program), fingerprint,
+                      save=not dry_run)
     if as_json:
         print_json(report.to_json_dict())
     else:
         print_report(report)
+
+
+def program_name(program: str) -> str:
+    """``optimize`` takes a program's name; given its file (``examples/rag.yaml``), the name that file gives."""
+    path = Path(program)
+    if path.suffix.lower() not in (".yaml", ".yml", ".json") or not path.is_file():
+        return program
+    name = load_program_file(path).get("name")
+    return name if isinstance(name, str) else program
 
 
 def print_report(report: Report) -> None:

@@ -1,8 +1,10 @@
-"""Program inputs from the command line: ``-i NAME=VALUE`` pairs and ``--inputs FILE.json``."""
+"""Program inputs from the command line: ``-i NAME=VALUE`` pairs and ``--inputs FILE.json``; a batch's
+``--output`` checked before it runs."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,11 @@ def _read_inputs_file(path: str) -> dict[str, Any]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"inputs file {path} not found: check the path") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"inputs file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                         f"{exc.start}): save it as UTF-8 JSON") from None
+    except OSError as exc:
+        raise InputError(f"cannot read inputs file {path} ({exc.strerror}): name a JSON file") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"inputs file {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
     except RecursionError:
@@ -48,3 +55,15 @@ def _read_inputs_file(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"inputs file {path} must hold a JSON object of input names to values")
     return data
+
+
+def check_output(target: Path) -> None:
+    """Refuse an output the batch could not write at its end, before any line runs: a directory, or a
+    file in a directory that does not exist."""
+    if target.is_dir():
+        raise InputError(f"--output {target} is a directory: name a file, e.g. --output {target / 'results.jsonl'}")
+    folder = target.parent
+    if not folder.is_dir():
+        raise InputError(f"--output {target}: directory {folder} does not exist: create it or pick another path")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"--output {target}: directory {folder} is not writable: pick another path")

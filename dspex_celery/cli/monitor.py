@@ -137,5 +137,9 @@ def report(execution_id: str, output: str | None, broker: str | None, result_bac
     """Write a self-contained HTML report of an execution: timeline, critical path, durations."""
     runtime = cluster_runtime(broker, result_backend, "report")
     path = Path(output or f"report-{execution_id}.html")
-    path.write_text(render_html(load_report(runtime, execution_id)), encoding="utf-8")
+    html = render_html(load_report(runtime, execution_id))
+    try:
+        path.write_text(html, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write the report to {path} ({exc.strerror}): pick another -o FILE") from None
     click.echo(str(path))

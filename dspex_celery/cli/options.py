@@ -25,7 +25,9 @@ NO_BROKER_FIX = "pass --broker URL or set DSPEX_BROKER_URL"
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
-program_argument = click.argument("program_file", metavar="PROGRAM", type=click.Path(dir_okay=False))
+#: A plain string: a directory, like a missing file, is the program loader's one-line error (click's own
+#: check would print a usage block).
+program_argument = click.argument("program_file", metavar="PROGRAM")
 
 
 def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import importlib
+import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -18,6 +20,9 @@ from dspex_celery.metrics_endpoint import prepare_metrics_dir, serve_metrics
 from dspex_celery.presence import keep_announced
 from dspex_celery.routing import worker_queues
 from dspex_celery.settings import Settings
+from dspex_celery.spec import NAME_PATTERN
+
+logger = logging.getLogger(__name__)
 
 
 def import_allowed(packages: tuple[str, ...]) -> None:
@@ -55,6 +60,44 @@ def freeze_after_first_task(**_: Any) -> None:
     frozen start-up heap."""
     task_postrun.disconnect(freeze_after_first_task)
     freeze_startup_heap()
+
+
+def resource_classes(given: tuple[str, ...]) -> tuple[str, ...]:
+    """The resource classes ``--resource`` names (``--resource io,llm`` is two, as ``celery -Q a,b``);
+    each must be a class name a program can give, or the worker would consume a queue no module is sent to
+    (``io,llm`` joined into Celery's ``--queues`` would consume a bare ``llm`` queue outside the namespace)."""
+    classes = tuple(dict.fromkeys(part.strip() for value in given for part in value.split(",") if part.strip()))
+    for name in classes:
+        if not re.match(NAME_PATTERN, name):
+            raise ConfigError(f"--resource '{name}' is not a resource class name (letters, digits and _, "
+                              "not starting with a digit): fix --resource (or DSPEX_WORKER_RESOURCES)")
+    if given and not classes:
+        raise ConfigError("--resource is empty: name a resource class (or leave it out for 'default')")
+    return classes or (defaults.RESOURCE,)
+
+
+def calls_cannot_be_terminated() -> None:
+    """On a threads or solo pool, let ``revoke(terminate=True)`` (``cancel``, a strict failure, a timeout)
+    leave running calls alone quietly: Celery's pools there raise ``NotImplementedError`` from
+    ``terminate_job``, which the remote-control command logs as an ERROR with a traceback per cancel and
+    which stops it before the other running modules of the same revoke. The call cannot be stopped there
+    (README: its outcome is ignored); the task stays in the revoked set as before."""
+    from celery.concurrency.base import BasePool
+    from celery.worker.request import Request
+
+    original = Request.terminate
+    if getattr(original, "dspex_quiet", False):
+        return
+
+    def terminate(self: Request, pool: Any, signal: Any = None) -> None:
+        if type(pool).terminate_job is BasePool.terminate_job:  # this pool cannot stop a running call
+            logger.info("cannot stop the running call of %s on a %s pool: its outcome is ignored",
+                        self.id, type(pool).__module__.rsplit(".", 1)[-1])
+            return
+        original(self, pool, signal)
+
+    terminate.dspex_quiet = True  # type: ignore[attr-defined]
+    Request.terminate = terminate
 
 
 def node_name(resources: tuple[str, ...], name: str | None) -> str:
@@ -118,7 +161,7 @@ def worker(
     metrics_address: str,
 ) -> None:
     """Start a worker consuming the queues of its resource classes."""
-    resources = resources or (defaults.RESOURCE,)
+    resources = resource_classes(resources)
     if metrics_port is not None:
         prepare_metrics_dir()  # before the pool forks and before prometheus_client is imported
     runtime = open_runtime(broker, result_backend, modules=modules, cluster="a worker needs a broker",
@@ -128,6 +171,8 @@ def worker(
     keep_announced(runtime, resources)
     if metrics_port is not None:
         serve_metrics(runtime, metrics_port, metrics_address)
+    if pool in ("threads", "solo"):
+        calls_cannot_be_terminated()
     worker_ready.connect(freeze_startup_heap, weak=False)  # the process that runs tasks (threads, solo)
     worker_process_init.connect(freeze_startup_heap, weak=False)  # each prefork pool process
     task_postrun.connect(freeze_after_first_task, weak=False)
