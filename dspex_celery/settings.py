@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -26,6 +27,21 @@ from dspex_celery.errors import ConfigError
 def config_file() -> Path:
     """The YAML config file in force: ``DSPEX_CONFIG`` or ``config/dspex.yaml`` in the cwd."""
     return Path(os.environ.get("DSPEX_CONFIG", defaults.CONFIG_FILE))
+
+
+class CheckedYamlSource(YamlConfigSettingsSource):
+    """The config file, whose every key must be a setting: a misspelt ``brokr_url:`` would otherwise
+    be ignored and the command would run in-process instead of on the cluster."""
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        known = set(self.settings_cls.model_fields)
+        for name in data:
+            if name not in known:
+                close = difflib.get_close_matches(str(name), sorted(known), n=1)
+                hint = f"did you mean '{close[0]}'?" if close else "README: Running on a cluster lists the settings"
+                raise ConfigError(f"config file {config_file()}: unknown setting '{name}' ({hint}): fix or remove it")
+        return data
 
 
 class Settings(BaseSettings):
@@ -100,7 +116,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        yaml_source = YamlConfigSettingsSource(settings_cls, yaml_file=config_file())
+        yaml_source = CheckedYamlSource(settings_cls, yaml_file=config_file())
         return init_settings, env_settings, yaml_source
 
     @property

@@ -232,7 +232,8 @@ def test_the_same_batch_running_twice_at_once_is_refused(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(("text", "fragment"), [("broker_url: [\n", "invalid YAML at line 2"),
                                                 ("- a\n- b\n", "must be a mapping"),
-                                                ("state_ttl_s: 0\n", "state_ttl_s: Input should be greater than 0")])
+                                                ("state_ttl_s: 0\n", "state_ttl_s: Input should be greater than 0"),
+                                                ("brokr_url: redis://x\n", "unknown setting 'brokr_url' (did you mean 'broker_url'?)")])
 def test_config_file_problems(tmp_path: Path, text: str, fragment: str) -> None:
     config = tmp_path / "dspex.yaml"
     config.write_text(text)
