@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.backends.redis import RedisBackend, SentinelBackend
+from celery.exceptions import BackendError
+from kombu.exceptions import EncodeError, OperationalError
 
 from dspex_celery import defaults
 from dspex_celery.errors import ConfigError
@@ -23,6 +27,13 @@ from dspex_celery.redis_clients import (
 from dspex_celery.routing import PRIORITY_LEVELS, control_queue
 from dspex_celery.settings import Settings, redact
 from dspex_celery.transport import TRANSPORT, transport_options
+
+log = logging.getLogger(__name__)
+
+#: Errors of a result write that are the store's (or the result's), not the message's: Celery handles
+#: them (retries, a result that is not JSON recorded as the task's failure).
+_STORE_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError, OperationalError, BackendError,
+                                                  EncodeError)
 
 #: Celery's ``worker_consumer``: drops the task messages Celery cannot take in (imported by workers only).
 WORKER_CONSUMER = "dspex_celery.consumer:Consumer"
@@ -113,6 +124,19 @@ class RedisResultBackend(RedisBackend):
     subscription the garbage collector drops while Redis is down retries for 20 s, with tracebacks.
     """
 
+    def store_result(self, task_id: Any, result: Any, state: str, *args: Any, **kwargs: Any) -> Any:
+        with _message_errors_logged("store the result of", task_id):
+            return super().store_result(task_id, result, state, *args, **kwargs)
+        return result
+
+    def mark_as_done(self, task_id: Any, *args: Any, **kwargs: Any) -> None:
+        with _message_errors_logged("finish (chord, callbacks)", task_id):
+            super().mark_as_done(task_id, *args, **kwargs)
+
+    def mark_as_failure(self, task_id: Any, *args: Any, **kwargs: Any) -> None:
+        with _message_errors_logged("record the failure (errbacks, chord) of", task_id):
+            super().mark_as_failure(task_id, *args, **kwargs)
+
     def on_task_call(self, producer: Any, task_id: str) -> None:
         if not _unsubscribed.get():
             super().on_task_call(producer, task_id)
@@ -121,6 +145,25 @@ class RedisResultBackend(RedisBackend):
         if _unsubscribed.get():
             return result
         return super().add_pending_result(result, weak=weak, start_drainer=start_drainer)
+
+
+@contextlib.contextmanager
+def _message_errors_logged(what: str, task_id: Any) -> Iterator[None]:
+    """Log (and swallow) an error a task message's own fields cause in Celery's result handling.
+
+    Celery stores results and calls errbacks and chord callbacks with the ids, stamps and signatures a
+    message carries; one that anyone with queue access forged (a task id that is None, an errback with
+    arguments its task does not take) raises there, outside the task, and its message is then never
+    acknowledged: it holds a worker slot for good. Logged here, the message is acknowledged as usual.
+    Errors of the store itself (:data:`_STORE_ERRORS`) propagate: Celery retries them.
+    """
+    try:
+        yield
+    except _STORE_ERRORS:
+        raise
+    except Exception as exc:
+        log.error("task %r: cannot %s it (%s: %s); its message's fields are not what Celery sends, "
+                  "left out", task_id, what, type(exc).__name__, exc)
 
 
 class SentinelResultBackend(RedisResultBackend, SentinelBackend):

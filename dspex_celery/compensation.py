@@ -127,6 +127,13 @@ def load_compensation(module: ModulePlan, allowed: tuple[str, ...]) -> Callable[
     target = module.compensate or ""
     if is_method_name(target):
         check_allowed(module, allowed)
+        try:  # the method, as a uses path, must be one the class defines (no '__' name, nothing inherited
+            resolve_uses(f"{module.uses}.{target}", allowed)  # from outside the allowed packages)
+        except UsesRefused as exc:
+            raise ModuleNotAllowed(f"module '{module.name}': compensate '{target}' is refused: {exc}") from exc
+        except ImportError as exc:
+            raise ModuleNotAllowed(f"module '{module.name}': compensate '{target}' is no method of "
+                                   f"'{module.uses}' ({exc})") from exc
         instance = load_callable(module)
         method = getattr(getattr(instance, "__wrapped__", instance), target)
         return DspyCall(method, instance.settings) if isinstance(instance, DspyCall) else cast(Callable[..., Any], method)

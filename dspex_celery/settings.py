@@ -156,7 +156,15 @@ def redact(url: str | None) -> str:
 _URL_LIST = re.compile(r"([;,])(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 
 
+#: A query parameter that carries a secret (redis-py takes ``?password=``, Sentinel ``sentinel_password``).
+_SECRET_PARAM = re.compile(r"(?i)([?&;][^=&;#]*(?:pass|secret|token)[^=&;#]*=)[^&;#]*")
+
+
 def _redact_one(url: str) -> str:
+    return _SECRET_PARAM.sub(rf"\g<1>{PASSWORD_MASK}", _redact_userinfo(url))
+
+
+def _redact_userinfo(url: str) -> str:
     try:
         parts = urlsplit(url)
         password = parts.password

@@ -175,3 +175,39 @@ def test_malformed_amqp_messages_leave_the_worker_serving(make_cluster, amqp_url
              what=lambda: "every drop to be logged:\n" + log_of(worker)[-3000:])
     assert_serving(cluster, [worker], ("levels",))
     assert "Unrecoverable error" not in log_of(worker)
+
+
+def wedging_messages(cluster: Cluster, queue: str) -> list[bytes]:
+    """Well-formed envelopes whose task fields make Celery raise outside the task, before the ack:
+    a task id that is None, stamps that are no mapping, an errback whose task takes other arguments
+    (called when the task fails: here it gets no arguments)."""
+    envelope = template(cluster)
+    envelope["properties"] = {**envelope["properties"], "delivery_info": {"exchange": "", "routing_key": queue}}
+    envelope["headers"] = {**envelope["headers"], "argsrepr": "()"}
+
+    def message(headers: dict[str, Any], args: list[Any], embed: dict[str, Any]) -> bytes:
+        body = json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None, **embed}])
+        return with_changes({**envelope, "headers": {**envelope["headers"], "id": uuid.uuid4().hex, **headers},
+                             "properties": {**envelope["properties"], "delivery_tag": uuid.uuid4().hex}},
+                            body=base64.b64encode(body.encode()).decode())
+
+    errback = {"task": "dspex.compensate", "args": [], "kwargs": {}, "options": {}}
+    return [message({"id": None}, ["no-such-execution", "m"], {}),
+            message({"stamps": 5}, ["no-such-execution", "m"], {}),
+            message({}, [], {"errbacks": [errback]}),
+            message({}, [], {"errbacks": 5})]
+
+
+def test_forged_task_fields_do_not_hold_worker_slots(cluster: Cluster) -> None:
+    # Given, on each worker's own queue, more messages that fail outside the task than it has slots
+    namespace = cluster.settings.namespace
+    client: redis.Redis = cluster.runtime.store.client
+    queues = [f"{namespace}.{name}" for name in ("a", "b")]
+    for queue in queues:
+        for _ in range(3):
+            client.lpush(queue, *wedging_messages(cluster, queue))
+    # When the workers have taken them
+    wait_for(lambda: not any(client.llen(queue) for queue in queues), timeout=60, what="the queues to drain")
+    # Then every worker still serves (both strategies need both workers) and none is left unacknowledged
+    assert_serving(cluster, list(cluster.workers), ("levels", "dag"))
+    wait_for(lambda: client.hlen(f"{namespace}.unacked") == 0, what="nothing left unacknowledged")

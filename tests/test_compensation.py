@@ -245,3 +245,18 @@ def test_compensate_is_part_of_the_fingerprint(tmp_path: Path) -> None:
     without = program("p", {"a": module("a", tmp_path / "log", undo=None)}).plan()
     assert with_undo.fingerprint != without.fingerprint
     assert with_undo.modules["a"].compensate == f"{MODS}:undo"
+
+
+@pytest.mark.parametrize("method", ["__class__", "__init_subclass__", "__call__"])
+def test_a_forged_compensate_method_name_is_refused(method: str) -> None:
+    # Given a plan (anyone with queue access can forge one) whose class module names a dunder as compensate
+    import dataclasses
+
+    from dspex_celery.compensation import load_compensation
+    from dspex_celery.errors import ModuleNotAllowed
+
+    plan = program("forged", {"scale": {"uses": "tests.modules.basic:Scaler", "inputs": {"x": 1}}}).plan()
+    forged = dataclasses.replace(plan.modules["scale"], compensate=method)
+    # When a worker loads its compensation, then it refuses: a method is looked up as `uses` paths are
+    with pytest.raises(ModuleNotAllowed, match=f"compensate '{method}' is refused"):
+        load_compensation(forged, ("tests.modules",))

@@ -33,6 +33,10 @@ PASSWORD = f"pw-{uuid.uuid4().hex[:12]}"
     ("redis://host:6379/0", "redis://host:6379/0"),
     ("redis://user@host/0", "redis://user@host/0"),
     ("sqlite:////tmp/history.db", "sqlite:////tmp/history.db"),
+    ("redis://host:6379/0?password=secret", "redis://host:6379/0?password=***"),
+    ("redis://host/0?db=1&password=secret&ssl=true", "redis://host/0?db=1&password=***&ssl=true"),
+    ("sentinel://h1:26379;sentinel://h2:26379?sentinel_password=secret",
+     "sentinel://h1:26379;sentinel://h2:26379?sentinel_password=***"),
 ])
 def test_redact_masks_only_the_password(url: str, shown: str) -> None:
     assert redact(url) == shown

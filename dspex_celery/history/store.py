@@ -242,7 +242,8 @@ class HistoryStore:
         row = self.execution(execution_id)
         if row is None:
             raise UnknownExecution(
-                f"no execution '{execution_id}' in the history at {self.display_url}: list them with `dspex-celery history`"
+                f"no execution '{execution_id}' in the history at {self.display_url}: list them with "
+                "`dspex-celery history` (a cluster's executions reach it through `dspex-celery listener`)"
             )
         plan = self.plan(row.fingerprint) if row.fingerprint else None
         modules = latest_records(self.attempts([execution_id]))
