@@ -28,13 +28,15 @@ PLAN_TEXT_CACHE_SIZE = 16
 #: The module's attempts, one JSON entry per finished attempt (``report`` and history read them).
 ATTEMPTS = "attempts"
 
-# KEYS: finished flag, outputs, records, attempts (then the keys of the step).
+# KEYS: finished flag, outputs, records, attempts, meta (then the keys of the step).
 # ARGV: ttl, module, output JSON, record JSON, attempt JSON (then the args of the step).
 # Returns {-2} when the execution already finished, {-3} when the module already has a final record
-# (a backup attempt or the attempt it backs up finished first: first wins), nothing written either
-# way; else the step's reply.
+# (a backup attempt or the attempt it backs up finished first: first wins), {-4} when its state is
+# gone (expired, or Redis restarted without persistence: writing would recreate a part of it, the
+# step's counters without a TTL), nothing written in these cases; else the step's reply.
 _SAVE_SUCCESS = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-2} end
+if redis.call('EXISTS', KEYS[5]) == 0 then return {-4} end
 local previous = redis.call('HGET', KEYS[3], ARGV[2])
 local status = previous and string.match(previous, '^{"status":"(%a+)"')
 if status == 'succeeded' or status == 'failed' or status == 'skipped' or status == 'cancelled' then return {-3} end
@@ -389,14 +391,14 @@ class StateStore:
     def save_success(self, execution_id: str, module: str, output: dict[str, Any], record: ModuleRecord,
                      then: LuaStep | None = None) -> list[Any] | None:
         """Atomically store a succeeded module's output, final record and attempt, then run ``then``
-        (its reply is returned); None, with nothing written, when the execution already finished or
-        the module already has a final record (the first attempt to finish wins)."""
+        (its reply is returned); None, with nothing written, when the execution already finished, its
+        state is gone, or the module already has a final record (the first attempt to finish wins)."""
         step = then or LuaStep("return {0}")
-        keys = [self.key(execution_id, part) for part in ("finished", "out", "rec", ATTEMPTS)]
+        keys = [self.key(execution_id, part) for part in ("finished", "out", "rec", ATTEMPTS, "meta")]
         args = [self.ttl_s, module, json.dumps(output), record.model_dump_json(), attempt_entry(module, record)]
         source = _SAVE_SUCCESS + "return " + lua_call(step.source, len(keys) + 1, len(args) + 1)
         reply = self.script(source)(keys=[*keys, *step.keys], args=[*args, *step.args])
-        return None if reply and int(reply[0]) in (-2, -3) else list(reply)
+        return None if reply and int(reply[0]) in (-2, -3, -4) else list(reply)
 
     def attempts(self, execution_id: str) -> list[dict[str, Any]]:
         """Every finished attempt of the execution's modules, in the order they ended."""

@@ -100,3 +100,37 @@ def test_listener_rejoins_a_group_lost_between_two_polls(redis_url: str, tmp_pat
     problems = [(record.levelname, record.getMessage()) for record in caplog.records if record.levelno >= logging.WARNING]
     assert len(problems) == 1 and problems[0][0] == "WARNING", problems
     assert "consumer group 'history' of" in problems[0][1] and "is gone" in problems[0][1]
+
+
+def test_executions_whose_state_redis_lost_are_ended_in_history(redis_url: str, tmp_path: Path) -> None:
+    # Given a listener that recorded a running module of an execution (a namespace of this test's own)
+    from dspex_celery.history.events import RecordEvent
+    from dspex_celery.program import Program
+    from dspex_celery.results import ModuleRecord, ModuleStatus
+
+    runtime = create_runtime(new_settings(redis_url))
+    history = HistoryStore(f"sqlite:///{tmp_path / 'h.db'}")
+    listener = Listener(runtime, history, block_ms=100)
+    listener.start()
+    plan = Program.from_dict({"name": "lost", "modules": {"m": {"uses": "tests.modules.basic:add"}}}).plan()
+    store, client = runtime.store, runtime.store.client
+    for execution_id in ("gone", "kept"):
+        store.create(execution_id, plan, {"strategy": "dag", "program": "lost"})
+        listener.write([RecordEvent(execution_id, "m", ModuleRecord(status=ModuleStatus.RUNNING, attempts=1))])
+    assert history.execution("gone").status == "running"
+    stop = threading.Event()
+    thread = threading.Thread(target=listener.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        # When Redis loses the stream, its group and one execution's state (a restart without persistence)
+        client.delete(listener.stream, *client.keys(store.key("gone", "*")))
+        wait_for(lambda: history.final_ids(["gone"]), 15, "the lost execution to be ended in history")
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        client.delete(listener.stream, *client.keys(store.key("kept", "*")))
+    # Then it ended failed, saying why, its running attempt lost; the execution still in the store is left open
+    row = history.execution("gone")
+    assert row.status == "failed" and "its state is gone" in (row.error or "")
+    assert history.execution("kept").status == "running"
+    assert [attempt.status for attempt in history.attempts(["gone"])] == ["lost"]

@@ -48,6 +48,31 @@ def test_a_module_of_an_execution_whose_state_is_gone_is_not_started() -> None:
     assert store.client.keys(f"{namespace}:*") == []
 
 
+def test_a_module_finishing_after_its_execution_state_is_gone_writes_nothing() -> None:
+    # Given no execution e1 in the store: Redis restarted without persistence while a module of it ran
+    namespace = f"save-{uuid.uuid4().hex[:6]}"
+    store = StateStore.in_memory(namespace, 60)
+    done = ModuleRecord(status=ModuleStatus.SUCCEEDED, attempts=1)
+    # When the module succeeds, with a step that would count its children (as dag's count does)
+    step = LuaStep("redis.call('HINCRBY', KEYS[k], 'child', -1) return {0}", [f"{namespace}:deps"], [])
+    reply = store.save_success("e1", "m", {"x": 1}, done, then=step)
+    # Then nothing is written, the step does not run (no counter left without a TTL), and the caller
+    # is told, as when the execution had ended
+    assert reply is None
+    assert store.client.keys(f"{namespace}:*") == []
+
+
+def test_a_module_of_a_live_execution_is_saved_and_its_step_runs() -> None:
+    namespace = f"save-{uuid.uuid4().hex[:6]}"
+    store = StateStore.in_memory(namespace, 60)
+    store.update_meta("e1", strategy="dag")
+    done = ModuleRecord(status=ModuleStatus.SUCCEEDED, attempts=1)
+    step = LuaStep("return {7, KEYS[k], ARGV[a]}", ["k1"], ["a1"])
+    assert store.save_success("e1", "m", {"x": 1}, done, then=step) == [7, "k1", "a1"]
+    assert store.outputs("e1", ["m"]) == {"m": {"x": 1}}
+    assert store.record("e1", "m").status is ModuleStatus.SUCCEEDED
+
+
 def test_a_plan_parsed_once_is_found_by_its_digest_for_another_execution() -> None:
     # Given two executions of one plan, and a worker's store that read the first one's plan
     namespace = f"digest-{uuid.uuid4().hex[:6]}"

@@ -35,6 +35,9 @@ GROUP = "history"
 #: Pending events of another consumer idle this long are taken over (that listener is gone).
 CLAIM_IDLE_MS = 60_000
 RETRY_AFTER_ERROR_S = 2.0
+#: How many executions a listener remembers having written (see Listener.end_lost).
+SEEN_BOUND = 100_000
+LOST_ERROR = "its state is gone (Redis restarted without persistence?): it can never finish"
 
 
 def default_consumer() -> str:
@@ -59,6 +62,9 @@ class Listener:
         self.block_ms = block_ms
         #: What has kept the listener from writing since its last success (None: all is well).
         self.trouble: str | None = None
+        #: Executions this listener wrote events of (this namespace's, bounded): when Redis comes back
+        #: without its data, those that did not finish and whose state is gone are ended in history.
+        self.seen: dict[str, None] = {}
 
     def start(self) -> int:
         """Join the consumer group, take over abandoned events, reconcile; returns executions reconciled."""
@@ -94,12 +100,13 @@ class Listener:
             self.note(f"consumer group '{self.group}' of {self.stream} is gone (Redis restarted without "
                       "persistence?): recreating it and reconciling")
             try:
+                lost = self.end_lost()
                 reconciled = self.start()
             except Exception as again:  # Redis went away again, or the database is down
                 exc = again
             else:
-                log.info("history listener: consumer group '%s' recreated, %d execution(s) reconciled",
-                         self.group, reconciled)
+                log.info("history listener: consumer group '%s' recreated, %d execution(s) reconciled, "
+                         "%d whose state is gone ended as failed", self.group, reconciled, lost)
                 return False
         self.note(self.outage(exc) or f"could not write events ({reason_of(exc)})", exc,
                   f"; retrying every {RETRY_AFTER_ERROR_S:g} s")
@@ -144,6 +151,20 @@ class Listener:
 
     def write(self, events: list[Event]) -> None:
         self.history.apply(events, lambda execution_id: describe(self.store, execution_id))
+        for item in events:
+            self.seen[item.execution_id] = None
+        while len(self.seen) > SEEN_BOUND:
+            del self.seen[next(iter(self.seen))]
+
+    def end_lost(self) -> int:
+        """End in history the executions it saw that did not finish and whose state the store lost."""
+        seen = list(self.seen)
+        done = self.history.final_ids(seen)
+        lost = [execution_id for execution_id in seen if execution_id not in done and not self.store.exists(execution_id)]
+        for execution_id in seen:
+            if execution_id in done or execution_id in lost:
+                self.seen.pop(execution_id, None)
+        return self.history.mark_state_lost(lost, LOST_ERROR)
 
     def write_or_skip(self, events: list[Event]) -> None:
         """Write a batch; if the database rejects its data, write event by event and skip the bad ones.

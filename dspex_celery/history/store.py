@@ -181,6 +181,26 @@ class HistoryStore:
                     error_message="the worker running this attempt was lost")
         )
 
+    def mark_state_lost(self, ids: Sequence[str], error: str) -> int:
+        """Executions history has open whose state the store no longer has (Redis lost its data): they
+        will never finish, so they end ``failed`` with ``error`` and their open attempts ``lost``;
+        returns how many it ended. Finished ones are left alone."""
+        if not ids:
+            return 0
+        with self.engine.begin() as connection:
+            ended = connection.execute(
+                update(EXECUTIONS)
+                .where(EXECUTIONS.c.id.in_(list(ids)), EXECUTIONS.c.rank < FINAL_RANK)
+                .values(status=ExecutionStatus.FAILED.value, rank=FINAL_RANK, error=text_column(error),
+                        finished_at=utcnow())
+            ).rowcount
+            connection.execute(
+                update(ATTEMPTS)
+                .where(ATTEMPTS.c.execution_id.in_(list(ids)), ATTEMPTS.c.rank <= RUNNING_RANK)
+                .values(status=LOST, rank=ATTEMPT_RANK[LOST], error_type="StateLost", error_message=text_column(error))
+            )
+        return int(ended or 0)
+
     def _set_started(self, connection: Connection, ids: list[str]) -> None:
         first = (
             select(func.min(ATTEMPTS.c.started_at))
