@@ -352,6 +352,7 @@ NOTES = (
     " for ~0.1 s with DSPy loaded; these workflows' workers load no DSPy). `dag` cold 1.255 vs Ray 1.256"
     " (even again), `dag` + learned profile 1.186 (session 10: 1.207), above 1.05 × informed (1.145); the"
     " machine was quieter again (Celery floor 1.10, `levels` 1.53), so compare ratios, not absolutes."
+    " Session 13 (subset runs, no new table): where a profiled run's slot time goes, seismology, 3 rounds of `dag` cold and with the profile interleaved (slot-s of 8 × makespan): cold 1.10–1.13 = work 9.60 + 0.23–0.34 inside the records beyond each task's sleep + 0.76–0.86 between records (idle while a module was ready 0.32–0.43), its start order replayed with zero overhead 1.04; with the profile 1.11–1.14 = 9.60 + 0.40–0.60 + 0.61–0.82 (idle while ready 0.47–0.67), replay 1.01. The profile's order is as good as the informed schedule's; what it loses is overhead, which doubles inside the records: longest-first leaves the millisecond tasks for the end, where all eight slots make their round trips at once and each gets slower (probes in the workers, medians: a count 1.1 → 1.5–1.7 ms, a begin 0.49 → 0.85–0.99 ms, the begin of a module taken next from the queue being a round trip of its own as the count cannot know its parents). A chain of no-op modules on two threads runs at 1.4 ms per hop with 1.2 ms of worker CPU per module; the 1.05 × informed goal needs ≤ ≈ 2.4 ms of slot time per module in all, tails included, which is below the Celery floor's own cost here (1.10–1.14 on five of the eight workflows)."
 )
 
 
