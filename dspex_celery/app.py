@@ -127,7 +127,7 @@ class RedisResultBackend(RedisBackend):
     def store_result(self, task_id: Any, result: Any, state: str, *args: Any, **kwargs: Any) -> Any:
         with _message_errors_logged("store the result of", task_id):
             return super().store_result(task_id, result, state, *args, **kwargs)
-        return result
+        return result  # what Celery's own store_result returns, when the message's fields made it fail
 
     def mark_as_done(self, task_id: Any, *args: Any, **kwargs: Any) -> None:
         with _message_errors_logged("finish (chord, callbacks)", task_id):

@@ -39,7 +39,7 @@ def request_problem(message: Message) -> str | None:
     """Why Celery would fail on ``message`` after taking it in, or None.
 
     Celery stores results and calls errbacks and chord callbacks with what a message carries: a task id
-    that is no string, ``stamps`` that are no mapping or an errback naming no registered task raises
+    that is no string, ``stamps`` that are no mapping or errbacks that are no signatures raise
     outside the task, after the message was taken in and before it is acknowledged. Such a message holds
     its worker slot (and prefetch) for good; a few of them stop the worker. What only a call can tell
     (an errback's arguments) is caught around the result backend (``app._message_errors_logged``).
