@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import reprlib
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -346,7 +349,25 @@ class ModuleRun:
             function = traced(self.store, self.execution_id, module.name, loaded, function)
         kwargs = resolve_inputs(module, begin.meta.get("inputs", {}), begin.upstream)
         ctx.extras["called"] = True  # hooks (the circuit breaker) count only failures of real calls
-        return normalize_output(module, call_module(module, function, kwargs))
+        with self._stopped_when_execution_ends():
+            return normalize_output(module, call_module(module, function, kwargs))
+
+    @contextmanager
+    def _stopped_when_execution_ends(self) -> Iterator[None]:
+        """A continued module in a prefork pool child runs inside another module's task, which a cancel or
+        timeout does not revoke (it names this module's own task id): while its call runs, this pool process
+        ends itself (as Celery's terminate would) once the execution has ended."""
+        if self.lease is None or not _pool_child.is_set():
+            yield
+            return
+        done = threading.Event()
+        watcher = threading.Thread(target=_end_process_when_finished, name="dspex-continued-watch", daemon=True,
+                                   args=(self.store, self.execution_id, self.name, done))
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
 
     def _finished_record(self, ctx: ModuleContext, **changes: Any) -> ModuleRecord:
         finished = utcnow()
@@ -426,6 +447,25 @@ class ModuleRun:
         visibility = self.runtime.settings.visibility_timeout_s
         delay = backoff_delay(ctx.module.retry_policy, ctx.attempt, visibility)
         return max(delay, min(retry_after_s(error) or 0.0, visibility / 2))
+
+
+#: Seconds between two checks, by a continued module's watcher, of whether its execution ended.
+CONTINUED_WATCH_S = 0.5
+
+
+def _end_process_when_finished(store: Any, execution_id: str, name: str, done: threading.Event) -> None:
+    """Until ``done``: once ``execution_id`` has ended, terminate this pool process (SIGTERM, what a
+    cancel sends to the process of a module's own task); a store that does not answer is asked again."""
+    while not done.wait(CONTINUED_WATCH_S):
+        try:
+            finished = store.is_finished(execution_id)
+        except INFRA_ERRORS:
+            continue
+        if finished and not done.is_set():
+            log.warning("%s of %s: its execution ended while it ran (continued in another module's task): "
+                        "terminating this pool process", name, execution_id)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
 
 
 def _summary_repr() -> reprlib.Repr:

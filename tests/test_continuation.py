@@ -379,3 +379,32 @@ def test_a_continued_child_is_begun_by_the_count_that_leases_it(make_cluster) ->
         if child == "m1_0":
             assert any(circuit in c for c in begins[0]), begins[0]
     cluster.stop()
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+def test_a_continued_module_on_a_prefork_worker_is_stopped_when_its_execution_ends(make_cluster, how: str) -> None:
+    # Given a prefork worker running a chain first -> slow, slow continued inside first's task
+    from tests.modules.faulty import side_channel
+
+    cluster = make_cluster()
+    cluster.start_worker("default", concurrency=1, pool="prefork")
+    key = f"{cluster.settings.namespace}:side:{uuid.uuid4().hex[:8]}"
+    modules = {"first": {"uses": STEP},
+               "slow": {"uses": "tests.modules.faulty:sleeper", "inputs": {"key": key, "seconds": 30},
+                        "depends_on": ["first"]}}
+    handle = cluster.submit(program(f"stopped-{how}", modules), strategy="dag", timeout=6 if how == "timeout" else None)
+    pid = int(wait_for(lambda: side_channel().hget(key, "pid"), timeout=30, what="the slow module to start"))
+    # When the execution is cancelled, or times out, while the continued module runs
+    if how == "cancel":
+        result = handle.cancel()
+        assert result.status is ExecutionStatus.CANCELLED
+    else:
+        result = handle.get(propagate=False)  # waits out the submission's timeout, then ends it
+        assert result.status is ExecutionStatus.FAILED and "timed out" in (result.error or "")
+    # Then its pool process is ended within seconds, and the module never finishes
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
+             timeout=10, what=f"pool process {pid} to end")
+    time.sleep(1)
+    assert not side_channel().hexists(key, "done")
+    assert result.modules["slow"].status.value == "cancelled"
+    cluster.stop()
