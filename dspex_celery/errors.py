@@ -19,6 +19,11 @@ def reason_of(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def not_utf8(exc: UnicodeDecodeError) -> str:
+    """Where a file that is not UTF-8 text first fails to decode, for a one-line report."""
+    return f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+
+
 class DspexError(Exception):
     """Base of every error raised on purpose by dspex-celery."""
 

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dspex_celery.collector import without_collection
-from dspex_celery.errors import ProgramError
+from dspex_celery.errors import ProgramError, not_utf8
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 USES_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
@@ -318,8 +318,7 @@ def load_program_file(path: str | Path) -> dict[str, Any]:
     except IsADirectoryError:
         raise ProgramError(["is a directory: name the program file in it (PROGRAM.yaml)"], source) from None
     except UnicodeDecodeError as exc:
-        raise ProgramError([f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
-                            "a program file is YAML or JSON saved as UTF-8"], source) from None
+        raise ProgramError([f"{not_utf8(exc)}: a program file is YAML or JSON saved as UTF-8"], source) from None
     except OSError as exc:
         raise ProgramError([f"cannot read file ({exc.strerror})"], source) from None
     try:

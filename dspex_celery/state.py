@@ -280,6 +280,13 @@ class StateStore:
     def exists(self, execution_id: str) -> bool:
         return bool(self.client.exists(self.key(execution_id, "plan")))
 
+    def exist(self, execution_ids: Sequence[str]) -> list[bool]:
+        """:meth:`exists` of each of ``execution_ids``, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for execution_id in execution_ids:
+            pipe.exists(self.key(execution_id, "plan"))
+        return [bool(found) for found in pipe.execute()]
+
     def claim_finish(self, execution_id: str, status: str, error: str | None) -> bool:
         """True for exactly one caller: the one that gets to finish the execution (with ``status``)."""
         claim = json.dumps({"status": status, "error": error, "at": time.time()})

@@ -360,14 +360,8 @@ class ModuleRun:
         if self.lease is None or not _pool_child.is_set():
             yield
             return
-        done = threading.Event()
-        watcher = threading.Thread(target=_end_process_when_finished, name="dspex-continued-watch", daemon=True,
-                                   args=(self.store, self.execution_id, self.name, done))
-        watcher.start()
-        try:
+        with _continued_watch.watching(self.store, self.execution_id, self.name):
             yield
-        finally:
-            done.set()
 
     def _finished_record(self, ctx: ModuleContext, **changes: Any) -> ModuleRecord:
         finished = utcnow()
@@ -453,19 +447,47 @@ class ModuleRun:
 CONTINUED_WATCH_S = 0.5
 
 
-def _end_process_when_finished(store: Any, execution_id: str, name: str, done: threading.Event) -> None:
-    """Until ``done``: once ``execution_id`` has ended, terminate this pool process (SIGTERM, what a
+class ContinuedWatch:
+    """One thread per pool process (a prefork child runs one call at a time) that, while a continued
+    module's call runs, terminates the process once that module's execution has ended (SIGTERM, what a
     cancel sends to the process of a module's own task); a store that does not answer is asked again."""
-    while not done.wait(CONTINUED_WATCH_S):
+
+    def __init__(self) -> None:
+        self._current: tuple[Any, str, str] | None = None  # store, execution id, module
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def watching(self, store: Any, execution_id: str, name: str) -> Iterator[None]:
+        with self._lock:
+            if self._pid != os.getpid():  # none yet in this (forked) process
+                self._pid = os.getpid()
+                threading.Thread(target=self._loop, name="dspex-continued-watch", daemon=True).start()
+            self._current = (store, execution_id, name)
         try:
-            finished = store.is_finished(execution_id)
-        except INFRA_ERRORS:
-            continue
-        if finished and not done.is_set():
-            log.warning("%s of %s: its execution ended while it ran (continued in another module's task): "
-                        "terminating this pool process", name, execution_id)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
+            yield
+        finally:
+            self._current = None
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(CONTINUED_WATCH_S)
+            current = self._current
+            if current is None:
+                continue
+            store, execution_id, name = current
+            try:
+                finished = store.is_finished(execution_id)
+            except INFRA_ERRORS:
+                continue
+            if finished and self._current is current:
+                log.warning("%s of %s: its execution ended while it ran (continued in another module's task): "
+                            "terminating this pool process", name, execution_id)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+
+_continued_watch = ContinuedWatch()
 
 
 def _summary_repr() -> reprlib.Repr:

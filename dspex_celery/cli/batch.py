@@ -48,7 +48,7 @@ from dspex_celery.cli.distribute import is_module_reference, run_module_batch
 from dspex_celery.cli.inputs import check_output, collect_inputs
 from dspex_celery.cli.options import open_runtime, refuse_modules_on_a_cluster
 from dspex_celery.cli.progress import INTERRUPTED
-from dspex_celery.errors import DspexError, InputError, UsageError
+from dspex_celery.errors import DspexError, InputError, UsageError, not_utf8
 from dspex_celery.plan import Plan
 from dspex_celery.program import Program
 
@@ -276,8 +276,7 @@ def count_lines(path: Path) -> int:
     except FileNotFoundError:
         raise InputError(f"inputs file {path} not found: check the path") from None
     except UnicodeDecodeError as exc:
-        raise InputError(f"inputs file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
-                         f"{exc.start}): save it as UTF-8 JSON lines") from None
+        raise InputError(f"inputs file {path} is {not_utf8(exc)}: save it as UTF-8 JSON lines") from None
     except OSError as exc:
         raise InputError(f"cannot read inputs file {path} ({exc.strerror})") from None
 

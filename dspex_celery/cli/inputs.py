@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dspex_celery.errors import InputError
+from dspex_celery.errors import InputError, not_utf8
 from dspex_celery.spec import non_finite_input
 
 
@@ -44,8 +44,7 @@ def _read_inputs_file(path: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise InputError(f"inputs file {path} not found: check the path") from None
     except UnicodeDecodeError as exc:
-        raise InputError(f"inputs file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
-                         f"{exc.start}): save it as UTF-8 JSON") from None
+        raise InputError(f"inputs file {path} is {not_utf8(exc)}: save it as UTF-8 JSON") from None
     except OSError as exc:
         raise InputError(f"cannot read inputs file {path} ({exc.strerror}): name a JSON file") from None
     except json.JSONDecodeError as exc:

@@ -158,12 +158,12 @@ class Listener:
 
     def end_lost(self) -> int:
         """End in history the executions it saw that did not finish and whose state the store lost."""
-        seen = list(self.seen)
-        done = self.history.final_ids(seen)
-        lost = [execution_id for execution_id in seen if execution_id not in done and not self.store.exists(execution_id)]
-        for execution_id in seen:
-            if execution_id in done or execution_id in lost:
-                self.seen.pop(execution_id, None)
+        done = self.history.final_ids(list(self.seen))
+        open_ids = [execution_id for execution_id in self.seen if execution_id not in done]
+        lost = [execution_id for execution_id, kept in zip(open_ids, self.store.exist(open_ids), strict=True)
+                if not kept]
+        for execution_id in (*done, *lost):
+            self.seen.pop(execution_id, None)
         return self.history.mark_state_lost(lost, LOST_ERROR)
 
     def write_or_skip(self, events: list[Event]) -> None:
