@@ -7,7 +7,10 @@ every message it has taken and not acknowledged), exactly as if this worker had 
 queue. The worker runs the child, then deletes the lease (:meth:`Lease.release`: the ack). A worker
 killed meanwhile never acks: kombu's restore sweep on any live worker puts the message back on its
 queue once the visibility timeout has passed, and the child runs again (its record shows the lost
-attempt) — the same path a message of a killed worker takes. When no ready child is continued, the
+attempt) — the same path a message of a killed worker takes. The chain's current lease is also
+noted under the task the chain runs in (:func:`chain_key`), so when that task comes back first (a
+prefork pool process killed, a retry after a store error) the lease goes back with it
+(:func:`restore_chain`) instead of waiting for the sweep. When no ready child is continued, the
 count leases the worker the next queued module instead (the message its own fetch would return
 next, taken off its queue) — of the same execution, or of another ``dag`` execution whose message
 allows it — so a bag of independent modules chains as well, and so do a batch's lines. Only on
@@ -17,6 +20,7 @@ every child goes through the broker.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +32,7 @@ from celery.signals import worker_ready
 from dspex_celery.canvas import task_id
 from dspex_celery.plan import Plan
 from dspex_celery.results import ModuleRecord
-from dspex_celery.state import LuaStep, ModuleStart
+from dspex_celery.state import LuaStep, ModuleStart, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,41 @@ def lease_tag(execution_id: str, module: str) -> str:
     return TAG_PREFIX + task_id(execution_id, module)
 
 
+def chain_key(namespace: str, carrier: str) -> str:
+    """Where the count that leases a module to the chain running in task ``carrier`` notes that lease
+    (JSON ``[tag, queue list, length of the suffix the lease adds to its message]``), until the chain
+    releases it."""
+    return f"{namespace}:chain:{carrier}"
+
+
+# KEYS: the chain's note, kombu's unacked hash and index, the leased module's queue list. ARGV: the
+# lease's tag and the length of the suffix it adds to its message. Moves the lease, if still held,
+# back onto its queue; drops the note.
+_RESTORE_CHAIN = """
+redis.call('DEL', KEYS[1])
+local entry = redis.call('HGET', KEYS[2], ARGV[1])
+if not entry then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('LPUSH', KEYS[4], string.sub(entry, 2, #entry - tonumber(ARGV[2])))
+return 1
+"""
+
+
+def restore_chain(store: StateStore, keys: UnackedKeys, chain: str) -> bool:
+    """The task a chain ran in came back (its worker died, or it is retried): the module the chain had
+    leased goes back on its queue now, not after the visibility timeout. True if one went back."""
+    note = store.client.get(chain)
+    if note is None:
+        return False
+    tag, queue_list, suffix = json.loads(note)
+    restored = bool(store.script(_RESTORE_CHAIN)(keys=[chain, keys.messages, keys.index, queue_list],
+                                                 args=[tag, suffix]))
+    if restored:
+        log.warning("%s: re-queued %s, leased to the chain of a task that came back", chain, tag)
+    return restored
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     """A continued module, leased to this worker by the count that made it ready."""
@@ -64,12 +103,13 @@ class Lease:
     execution_id: str
     module: str
     keys: UnackedKeys
+    chain: str
 
     @classmethod
-    def of(cls, leased: str, keys: UnackedKeys) -> Lease:
-        """The lease of the module whose task id (``EXEC.MODULE``) the strategy leased."""
+    def of(cls, leased: str, offer: Offer) -> Lease:
+        """The lease of the module whose task id (``EXEC.MODULE``) the strategy leased to ``offer``."""
         execution_id, _, module = leased.rpartition(".")
-        return cls(execution_id, module, keys)
+        return cls(execution_id, module, offer.keys, offer.chain)
 
     @property
     def task_id(self) -> str:
@@ -78,7 +118,8 @@ class Lease:
     def release(self, client: Any) -> None:
         """The ack: the child ran to an end here (its record says how), nothing to re-deliver."""
         tag = lease_tag(self.execution_id, self.module)
-        client.pipeline(transaction=False).zrem(self.keys.index, tag).hdel(self.keys.messages, tag).execute()
+        pipe = client.pipeline(transaction=False)
+        pipe.zrem(self.keys.index, tag).hdel(self.keys.messages, tag).delete(self.chain).execute()
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +146,7 @@ class Offer:
     """What a worker that just finished a module offers its strategy: to run one ready child itself.
 
     ``queues``: the queues this worker consumes (a child of a resource class it does not serve goes
-    through the broker); ``timeouts``: whether it may continue a child that has a ``timeout_s`` (not
+    through the broker); ``chain``: where a lease to it is noted (:func:`chain_key`); ``timeouts``: whether it may continue a child that has a ``timeout_s`` (not
     in a prefork child, where only Celery's per-message time limits stop a call); ``held``: the
     module runs under a lease, which the strategy's count releases once it succeeded; ``ahead``: how
     this worker starts a module's first attempt, so the count that leases a child may begin it too.
@@ -116,6 +157,7 @@ class Offer:
 
     queues: frozenset[str]
     keys: UnackedKeys
+    chain: str
     timeouts: bool
     held: bool = False
     ahead: Callable[[Plan, str], FirstAttempt] | None = None

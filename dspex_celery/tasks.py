@@ -27,7 +27,17 @@ from dspex_celery.call_threads import CallThreads
 from dspex_celery.defaults import RESULT_SUMMARY_CHARS
 from dspex_celery.canvas import ADVANCE, COMPENSATE, PLAN_HEADER, RUN_MODULE, module_signature
 from dspex_celery.compensation import CompensationRun
-from dspex_celery.continuation import Begun, FirstAttempt, Lease, Offer, TaskEvents, UnackedKeys, task_events_on
+from dspex_celery.continuation import (
+    Begun,
+    FirstAttempt,
+    Lease,
+    Offer,
+    TaskEvents,
+    UnackedKeys,
+    chain_key,
+    restore_chain,
+    task_events_on,
+)
 from dspex_celery.errors import ModuleError, ModuleTimeout, TransientError, WorkerLost
 from dspex_celery.execution import Execution, lost_reason
 from dspex_celery.hooks import ModuleContext
@@ -159,8 +169,10 @@ def run_chain(task: Task, runtime: Runtime, execution_id: str, module: str) -> d
     run = ModuleRun(task, runtime, execution_id, module, offer=continuation_offer(task, runtime, left),
                     plan_digest=getattr(task.request, PLAN_HEADER, None))
     result = run.run()
+    if run.repeated and run.offer is not None:  # this task came back: its chain's lease goes back too
+        restore_chain(runtime.store, run.offer.keys, run.offer.chain)
     while run.offer is not None and run.offer.claimed is not None:
-        lease, left, begun = Lease.of(run.offer.claimed, run.offer.keys), left - 1, run.offer.begun
+        lease, left, begun = Lease.of(run.offer.claimed, run.offer), left - 1, run.offer.begun
         offer = continuation_offer(task, runtime, left, held=True)
         run = ModuleRun(task, runtime, lease.execution_id, lease.module, offer=offer, lease=lease, begun=begun,
                         plan_digest=run.offer.plan)
@@ -211,7 +223,8 @@ def continuation_offer(task: Task, runtime: Runtime, left: int, held: bool = Fal
     if not (may_continue or held):
         return None
     consumed = (task.app.amqp.queues.consume_from or {}) if may_continue else {}
-    return Offer(frozenset(consumed), UnackedKeys.of(task.app), timeouts=not limited, held=held,
+    return Offer(frozenset(consumed), UnackedKeys.of(task.app), chain_key(runtime.settings.namespace, task.request.id),
+                 timeouts=not limited, held=held,
                  ahead=functools.partial(first_attempt, task, runtime))
 
 
@@ -247,6 +260,7 @@ class ModuleRun:
         self.lease = lease
         self.begun = begun if begun is not None and lease is not None and begun.leased == lease.task_id else None
         self.lease_released = False  # by the count that stored this (continued) module's success
+        self.repeated = False  # its record was final already: its task came back
         self.runtime = runtime
         self.store = runtime.store
         self.execution = Execution(runtime, execution_id, plan_digest=plan_digest)
@@ -277,6 +291,7 @@ class ModuleRun:
             self.execution.finish_abandoned(begin.meta)
         if previous.status.final:
             # Re-delivered after its worker died: the strategy may not have heard (idempotent).
+            self.repeated = True
             self.strategy.module_finished(self.execution, self.name, previous.status)
             return {"module": self.name, "status": previous.status.value}
         if begin.finished or self.execution.deadline_passed(begin.meta):

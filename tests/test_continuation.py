@@ -222,6 +222,7 @@ def test_a_slot_goes_on_with_the_next_executions_queued_module(make_cluster) -> 
     unacked = UnackedKeys.of(cluster.runtime.app)
     wait_for(lambda: not cluster.runtime.store.client.hlen(unacked.messages), timeout=5,
              what="every lease and message to be acked")
+    assert not cluster.runtime.store.client.keys(f"{cluster.settings.namespace}:chain:*")  # nor a chain's note
     cluster.stop()
 
 
@@ -407,4 +408,57 @@ def test_a_continued_module_on_a_prefork_worker_is_stopped_when_its_execution_en
     time.sleep(1)
     assert not side_channel().hexists(key, "done")
     assert result.modules["slow"].status.value == "cancelled"
+    cluster.stop()
+
+
+@pytest.mark.parametrize("how", ["grandchild", "taken-next"])
+def test_a_prefork_pool_process_killed_deep_in_a_chain_is_rerun_without_waiting_for_the_sweep(
+        make_cluster, how: str) -> None:
+    # Given a one-slot prefork worker (visibility timeout: the default hour) running a chain whose third
+    # module is slow: a grandchild of the module whose task it runs in, or a module it took off the queue
+    # after that module's child
+    from tests.modules.faulty import side_channel
+
+    cluster = make_cluster()
+    cluster.start_worker("default", concurrency=1, pool="prefork")
+    key = f"{cluster.settings.namespace}:side:{uuid.uuid4().hex[:8]}"
+    slow = {"uses": "tests.modules.faulty:slow_first_call", "inputs": {"key": key, "seconds": 60}}
+    modules = {"a": {"uses": STEP}, "b": {"uses": STEP, "inputs": {"a": "$a.value"}},
+               "slow": {**slow, "depends_on": ["b"]} if how == "grandchild" else slow}
+    handle = cluster.submit(program(f"deep-kill-{how}", modules), strategy="dag")
+    pid = int(wait_for(lambda: side_channel().lindex(f"{key}:pids", 0), timeout=30, what="the slow module to start"))
+    unacked = UnackedKeys.of(cluster.runtime.app)
+    assert cluster.runtime.store.client.hexists(unacked.messages, TAG_PREFIX + task_id(handle.execution_id, "slow"))
+    # When its pool process is killed (-9) while the slow module runs (leased to the chain)
+    os.kill(pid, signal.SIGKILL)
+    # Then the slow module runs again at once (its lease goes back with the task it ran in), and the
+    # execution completes with every output
+    result = handle.get(timeout=30, propagate=False)
+    assert result.status is ExecutionStatus.SUCCEEDED, result.error
+    assert set(outputs(cluster, result)) == {"a", "b", "slow"}
+    assert outputs(cluster, result)["slow"]["calls"] == 2
+    assert result.modules["slow"].lost_attempts == 1
+    cluster.stop()
+
+
+def test_a_chain_that_ends_in_a_retry_or_a_failure_leaves_no_lease_and_no_note(make_cluster) -> None:
+    # Given a one-slot worker and a chain whose continued modules retry once, or fail
+    cluster = make_cluster()
+    cluster.start_worker("default", concurrency=1, pool="threads")
+    key = f"{cluster.settings.namespace}:side:{uuid.uuid4().hex[:8]}"
+    modules = {"a": {"uses": STEP},
+               "retried": {"uses": "tests.modules.faulty:flaky", "inputs": {"key": key, "failures": 1},
+                           "depends_on": ["a"], "retry": {"max_attempts": 2, "backoff_s": 0.1, "jitter": False}},
+               "failed": {"uses": "tests.modules.faulty:counted", "inputs": {"key": key, "name": "failed"},
+                          "depends_on": ["retried"]}}
+    cluster.runtime.store.client.sadd(f"{key}:broken", "failed")
+    # When it runs
+    result = cluster.submit(program("retry-chain", modules), strategy="dag").get(timeout=60, propagate=False)
+    # Then the retry ran, the failure is recorded, and neither a lease nor a chain's note is left
+    assert result.modules["retried"].attempts == 2
+    assert result.modules["failed"].status.value == "failed"
+    unacked = UnackedKeys.of(cluster.runtime.app)
+    wait_for(lambda: not cluster.runtime.store.client.hlen(unacked.messages), timeout=5,
+             what="every lease and message to be acked")
+    assert not cluster.runtime.store.client.keys(f"{cluster.settings.namespace}:chain:*")
     cluster.stop()

@@ -20,7 +20,6 @@ and a broker fetch.
 from __future__ import annotations
 
 import functools
-import json
 import threading
 import time
 from collections import OrderedDict
@@ -71,7 +70,7 @@ for j = 1, tonumber(ARGV[base + 4]) do
     end
     if ARGV[base + 2] ~= '1' and limited == '1' then return end
     redis.call('RPOP', KEYS[first + j - 1])
-    lease(id, raw, ARGV[base + 4 + j])
+    lease(id, raw, ARGV[base + 4 + j], KEYS[first + j - 1])
     local digest = string.match(raw, '""" + _PLAN_PATTERN + """')
     if digest then result[4] = {id, false, digest} end
     return
@@ -81,7 +80,8 @@ end
 
 # A LuaStep body — KEYS[k..k+5]: deps hash, done set (created by the first count, so each count sets its
 # TTL), open counter, blocking hash, queued set, the stored messages of children not ready yet; when
-# enqueuing, then each child's queue list, then kombu's unacked index and hash (continuation leases).
+# enqueuing, then each child's queue list, then kombu's unacked index and hash (continuation leases),
+# then where a lease to the offering worker's chain is noted (continuation.chain_key; unused without an offer).
 # ARGV[a..]: ttl, module, its status if it blocks its children ('' otherwise), number of children n,
 # enqueue ('1'/'0'), children...; when enqueuing, then each child's task message ('' when an earlier
 # count stored it: a child of several parents has its message built once per worker process, see
@@ -143,8 +143,9 @@ end
 if enqueue and ARGV[a + 6 + 4 * n] ~= '' then
   redis.call('ZREM', KEYS[k + 6 + n], ARGV[a + 6 + 4 * n])
   redis.call('HDEL', KEYS[k + 7 + n], ARGV[a + 6 + 4 * n])
+  redis.call('DEL', KEYS[k + 8 + n])
 end
-local urgent, first = {}, k + 8 + n
+local urgent, first = {}, k + 9 + n
 if enqueue then
   for i = 1, n do
     urgent[i] = first
@@ -154,10 +155,12 @@ end
 local own = ARGV[a + 9 + 4 * n]
 local m = enqueue and tonumber(ARGV[a + 10 + 4 * n]) or 0
 local ahead = enqueue and ARGV[a + 11 + 4 * n + m] or ''
-local function lease(id, message, queue)
+local function lease(id, message, queue, list)
   local tag = '""" + TAG_PREFIX + """' .. id
-  redis.call('HSET', KEYS[k + 7 + n], tag, '[' .. message .. ',"",' .. cjson.encode(queue) .. ']')
+  local suffix = ',"",' .. cjson.encode(queue) .. ']'
+  redis.call('HSET', KEYS[k + 7 + n], tag, '[' .. message .. suffix)
   redis.call('ZADD', KEYS[k + 6 + n], ARGV[a + 5 + 3 * n], tag)
+  redis.call('SET', KEYS[k + 8 + n], cjson.encode({tag, list, #suffix}), 'EX', ARGV[a])
   result[4] = id
 end
 local function take_next()
@@ -187,7 +190,7 @@ if not repeated and enqueue and #blocking == 0 then
       table.insert(result, child)
     else
       if result[4] == '' and queue ~= '' and nothing_more_urgent(i) then
-        lease(own .. child, message, queue)
+        lease(own .. child, message, queue, KEYS[k + 5 + i])
         if child == ahead then result[4] = {result[4], begin_ahead()} end
       else
         redis.call('LPUSH', KEYS[k + 5 + i], message)
@@ -228,24 +231,6 @@ def _count_and_claim(claim: str) -> str:
             f"if count[1] == 0 and count[2] == 0 then count[5] = {lua_call(claim, 'k', 'a')} end\n"
             "return count")
 
-# KEYS: kombu's unacked hash and index, then each child's queue list. ARGV: each child's lease tag and
-# the suffix its lease adds to its message. Moves the leases still held back onto their queues.
-_RESTORE_LEASES = """
-local moved = 0
-for i = 1, #ARGV / 2 do
-  local tag, suffix = ARGV[2 * i - 1], ARGV[2 * i]
-  local entry = redis.call('HGET', KEYS[1], tag)
-  if entry then
-    redis.call('HDEL', KEYS[1], tag)
-    redis.call('ZREM', KEYS[2], tag)
-    redis.call('LPUSH', KEYS[2 + i], string.sub(entry, 2, #entry - #suffix))
-    moved = moved + 1
-  end
-end
-return moved
-"""
-
-
 class DagStrategy(Strategy):
     """Dependency-driven dispatch with atomic per-execution counters in the state store."""
 
@@ -266,10 +251,7 @@ class DagStrategy(Strategy):
         if execution.store.is_finished(execution.id):
             return
         plan = execution.require_plan()
-        reply = self._count_alone(execution, plan, module, status)
-        if parse_count(reply).repeated:
-            self._restore_leases(execution, plan, module)
-        self._drain(execution, plan, [reply])
+        self._drain(execution, plan, [self._count_alone(execution, plan, module, status)])
 
     def module_succeeded(self, execution: Execution, module: str, output: dict[str, Any],
                          record: ModuleRecord, offer: Offer | None = None) -> bool:
@@ -351,7 +333,7 @@ class DagStrategy(Strategy):
             keys += [key for key, _ in messages]
             args += [message for _, message in messages]
             unacked = offer.keys if offer is not None else UnackedKeys.of(runtime.app)
-            keys += [unacked.index, unacked.messages]
+            keys += [unacked.index, unacked.messages, offer.chain if offer is not None else unacked.messages]
             continuable = [_continuable(plan, child, namespace, offer) for child in children]
             urgent = [_more_urgent(queues, queue, int(signature.options["priority"])) if queue else []
                       for queue, signature in zip(continuable, signatures, strict=True)]
@@ -377,22 +359,6 @@ class DagStrategy(Strategy):
         """Count a finished module in a script of its own (failed, skipped, cancelled, or repeated)."""
         step = self._count_step(execution, plan, module, status)
         return list(execution.store.script(_COUNT_ALONE)(keys=step.keys, args=step.args))
-
-    def _restore_leases(self, execution: Execution, plan: Plan, module: str) -> None:
-        """A re-delivered ``module``: its first worker died, and with it the chain it was running; the
-        child it continued goes back on its queue now instead of after the visibility timeout."""
-        runtime, queues = execution.runtime, execution.runtime.queues
-        children = plan.modules[module].children
-        if queues is None or not children:
-            return
-        unacked = UnackedKeys.of(runtime.app)
-        keys, args = [unacked.messages, unacked.index], []
-        for child in children:
-            signature = module_signature(runtime.app, plan, execution.id, child, runtime.settings.namespace)
-            queue = str(signature.options["queue"])
-            keys.append(queues.key(queue, int(signature.options["priority"])))
-            args += [lease_tag(execution.id, child), ',"",' + json.dumps(queue) + "]"]
-        execution.store.script(_RESTORE_LEASES)(keys=keys, args=args)
 
     def _drain(self, execution: Execution, plan: Plan, replies: list[list[Any]]) -> None:
         """Act on count replies until none is left: the counts of skipped modules join the work list,
