@@ -93,7 +93,7 @@ def test_progress_display_on_a_terminal(tmp_path: Path) -> None:
 def test_the_display_shows_an_eta_once_history_knows_the_program(tmp_path: Path) -> None:
     # Given a program run once before, with history in a file of its own
     env = embedded_env(DSPEX_HISTORY_URL=f"sqlite:///{tmp_path / 'history.sqlite'}")
-    path = write_program(tmp_path, 0.4)
+    path = write_program(tmp_path, 1.0)  # long enough for the display to redraw with an ETA on a loaded machine
     first, before = run_in_pty([CLI, "run", path], env)
     # When it runs again on a terminal
     second, output = run_in_pty([CLI, "run", path], env)
