@@ -216,10 +216,16 @@ def test_api_needs_credentials(flower: str) -> None:
     assert get(f"{flower}/api/tasks", AUTH)[0] == 200
 
 
+def test_metrics_need_the_credentials_and_the_healthcheck_does_not(flower: str) -> None:
+    assert get(f"{flower}/metrics")[0] == 401  # its labels name every task and worker
+    assert get(f"{flower}/metrics", "ops:wrong")[0] == 401
+    assert get(f"{flower}/healthcheck") == (200, "OK")
+
+
 def test_prometheus_metrics_name_modules(cluster: Cluster, flower: str) -> None:
     cluster.run(program("metered", {"one": {"uses": "tests.modules.basic:add", "inputs": {"a": 1, "b": 1}}}))
     deadline = time.monotonic() + 20
-    while 'task="dspex.module:metered.one"' not in (text := get(f"{flower}/metrics")[1]):
+    while 'task="dspex.module:metered.one"' not in (text := get(f"{flower}/metrics", AUTH)[1]):
         assert time.monotonic() < deadline, text[-2000:]
         time.sleep(0.3)
     assert "flower_events_total" in text

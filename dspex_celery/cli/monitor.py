@@ -53,6 +53,21 @@ def keep_shadow_names() -> None:
     Task.merge_rules = {**Task.merge_rules, states.PENDING: ("queue", "exchange", "routing_key")}
 
 
+def protect_flower_metrics() -> None:
+    """Serve Flower's ``/metrics`` behind its credentials (Flower 2 leaves it open even with
+    ``--basic-auth``, and it names every task and worker); ``/healthcheck`` stays open: it says only OK."""
+    from flower import urls
+    from flower.views.monitor import Metrics
+    from tornado.web import authenticated
+
+    class AuthenticatedMetrics(Metrics):
+        get = authenticated(Metrics.get)
+
+    for index, entry in enumerate(urls.handlers):
+        if isinstance(entry, tuple) and entry[1] is Metrics:
+            urls.handlers[index] = (entry[0], AuthenticatedMetrics, *entry[2:])
+
+
 def flower_argv(port: int, address: str, basic_auth: str | None) -> list[str]:
     """Arguments for Flower's own command, run on the project's Celery app."""
     argv = ["flower", f"--port={port}", f"--address={address}"]
@@ -70,6 +85,7 @@ def flower(port: int, address: str, basic_auth: str | None, broker: str | None, 
     check_flower_access(address, basic_auth)
     runtime = cluster_runtime(broker, result_backend, "flower")
     keep_shadow_names()
+    protect_flower_metrics()
     raise SystemExit(runtime.app.start(flower_argv(port, address, basic_auth)) or 0)
 
 
