@@ -41,6 +41,15 @@ def withdraw(runtime: Runtime, node: str) -> None:
     runtime.store.client.hdel(runtime.store.global_key(WORKERS), node)
 
 
+def answers_as(runtime: Runtime, node: str, timeout: float = 1.0) -> bool:
+    """Whether a worker named ``node`` is up now: seen lately, and it answers a ping (an entry of a
+    worker that was just killed is still fresh, and a restart under the same name must not be refused)."""
+    entry = runtime.store.client.hget(runtime.store.global_key(WORKERS), node)
+    if entry is None or time.time() - float(json.loads(entry)["seen"]) >= STALE_AFTER_S:
+        return False
+    return bool(runtime.app.control.ping(destination=[node], timeout=timeout))
+
+
 def live_workers(runtime: Runtime) -> dict[str, list[str]]:
     """Node name -> resource classes of every worker seen in the last :data:`STALE_AFTER_S`."""
     raw = runtime.store.client.hgetall(runtime.store.global_key(WORKERS))

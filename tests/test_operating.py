@@ -85,3 +85,21 @@ def test_batch_progress_on_a_terminal_shows_eta_and_running_metric(cluster: Clus
     assert final and final[-1] == "75.0", shown
     # And stdout is the same summary as without a terminal
     assert b"Average Metric: 3.00 / 4 (75.0%)" in done.stdout and b"batch 4/4" not in done.stdout
+
+
+def test_a_second_worker_of_a_name_that_is_up_is_refused_and_a_restart_under_it_is_not(make_cluster) -> None:
+    cluster = make_cluster()
+    node = f"named-{os.getpid()}@{HOST}"
+    first = cluster.start_worker("default", concurrency=1, pool="threads", extra_args=("-n", node))
+    # When another worker is started under the name of one that is up, Then it is refused in one line
+    second = cluster.cli("worker", "--pool", "threads", "-n", node, timeout=60)
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.strip().splitlines() == [
+        f"error: a worker named '{node}' is already up in namespace '{cluster.settings.namespace}': "
+        "give this one another name (-n NAME), or stop that one first"]
+    assert ping(cluster, "--node", node).stdout.strip() == f"pong from {node}"  # the first is untouched
+    # When that worker is killed (its presence entry is still fresh), Then a restart under its name runs
+    first.process.kill()
+    first.process.wait(timeout=10)
+    cluster.start_worker("default", concurrency=1, pool="threads", extra_args=("-n", node))
+    assert ping(cluster, "--node", node).stdout.strip() == f"pong from {node}"

@@ -12,13 +12,15 @@ from typing import Any
 
 import click
 from celery.signals import task_postrun, worker_process_init, worker_ready
+from celery.utils.nodenames import default_nodename, host_format
 
 from dspex_celery import defaults
 from dspex_celery.cli.options import connection_options, open_runtime
-from dspex_celery.errors import ConfigError
+from dspex_celery.errors import ConfigError, UsageError
 from dspex_celery.metrics_endpoint import prepare_metrics_dir, serve_metrics
-from dspex_celery.presence import keep_announced
+from dspex_celery.presence import answers_as, keep_announced
 from dspex_celery.routing import worker_queues
+from dspex_celery.runtime import Runtime
 from dspex_celery.settings import Settings
 from dspex_celery.spec import NAME_PATTERN
 
@@ -105,6 +107,17 @@ def node_name(resources: tuple[str, ...], name: str | None) -> str:
     return name or f"dspex-{'+'.join(resources)}-{os.getpid()}@%h"
 
 
+def refuse_a_taken_name(runtime: Runtime, name: str | None) -> None:
+    """Refuse ``-n NAME`` while a worker of that name is up in this namespace: the two would share one
+    presence entry (the first to stop withdraws the other) and Celery's replies to the name."""
+    if name is None:  # the default name holds this process's pid
+        return
+    node = host_format(default_nodename(name))
+    if answers_as(runtime, node):
+        raise UsageError(f"a worker named '{node}' is already up in namespace '{runtime.settings.namespace}': "
+                         "give this one another name (-n NAME), or stop that one first")
+
+
 def worker_argv(settings: Settings, resources: tuple[str, ...], concurrency: int | None, pool: str,
                 name: str | None, loglevel: str, task_events: bool = False) -> list[str]:
     """Arguments for Celery's own worker command."""
@@ -168,6 +181,7 @@ def worker(
                            check=import_project_modules)
     import_includes(includes)
     runtime.check_reachable()
+    refuse_a_taken_name(runtime, name)
     keep_announced(runtime, resources)
     if metrics_port is not None:
         serve_metrics(runtime, metrics_port, metrics_address)
