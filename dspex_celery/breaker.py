@@ -9,7 +9,8 @@ failure opens it for another ``reset_s``. The trial is a lease: released after t
 whatever happened, and expiring by itself if the worker process dies.
 
 Only real calls count: attempts that fail before the module is called (not allowed, bad inputs,
-open circuit) neither open nor close a circuit. Every transition is one Lua script, so two
+open circuit), and calls that fail with an error of a class the policy's ``ignore`` names, neither
+open nor close a circuit. Every transition is one Lua script, so two
 workers never both take the trial.
 """
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dspex_celery.canvas import hard_time_limit
-from dspex_celery.errors import CircuitOpen, UsageError
+from dspex_celery.errors import CircuitOpen, UsageError, imported_exceptions
 from dspex_celery.hooks import Hook, ModuleContext
 from dspex_celery.plan import ModulePlan, Plan
 from dspex_celery.rate_limits import is_rate_limit
@@ -140,9 +141,10 @@ class CircuitBreaker(Hook):
         ticket = ctx.extras.get("breaker")
         if ticket is None:
             return
-        # Terminated (the process is going away), or rate-limited (the service is up; the resource
-        # limiter backs off instead): no verdict.
-        if not isinstance(error, Exception) or is_rate_limit(error):
+        # Terminated (the process is going away), rate-limited (the service is up; the resource limiter
+        # backs off instead), or an error the policy ignores (the call's data, not its service): no verdict.
+        ignored = imported_exceptions(ctx.module.breaker_policy.ignore or ())
+        if not isinstance(error, Exception) or is_rate_limit(error) or isinstance(error, ignored):
             if ticket.trial:
                 self._report(ctx, ticket, "release")
         elif ctx.extras.get("called"):

@@ -6,6 +6,8 @@ that line and exits with ``exit_code`` (2 for invalid input, 1 for a failed exec
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # errors is the lowest floor: it imports results for typing only
@@ -22,6 +24,25 @@ def reason_of(exc: BaseException) -> str:
 def not_utf8(exc: UnicodeDecodeError) -> str:
     """Where a file that is not UTF-8 text first fails to decode, for a one-line report."""
     return f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+
+
+def imported_exceptions(paths: Iterable[str]) -> tuple[type[BaseException], ...]:
+    """The exception classes ``package.module:Class`` paths name (``retry.on``, ``circuit_breaker.ignore``),
+    looked up among the modules this process has already imported: an error of a module never imported
+    cannot have been raised, and a plan (which anyone with queue access can forge) must not make a
+    worker import a module it names. Paths that name no exception class are left out."""
+    found = []
+    for path in paths:
+        module_path, _, attribute = path.partition(":")
+        target: object = sys.modules.get(module_path)
+        for part in attribute.split(".") if target is not None else ():
+            if part.startswith("__"):
+                target = None
+                break
+            target = getattr(target, part, None)
+        if isinstance(target, type) and issubclass(target, BaseException):
+            found.append(target)
+    return tuple(found)
 
 
 class DspexError(Exception):

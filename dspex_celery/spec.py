@@ -48,11 +48,14 @@ class RetryPolicy(_Frozen):
 
 
 class BreakerPolicy(_Frozen):
-    """``circuit_breaker:`` — open after ``failures`` consecutive failures for ``reset_s`` seconds."""
+    """``circuit_breaker:`` — open after ``failures`` consecutive failures for ``reset_s`` seconds;
+    errors of the classes in ``ignore`` (the call's data, not its service: ``builtins:ValueError``)
+    do not count."""
 
     failures: int = Field(default=5, ge=1)
     reset_s: float = Field(default=30.0, gt=0)
     enabled: bool = True
+    ignore: tuple[Annotated[str, Field(pattern=USES_PATTERN)], ...] | None = None  # None: every error counts
 
 
 class ModuleDefaults(_Frozen):

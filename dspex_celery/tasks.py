@@ -8,7 +8,6 @@ import logging
 import os
 import reprlib
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +37,7 @@ from dspex_celery.continuation import (
     restore_chain,
     task_events_on,
 )
-from dspex_celery.errors import ModuleError, ModuleTimeout, TransientError, WorkerLost
+from dspex_celery.errors import ModuleError, ModuleTimeout, TransientError, WorkerLost, imported_exceptions
 from dspex_celery.execution import Execution, lost_reason
 from dspex_celery.hooks import ModuleContext
 from dspex_celery.integrations.dspy_worker import TRACE_META, is_lm_transient, metered_call, traced, usage_fields
@@ -586,21 +585,8 @@ def is_transient(error: BaseException, module: ModulePlan) -> bool:
     ``ModuleTimeout`` only while ``retry.timeouts`` is true."""
     if isinstance(error, ModuleTimeout) and not module.retry_policy.timeouts:
         return False
-    extra = tuple(_error_class(path) for path in module.retry_policy.on)
-    if isinstance(error, BUILTIN_TRANSIENT + tuple(cls for cls in extra if cls is not None)):
+    if isinstance(error, BUILTIN_TRANSIENT + imported_exceptions(module.retry_policy.on)):
         return True
     # DSPy integration: LM rate limits, overload, connection errors; and any HTTP 429
     return is_lm_transient(error) or is_rate_limit(error)
 
-
-def _error_class(path: str) -> type[BaseException] | None:
-    """The exception class ``retry.on`` names, looked up among the modules this process has already
-    imported: an error of a module never imported cannot have been raised, and a plan (which anyone
-    with queue access can forge) must not make a worker import a module it names."""
-    module_path, _, attribute = path.partition(":")
-    target: object = sys.modules.get(module_path)
-    for part in attribute.split(".") if target is not None else ():
-        if part.startswith("__"):
-            return None
-        target = getattr(target, part, None)
-    return target if isinstance(target, type) and issubclass(target, BaseException) else None

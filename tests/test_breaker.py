@@ -108,6 +108,23 @@ def test_breaker_opens_across_workers_fails_fast_and_half_opens(cluster: Cluster
     assert calls(key) == 8 and circuit(cluster, circuit_name) is None
 
 
+def test_errors_the_policy_ignores_do_not_count_and_hand_a_trial_back(cluster: Cluster) -> None:
+    # A module that fails on bad data (ValueError) in a batch must not open the circuit for the good lines
+    name, key = setup_dependency(cluster, down=True)
+    ignoring = {**POLICY, "ignore": ["builtins:ValueError"]}
+    runs = [cluster.run(call(name, key, resource, policy=ignoring)) for resource in ("r1", "r2", "r1", "r2")]
+    assert [error(run) for run in runs] == ["ValueError: dependency is down"] * 4
+    assert calls(key) == 4 and circuit(cluster, f"{name}.call") is None
+    # Given the circuit opened by errors that count, When its trial fails with an ignored one,
+    # Then the trial is handed back (no verdict): the next call is a trial again, not CircuitOpen
+    open_circuit(cluster, name, key)
+    wait_for(lambda: circuit(cluster, f"{name}.call")["state"] == "half_open", what="the circuit to half-open")
+    for resource in ("r2", "r1"):
+        assert error(cluster.run(call(name, key, resource, policy=ignoring))) == "ValueError: dependency is down"
+    assert calls(key) == 9
+    assert circuit(cluster, f"{name}.call")["state"] == "half_open"
+
+
 def test_breakers_reset_closes_a_circuit(cluster: Cluster) -> None:
     name, key = setup_dependency(cluster, down=True)
     circuit_name = f"{name}.call"
