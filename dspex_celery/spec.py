@@ -442,6 +442,6 @@ def _describe(error: Any) -> str:
 def _pattern_hint(location: str) -> str:
     if location.endswith("compensate"):
         return "expected 'package.module:function' or the name of a method of the module's class"
-    if location.endswith(("uses", "dspy.lm", "dspy.adapter")) or ".on." in location:
+    if location.endswith(("uses", "dspy.lm", "dspy.adapter")) or ".on." in location or ".ignore." in location:
         return "expected 'package.module:attribute'"
     return "expected a name of letters, digits and '_' not starting with a digit"

@@ -93,6 +93,14 @@ def test_malformed_uses() -> None:
     assert problem.startswith("modules.c.uses: invalid value") and "package.module:attribute" in problem
 
 
+
+@pytest.mark.parametrize("policy", ["retry", "circuit_breaker"])
+def test_an_error_class_without_its_module_is_named_with_the_expected_form(policy: str) -> None:
+    key = "on" if policy == "retry" else "ignore"
+    module = {"uses": "tests.modules.basic:add", policy: {key: ["ValueError"]}}
+    (problem,) = problems_of({"name": "u", "modules": {"c": module}})
+    assert problem == f"modules.c.{policy}.{key}.0: invalid value 'ValueError' (expected 'package.module:attribute')"
+
 def test_references_parse() -> None:
     assert str(parse_ref("$inputs.q")) == "$inputs.q"
     ref = parse_ref("$retrieve.passages")
