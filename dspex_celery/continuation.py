@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from celery import Celery
 from celery.signals import worker_ready
@@ -120,6 +121,34 @@ class Lease:
         tag = lease_tag(self.execution_id, self.module)
         pipe = client.pipeline(transaction=False)
         pipe.zrem(self.keys.index, tag).hdel(self.keys.messages, tag).delete(self.chain).execute()
+
+
+@dataclass(slots=True)
+class CarrierMessage:
+    """The message of the task a chain runs in, kept from the broker's restore sweep while the chain goes
+    on: kombu re-delivers a message unacknowledged for the visibility timeout, and a chain of modules
+    can run longer than one module may. Each hop (at most every :data:`REFRESH_S`) sets the time the
+    message was taken to now, so it is re-delivered only if one module runs that long, as a queued
+    module's message would be."""
+
+    tag: str | None
+    index: str
+    refreshed: float = field(default_factory=time.monotonic)
+
+    REFRESH_S: ClassVar[float] = 1.0
+
+    @classmethod
+    def of(cls, task: Any, offer: Offer | None) -> CarrierMessage:
+        properties = getattr(task.request, "properties", None) or {}
+        tag = properties.get("delivery_tag") if offer is not None else None
+        return cls(tag if isinstance(tag, str) else None, offer.keys.index if offer is not None else "")
+
+    def keep_visible(self, client: Any) -> None:
+        """Before a hop: the message counts as taken now (if it is still unacknowledged)."""
+        if self.tag is None or time.monotonic() - self.refreshed < self.REFRESH_S:
+            return
+        client.zadd(self.index, {self.tag: time.time()}, xx=True)
+        self.refreshed = time.monotonic()
 
 
 @dataclass(frozen=True, slots=True)

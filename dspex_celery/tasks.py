@@ -28,6 +28,7 @@ from dspex_celery.canvas import ADVANCE, COMPENSATE, PLAN_HEADER, RUN_MODULE, mo
 from dspex_celery.compensation import CompensationRun
 from dspex_celery.continuation import (
     Begun,
+    CarrierMessage,
     FirstAttempt,
     Lease,
     Offer,
@@ -167,11 +168,13 @@ def run_chain(task: Task, runtime: Runtime, execution_id: str, module: str) -> d
     left = runtime.settings.dag_continuation
     run = ModuleRun(task, runtime, execution_id, module, offer=continuation_offer(task, runtime, left),
                     plan_digest=getattr(task.request, PLAN_HEADER, None))
+    carrier = CarrierMessage.of(task, run.offer)
     result = run.run()
     if run.repeated and run.offer is not None:  # this task came back: its chain's lease goes back too
         restore_chain(runtime.store, run.offer.keys, run.offer.chain)
     while run.offer is not None and run.offer.claimed is not None:
         lease, left, begun = Lease.of(run.offer.claimed, run.offer), left - 1, run.offer.begun
+        carrier.keep_visible(runtime.store.client)
         offer = continuation_offer(task, runtime, left, held=True)
         run = ModuleRun(task, runtime, lease.execution_id, lease.module, offer=offer, lease=lease, begun=begun,
                         plan_digest=run.offer.plan)

@@ -462,3 +462,23 @@ def test_a_chain_that_ends_in_a_retry_or_a_failure_leaves_no_lease_and_no_note(m
              what="every lease and message to be acked")
     assert not cluster.runtime.store.client.keys(f"{cluster.settings.namespace}:chain:*")
     cluster.stop()
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_a_chain_that_runs_longer_than_the_visibility_timeout_runs_each_module_once(make_cluster, pool: str) -> None:
+    # Given two workers with a 3 s visibility timeout, and a line of six 1 s modules: one slot runs them
+    # all in the first one's task, 6 s, though each module runs well within the timeout
+    cluster = make_cluster(visibility_timeout_s=3)
+    for _ in range(2):
+        cluster.start_worker("default", concurrency=1, pool=pool, env={"DSPEX_VISIBILITY_TIMEOUT_S": "3"})
+    key = f"{cluster.settings.namespace}:side:{uuid.uuid4().hex[:8]}"
+    modules = {f"m{index}": {"uses": ANNOUNCED, "inputs": {"key": key, "ms": 1000,
+                                                           **({"a": f"$m{index - 1}.value"} if index else {})}}
+               for index in range(6)}
+    result = cluster.run(program("long_chain", modules), strategy="dag", timeout=60)
+    assert result.status is ExecutionStatus.SUCCEEDED, result.error
+    # Then the broker never took the chain's task for lost while it ran: every module ran once, in it
+    time.sleep(4)  # a re-delivery would run by now
+    ran = cluster.runtime.store.client.lrange(key, 0, -1)
+    assert ran == [task_id(result.execution_id, "m0")] * 6, ran
+    assert all(record.lost_attempts == 0 and record.attempts == 1 for record in result.modules.values())
