@@ -127,13 +127,13 @@ class Lease:
 class CarrierMessage:
     """The message of the task a chain runs in, kept from the broker's restore sweep while the chain goes
     on: kombu re-delivers a message unacknowledged for the visibility timeout, and a chain of modules
-    can run longer than one module may. Each hop (at most every :data:`REFRESH_S`) sets the time the
-    message was taken to now, so it is re-delivered only if one module runs that long, as a queued
-    module's message would be."""
+    can run longer than one module may. The first hop, then each hop at most every :data:`REFRESH_S`,
+    sets the time the message was taken to now, so it is re-delivered only if one module runs that
+    long, as a queued module's message would be."""
 
     tag: str | None
     index: str
-    refreshed: float = field(default_factory=time.monotonic)
+    refreshed: float = float("-inf")  # the message may have waited in the worker's prefetch before the chain
 
     REFRESH_S: ClassVar[float] = 1.0
 
