@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import mmap
 import os
 import reprlib
 import signal
@@ -18,7 +19,7 @@ from typing import Any
 import redis
 from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Celery, Task
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_shutting_down
 from celery.worker import state as worker_state
 
 from dspex_celery.backups import backup_record, is_backup, leave_race, log_loser, steps_aside
@@ -206,11 +207,21 @@ def _task_events(task: Task, run: ModuleRun) -> TaskEvents | None:
     return events
 
 
+#: One byte shared with the prefork pool processes (mapped before they fork): set when the worker's main
+#: process begins its shutdown, which a pool process is not told of (its worker_state is its own).
+_STOPPING = mmap.mmap(-1, 1)
+
+
+@worker_shutting_down.connect(weak=False)
+def _mark_stopping(**_: Any) -> None:
+    _STOPPING[0] = 1
+
+
 def worker_stopping() -> bool:
     """True once the worker began a warm or cold shutdown: a slot ends the module it runs and, as Celery's
-    own warm shutdown promises, takes nothing more."""
-    return any(flag is not None and flag is not False
-               for flag in (worker_state.should_stop, worker_state.should_terminate))
+    own warm shutdown promises, takes nothing more (in a prefork pool process too)."""
+    return _STOPPING[0] == 1 or any(flag is not None and flag is not False
+                                    for flag in (worker_state.should_stop, worker_state.should_terminate))
 
 
 def continuation_offer(task: Task, runtime: Runtime, left: int, held: bool = False) -> Offer | None:

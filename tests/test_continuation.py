@@ -246,10 +246,11 @@ def test_a_slot_never_takes_a_module_that_must_run_in_its_own_task(make_cluster)
     cluster.stop()
 
 
-def test_a_warm_shutdown_ends_the_running_module_and_takes_no_more(make_cluster) -> None:
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_a_warm_shutdown_ends_the_running_module_and_takes_no_more(make_cluster, pool: str) -> None:
     # Given a one-slot worker running the first of three independent slow modules
     cluster = make_cluster()
-    stopping = cluster.start_worker("default", concurrency=1, pool="threads")
+    stopping = cluster.start_worker("default", concurrency=1, pool=pool)
     key = f"{cluster.settings.namespace}:side:{uuid.uuid4().hex[:8]}"
     modules = {f"m{index}": {"uses": ANNOUNCED, "inputs": {"key": key, "ms": 1500}} for index in range(3)}
     handle = cluster.submit(program("warm-stop", modules), strategy="dag")
