@@ -15,6 +15,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 
@@ -45,7 +46,7 @@ def answers_as(runtime: Runtime, node: str, timeout: float = 1.0) -> bool:
     """Whether a worker named ``node`` is up now: seen lately, and it answers a ping (an entry of a
     worker that was just killed is still fresh, and a restart under the same name must not be refused)."""
     entry = runtime.store.client.hget(runtime.store.global_key(WORKERS), node)
-    if entry is None or time.time() - float(json.loads(entry)["seen"]) >= STALE_AFTER_S:
+    if entry is None or not seen_lately(json.loads(entry), time.time()):
         return False
     return bool(runtime.app.control.ping(destination=[node], timeout=timeout))
 
@@ -55,8 +56,12 @@ def live_workers(runtime: Runtime) -> dict[str, list[str]]:
     raw = runtime.store.client.hgetall(runtime.store.global_key(WORKERS))
     now = time.time()
     workers = {node: json.loads(entry) for node, entry in raw.items()}
-    return {node: entry["resources"] for node, entry in sorted(workers.items())
-            if now - float(entry["seen"]) < STALE_AFTER_S}
+    return {node: entry["resources"] for node, entry in sorted(workers.items()) if seen_lately(entry, now)}
+
+
+def seen_lately(entry: dict[str, Any], now: float) -> bool:
+    """Whether a presence entry was announced within :data:`STALE_AFTER_S` of ``now``."""
+    return now - float(entry["seen"]) < STALE_AFTER_S
 
 
 def unserved(runtime: Runtime, plan: Plan) -> dict[str, list[str]]:
