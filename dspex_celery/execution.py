@@ -268,9 +268,14 @@ class Execution:
         meta = backend._get_result_meta(result=result.to_json_dict(), state=states.SUCCESS, traceback=None,
                                         request=None)
         meta["task_id"] = self.id
-        store.publish_result(self.id, backend.get_key_for_task(self.id).decode(), backend.encode(meta),
-                             int(backend.expires or 0), self.runtime.hooks.publish_steps(result),
-                             status=result.status.value, finished_at=result.finished_at)
+        steps = self.runtime.hooks.publish_steps(result)
+        try:
+            store.publish_result(self.id, backend.get_key_for_task(self.id).decode(), backend.encode(meta),
+                                 int(backend.expires or 0), steps, status=result.status.value,
+                                 finished_at=result.finished_at)
+        except Exception:
+            self.runtime.hooks.publish_failed(result)
+            raise
 
     def compensate(self, order: list[str]) -> None:
         """Send the chain of compensations of ``order`` (each task runs one, then sends the rest)."""

@@ -72,6 +72,10 @@ class Hook:
         afterwards: a hook whose step ran must not do its work again there."""
         return None
 
+    def publish_failed(self, result: ExecutionResult) -> None:
+        """The script that was to run this hook's :meth:`publish_step` failed: its step did not run
+        (the result is published again later, with a new step)."""
+
     def on_execution_finished(self, result: ExecutionResult) -> None:
         """Once per execution, after its result is published."""
 
@@ -119,6 +123,9 @@ class HookChain:
             if step is not None:
                 steps.append(step)
         return steps
+
+    def publish_failed(self, result: ExecutionResult) -> None:
+        self._after("publish_failed", result)
 
     def on_execution_finished(self, result: ExecutionResult) -> None:
         self._after("on_execution_finished", result)

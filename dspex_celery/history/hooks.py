@@ -74,8 +74,9 @@ class StreamPublisher(Hook):
         self._pid = 0
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
-        #: Executions whose finished event a publish script carries (on_execution_finished sends none).
-        self._in_script: set[str] = set()
+        #: Executions whose finished event a publish script carries (on_execution_finished sends none),
+        #: with the record events that script carries (sent again if it fails).
+        self._in_script: dict[str, list[Event]] = {}
 
     @property
     def store(self) -> StateStore:
@@ -94,21 +95,29 @@ class StreamPublisher(Hook):
         """The record events queued so far, then the finished event, appended by the script that
         publishes the result: no round trip of their own, and no window in which the result is out and
         its finished event is not."""
-        items = [*_drain(self._queue), FinishedEvent(result)]
+        records = _drain(self._queue)
+        items = [*records, FinishedEvent(result)]
         args: list[Any] = [STREAM_MAXLEN, len(items)]
         for item in items:
             fields = [part for pair in encode(item).items() for part in pair]
             args += [len(fields), *fields]
         with self._lock:
-            self._in_script.add(result.execution_id)
+            self._in_script[result.execution_id] = records
         return LuaStep(_XADD_EVENTS, [self.stream], args)
+
+    def publish_failed(self, result: ExecutionResult) -> None:
+        """The script did not run: send the record events it carried (of any execution of this
+        process) on their own; its finished event goes out with the publication that comes next."""
+        with self._lock:
+            records = self._in_script.pop(result.execution_id, [])
+        if records:
+            self._send(records)
 
     def on_execution_finished(self, result: ExecutionResult) -> None:
         """The record events queued so far, then the finished event, in one round trip (unless the
         script that published the result sent them: :meth:`publish_step`)."""
         with self._lock:
-            if result.execution_id in self._in_script:
-                self._in_script.discard(result.execution_id)
+            if self._in_script.pop(result.execution_id, None) is not None:
                 return
         self._send([*_drain(self._queue), FinishedEvent(result)])
 
