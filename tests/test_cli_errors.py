@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REDIS_URL, assert_one_line_error, dspex
+from tests.conftest import REDIS_URL, ROOT, assert_one_line_error, dspex
 
 
 def write(tmp_path: Path, data: object, name: str = "program.yaml") -> str:
@@ -213,6 +213,23 @@ def test_batch_output_that_cannot_be_written_is_refused_before_any_line_runs(tmp
         assert_one_line_error(result, 2, "is a directory")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["lines.jsonl", "results"]  # nothing left behind
     assert not list(folder.iterdir())
+
+
+def test_a_batch_output_that_names_a_file_it_reads_is_refused_and_the_file_kept(tmp_path: Path) -> None:
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text('{"question": "x"}\n')
+    inputs = tmp_path / "inputs.json"
+    inputs.write_text("{}")
+    program = tmp_path / "rag.yaml"
+    program.write_text((ROOT / "examples" / "rag.yaml").read_text())
+    (tmp_path / "link.jsonl").symlink_to(lines)
+    kept = {path: path.read_text() for path in (lines, inputs, program)}
+    for output, option in ((lines, "--inputs-file"), (tmp_path / "." / "link.jsonl", "--inputs-file"),
+                           (inputs, "--inputs"), (program, "program")):
+        result = dspex("run", str(program), "--inputs-file", str(lines), "--inputs", str(inputs), "--output", str(output))
+        assert_one_line_error(result, 2, f"is the {option} file", "pick another --output")
+    assert {path: path.read_text() for path in kept} == kept
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["inputs.json", "lines.jsonl", "link.jsonl", "rag.yaml"]
 
 
 def test_the_same_batch_running_twice_at_once_is_refused(tmp_path: Path) -> None:

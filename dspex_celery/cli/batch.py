@@ -133,7 +133,7 @@ def run_batch(
     base = collect_inputs(pairs, inputs_file)
     source = Path(batch_file)
     target = Path(output) if output else source.with_name(f"{source.stem}.results.jsonl")
-    check_output(target)
+    check_output(target, ("--inputs-file", source), ("--inputs", inputs_file), ("program", program_file))
     journal = target.with_name(target.name + ".partial")
     metric_fn = resolve_metric(metric) if metric else None
     total = count_lines(source)

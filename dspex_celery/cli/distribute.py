@@ -144,12 +144,12 @@ def run_module_batch(reference: str, *, batch_file: str, output: str | None, max
                      with_pairs: tuple[str, ...], as_json_flag: bool, metric: str | None = None) -> None:
     """One forward per JSON line of ``batch_file`` (keys that are not forward's arguments are labels,
     scored with ``metric``); results in input order; exit 1 if any line failed."""
+    target = Path(output) if output else Path(batch_file).with_name(f"{Path(batch_file).stem}.results.jsonl")
+    check_output(target, ("--inputs-file", batch_file))
     runtime = open_runtime(broker, result_backend)
     module = build_distributed(reference, runtime, lm, adapter, with_pairs)
     score = resolve_metric(metric) if metric else None
     lines = read_lines(Path(batch_file))
-    target = Path(output) if output else Path(batch_file).with_name(f"{Path(batch_file).stem}.results.jsonl")
-    check_output(target)
     journal = target.with_name(target.name + ".partial")
     ids = journaled_ids(journal)
     with journal.open("a", encoding="utf-8") as log:

@@ -56,9 +56,14 @@ def _read_inputs_file(path: str) -> dict[str, Any]:
     return data
 
 
-def check_output(target: Path) -> None:
-    """Refuse an output the batch could not write at its end, before any line runs: a directory, or a
-    file in a directory that does not exist."""
+def check_output(target: Path, *kept: tuple[str, str | Path | None]) -> None:
+    """Refuse an output the batch could not write at its end, before any line runs: a directory, a
+    file in a directory that does not exist, or one of the ``kept`` files it reads (``(option, path)``
+    pairs such as ``("--inputs-file", path)``), which the results would replace."""
+    for option, path in kept:
+        if path is not None and _same_file(target, Path(path)):
+            raise InputError(f"--output {target} is the {option} file: the results would replace it; "
+                             f"pick another --output, e.g. --output {target.with_name(target.stem + '.results.jsonl')}")
     if target.is_dir():
         raise InputError(f"--output {target} is a directory: name a file, e.g. --output {target / 'results.jsonl'}")
     folder = target.parent
@@ -66,3 +71,11 @@ def check_output(target: Path) -> None:
         raise InputError(f"--output {target}: directory {folder} does not exist: create it or pick another path")
     if not os.access(folder, os.W_OK):
         raise InputError(f"--output {target}: directory {folder} is not writable: pick another path")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (through links too); False when either does not exist."""
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
