@@ -24,6 +24,10 @@ from dspex_celery import defaults
 from dspex_celery.errors import ConfigError
 
 
+#: An absolute dotted Python package name (an allow-list entry).
+_PACKAGE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
 def config_file() -> Path:
     """The YAML config file in force: ``DSPEX_CONFIG`` or ``config/dspex.yaml`` in the cwd."""
     return Path(os.environ.get("DSPEX_CONFIG", defaults.CONFIG_FILE))
@@ -105,6 +109,16 @@ class Settings(BaseSettings):
         """``DSPEX_HOOKS=a.b:f,c.d:g`` (or one string in the config file) is a list of paths."""
         if isinstance(value, str):
             return tuple(path.strip() for path in value.split(",") if path.strip())
+        return value
+
+    @field_validator("modules")
+    @classmethod
+    def _package_names(cls, value: str) -> str:
+        """Every allow-listed entry is an absolute dotted package name (not a path, not relative)."""
+        bad = [name.strip() for name in value.split(",") if name.strip() and not _PACKAGE.fullmatch(name.strip())]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))} is not a package name: name packages as "
+                             "dotted Python names, e.g. --modules my_pipeline.modules")
         return value
 
     @classmethod

@@ -271,3 +271,20 @@ def test_worker_resource_classes() -> None:
     for bad in ("a b", "1x", "h1.llm"):
         assert_one_line_error(dspex("worker", "--resource", bad), 2, f"--resource '{bad}' is not a resource class")
     assert_one_line_error(dspex("worker", "--resource", ""), 2, "--resource is empty")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e400", "0"])
+def test_a_timeout_that_is_not_a_finite_positive_number_is_a_usage_error(value: str, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    result = dspex("run", "examples/rag.yaml", "-i", "question=x", "--timeout", value,
+                   env={"XDG_DATA_HOME": str(data)})
+    assert result.returncode == 2 and "Invalid value for '--timeout'" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not data.exists()  # nothing ran, so no history was written
+
+
+@pytest.mark.parametrize("command", [("worker", "-c", "1", "-b", REDIS_URL), ("run", "examples/rag.yaml", "-i", "question=x")])
+@pytest.mark.parametrize("entry", [".", "../pkg", "pkg/modules"])
+def test_an_allow_list_entry_that_is_not_a_package_name_is_one_line(command: tuple[str, ...], entry: str) -> None:
+    result = dspex(*command, "--modules", entry, timeout=30)
+    assert_one_line_error(result, 2, f"'{entry}' is not a package name", "--modules")

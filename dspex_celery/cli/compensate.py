@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dspex_celery import compensation_store
-from dspex_celery.cli.options import cluster_runtime, connection_options
+from dspex_celery.cli.options import Seconds, cluster_runtime, connection_options
 from dspex_celery.cli.render import print_json
 from dspex_celery.errors import UnknownExecution, UsageError
 from dspex_celery.execution import Execution
@@ -25,7 +25,7 @@ _ENDED = (CompensationStatus.SUCCEEDED, CompensationStatus.FAILED)
 @click.command()
 @click.argument("execution_id", metavar="EXECUTION_ID")
 @connection_options
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+@click.option("--timeout", type=Seconds(min=0, min_open=True), default=300.0, show_default=True,
               help="Seconds to wait for the compensations to end.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object.")
 def compensate(execution_id: str, broker: str | None, result_backend: str | None, timeout: float,

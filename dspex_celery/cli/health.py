@@ -12,7 +12,7 @@ import socket
 import click
 import redis
 
-from dspex_celery.cli.options import cluster_runtime, connection_options
+from dspex_celery.cli.options import Seconds, cluster_runtime, connection_options
 from dspex_celery.errors import DspexError
 from dspex_celery.history.hooks import stream_key
 from dspex_celery.history.listener import GROUP, default_consumer
@@ -34,7 +34,7 @@ class Unhealthy(DspexError):
 @click.option("--listener", "check_listener", is_flag=True,
               help="Check the history listener on this host instead (consumer listener@HOST).")
 @click.option("--consumer", default=None, help="The listener's consumer name (default: listener@HOST).")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
+@click.option("--timeout", type=Seconds(min=0.1), default=3.0, show_default=True,
               help="Seconds to wait for the workers' replies.")
 def ping(broker: str | None, result_backend: str | None, node: str | None, check_listener: bool,
          consumer: str | None, timeout: float) -> None:

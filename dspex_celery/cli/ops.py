@@ -10,7 +10,7 @@ from rich.table import Table
 
 from dspex_celery.breaker import circuits, reset_circuit
 from dspex_celery.cli.distribute import is_distributed, resume_distributed
-from dspex_celery.cli.options import cluster_runtime, connection_options, strategy_option
+from dspex_celery.cli.options import Seconds, cluster_runtime, connection_options, strategy_option
 from dspex_celery.cli.progress import submit_and_report
 from dspex_celery.cli.render import fitted_table, print_json
 from dspex_celery.client import ExecutionHandle, resume_execution
@@ -44,7 +44,7 @@ def cancel(execution_id: str, broker: str | None, result_backend: str | None, as
 @execution_argument
 @connection_options
 @strategy_option("Execution strategy (default: the original execution's).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--timeout", type=Seconds(min=0, min_open=True), default=None,
               help="Fail the new execution after SECONDS.")
 @json_option
 @click.option("-q", "--quiet", is_flag=True, help="No live progress display.")

@@ -7,6 +7,7 @@ commands by name and imports their module only when one runs or shows its help.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,18 @@ RESULT_BACKEND_HELP = ("Redis URL of results and execution state (default: DSPEX
 NO_BROKER_FIX = "pass --broker URL or set DSPEX_BROKER_URL"
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+class Seconds(click.FloatRange):
+    """A finite number of seconds in a range (click's FloatRange lets ``nan`` and ``inf`` through)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return seconds
 
 #: A plain string: a directory, like a missing file, is the program loader's one-line error (click's own
 #: check would print a usage block).

@@ -13,6 +13,7 @@ from dspex_celery.cli.distribute import (
 )
 from dspex_celery.cli.inputs import collect_inputs
 from dspex_celery.cli.options import (
+    Seconds,
     in_process_connection_options,
     open_runtime,
     program_argument,
@@ -39,7 +40,7 @@ chosen_strategy_option = strategy_option(
 @click.option("--inputs", "inputs_file", metavar="FILE.json", default=None, help="Program inputs as a JSON object.")
 @in_process_connection_options
 @chosen_strategy_option
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Fail the execution after SECONDS.")
+@click.option("--timeout", type=Seconds(min=0, min_open=True), default=None, help="Fail the execution after SECONDS.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object (the execution result).")
 @click.option("-q", "--quiet", is_flag=True, help="No live progress display (there is none when not a terminal).")
 @click.option("--detach", is_flag=True, help="Submit, print the execution id and exit without waiting (cluster only).")
