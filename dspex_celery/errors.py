@@ -26,6 +26,17 @@ def not_utf8(exc: UnicodeDecodeError) -> str:
     return f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
 
 
+def beyond_parser_limits(exc: BaseException) -> str | None:
+    """Why JSON or YAML text could not be read when the parser hit one of Python's limits rather than a
+    syntax error (nesting too deep, an integer longer than Python converts), worded for one line; else None."""
+    if isinstance(exc, RecursionError):
+        return "nests too deeply to parse: flatten it"
+    if isinstance(exc, ValueError) and "integer string conversion" in str(exc):
+        return (f"holds an integer of more than {sys.get_int_max_str_digits()} digits, more than Python "
+                "converts: pass it as a string")
+    return None
+
+
 def imported_exceptions(paths: Iterable[str]) -> tuple[type[BaseException], ...]:
     """The exception classes ``package.module:Class`` paths name (``retry.on``, ``circuit_breaker.ignore``),
     looked up among the modules this process has already imported: an error of a module never imported

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dspex_celery.collector import without_collection
-from dspex_celery.errors import ProgramError, not_utf8
+from dspex_celery.errors import ProgramError, beyond_parser_limits, not_utf8
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 USES_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
@@ -404,14 +404,23 @@ def _parse_text(text: str, *, json_first: bool) -> Any:
             raise ProgramError([f"invalid JSON at line {exc.lineno}: {exc.msg}"]) from None
         except RecursionError:
             raise ProgramError([_too_deep()]) from None
+        except ValueError as exc:
+            raise _beyond_limits(exc) from None
     try:
         return yaml.load(text, Loader=_ProgramLoader)  # a SafeLoader subclass
+    except ValueError as exc:  # an integer literal longer than Python converts
+        raise _beyond_limits(exc) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ProgramError([f"invalid YAML{where}: {exc.problem}"]) from None
     except yaml.YAMLError as exc:
         raise ProgramError([f"invalid YAML: {exc}"]) from None
+
+
+def _beyond_limits(exc: ValueError) -> ProgramError | ValueError:
+    problem = beyond_parser_limits(exc)
+    return exc if problem is None else ProgramError([f"the program {problem}"])
 
 
 @without_collection

@@ -288,3 +288,35 @@ def test_a_timeout_that_is_not_a_finite_positive_number_is_a_usage_error(value: 
 def test_an_allow_list_entry_that_is_not_a_package_name_is_one_line(command: tuple[str, ...], entry: str) -> None:
     result = dspex(*command, "--modules", entry, timeout=30)
     assert_one_line_error(result, 2, f"'{entry}' is not a package name", "--modules")
+
+
+#: An integer longer than Python converts from text (its int_max_str_digits limit, 4300 by default).
+HUGE = "9" * (sys.get_int_max_str_digits() + 1)
+
+
+def test_an_integer_longer_than_python_converts_is_one_line_wherever_it_is(tmp_path: Path) -> None:
+    inputs = tmp_path / "inputs.json"
+    inputs.write_text(f'{{"question": {HUGE}}}')
+    program = {"name": "huge", "modules": {"a": {"uses": "dspex_celery.examples.synthetic:work", "inputs": {"n": "N"}}}}
+    as_json = json.dumps(program).replace('"N"', HUGE)
+    files = {"p.json": as_json, "p.yaml": as_json}  # JSON is YAML too: the YAML loader reads it
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    fragment = "integer of more than"
+    assert_one_line_error(dspex("run", "examples/rag.yaml", "-i", f"question={HUGE}"), 2, "-i value", fragment)
+    assert_one_line_error(dspex("run", "examples/rag.yaml", "--inputs", str(inputs)), 2, str(inputs), fragment)
+    for name in files:
+        for command in ("validate", "plan", "run"):
+            assert_one_line_error(dspex(command, str(tmp_path / name)), 2, name, fragment)
+
+
+def test_a_batch_line_beyond_the_parsers_limits_is_an_invalid_line_and_the_rest_runs(tmp_path: Path) -> None:
+    lines = tmp_path / "lines.jsonl"
+    deep = "[" * 50_000 + "]" * 50_000
+    lines.write_text(f'{{"question": {HUGE}}}\n{{"question": "redis"}}\n{{"question": {deep}}}\n')
+    result = dspex("run", "examples/rag.yaml", "--inputs-file", str(lines), env={"XDG_DATA_HOME": str(tmp_path / "d")})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    out = [json.loads(text) for text in (tmp_path / "lines.results.jsonl").read_text().splitlines()]
+    assert [line["status"] for line in out] == ["invalid", "succeeded", "invalid"]
+    assert "integer of more than" in out[0]["error"] and "nests too deeply" in out[2]["error"]
+    assert not (tmp_path / "lines.results.jsonl.partial").exists()

@@ -48,7 +48,7 @@ from dspex_celery.cli.distribute import is_module_reference, run_module_batch
 from dspex_celery.cli.inputs import check_output, collect_inputs
 from dspex_celery.cli.options import open_runtime, refuse_modules_on_a_cluster
 from dspex_celery.cli.progress import INTERRUPTED
-from dspex_celery.errors import DspexError, InputError, UsageError, not_utf8
+from dspex_celery.errors import DspexError, InputError, UsageError, beyond_parser_limits, not_utf8
 from dspex_celery.plan import Plan
 from dspex_celery.program import Program
 
@@ -292,6 +292,10 @@ def read_items(path: Path, plan: Plan, base: dict[str, Any]) -> Iterator[BatchIt
                 data = json.loads(text)
             except json.JSONDecodeError as exc:
                 yield BatchItem(index, {}, {}, line_key({"text": text}), f"line {number}: invalid JSON ({exc.msg})")
+            except (RecursionError, ValueError) as exc:
+                if (problem := beyond_parser_limits(exc)) is None:
+                    raise
+                yield BatchItem(index, {}, {}, line_key({"text": text}), f"line {number} {problem}")
             else:
                 yield make_item(index, data, plan, base, line=number)
             index += 1

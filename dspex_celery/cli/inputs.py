@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dspex_celery.errors import InputError, not_utf8
+from dspex_celery.errors import InputError, beyond_parser_limits, not_utf8
 from dspex_celery.spec import non_finite_input
 
 
@@ -18,8 +18,10 @@ def parse_value(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
-    except RecursionError:
-        raise InputError("an -i value nests too deeply to parse as JSON: flatten it") from None
+    except (RecursionError, ValueError) as exc:
+        if (problem := beyond_parser_limits(exc)) is None:
+            raise
+        raise InputError(f"an -i value {problem}") from None
 
 
 def collect_inputs(pairs: tuple[str, ...], inputs_file: str | None) -> dict[str, Any]:
@@ -49,8 +51,10 @@ def _read_inputs_file(path: str) -> dict[str, Any]:
         raise InputError(f"cannot read inputs file {path} ({exc.strerror}): name a JSON file") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"inputs file {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    except RecursionError:
-        raise InputError(f"inputs file {path} nests too deeply to parse as JSON: flatten it") from None
+    except (RecursionError, ValueError) as exc:
+        if (problem := beyond_parser_limits(exc)) is None:
+            raise
+        raise InputError(f"inputs file {path} {problem}") from None
     if not isinstance(data, dict):
         raise InputError(f"inputs file {path} must hold a JSON object of input names to values")
     return data
