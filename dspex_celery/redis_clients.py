@@ -21,10 +21,11 @@ from urllib.parse import unquote, urlsplit
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from dspex_celery.errors import ConfigError
+from dspex_celery.errors import BrokerUnreachable, ConfigError
 from dspex_celery.settings import redact
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,14 @@ def connect(url: str, *, sentinel_master: str | None = None, decode_responses: b
 
 
 def cluster_client(servers: Servers, **options: Any) -> RedisCluster:
+    """A client of the cluster (it asks a node for the slot map at once: none answering is one line)."""
     nodes = [ClusterNode(host, port) for host, port in servers.nodes]
-    return RedisCluster(startup_nodes=nodes, ssl=servers.tls, **servers.credentials(), **options)
+    try:
+        return RedisCluster(startup_nodes=nodes, ssl=servers.tls, **servers.credentials(), **options)
+    except RedisClusterException as exc:
+        names = ",".join(f"{host}:{port}" for host, port in servers.nodes)
+        raise BrokerUnreachable(f"cannot reach the Redis Cluster at {names} ({str(exc).split('. ')[0]}): "
+                                "start it or fix the redis-cluster:// URL") from None
 
 
 def sentinel_master_client(url: str, master: str | None, **options: Any) -> redis.Redis:

@@ -207,7 +207,7 @@ def load_settings(**overrides: Any) -> Settings:
     """Settings with the given flag values on top (``None`` flags are ignored); an invalid value is
     one :class:`ConfigError` naming the setting (``DSPEX_LM_CACHE=x`` -> ``lm_cache: Input should be ...``)."""
     try:
-        return Settings(**{key: value for key, value in overrides.items() if value is not None})
+        return _urls_checked(Settings(**{key: value for key, value in overrides.items() if value is not None}))
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors())
         raise ConfigError(f"invalid setting ({problems}): fix the DSPEX_* variable, flag or config file") from None
@@ -225,6 +225,36 @@ def load_settings(**overrides: Any) -> Settings:
             raise
         raise ConfigError(f"config file {config_file()} must be a mapping of setting names to values "
                           "(broker_url: ..., namespace: ...): fix it or set DSPEX_CONFIG to another file") from exc
+
+
+#: Schemes whose URL path is a Redis database number (``redis://host:port/DB``).
+_REDIS_DB_SCHEMES = ("redis", "rediss", "sentinel")
+#: What the broker and result-backend settings are called on the command line.
+_URL_FLAGS = {"broker_url": "--broker", "result_backend": "--result-backend"}
+
+
+def _urls_checked(settings: Settings) -> Settings:
+    """``settings``, once its broker and result-backend URLs have a numeric port and Redis database
+    (clients would fail on them later, with a traceback, some only once a worker or a run is under way)."""
+    for name, flag in _URL_FLAGS.items():
+        for url in _URL_LIST.split(getattr(settings, name) or "")[::2]:
+            if problem := _url_problem(url):
+                raise ConfigError(f"{name} {redact(url)}: {problem}: fix {flag} (or DSPEX_{name.upper()})")
+    return settings
+
+
+def _url_problem(url: str) -> str | None:
+    parts = urlsplit(url)
+    if parts.scheme.startswith("redis-cluster") or "," in parts.netloc:  # host lists: checked where parsed
+        return None
+    try:
+        parts.port  # noqa: B018  (the property parses it)
+    except ValueError:
+        return f"the port after '{parts.hostname}:' is not a number"
+    database = parts.path.strip("/")
+    if parts.scheme in _REDIS_DB_SCHEMES and database and not database.isdigit():
+        return f"the database '{database}' is not a number (redis://host:port/DB)"
+    return None
 
 
 def _config_is_a_mapping() -> bool:

@@ -320,3 +320,19 @@ def test_a_batch_line_beyond_the_parsers_limits_is_an_invalid_line_and_the_rest_
     assert [line["status"] for line in out] == ["invalid", "succeeded", "invalid"]
     assert "integer of more than" in out[0]["error"] and "nests too deeply" in out[2]["error"]
     assert not (tmp_path / "lines.results.jsonl.partial").exists()
+
+
+@pytest.mark.parametrize("command", [("status",), ("run", "examples/rag.yaml", "-i", "question=x"),
+                                     ("worker", "-c", "1", "--modules", "dspex_celery.examples")])
+@pytest.mark.parametrize(("urls", "fragments"), [
+    (("--broker", "redis://:s3cret@127.0.0.1:notaport/11"), ("broker_url", "port", "is not a number", "--broker")),
+    (("--broker", "amqp://guest:s3cret@127.0.0.1:5672//", "--result-backend", "redis://:s3cret@127.0.0.1:6379/abc"),
+     ("result_backend", "database 'abc' is not a number", "--result-backend")),
+    (("--broker", REDIS_URL, "--result-backend", "redis-cluster://:s3cret@127.0.0.1:1"),
+     ("cannot reach the Redis Cluster at 127.0.0.1:1", "redis-cluster://")),
+])
+def test_a_malformed_or_unreachable_url_is_one_line_without_its_password(
+        command: tuple[str, ...], urls: tuple[str, ...], fragments: tuple[str, ...]) -> None:
+    result = dspex(*command, *urls, timeout=60)
+    assert_one_line_error(result, 2, *fragments)
+    assert "s3cret" not in result.stderr + result.stdout
