@@ -8,6 +8,8 @@ are allowed) unless an allow-list is configured (``run --modules``, ``DSPEX_MODU
 from __future__ import annotations
 
 import atexit
+import os
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
@@ -84,6 +86,28 @@ class EmbeddedWorker:
             self.controller.stop(in_sighandler=False)
             if join:
                 self.thread.join(timeout=5)
+
+
+#: Set when an interrupted command cancelled embedded executions: the calls still running in this
+#: process have outcomes nobody reads, and the exit need not wait for them.
+_calls_abandoned = threading.Event()
+
+
+def abandon_running_calls() -> None:
+    """The running module calls of this process's embedded worker are to be left behind at exit (a
+    thread cannot be stopped: Python would otherwise wait for each to return)."""
+    _calls_abandoned.set()
+
+
+def exit_leaving_abandoned_calls(code: int) -> None:
+    """When :func:`abandon_running_calls` was called: run the exit handlers (the history's last
+    writes among them), then end the process without joining the threads that still run calls."""
+    if not _calls_abandoned.is_set():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)
 
 
 def before_thread_shutdown(callback: Callable[[], None]) -> None:

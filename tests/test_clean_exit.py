@@ -115,3 +115,29 @@ def test_runs_against_workers_and_the_worker_exit_quietly(make_cluster, tmp_path
     shutdown = text[text.index("Warm shutdown"):]
     assert not NOISE.search(shutdown), shutdown
     assert "Exception ignored" not in text and "sys.meta_path is None" not in text, text[-3000:]
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["run", "batch"])
+def test_ctrl_c_of_an_in_process_run_leaves_at_once_without_waiting_for_the_running_call(
+        tmp_path: Path, batch: bool) -> None:
+    # Given an embedded run (or batch) whose module sleeps 30 s, interrupted once the module runs
+    started = tmp_path / "started"
+    program = tmp_path / "long.yaml"
+    program.write_text(yaml.safe_dump({"name": "long", "modules": {"a": {
+        "uses": "tests.modules.basic:sleep_marked", "inputs": {"seconds": 30, "marker": str(started)}}}}))
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text("{}\n")
+    args = [CLI, "run", str(program), *(["--inputs-file", str(lines)] if batch else [])]
+    env = {**embedded_env(), "XDG_DATA_HOME": str(tmp_path / "data")}
+    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(started.exists, 60, f"{started} (the module started)")
+    interrupted = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    # Then it cancelled, exited 130 within seconds (not after the call's 30 s) and quietly
+    assert process.returncode == 130, stderr
+    assert time.monotonic() - interrupted < 10, stderr
+    assert "cancelled" in stderr and not NOISE.search(stderr), stderr
+    # And the history has the execution as cancelled (its last writes were made before leaving)
+    history = subprocess.run([CLI, "history", "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert '"cancelled"' in history.stdout, history.stdout + history.stderr

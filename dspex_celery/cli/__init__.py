@@ -13,6 +13,7 @@ import gc
 import importlib
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -182,6 +183,11 @@ def main() -> None:
     """Console-script entry point."""
     try:
         cli(prog_name="dspex-celery")
+    except SystemExit as done:
+        embedded = sys.modules.get("dspex_celery.embedded")  # only an embedded run can leave calls behind
+        if embedded is not None:
+            embedded.exit_leaving_abandoned_calls(done.code if isinstance(done.code, int) else 1)
+        raise
     finally:
         # The command is done: spare the exit a last garbage collection of everything the process made
         # (~0.25 s after an embedded run). Exit handlers, flushes and finalizers run as before; the
