@@ -99,9 +99,9 @@ def _resolve_hook(path: str, settings: Settings) -> Callable[..., object]:
     try:
         return resolve_uses(path, allowed)
     except UsesRefused as exc:
-        package = path.partition(":")[0].split(".")[0]
+        package = path.partition(":")[0]
         raise ConfigError(f"hook '{path}' is refused ({exc}): add --modules {package} (or DSPEX_MODULES) "
-                          "if you trust that package") from None
+                          "if you trust that module") from None
     except ImportError as exc:
         raise ConfigError(f"cannot load hook '{path}' ({exc}): fix `hooks:` in the config file or DSPEX_HOOKS") from None
 

@@ -151,7 +151,7 @@ def _refused(name: str, uses: str, allowed: tuple[str, ...]) -> str | None:
     """Why module ``name`` may not run ``uses`` with the allow-list ``allowed`` (None: it may)."""
     if not is_allowed(uses, allowed):
         return (f"module '{name}': '{uses}' is outside the allow-list ({', '.join(allowed)}): "
-                f"add --modules {package_of(uses).split('.')[0]} if you trust that package")
+                f"add --modules {package_of(uses)} if you trust that module")
     try:
         resolve_uses(uses, allowed)
     except UsesRefused as exc:

@@ -42,8 +42,8 @@ def check_allowed(module: ModulePlan, allowed: tuple[str, ...], program: str = "
 def _refusal(uses: str, allowed: tuple[str, ...]) -> str | None:
     """Why ``uses`` may not run with ``allowed``, or None (also when it does not import: loading says so)."""
     if not is_allowed(uses, allowed):
-        top = package_of(uses).split(".")[0]
-        return f" (allow-listed packages: {', '.join(allowed) or 'none'}); start the worker with --modules {top}"
+        return (f" (allow-listed packages: {', '.join(allowed) or 'none'}); start the worker with --modules "
+                f"{package_of(uses)} if you trust that module")
     if (uses, allowed) in _resolved_allowed:
         return None
     try:

@@ -241,7 +241,7 @@ def test_embedded_modules_restricts_the_allow_list() -> None:
     question = "question=What is Redis?"
     refused = dspex("run", "examples/rag.yaml", "--modules", "tests.modules", "-i", question)
     assert_one_line_error(refused, 2, "module 'retrieve': 'dspex_celery.examples.rag:retrieve' is outside the "
-                          "allow-list (tests.modules): add --modules dspex_celery")
+                          "allow-list (tests.modules): add --modules dspex_celery.examples.rag if you trust that module")
     allowed = dspex("run", "examples/rag.yaml", "-m", "dspex_celery.examples", "-i", question, "--json")
     assert allowed.returncode == 0, allowed.stderr
     assert json.loads(allowed.stdout)["status"] == "succeeded"

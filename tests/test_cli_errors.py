@@ -336,3 +336,14 @@ def test_a_malformed_or_unreachable_url_is_one_line_without_its_password(
     result = dspex(*command, *urls, timeout=60)
     assert_one_line_error(result, 2, *fragments)
     assert "s3cret" not in result.stderr + result.stdout
+
+
+def test_optimize_of_a_program_file_that_is_not_there_says_so(tmp_path: Path) -> None:
+    env = {"XDG_DATA_HOME": str(tmp_path / "data")}
+    assert_one_line_error(dspex("optimize", str(tmp_path / "gone.yaml"), env=env), 2, "gone.yaml not found")
+    assert_one_line_error(dspex("optimize", str(tmp_path), env=env), 2, "is a directory")
+
+
+def test_an_inputs_file_that_is_a_directory_names_the_fix(tmp_path: Path) -> None:
+    assert_one_line_error(dspex("run", "examples/rag.yaml", "--inputs-file", str(tmp_path)), 2,
+                          "Is a directory", "name a JSON Lines file")

@@ -122,7 +122,7 @@ def test_dspex_hooks_is_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) 
     [
         ("json:dumps", "redis://127.0.0.1:6379/3",
          "hook 'json:dumps' is refused ('json' is outside the allowed packages ('tests.modules')): "
-         "add --modules json (or DSPEX_MODULES) if you trust that package"),
+         "add --modules json (or DSPEX_MODULES) if you trust that module"),
         ("tests.modules.hook_mods:json.dumps", "redis://127.0.0.1:6379/3",
          "hook 'tests.modules.hook_mods:json.dumps' is refused (it passes through the module 'json'"),
         ("tests.modules.hook_mods:redis", None, "hook 'tests.modules.hook_mods:redis' is refused (it passes through"),
@@ -172,5 +172,5 @@ def test_a_worker_refuses_a_hook_outside_the_allow_list(cluster: Cluster) -> Non
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
         "error: hook 'json:dumps' is refused ('json' is outside the allowed packages ('tests.modules', "
-        "'dspex_celery.examples')): add --modules json (or DSPEX_MODULES) if you trust that package"
+        "'dspex_celery.examples')): add --modules json (or DSPEX_MODULES) if you trust that module"
     ]

@@ -92,6 +92,8 @@ ERROR_PATHS = [
      "cannot reach the broker at amqp://guest:***@127.0.0.1:{dead}//"),
     ("history --history-url postgresql+nosuchdriver://u:{pw}@127.0.0.1:{dead}/db",
      "invalid history database URL postgresql+nosuchdriver://u:***@127.0.0.1:{dead}/db"),
+    ("history --history-url mysql+pymysql://u:{pw}@127.0.0.1:{dead}/db",  # pymysql: not a dependency
+     "history database URL mysql+pymysql://u:***@127.0.0.1:{dead}/db needs a driver that is not installed"),
     ("history --history-url postgresql+psycopg://u:{pw}@127.0.0.1:noport/db",
      "invalid history database URL postgresql+psycopg://u:***@127.0.0.1:noport/db"),
     ("show abc --history-url postgresql+psycopg://u:{pw}@127.0.0.1:{dead}/db",

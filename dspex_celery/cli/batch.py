@@ -281,7 +281,7 @@ def count_lines(path: Path) -> int:
     except UnicodeDecodeError as exc:
         raise InputError(f"inputs file {path} is {not_utf8(exc)}: save it as UTF-8 JSON lines") from None
     except OSError as exc:
-        raise InputError(f"cannot read inputs file {path} ({exc.strerror})") from None
+        raise InputError(f"cannot read inputs file {path} ({exc.strerror}): name a JSON Lines file (one JSON object per line)") from None
 
 
 def read_items(path: Path, plan: Plan, base: dict[str, Any]) -> Iterator[BatchItem]:

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from dspex_celery.cli.options import cluster_runtime, connection_options
 from dspex_celery.cli.render import fitted_table, print_json, print_result
-from dspex_celery.errors import ConfigError
+from dspex_celery.errors import ConfigError, UsageError
 from dspex_celery.history.models import AttemptRow, ExecutionRow
 from dspex_celery.history.store import (
     HistoryStore,
@@ -174,8 +174,8 @@ def show(execution_id: str, as_json: bool, history_db: str | None) -> None:
 @history_option
 def optimize_command(program: str, fingerprint: str | None, dry_run: bool, as_json: bool, history_db: str | None) -> None:
     """Analyse PROGRAM's history; save the profile its next runs use."""
-    report = optimize(open_store(load_settings(history_url=history_db)), program_name(program), fingerprint,
-                      save=not dry_run)
+    name = program_name(program)
+    report = optimize(open_store(load_settings(history_url=history_db)), name, fingerprint, save=not dry_run)
     if as_json:
         print_json(report.to_json_dict())
     else:
@@ -185,7 +185,11 @@ def optimize_command(program: str, fingerprint: str | None, dry_run: bool, as_js
 def program_name(program: str) -> str:
     """``optimize`` takes a program's name; given its file (``examples/rag.yaml``), the name that file gives."""
     path = Path(program)
-    if path.suffix.lower() not in (".yaml", ".yml", ".json") or not path.is_file():
+    looks_like_a_file = path.suffix.lower() in (".yaml", ".yml", ".json") or "/" in program
+    if looks_like_a_file and not path.is_file():
+        what = "is a directory" if path.is_dir() else "not found"
+        raise UsageError(f"program file {program} {what}: name a program file, or the program's name")
+    if not looks_like_a_file:
         return program
     name = load_program_file(path).get("name")
     return name if isinstance(name, str) else program

@@ -390,8 +390,13 @@ def _engine(url: str, create: bool) -> Engine:
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
         engine = create_engine(url, pool_pre_ping=True, **_engine_options(url))
-    except (SQLAlchemyError, ImportError, ValueError) as exc:
-        raise ConfigError(f"invalid history database URL {redact(url)} ({reason_of(exc)}): fix DSPEX_HISTORY_URL") from None
+    except ImportError as exc:  # the database's driver is not installed
+        extra = " (pip install 'dspex-celery[postgres]')" if url.startswith("postgresql") else ""
+        raise ConfigError(f"history database URL {redact(url)} needs a driver that is not installed "
+                          f"({reason_of(exc)}): install it{extra}, or fix --history-url / DSPEX_HISTORY_URL") from None
+    except (SQLAlchemyError, ValueError) as exc:
+        raise ConfigError(f"invalid history database URL {redact(url)} ({reason_of(exc)}): "
+                          "fix --history-url / DSPEX_HISTORY_URL") from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine

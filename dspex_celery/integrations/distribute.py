@@ -177,9 +177,8 @@ def check_allowed_here(config: Config) -> None:
     allowed = tuple(config.runtime.settings.allowed_packages)
     for what in (config.class_ref, *config.dspy.values()):
         if allowed and not is_allowed(what, allowed):
-            top = package_of(what).split(".")[0]
             raise UsageError(f"distribute(): '{what}' is outside the allow-list ({', '.join(allowed)}): "
-                             f"add --modules {top} (DSPEX_MODULES) if you trust that package")
+                             f"add --modules {package_of(what)} (DSPEX_MODULES) if you trust that module")
 
 
 def _module_base() -> type:
