@@ -10,8 +10,10 @@ with one error line naming the queue and the reason; the worker goes on. Selecte
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
@@ -35,7 +37,27 @@ _NESTED_KWARGS = ("tasks", "header", "body")
 _MAX_CANVAS_DEPTH = 32
 
 
-def request_problem(message: Message) -> str | None:
+def arguments_problem(tasks: Mapping[str, Any], name: Any, args: Any, kwargs: Any) -> str | None:
+    """Why the arguments a message carries do not fit the task it names (a forged message: the task
+    would fail with a TypeError and its traceback), or None; Celery reports an unknown task itself."""
+    task = tasks.get(name) if isinstance(name, str) else None
+    if task is None:
+        return None
+    if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
+        return f"its arguments are a {type(args).__name__} and a {type(kwargs).__name__}, not a list and a mapping"
+    try:
+        _signature_of(task).bind(*args, **kwargs)
+    except TypeError as exc:
+        return f"its arguments do not fit task {name} ({exc})"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _signature_of(task: Any) -> inspect.Signature:
+    return inspect.signature(task.run)  # through Celery's autoretry wrapper (functools.wraps)
+
+
+def request_problem(message: Message, tasks: Mapping[str, Any] | None = None) -> str | None:
     """Why Celery would fail on ``message`` after taking it in, or None.
 
     Celery stores results and calls errbacks and chord callbacks with what a message carries: a task id
@@ -62,6 +84,8 @@ def request_problem(message: Message) -> str | None:
         return None
     if not isinstance(body, list | tuple) or len(body) != 3 or body[2] is None:
         return None  # Celery's own unpacking reports a body of another shape
+    if tasks is not None and (problem := arguments_problem(tasks, headers["task"], body[0], body[1])):
+        return problem
     embed = body[2]
     if not isinstance(embed, dict) or not all(isinstance(key, str) for key in embed):
         return "its body's options are not a mapping of names"
@@ -118,7 +142,7 @@ class Consumer(CeleryConsumer):
         on_task_received = super().create_task_handler(*args, **kwargs)
 
         def guarded(message: Message) -> Any:
-            problem = request_problem(message)
+            problem = request_problem(message, self.app.tasks)
             if problem is not None:
                 self.drop(message, problem)
                 return None

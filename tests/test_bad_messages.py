@@ -55,7 +55,10 @@ def redis_bad_messages(cluster: Cluster) -> dict[bytes, str]:
     envelope = template(cluster)
     headers = {key: value for key, value in envelope["headers"].items() if key != "id"}
     pickled = base64.b64encode(b"\x80\x04K\x01.").decode()
+    no_arguments = base64.b64encode(json.dumps([[], {}, {}]).encode()).decode()
     return {
+        with_changes(envelope, body=no_arguments):
+            "its arguments do not fit task dspex.run_module (missing a required argument: 'execution_id')",
         b"not-json": "not JSON",
         with_changes(envelope, body="!!!not base64!!!"): "its body is not valid base64",
         json.dumps({"hello": "world"}).encode(): "not a message envelope (no properties.delivery_tag)",
