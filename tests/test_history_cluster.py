@@ -38,7 +38,7 @@ MODS = "tests.modules.history_mods"
 @pytest.fixture(scope="module")
 def hc(make_cluster, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HistoryCluster]:
     cluster = make_cluster()
-    cluster.start_worker("default", concurrency=3)
+    cluster.start_worker("default", "spare", concurrency=3)  # `spare`: served, nothing ever queued there
     url = f"sqlite:///{tmp_path_factory.mktemp('history') / 'history.db'}"
     history_cluster = HistoryCluster(cluster, url, redis_url)
     history_cluster.start_listener()
@@ -195,6 +195,7 @@ def test_status_shows_live_executions_and_queue_depths(hc: HistoryCluster) -> No
     assert live[handle.execution_id]["program"] == "live"
     assert live[handle.execution_id]["modules"] == {"pending": 1, "running": 1}
     assert data["queues"]["nobody"] == 1 and data["queues"]["default"] == 0
+    assert data["queues"]["spare"] == 0  # a class a live worker serves is listed before anything waits there
     open_gate(hc, gate)
     hc.cluster.runtime.store.client.zrem(hc.cluster.runtime.store.global_key("live"), handle.execution_id)
 

@@ -6,7 +6,7 @@ import logging
 import signal
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -238,8 +238,10 @@ def profile_line(report: Report) -> str:
 def status(broker: str | None, result_backend: str | None, as_json: bool) -> None:
     """Live executions, queue depths per resource class, and the workers that serve them."""
     runtime = cluster_runtime(broker, result_backend, "status")
-    data: dict[str, Any] = {"live": live_executions(runtime), "queues": queue_depths(runtime, known_resources(runtime)),
-                            "workers": live_workers(runtime)}
+    workers = live_workers(runtime)
+    served = [resource for resources in workers.values() for resource in resources]
+    data: dict[str, Any] = {"live": live_executions(runtime),
+                            "queues": queue_depths(runtime, known_resources(runtime, served)), "workers": workers}
     if as_json:
         print_json(data)
         return
@@ -286,9 +288,10 @@ def live_executions(runtime: Runtime) -> list[dict[str, Any]]:
     return live
 
 
-def known_resources(runtime: Runtime) -> list[str]:
-    """Resource classes of configured limits, live plans and (Redis brokers) existing queues."""
-    names = {"default", CONTROL, *runtime.settings.resources}
+def known_resources(runtime: Runtime, served: Iterable[str] = ()) -> list[str]:
+    """Resource classes of configured limits, live plans, live workers (``served``) and (Redis
+    brokers) existing queues."""
+    names = {"default", CONTROL, *runtime.settings.resources, *served}
     for execution_id in runtime.store.live_executions():
         plan = runtime.store.plan(execution_id)
         if plan is not None:
