@@ -149,7 +149,9 @@ HISTORY = (
     "as much, and neither goal is met there. Session 15 (AMD EPYC again), two 5-round runs: 0.89× (137.0 vs 153.9 lines/s; rounds "
     "132.6–141.5 against 147.3–154.5), 3.8 CPU ms / module, and 0.88× (134.1 vs 152.4), 4.0 CPU ms / module, this table. Tried, not kept: continuing a line's own child "
     "even when another line's more urgent module is queued (depth-first per line; the count's urgency check skipped): "
-    "0.87× (133.6 vs 152.9) in the next run, within the spread."
+    "0.87× (133.6 vs 152.9) in the next run, within the spread. Session 16 (a fresh AMD EPYC machine, no change to the "
+    "batch path): 5-, 4- and 8-round runs gave 0.92× (143.0 vs 155.8 lines/s, 2.8 CPU ms / module), 0.89× (138.2, "
+    "3.3) and 0.88× (134.8 vs 153.7, 3.7; py-spy attached to a worker for 30 s): met in the machine's quick runs only."
 )
 
 
