@@ -48,7 +48,6 @@ from dspex_celery.cli.distribute import is_module_reference, run_module_batch
 from dspex_celery.cli.inputs import check_output, collect_inputs
 from dspex_celery.cli.options import open_runtime, refuse_modules_on_a_cluster
 from dspex_celery.cli.progress import INTERRUPTED
-from dspex_celery.embedded import abandon_running_calls
 from dspex_celery.errors import DspexError, InputError, UsageError, beyond_parser_limits, not_utf8
 from dspex_celery.plan import Plan
 from dspex_celery.program import Program
@@ -196,6 +195,8 @@ def interrupted(run: BatchRun, log: IO[str], done: dict[int, BatchLine], total: 
     """Ctrl-C: cancel the executions in flight, journal their lines, say how to resume, exit 130."""
     in_flight = run.open_lines
     if run.runtime.settings.embedded:
+        from dspex_celery.embedded import abandon_running_calls  # only embedded runs load it
+
         abandon_running_calls()  # the running calls' outcomes are ignored: the exit does not wait for them
     click.echo(f"interrupted: cancelling {in_flight} line{_s(in_flight)} in flight "
                "(Ctrl-C again to leave at once)", err=True)

@@ -30,7 +30,6 @@ from rich.table import Table
 from rich.text import Text
 
 from dspex_celery.cli.render import print_json, print_result
-from dspex_celery.embedded import abandon_running_calls
 from dspex_celery.client import ENDED_WAIT_S, ExecutionHandle, cancel_execution
 from dspex_celery.errors import DspexError, StateLost, StateStoreUnreachable
 from dspex_celery.plan import Plan
@@ -292,6 +291,8 @@ def cancel_and_exit(handle: ExecutionHandle, as_json: bool) -> NoReturn:
     signal.signal(signal.SIGINT, leave_now)
     execution_id = handle.execution_id
     if handle.runtime.settings.embedded:
+        from dspex_celery.embedded import abandon_running_calls  # only embedded runs load it
+
         abandon_running_calls()  # the running call's outcome is ignored: the exit does not wait for it
     try:
         if not cancel_execution(handle.runtime, execution_id):
