@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 import click
-from celery.signals import task_postrun, worker_process_init, worker_ready
+from celery.signals import task_postrun, worker_init, worker_process_init, worker_ready
 from celery.utils.nodenames import default_nodename, host_format
 
 from dspex_celery import defaults
@@ -190,7 +190,25 @@ def worker(
     worker_ready.connect(freeze_startup_heap, weak=False)  # the process that runs tasks (threads, solo)
     worker_process_init.connect(freeze_startup_heap, weak=False)  # each prefork pool process
     task_postrun.connect(freeze_after_first_task, weak=False)
-    runtime.app.worker_main(worker_argv(runtime.settings, resources, concurrency, pool, name, loglevel, task_events))
+    raise SystemExit(run_worker(runtime, worker_argv(runtime.settings, resources, concurrency, pool, name,
+                                                     loglevel, task_events)))
+
+
+def run_worker(runtime: Runtime, argv: list[str]) -> int:
+    """Run Celery's worker command; return the worker's own exit code, which Celery's
+    ``worker_main`` drops (a worker stopped by an unrecoverable error — a lost broker, a failing
+    bootstep — would exit 0, and a supervisor that restarts on failure would not restart it)."""
+    controllers: list[Any] = []
+
+    def remember(sender: Any, **_: Any) -> None:
+        controllers.append(sender)
+
+    worker_init.connect(remember, weak=False)
+    try:
+        runtime.app.worker_main(argv)
+    finally:
+        worker_init.disconnect(remember)
+    return int(controllers[-1].exitcode or 0) if controllers else 0
 
 
 def import_project_modules(settings: Settings) -> None:
