@@ -12,13 +12,20 @@ URLs (the result backend, ``--result-backend`` / ``DSPEX_RESULT_BACKEND``):
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import hiredis
 import redis
+from redis._parsers.base import BaseParser
 from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException
@@ -32,6 +39,8 @@ log = logging.getLogger(__name__)
 
 CLUSTER_SCHEMES = ("redis-cluster://", "rediss-cluster://")
 SENTINEL_SCHEMES = ("sentinel://",)
+#: Maps an error reply to the exception redis-py raises for it (NOSCRIPT -> NoScriptError, ...).
+_RESP_ERRORS = BaseParser
 #: Seconds a Sentinel set-up's client tries to reach a master (failovers take a few seconds).
 SENTINEL_SOCKET_TIMEOUT_S = 5.0
 #: Retries of a command whose master does not answer, backing off up to this many seconds apart.
@@ -187,3 +196,91 @@ class ReplicaSync:
             self.skip_until = time.monotonic() + SYNC_DEGRADED_S
             log.warning("no replica acknowledged the state store's writes within %d ms: a failover now could lose "
                         "the last module results; not waiting for %g s", SYNC_TIMEOUT_MS, SYNC_DEGRADED_S)
+
+
+class DirectLinkLost(redis.ConnectionError):
+    """A thread's direct connection failed; the call goes through redis-py's own path instead."""
+
+
+@dataclass(slots=True)
+class _Link:
+    """One thread's connection (made by redis-py, so login, TLS and the database are its) and the
+    hiredis reader of its replies."""
+
+    pid: int
+    connection: Any
+    sock: socket.socket
+    reader: Any
+
+    def call(self, command: tuple[Any, ...]) -> Any:
+        self.sock.sendall(hiredis.pack_command(command))
+        while (reply := self.reader.gets()) is False:
+            data = self.sock.recv(READ_CHUNK)
+            if not data:
+                raise OSError("connection closed by the server")
+            self.reader.feed(data)
+        return reply
+
+
+#: Bytes read from a direct connection at a time.
+READ_CHUNK = 65536
+
+
+class DirectScripts:
+    """EVALSHA over a connection of the calling thread's own, packed and parsed by hiredis.
+
+    A worker calls its store scripts thousands of times a second; redis-py's command path (the
+    pool's checks, the retry wrapper, its observability hooks) costs about as much CPU per call as
+    the round trip itself. Here a thread keeps one connection that redis-py made and logged in, and
+    sends the command and reads its reply with hiredis, nothing else. Any failure of that connection
+    (:class:`DirectLinkLost`) drops it; the caller then calls through redis-py, with its retries.
+    Only for a plain ``redis.Redis`` over TCP, TLS or a Unix socket with RESP2 (:meth:`suits`).
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._decode = bool(self._pool.connection_kwargs.get("decode_responses"))
+        self._local = threading.local()
+
+    @staticmethod
+    def suits(client: Any) -> bool:
+        """Whether ``client`` is one server reached by a plain redis-py pool (not a cluster, Sentinel
+        or an in-memory fake) that speaks RESP2."""
+        pool = getattr(client, "connection_pool", None)
+        return (type(client) is redis.Redis and type(pool) is redis.ConnectionPool
+                and pool.connection_class in (redis.Connection, redis.SSLConnection, redis.UnixDomainSocketConnection)
+                and str(pool.connection_kwargs.get("protocol") or 2) == "2")
+
+    def evalsha(self, sha: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """The script's reply; ``NoScriptError`` / ``ResponseError`` as redis-py raises them;
+        :class:`DirectLinkLost` when the connection failed (the script may or may not have run)."""
+        link = self._link()
+        try:
+            reply = link.call(("EVALSHA", sha, len(keys), *keys, *args))
+        except (OSError, hiredis.ProtocolError) as exc:
+            self._drop(link)
+            raise DirectLinkLost(str(exc)) from exc
+        if isinstance(reply, hiredis.ReplyError):
+            raise _RESP_ERRORS.parse_error(str(reply))
+        return reply
+
+    def _link(self) -> _Link:
+        link: _Link | None = getattr(self._local, "link", None)
+        if link is not None and link.pid == os.getpid():
+            return link
+        connection = self._pool.connection_class(**self._pool.connection_kwargs)
+        try:
+            connection.connect()
+        except (OSError, redis.RedisError) as exc:
+            raise DirectLinkLost(str(exc)) from exc
+        sock = getattr(connection, "_sock", None)
+        if sock is None:
+            raise DirectLinkLost("no socket")
+        link = _Link(os.getpid(), connection, sock, hiredis.Reader(encoding="utf-8" if self._decode else None))
+        self._local.link = link
+        return link
+
+    def _drop(self, link: _Link) -> None:
+        self._local.link = None
+        with contextlib.suppress(Exception):
+            link.connection.disconnect()

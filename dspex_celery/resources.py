@@ -237,8 +237,8 @@ class LeaseKeeper:
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
         self.pid = 0
-        self.renew = store.client.register_script(_RENEW)
-        self.acquire = store.client.register_script(_ACQUIRE)
+        self.renew = store.script(_RENEW)
+        self.acquire = store.script(_ACQUIRE)
 
     def track(self, lease: Lease) -> None:
         with self.lock:

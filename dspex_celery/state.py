@@ -18,7 +18,8 @@ from typing import Any
 import redis
 
 from dspex_celery.plan import Plan, plan_digest, plan_text, remember_digest
-from dspex_celery.redis_clients import ReplicaSync, connect, is_cluster_client, is_sentinel_url
+from dspex_celery.redis_clients import (DirectLinkLost, DirectScripts, ReplicaSync, connect, is_cluster_client,
+                                        is_sentinel_url)
 from dspex_celery.results import ModuleRecord
 
 PLAN_CACHE_SIZE = 512
@@ -175,6 +176,26 @@ class ModuleStart:
     step_replies: list[Any]  # of the begin steps, in order (empty unless running_written)
 
 
+class StoreScript:
+    """A registered Lua script, called like redis-py's ``Script`` (``keys=``, ``args=``): over the
+    calling thread's direct connection where the store has them (:class:`DirectScripts`), through
+    redis-py otherwise, and when that connection fails or does not know the script yet."""
+
+    __slots__ = ("_script", "_direct")
+
+    def __init__(self, script: Any, direct: DirectScripts | None) -> None:
+        self._script = script
+        self._direct = direct
+
+    def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        if self._direct is not None:
+            try:
+                return self._direct.evalsha(self._script.sha, keys, args)
+            except (redis.exceptions.NoScriptError, DirectLinkLost):
+                pass  # redis-py loads the script / connects again, with its own retries
+        return self._script(keys=keys, args=args)
+
+
 class StateStore:
     """Keys under ``{namespace}:x:{execution_id}:*``, each expiring after ``ttl_s``."""
 
@@ -188,7 +209,8 @@ class StateStore:
         self.ttl_s = ttl_s
         self._plans: OrderedDict[str, Plan] = OrderedDict()
         self._lock = threading.Lock()
-        self._scripts: dict[str, Any] = {}
+        self._scripts: dict[str, StoreScript] = {}
+        self._direct = DirectScripts(client) if DirectScripts.suits(client) else None
 
     @classmethod
     def from_url(cls, url: str, namespace: str, ttl_s: int, sentinel_master: str | None = None) -> StateStore:
@@ -205,10 +227,10 @@ class StateStore:
 
         return cls(fakeredis.FakeRedis(server=_shared_fake_server(), decode_responses=True), namespace, ttl_s)
 
-    def script(self, source: str) -> Any:
+    def script(self, source: str) -> StoreScript:
         """A registered Lua script (EVALSHA, loaded on first use), one object per source."""
         if source not in self._scripts:
-            self._scripts[source] = self.client.register_script(source)
+            self._scripts[source] = StoreScript(self.client.register_script(source), self._direct)
         return self._scripts[source]
 
     def key(self, execution_id: str, part: str) -> str:
