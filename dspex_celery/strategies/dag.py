@@ -474,11 +474,13 @@ def parse_count(reply: list[Any]) -> Count:
                  dict(zip(flat[::2], flat[1::2], strict=True)), str(continued), begun=begun, plan=plan)
 
 
-def _more_urgent(queues: RedisQueues, queue: str, priority: int) -> list[str]:
-    """The lists of ``queue`` a worker reads before the one a message of ``priority`` is on."""
+@functools.lru_cache(maxsize=256)
+def _more_urgent(queues: RedisQueues, queue: str, priority: int) -> tuple[str, ...]:
+    """The lists of ``queue`` a worker reads before the one a message of ``priority`` is on (the same
+    for every count of a queue and priority: cached)."""
     own = queues.key(queue, priority)
     lists = [queues.key(queue, step) for step in queues.priority_steps]
-    return lists[:lists.index(own)]
+    return tuple(lists[:lists.index(own)])
 
 
 def _chains(plan: Plan) -> bool:
@@ -528,11 +530,16 @@ def _lead(signature: Signature) -> str:
     return f"{int(chains)}{int(limited)}{options['task_id']}"
 
 
-def _worker_lists(queues: RedisQueues, offer: Offer | None) -> list[tuple[str, str]]:
+def _worker_lists(queues: RedisQueues, offer: Offer | None) -> tuple[tuple[str, str], ...]:
     """The lists of the offering worker's queues in the order its BRPOP reads them (kombu: by priority,
     then by queue), each with its queue's name."""
-    names = sorted(offer.queues) if offer is not None else []
-    return [(queues.key(name, step), name) for step in queues.priority_steps for name in names]
+    return _reading_order(queues, offer.queues) if offer is not None else ()
+
+
+@functools.lru_cache(maxsize=64)
+def _reading_order(queues: RedisQueues, names: frozenset[str]) -> tuple[tuple[str, str], ...]:
+    """:func:`_worker_lists` of a worker's queues (the same for every count it offers: cached)."""
+    return tuple((queues.key(name, step), name) for step in queues.priority_steps for name in sorted(names))
 
 
 def _continuable(plan: Plan, child: str, namespace: str, offer: Offer | None) -> str:
