@@ -8,6 +8,8 @@ chain-of-chords copies the rest of the chain into every message).
 
 from __future__ import annotations
 
+import weakref
+
 from celery import Celery, chord, group
 from celery.canvas import Signature
 
@@ -38,7 +40,20 @@ PLAN_HEADER = "dspex_plan"
 
 def module_signature(app: Celery, plan: Plan, execution_id: str, name: str, namespace: str) -> Signature:
     """The task that runs one module on a worker of its resource class."""
-    return _module_signature(app, plan, execution_id, name, namespace, str(app.conf.broker_url))
+    return _module_signature(app, plan, execution_id, name, namespace, broker_url_of(app))
+
+
+def broker_url_of(app: Celery) -> str:
+    """``app.conf.broker_url``, read once per app (Celery's property looks at the environment and its
+    configuration chain on every read: a count reads it for each child it sends; an app's broker is
+    fixed once it is configured)."""
+    url = _BROKER_URLS.get(app)
+    if url is None:
+        url = _BROKER_URLS[app] = str(app.conf.broker_url)
+    return url
+
+
+_BROKER_URLS: weakref.WeakKeyDictionary[Celery, str] = weakref.WeakKeyDictionary()
 
 
 def _module_signature(
@@ -89,7 +104,7 @@ def stage_signature(
     app: Celery, plan: Plan, execution_id: str, strategy: str, stage: int, names: list[str], namespace: str
 ) -> Signature:
     """A chord of the stage's modules whose body advances to the next stage."""
-    broker_url = str(app.conf.broker_url)
+    broker_url = broker_url_of(app)
     # A group header is taken as it is (a list would be cloned task by task).
     header = group([_module_signature(app, plan, execution_id, name, namespace, broker_url) for name in names],
                    app=app)
