@@ -354,6 +354,15 @@ NOTES = (
     " machine was quieter again (Celery floor 1.10, `levels` 1.53), so compare ratios, not absolutes."
     " Session 13 (subset runs, no new table): where a profiled run's slot time goes, seismology, 3 rounds of `dag` cold and with the profile interleaved (slot-s of 8 × makespan): cold 1.10–1.13 = work 9.60 + 0.23–0.34 inside the records beyond each task's sleep + 0.76–0.86 between records (idle while a module was ready 0.32–0.43), its start order replayed with zero overhead 1.04; with the profile 1.11–1.14 = 9.60 + 0.40–0.60 + 0.61–0.82 (idle while ready 0.47–0.67), replay 1.01. The profile's order is as good as the informed schedule's; what it loses is overhead, which doubles inside the records: longest-first leaves the millisecond tasks for the end, where all eight slots make their round trips at once and each gets slower (probes in the workers, medians: a count 1.1 → 1.5–1.7 ms, a begin 0.49 → 0.85–0.99 ms, the begin of a module taken next from the queue being a round trip of its own as the count cannot know its parents). A chain of no-op modules on two threads runs at 1.4 ms per hop with 1.2 ms of worker CPU per module; the 1.05 × informed goal needs ≤ ≈ 2.4 ms of slot time per module in all, tails included, which is below the Celery floor's own cost here (1.10–1.14 on five of the eight workflows)."
     " Session 16 (a fresh machine of the same kind; montage, cycles, seismology, epigenomics and srasearch, 3 rounds, no new table): `dag` cold 1.26, `dag` + learned profile 1.145 against 1.05 × informed = 1.119, not met. Tried, not kept: profile weights plus a per-hop cost (3 ms per module, so that a chain of short modules ranks by its hops as well as its durations): 1.16 against the plain profile's 1.15 in the same run, within the noise. A worker's CPU per no-op module (one worker, 2 threads, `dag`): 1.0–1.3 ms in a 1000-module bag, 0.8–1.1 ms in a 300-module chain; py-spy `--gil` on it: a third of the GIL time in redis-py's script call, most of it redis-py's own Python per command (8.1: the pool's pid checks, retry, deprecation and observability wrappers)."
+    " Session 17 (a fresh machine of the same kind; this table): the store's scripts go over a direct connection"
+    " per thread (hiredis, not redis-py's command path) and a count's queue lists and the broker URL are read "
+    "once: a worker's CPU per no-op module 1.28–1.48 → 1.01–1.08 ms in a 400-module fan-out and 0.98–1.04 → "
+    "0.87–0.90 ms in a 400-module chain, old and new code side by side. On the five-workflow subset (two pairs "
+    "of 3-round runs, interleaved) that moved `dag` cold 1.26–1.27 → 1.24–1.26 and `dag` + learned profile "
+    "1.15–1.16 → 1.13–1.15, within a run's spread: a profiled run's loss is latency, not CPU (`--gaps` on "
+    "srasearch: 0.64 slot-s idle while a module was ready, against 0.38 cold, with the profiled order's replay "
+    "at 1.00). Full run: `dag` cold 1.251 vs Ray 1.260 (met), `dag` + learned profile 1.175 against 1.05 × "
+    "informed = 1.145 (not met)."
 )
 
 
