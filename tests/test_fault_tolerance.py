@@ -355,6 +355,15 @@ def test_cancel_ends_quickly_and_leaves_nothing_running(cluster: Cluster) -> Non
 
     wait_for(nothing_active, timeout=10, what="no task of the execution to be active")
     assert not side_channel().hexists(key, "done")
+    # And the worker says in one INFO line that the stage ended by the cancel: no ERROR, no traceback
+    line = f"INFO celery.backends.redis: levels stage ended by a revoke (a cancel): Dependency {handle.execution_id}.long"
+
+    def worker_log() -> str | None:
+        text = cluster.workers[0].log.read_text(errors="replace")
+        return text if line in text else None
+
+    log = wait_for(worker_log, timeout=10, what="the stage's cancel line")
+    assert "ChordError" not in log, log[-2000:]
 
 
 def test_cancel_on_a_threads_worker_logs_no_error_and_reaches_every_running_module(make_cluster) -> None:

@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 import click
+from celery.exceptions import ChordError, TaskRevokedError
 from celery.signals import task_postrun, worker_init, worker_process_init, worker_ready
 from celery.utils.nodenames import default_nodename, host_format
 
@@ -62,6 +63,24 @@ def freeze_after_first_task(**_: Any) -> None:
     frozen start-up heap."""
     task_postrun.disconnect(freeze_after_first_task)
     freeze_startup_heap()
+
+
+#: The logger of Celery's Redis result backend (it reports a chord whose member failed).
+CELERY_REDIS_BACKEND_LOGGER = "celery.backends.redis"
+
+
+class CancelledStageNote(logging.Filter):
+    """Celery's Redis backend logs a chord whose member was revoked as an ERROR with a traceback;
+    a ``levels`` stage whose modules a cancel terminated is not an error: one INFO line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not (isinstance(error, ChordError) and isinstance(error.__cause__, TaskRevokedError)):
+            return True
+        record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        record.msg, record.args = "levels stage ended by a revoke (a cancel): %s", (error,)
+        record.exc_info = record.exc_text = None
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
 
 
 def resource_classes(given: tuple[str, ...]) -> tuple[str, ...]:
@@ -187,6 +206,7 @@ def worker(
         serve_metrics(runtime, metrics_port, metrics_address)
     if pool in ("threads", "solo"):
         calls_cannot_be_terminated()
+    logging.getLogger(CELERY_REDIS_BACKEND_LOGGER).addFilter(CancelledStageNote())
     worker_ready.connect(freeze_startup_heap, weak=False)  # the process that runs tasks (threads, solo)
     worker_process_init.connect(freeze_startup_heap, weak=False)  # each prefork pool process
     task_postrun.connect(freeze_after_first_task, weak=False)
