@@ -1,9 +1,9 @@
 """The worker's consumer: a task message Celery cannot take in is dropped, not fatal.
 
-Celery's consumer handles the bodies it cannot decode and content types it does not accept, but an
-error while it turns a message into a request (a task message without an ``id`` header, ...)
-raises out of its event loop, and the worker stops for good (on any broker). Such a message is
-rejected here (RabbitMQ discards it, or dead-letters it when its queue has a dead-letter exchange)
+Celery's consumer reports the bodies it cannot decode and content types it does not accept in
+many lines (its tracebacks, the body), and an error while it turns a message into a request (a
+task message without an ``id`` header, ...) raises out of its event loop, and the worker stops for
+good (on any broker). Such a message is rejected here (RabbitMQ discards it, or dead-letters it when its queue has a dead-letter exchange)
 with one error line naming the queue and the reason; the worker goes on. Selected by Celery's
 ``worker_consumer`` setting, so only workers import it.
 """
@@ -80,8 +80,8 @@ def request_problem(message: Message, tasks: Mapping[str, Any] | None = None) ->
             return f"its {field} header is a {type(value).__name__}"
     try:
         body = message.decode()
-    except Exception:  # Celery reports what it cannot decode (and content it does not accept) itself
-        return None
+    except Exception as exc:  # a content type it does not accept (pickle), a body it cannot decode
+        return f"its body cannot be taken in ({type(exc).__name__}: {exc})"
     if not isinstance(body, list | tuple) or len(body) != 3 or body[2] is None:
         return None  # Celery's own unpacking reports a body of another shape
     if tasks is not None and (problem := arguments_problem(tasks, headers["task"], body[0], body[1])):

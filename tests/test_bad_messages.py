@@ -115,6 +115,9 @@ def test_malformed_messages_on_every_queue_leave_every_worker_serving(cluster: C
     assert f"dropped a message from queue {namespace}.control: not JSON" in log_of(worker_a) + log_of(worker_b)
     assert_serving(cluster, [worker_a, worker_b], ("levels", "dag"))
     assert "Unrecoverable error" not in log_of(worker_a) + log_of(worker_b)
+    # And each drop is one line: none of Celery's multi-line reports (tracebacks, the body dumped)
+    for worker in (worker_a, worker_b):
+        assert "Traceback" not in log_of(worker) and "CRITICAL" not in log_of(worker), log_of(worker)[-3000:]
     # And no dropped message is left to come back after the visibility timeout
     wait_for(lambda: client.hlen(f"{namespace}.unacked") == 0, what="nothing left unacknowledged")
 
