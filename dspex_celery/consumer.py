@@ -3,9 +3,9 @@
 Celery's consumer reports the bodies it cannot decode and content types it does not accept in
 many lines (its tracebacks, the body), and an error while it turns a message into a request (a
 task message without an ``id`` header, ...) raises out of its event loop, and the worker stops for
-good (on any broker). Such a message is rejected here (RabbitMQ discards it, or dead-letters it when its queue has a dead-letter exchange)
-with one error line naming the queue and the reason; the worker goes on. Selected by Celery's
-``worker_consumer`` setting, so only workers import it.
+good (on any broker). Such a message is rejected here (RabbitMQ discards it, or dead-letters it
+when its queue has a dead-letter exchange) with one error line naming the queue and the reason;
+the worker goes on. Selected by Celery's ``worker_consumer`` setting, so only workers import it.
 """
 
 from __future__ import annotations

@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 
 CLUSTER_SCHEMES = ("redis-cluster://", "rediss-cluster://")
 SENTINEL_SCHEMES = ("sentinel://",)
-#: Maps an error reply to the exception redis-py raises for it (NOSCRIPT -> NoScriptError, ...).
-_RESP_ERRORS = BaseParser
 #: Seconds a Sentinel set-up's client tries to reach a master (failovers take a few seconds).
 SENTINEL_SOCKET_TIMEOUT_S = 5.0
 #: Retries of a command whose master does not answer, backing off up to this many seconds apart.
@@ -260,8 +258,8 @@ class DirectScripts:
         except (OSError, hiredis.ProtocolError) as exc:
             self._drop(link)
             raise DirectLinkLost(str(exc)) from exc
-        if isinstance(reply, hiredis.ReplyError):
-            raise _RESP_ERRORS.parse_error(str(reply))
+        if isinstance(reply, hiredis.ReplyError):  # as redis-py raises it (NOSCRIPT -> NoScriptError, ...)
+            raise BaseParser.parse_error(str(reply))
         return reply
 
     def _link(self) -> _Link:
