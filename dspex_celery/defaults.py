@@ -29,6 +29,12 @@ EMBEDDED_CONCURRENCY = 4
 #: 10-level program take ~20 s.
 EMBEDDED_POLL_S = 0.005
 
+#: Least countdown of a retry that goes through Celery's ``task.retry``: it sends the next attempt
+#: before the worker reports the retry (its ``task-retried`` event), and an attempt run to the end
+#: in between leaves Flower showing RETRY for a module that succeeded (Celery's event state lets a
+#: later RETRY override SUCCESS).
+MIN_RETRY_COUNTDOWN_S = 0.2
+
 #: Seconds a hard time limit adds to a module's ``timeout_s`` (the soft limit) before the pool
 #: process is killed.
 HARD_TIMEOUT_GRACE_S = 5.0

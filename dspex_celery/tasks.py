@@ -24,7 +24,7 @@ from celery.worker import state as worker_state
 
 from dspex_celery.backups import backup_record, is_backup, leave_race, log_loser, steps_aside
 from dspex_celery.call_threads import CallThreads
-from dspex_celery.defaults import RESULT_SUMMARY_CHARS
+from dspex_celery.defaults import MIN_RETRY_COUNTDOWN_S, RESULT_SUMMARY_CHARS
 from dspex_celery.canvas import ADVANCE, COMPENSATE, PLAN_HEADER, RUN_MODULE, module_signature
 from dspex_celery.compensation import CompensationRun
 from dspex_celery.continuation import (
@@ -433,7 +433,8 @@ class ModuleRun:
             self._send_retry(ctx, error)
             return {"module": self.name, "status": record.status.value, "error": short_text(message)}
         if will_retry:
-            raise self.task.retry(countdown=self._backoff(ctx, error), exc=error, max_retries=None)
+            countdown = max(self._backoff(ctx, error), MIN_RETRY_COUNTDOWN_S)
+            raise self.task.retry(countdown=countdown, exc=error, max_retries=None)
         self.execution.module_failed(self.name)
         self.strategy.module_finished(self.execution, self.name, ModuleStatus.FAILED)
         return {"module": self.name, "status": record.status.value, "error": short_text(message)}

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from dspex_celery import ExecutionStatus, ModuleStatus, UsageError, submit_batch, submit_program
+from dspex_celery.defaults import MIN_RETRY_COUNTDOWN_S
 from dspex_celery.errors import UnknownExecution
 from dspex_celery.results import ExecutionResult, parse_time
 from dspex_celery.spec import RetryPolicy
@@ -72,6 +73,22 @@ def test_flaky_module_retries_with_growing_backoff(cluster: Cluster) -> None:
     gaps = [(parse_time(b["started_at"]) - parse_time(a["finished_at"])).total_seconds()
             for a, b in zip(attempts, attempts[1:], strict=False)]
     assert gaps[0] >= 0.3 * 0.9 and gaps[1] > gaps[0], gaps
+
+
+def test_an_immediate_retry_waits_until_the_worker_has_reported_it(cluster: Cluster) -> None:
+    # Given a module that fails once with a TransientError and a policy without backoff, under levels
+    # (the retry goes through Celery's task.retry, which sends the next attempt before its retry event)
+    key = new_key(cluster, "immediate")
+    prog = program(unique("immediate"), {"f": {"uses": f"{FAULTY}:flaky", "inputs": {"key": key, "failures": 1}}},
+                   defaults={"retry": {"max_attempts": 2, "backoff_s": 0}})
+    result = cluster.run(prog, strategy="levels")
+    assert result.status is ExecutionStatus.SUCCEEDED and result.modules["f"].attempts == 2
+    # Then the next attempt starts no sooner than MIN_RETRY_COUNTDOWN_S after the failed one, so Flower's
+    # RETRY for the first attempt comes before the second one's SUCCESS
+    first, second = sorted((a for a in cluster.runtime.store.attempts(result.execution_id) if a["module"] == "f"),
+                           key=lambda a: a["attempt"])
+    gap = (parse_time(second["started_at"]) - parse_time(first["finished_at"])).total_seconds()
+    assert gap >= MIN_RETRY_COUNTDOWN_S * 0.9, gap
 
 
 def test_backoff_is_capped_below_the_visibility_timeout() -> None:
