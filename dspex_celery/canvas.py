@@ -95,7 +95,7 @@ def advance_signature(app: Celery, execution_id: str, strategy: str, stage: int,
         "queue": control_queue(namespace),
         "task_id": advance_task_id(execution_id, stage, errback=errback),
         # bookkeeping goes first
-        "priority": message_priority(1.0, broker_url or str(app.conf.broker_url)),
+        "priority": message_priority(1.0, broker_url or broker_url_of(app)),
     }
     return _immutable(app, ADVANCE, (execution_id, strategy, stage), {}, options)
 
@@ -124,6 +124,6 @@ def compensate_signature(app: Celery, plan: Plan, execution_id: str, order: list
     options = {
         "queue": queue_name(namespace, plan.modules[order[0]].resource),
         "task_id": f"{execution_id}.compensate.{order[0]}.{attempt_id}",
-        "priority": message_priority(1.0, str(app.conf.broker_url)),
+        "priority": message_priority(1.0, broker_url_of(app)),
     }
     return _immutable(app, COMPENSATE, (execution_id, order), {}, options)

@@ -340,7 +340,7 @@ class DagStrategy(Strategy):
             held = lease_tag(execution.id, module) if offer is not None and offer.held else ""
             args += [*continuable, time.time(), *map(len, urgent), held]
             keys += [key for lists in urgent for key in lists]
-            lists = _worker_lists(queues, offer) if offer is not None and chains else []
+            lists = _worker_lists(queues, offer.queues) if offer is not None and chains else ()
             args += ["1" if lists else "0", "1" if offer is not None and offer.timeouts else "0",
                      task_id(execution.id, ""), len(lists), *(queue for _, queue in lists)]
             keys += [key for key, _ in lists]
@@ -530,15 +530,10 @@ def _lead(signature: Signature) -> str:
     return f"{int(chains)}{int(limited)}{options['task_id']}"
 
 
-def _worker_lists(queues: RedisQueues, offer: Offer | None) -> tuple[tuple[str, str], ...]:
-    """The lists of the offering worker's queues in the order its BRPOP reads them (kombu: by priority,
-    then by queue), each with its queue's name."""
-    return _reading_order(queues, offer.queues) if offer is not None else ()
-
-
 @functools.lru_cache(maxsize=64)
-def _reading_order(queues: RedisQueues, names: frozenset[str]) -> tuple[tuple[str, str], ...]:
-    """:func:`_worker_lists` of a worker's queues (the same for every count it offers: cached)."""
+def _worker_lists(queues: RedisQueues, names: frozenset[str]) -> tuple[tuple[str, str], ...]:
+    """The lists of a worker's queues ``names`` in the order its BRPOP reads them (kombu: by priority,
+    then by queue), each with its queue's name (the same for every count it offers: cached)."""
     return tuple((queues.key(name, step), name) for step in queues.priority_steps for name in sorted(names))
 
 
