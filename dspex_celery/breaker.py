@@ -97,6 +97,8 @@ def circuit_key(store: StateStore, name: str) -> str:
 class CircuitBreaker(Hook):
     """Fails attempts of a module fast while its circuit is open; counts its failed calls."""
 
+    begin_step_portable = True  # the circuit, its policy and a fresh holder: all from the plan's module
+
     def begin_step(self, runtime: Runtime, plan: Plan, module: ModulePlan) -> LuaStep | None:
         """Take the circuit's verdict in the same round trip that starts a first attempt (on one Redis: on
         a Redis Cluster the circuit's key is in another slot than the execution's, so it is asked apart)."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -33,7 +33,7 @@ from celery.signals import worker_ready
 from dspex_celery.canvas import task_id
 from dspex_celery.plan import Plan
 from dspex_celery.results import ModuleRecord
-from dspex_celery.state import LuaStep, ModuleStart, StateStore
+from dspex_celery.state import LuaStep, ModuleStart, StateStore, module_start, shape_digest, step_shapes
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,27 @@ class Begun:
     start: ModuleStart
 
 
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """A module the count took next from this worker's queues and began with the begin spec its message
+    carried (``dspex_celery.strategies.dag``): its task id, the begin's raw reply, the running record it
+    stored and the shape digest of the specs the count ran."""
+
+    leased: str
+    reply: list[Any]
+    record: ModuleRecord
+    shape: str
+
+    def begun(self, steps: list[tuple[Any, LuaStep]], parents: Sequence[str]) -> Begun:
+        """As a :class:`Begun`, with this worker's own begin ``steps`` of the module: their replies are
+        theirs when their shape is the one the spec ran (else the hooks ask again, as on a later attempt)."""
+        if shape_digest(step_shapes([step for _, step in steps])) != self.shape:
+            steps, reply = [], self.reply[:5]
+        else:
+            reply = self.reply
+        return Begun(self.leased, FirstAttempt(self.record, steps), module_start(reply, parents))
+
+
 @dataclass(slots=True)
 class Offer:
     """What a worker that just finished a module offers its strategy: to run one ready child itself.
@@ -178,10 +199,13 @@ class Offer:
     through the broker); ``chain``: where a lease to it is noted (:func:`chain_key`); ``timeouts``: whether it may continue a child that has a ``timeout_s`` (not
     in a prefork child, where only Celery's per-message time limits stop a call); ``held``: the
     module runs under a lease, which the strategy's count releases once it succeeded; ``ahead``: how
-    this worker starts a module's first attempt, so the count that leases a child may begin it too.
+    this worker starts a module's first attempt, so the count that leases a child may begin it too;
+    ``fresh``: the running record of a first attempt here of a module of a resource class and
+    ``shapes``: the begin steps' shapes of the module the offer goes with, so the count may begin a
+    module it takes next from its message's begin spec (of those shapes).
     The strategy sets ``claimed`` to the task id (``EXEC.MODULE``) of the module it leased, ``plan``
     to the digest of that module's plan text when it is another execution's and its message names it,
-    and ``begun`` when it began that module as well.
+    ``begun`` when it began that module as well, and ``records`` to the records by queue it offered.
     """
 
     queues: frozenset[str]
@@ -190,9 +214,12 @@ class Offer:
     timeouts: bool
     held: bool = False
     ahead: Callable[[Plan, str], FirstAttempt] | None = None
+    fresh: Callable[[str], ModuleRecord] | None = None
+    shapes: tuple[tuple[str, int, int], ...] | None = None
     claimed: str | None = field(default=None)
     plan: str | None = field(default=None)
-    begun: Begun | None = field(default=None)
+    begun: Begun | Taken | None = field(default=None)
+    records: dict[str, ModuleRecord] = field(default_factory=dict)
 
 
 # --- Flower ---------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from dspex_celery.plan import ModulePlan, Plan
 from dspex_celery.results import ExecutionResult, ModuleRecord
@@ -45,6 +45,11 @@ class ModuleContext:
 
 class Hook:
     """Base class: every method is a no-op; override the ones you need."""
+
+    #: True when :meth:`begin_step` depends on nothing but the plan and the module (no setting or state
+    #: of the process that builds it): the worker that queues a module may then build the step for the
+    #: worker that takes it next (``dspex_celery.strategies.dag``), which saves that one a round trip.
+    begin_step_portable: ClassVar[bool] = False
 
     def begin_step(self, runtime: Runtime, plan: Plan, module: ModulePlan) -> LuaStep | None:
         """Lua to run in the state store's begin script of a module's first attempt (saving a round
@@ -94,6 +99,11 @@ class HookChain:
 
     def begin_steps(self, runtime: Runtime, plan: Plan, module: ModulePlan) -> list[tuple[Hook, LuaStep]]:
         return [(hook, step) for hook in self.hooks if (step := hook.begin_step(runtime, plan, module)) is not None]
+
+    def portable_begin_steps(self, runtime: Runtime, plan: Plan, module: ModulePlan) -> list[LuaStep] | None:
+        """The begin steps of ``module`` when every hook that has one marks it portable, else None."""
+        steps = self.begin_steps(runtime, plan, module)
+        return None if any(not hook.begin_step_portable for hook, _ in steps) else [step for _, step in steps]
 
     def before_module(self, ctx: ModuleContext) -> None:
         for hook in self.hooks:

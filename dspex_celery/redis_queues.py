@@ -39,6 +39,8 @@ DELIVERY_MODE = 2
 LEAD_KEY = "dspex"
 #: The envelope field after the lead: the digest of the message's plan text (see ``plan_digest``).
 PLAN_LEAD_KEY = "dspex_plan"
+#: The envelope field after those: the begin spec of the module's first attempt (``StateStore.begin_spec``).
+BEGIN_LEAD_KEY = "dspex_begin"
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,12 @@ class RedisQueues:
         step = self.priority_steps[bisect(self.priority_steps, priority) - 1]
         return f"{queue}{PRIORITY_SEPARATOR}{step}" if step else queue
 
-    def message(self, signature: Signature, lead: Mapping[str, str] | None = None) -> tuple[str, str]:
+    def message(self, signature: Signature, lead: Mapping[str, Any] | None = None) -> tuple[str, str]:
         """The queue key and the message that ``signature.apply_async(ignore_result=True)`` would push,
         sent from the task running in this thread (its root and parent ids, as Celery sets them; the
         signature's ``headers`` option added to Celery's, as ``apply_async(headers=...)`` adds them);
-        ``lead``: fields put first in the envelope, in order (short strings: no quote or backslash), such
-        as :data:`LEAD_KEY` and :data:`PLAN_LEAD_KEY`."""
+        ``lead``: fields put first in the envelope, in order (short strings: no quote or backslash, or
+        lists of them), such as :data:`LEAD_KEY`, :data:`PLAN_LEAD_KEY` and :data:`BEGIN_LEAD_KEY`."""
         options = signature.options
         task_id = str(options["task_id"])
         parent = self.app.current_worker_task

@@ -10,6 +10,12 @@ def queue_name(namespace: str, resource: str) -> str:
     return f"{namespace}.{resource}" if namespace else resource
 
 
+def resource_of(namespace: str, queue: str) -> str:
+    """The resource class a queue of ``namespace`` serves (:func:`queue_name` read back)."""
+    prefix = f"{namespace}." if namespace else ""
+    return queue[len(prefix):] if prefix and queue.startswith(prefix) else queue
+
+
 def control_queue(namespace: str) -> str:
     """Queue of the engine's own small tasks (level advance); every worker consumes it."""
     return queue_name(namespace, CONTROL)

@@ -7,6 +7,7 @@ embedded mode uses the same code over an in-process Redis (fakeredis), so there 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import threading
 import time
@@ -48,7 +49,7 @@ for i = 2, 4 do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
 """
 
 
-# A LuaStep body (see _begin_body) — KEYS[k..k+3]: records, meta, finished flag, outputs (then the
+# A LuaStep body (see begin_body) — KEYS[k..k+3]: records, meta, finished flag, outputs (then the
 # keys of the steps). ARGV[a..]: module, ttl, running record JSON, number of step args, number p of
 # parents (then the steps' args, then the p parents). Writes the running record only when the module
 # has no record yet and the execution goes on (and exists: its meta is there); the steps run only
@@ -154,14 +155,30 @@ def _offset(first: int | str, by: int) -> int | str:
 _CLAIM_FINISH_ALONE = "return " + lua_call(_CLAIM_FINISH, 1, 1)
 
 
+#: A placeholder record for :meth:`StateStore.begin_spec` (the taking worker supplies its own).
+_NO_RECORD = ModuleRecord()
+
+
 @functools.cache
-def _begin_body(shapes: tuple[tuple[str, int, int], ...]) -> str:
+def begin_body(shapes: tuple[tuple[str, int, int], ...]) -> str:
     """The begin step's body (:data:`_BEGIN`) with steps of these shapes (source, number of keys,
     number of args) run after it, only when the attempt starts (their keys and args follow its own)."""
     steps = [LuaStep(source, [""] * keys, [""] * args) for source, keys, args in shapes]
     calls = [f"  result[{6 + index}] = {call}" for index, call in enumerate(step_calls(steps, "k + 4", "a + 5"))]
     body = "if written == 1 then\n" + "\n".join(calls) + "\nend\n" if calls else ""
     return _BEGIN + body + "return result"
+
+
+def step_shapes(steps: Sequence[LuaStep]) -> tuple[tuple[str, int, int], ...]:
+    """What a begin script composed with ``steps`` depends on: each one's source and numbers of keys and args."""
+    return tuple((step.source, len(step.keys), len(step.args)) for step in steps)
+
+
+@functools.cache
+def shape_digest(shapes: tuple[tuple[str, int, int], ...]) -> str:
+    """A short name for begin steps of these :func:`step_shapes`: a script composed with them runs a
+    begin spec (:meth:`StateStore.begin_spec`) only when the spec names the same."""
+    return hashlib.sha1(repr(shapes).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,8 +431,20 @@ class StateStore:
         keys += [key for step in steps for key in step.keys]
         step_args = [arg for step in steps for arg in step.args]
         args = [module, self.ttl_s, first_running.model_dump_json(), len(step_args), len(parents), *step_args, *parents]
-        shapes = tuple((step.source, len(step.keys), len(step.args)) for step in steps)
-        return LuaStep(_begin_body(shapes), keys, args)
+        return LuaStep(begin_body(step_shapes(steps)), keys, args)
+
+    def begin_spec(self, execution_id: str, module: str, parents: Sequence[str],
+                   steps: Sequence[LuaStep] = ()) -> list[Any] | None:
+        """:meth:`begin_step` of a first attempt as data a script runs for the worker that takes the
+        module next (``[shape digest, keys, args]``, every arg a string, the running record's left
+        ''; see :func:`begin_body` and ``dspex_celery.strategies.dag``); None when a name holds a
+        bracket (a script finds the spec by its balanced brackets)."""
+        step = self.begin_step(execution_id, module, parents, _NO_RECORD, steps)
+        args = [str(arg) for arg in step.args]
+        args[2] = ""
+        if any("[" in text or "]" in text for text in (*step.keys, *args)):
+            return None
+        return [shape_digest(step_shapes(steps)), list(step.keys), args]
 
     def save_success(self, execution_id: str, module: str, output: dict[str, Any], record: ModuleRecord,
                      then: LuaStep | None = None) -> list[Any] | None:

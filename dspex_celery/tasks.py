@@ -34,6 +34,7 @@ from dspex_celery.continuation import (
     Lease,
     Offer,
     TaskEvents,
+    Taken,
     UnackedKeys,
     chain_key,
     restore_chain,
@@ -60,7 +61,7 @@ from dspex_celery.runner import (
     resolve_inputs,
 )
 from dspex_celery.runtime import Runtime, runtime_of
-from dspex_celery.state import ModuleStart
+from dspex_celery.state import ModuleStart, step_shapes
 from dspex_celery.usage import Usage
 from dspex_celery.strategies.base import Strategy
 from dspex_celery.strategies.levels import StagedStrategy
@@ -238,7 +239,11 @@ def continuation_offer(task: Task, runtime: Runtime, left: int, held: bool = Fal
     consumed = (task.app.amqp.queues.consume_from or {}) if may_continue else {}
     return Offer(frozenset(consumed), UnackedKeys.of(task.app), chain_key(runtime.settings.namespace, task.request.id),
                  timeouts=not limited, held=held,
-                 ahead=functools.partial(first_attempt, task, runtime))
+                 ahead=functools.partial(first_attempt, task, runtime), fresh=functools.partial(fresh_record, task))
+
+
+#: The record of a module with no attempt yet.
+_NO_ATTEMPT = ModuleRecord()
 
 
 def first_attempt(task: Task, runtime: Runtime, plan: Plan, name: str) -> FirstAttempt:
@@ -250,15 +255,23 @@ def first_attempt(task: Task, runtime: Runtime, plan: Plan, name: str) -> FirstA
 
 def running_record(task: Task, plan: Plan, name: str, previous: ModuleRecord) -> ModuleRecord:
     """The record of the attempt after ``previous``, starting now on this worker."""
+    return fresh_record(task, plan.modules[name].resource, previous)
+
+
+def fresh_record(task: Task, resource: str, previous: ModuleRecord = _NO_ATTEMPT) -> ModuleRecord:
+    """The running record of the attempt after ``previous`` (none: a first attempt) of a module of
+    ``resource``, starting now on this worker."""
     return ModuleRecord(
         status=ModuleStatus.RUNNING,
         attempts=previous.attempts + 1,
         started_at=isoformat(utcnow()),
         worker=task.request.hostname,
-        resource=plan.modules[name].resource,
+        resource=resource,
         lost_attempts=previous.lost_attempts,
         **Usage.of(previous).record_fields(),  # LM usage of all attempts
     )
+
+
 
 
 class ModuleRun:
@@ -267,7 +280,7 @@ class ModuleRun:
     continue one of its ready children."""
 
     def __init__(self, task: Task, runtime: Runtime, execution_id: str, name: str, *, offer: Offer | None = None,
-                 lease: Lease | None = None, begun: Begun | None = None, plan_digest: str | None = None) -> None:
+                 lease: Lease | None = None, begun: Begun | Taken | None = None, plan_digest: str | None = None) -> None:
         self.task = task
         self.offer = offer
         self.lease = lease
@@ -291,7 +304,11 @@ class ModuleRun:
             log.warning("execution %s has no module %r; dropping a run_module message for it",
                         self.execution_id, self.name)
             return {"module": self.name, "status": "unknown"}
+        if isinstance(self.begun, Taken):  # begun by the count that took it: pair its steps' replies
+            self.begun = self.begun.begun(self.runtime.hooks.begin_steps(self.runtime, plan, module), module.parents)
         attempt = self.begun.attempt if self.begun is not None else first_attempt(self.task, self.runtime, plan, self.name)
+        if self.offer is not None:
+            self.offer.shapes = step_shapes([step for _, step in attempt.steps])
         first, steps = attempt.record, attempt.steps
         begin = self.begun.start if self.begun is not None else self.store.begin(
             self.execution_id, self.name, module.parents, first, [step for _, step in steps])

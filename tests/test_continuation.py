@@ -20,7 +20,10 @@ from dspex_celery import ExecutionStatus
 from dspex_celery.canvas import task_id
 from dspex_celery.continuation import TAG_PREFIX, UnackedKeys
 from dspex_celery.examples import synthetic
+from dspex_celery.execution import Execution
+from dspex_celery.redis_queues import BEGIN_LEAD_KEY, LEAD_KEY
 from dspex_celery.results import ExecutionResult, parse_time
+from dspex_celery.strategies.dag import _begin_spec
 from tests.conftest import Cluster, program, wait_for
 
 pytestmark = pytest.mark.integration
@@ -380,6 +383,98 @@ def test_a_continued_child_is_begun_by_the_count_that_leases_it(make_cluster) ->
         assert f"SADD {done} {parent}" in begins[0], begins[0]
         if child == "m1_0":
             assert any(circuit in c for c in begins[0]), begins[0]
+    cluster.stop()
+
+
+def begin_groups(groups: list[list[str]], records: str, module: str) -> list[list[str]]:
+    """The scripts among ``groups`` that stored ``module``'s running record in the hash ``records``."""
+    return [group for group in groups if any(c.startswith(f'HSET {records} {module} {{"status":"running"') for c in group)]
+
+
+def test_a_module_taken_next_is_begun_by_the_count_that_takes_it(make_cluster) -> None:
+    # Given one slot and three modules without dependencies, all queued at the start, each with a circuit
+    # breaker, the last one's open, watched with MONITOR
+    cluster = make_cluster()
+    cluster.start_worker("default", concurrency=1, pool="threads")
+    modules = {name: {"uses": STEP, "inputs": {"ms": 20}, "circuit_breaker": {"failures": 3, "reset_s": 60}}
+               for name in ("a", "b", "c")}
+    store = cluster.runtime.store
+    circuit = store.global_key("breaker:taken.c")
+    store.client.hset(circuit, mapping={"state": "open", "opened_at": int(time.time() * 1000), "reset_ms": 60000})
+    store.client.expire(circuit, 600)
+    with store.client.monitor() as monitor:
+        handle = cluster.submit(program("taken", modules), strategy="dag")
+        result = handle.get(timeout=60, propagate=False)
+        groups = scripts_seen(monitor, time.time() + 2)
+    # Then b and c were taken from the queue by the count of the module before them, which stored
+    # their running record and took their circuit's verdict: no begin round trip of their own
+    records, done = store.key(handle.execution_id, "rec"), store.key(handle.execution_id, "dag:done")
+    for before, taken in (("a", "b"), ("b", "c")):
+        begins = begin_groups(groups, records, taken)
+        assert len(begins) == 1, begins
+        assert f"SADD {done} {before}" in begins[0], begins[0]
+        assert any(store.global_key(f"breaker:taken.{taken}") in c for c in begins[0]), begins[0]
+    # And they ran in a's task, the verdict kept: c failed fast on its open circuit, without a call
+    assert [result.modules[name].status.value for name in ("a", "b", "c")] == ["succeeded", "succeeded", "failed"]
+    assert "circuit 'taken.c' is open" in (result.modules["c"].error or "")
+    assert outputs(cluster, result)["b"]["task"] == task_id(handle.execution_id, "a")
+    assert "c" not in outputs(cluster, result)
+    assert all(record.worker and record.started_at and record.attempts == 1 for record in result.modules.values())
+    store.client.delete(circuit)
+    cluster.stop()
+
+
+def test_a_taken_module_whose_begin_steps_differ_is_begun_on_its_own(make_cluster) -> None:
+    # Given one slot and two queued modules: a with a circuit breaker, b without (no begin step)
+    cluster = make_cluster()
+    cluster.start_worker("default", concurrency=1, pool="threads")
+    modules = {"a": {"uses": STEP, "inputs": {"ms": 20}},
+               "b": {"uses": STEP, "inputs": {"ms": 20}, "circuit_breaker": {"enabled": False}}}
+    store = cluster.runtime.store
+    with store.client.monitor() as monitor:
+        handle = cluster.submit(program("shapes", modules), strategy="dag")
+        result = handle.get(timeout=60)
+        groups = scripts_seen(monitor, time.time() + 2)
+    # Then a's count took b (b ran in a's task) but did not begin it with a's kind of begin: b's own
+    # begin script stored its running record, and both succeeded
+    records, done = store.key(handle.execution_id, "rec"), store.key(handle.execution_id, "dag:done")
+    assert result.status is ExecutionStatus.SUCCEEDED
+    assert outputs(cluster, result)["b"]["task"] == task_id(handle.execution_id, "a")
+    begins = begin_groups(groups, records, "b")
+    assert len(begins) == 1 and not any(c.startswith(f"SADD {done} ") for c in begins[0]), begins
+    cluster.stop()
+
+
+def test_a_queued_message_with_a_broken_begin_spec_fails_no_count(make_cluster) -> None:
+    # Given one slot running the first of two modules, and queued next a message no worker wrote: a dag
+    # lead for an unknown execution and a begin spec of the worker's own shape whose keys name a hash it
+    # must not touch and whose args do not add up
+    cluster = make_cluster()
+    cluster.start_worker("default", concurrency=1, pool="threads")
+    store, queues, namespace = cluster.runtime.store, cluster.runtime.queues, cluster.settings.namespace
+    assert queues is not None
+    modules = {"a": {"uses": STEP, "inputs": {"ms": 300}}, "b": {"uses": STEP, "inputs": {"ms": 20}}}
+    handle = cluster.submit(program("behind", modules), strategy="dag")
+    plan = store.plan(handle.execution_id)
+    assert plan is not None
+    spec = _begin_spec(Execution(cluster.runtime, handle.execution_id), plan, "a")
+    assert spec is not None
+    victim = f"{namespace}:victim"
+    store.client.hset(victim, "kept", "1")
+    stray = json.dumps({LEAD_KEY: f"10{uuid.uuid4().hex}.x",
+                        BEGIN_LEAD_KEY: [spec[0], [victim, victim, f"{namespace}:none", f"{namespace}:none", victim],
+                                         ["x", "60", "", "9", "0"]],
+                        "body": "", "headers": {"task": "dspex.run_module"}})
+    wait_for(lambda: store.client.hget(store.key(handle.execution_id, "rec"), "a"), 30, "a to start")
+    store.client.rpush(queues.key(f"{namespace}.default", 0), stray)  # next in line (the RPOP end)
+    # When a's count takes it
+    result = handle.get(timeout=60)
+    # Then the execution succeeded, the hash the spec named is as it was, and no lease is left behind
+    assert result.status is ExecutionStatus.SUCCEEDED
+    assert store.client.hgetall(victim) == {"kept": "1"}
+    unacked = UnackedKeys.of(cluster.runtime.app)
+    wait_for(lambda: not store.client.hlen(unacked.messages), timeout=10, what="every lease to be acked")
+    store.client.delete(victim)
     cluster.stop()
 
 

@@ -286,6 +286,7 @@ def _take_next_script() -> str:
     the leased task id and its queue, or nothing."""
     return ("local a, n, first, own = 1, 0, 1, ARGV[10]\nlocal taken = {}\n"
             "local function lease(id, message, queue) taken = {id, queue} end\n"
+            "local function take_begin(raw, j) return false end\n"
             f"local function take_next()\n{_TAKE_NEXT}end\ntake_next()\nreturn taken")
 
 

@@ -28,7 +28,7 @@ from dspex_celery.examples import synthetic
 from dspex_celery.execution import Execution
 from dspex_celery.program import Program
 from dspex_celery.plan import plan_digest
-from dspex_celery.redis_queues import LEAD_KEY, PLAN_LEAD_KEY, RedisQueues
+from dspex_celery.redis_queues import BEGIN_LEAD_KEY, LEAD_KEY, PLAN_LEAD_KEY, RedisQueues
 from dspex_celery.routing import queue_name
 from dspex_celery.settings import Settings
 from dspex_celery.strategies.dag import CHAIN_HEADER, dag_signature
@@ -154,6 +154,10 @@ def test_a_stock_celery_worker_runs_the_message_the_dag_step_pushed(make_cluster
         assert pushed.startswith(f'{{"{LEAD_KEY}": "{lead}", "{PLAN_LEAD_KEY}": "{digest}", ')
         ours = decoded(pushed)
         assert ours.pop(LEAD_KEY) == lead and ours.pop(PLAN_LEAD_KEY) == digest
+        # and the begin of its first attempt as data, for a dspex worker that takes it next (its running record left out)
+        spec = ours.pop(BEGIN_LEAD_KEY)
+        assert spec[1][:4] == [runtime.store.key(execution_id, part) for part in ("rec", "meta", "finished", "out")]
+        assert spec[2][:3] == ["child", str(runtime.store.ttl_s), ""] and spec[2][-1] == "parent"
         assert decoded(client.lpop(key)) == ours  # LPUSH: the newest is first
         # And a stock Celery worker on that queue runs the module task with its args, ids and time limits
         record_key = stock_worker(queue, queues.priority_steps)

@@ -29,13 +29,14 @@ from typing import Any, NamedTuple
 from celery.canvas import Signature
 
 from dspex_celery.canvas import PLAN_HEADER, module_signature, task_id
-from dspex_celery.continuation import TAG_PREFIX, Begun, FirstAttempt, Offer, UnackedKeys, lease_tag
+from dspex_celery.continuation import TAG_PREFIX, Begun, FirstAttempt, Offer, Taken, UnackedKeys, lease_tag
 from dspex_celery.execution import Execution
 from dspex_celery.plan import Plan, known_digest
-from dspex_celery.redis_queues import LEAD_KEY, PLAN_LEAD_KEY, RedisQueues
+from dspex_celery.redis_queues import BEGIN_LEAD_KEY, LEAD_KEY, PLAN_LEAD_KEY, RedisQueues
 from dspex_celery.results import ExecutionStatus, ModuleRecord, ModuleStatus
-from dspex_celery.routing import queue_name
-from dspex_celery.state import CLAIM_STEP_ARGS, CLAIM_STEP_KEYS, LuaStep, lua_call, module_start
+from dspex_celery.routing import queue_name, resource_of
+from dspex_celery.state import (CLAIM_STEP_ARGS, CLAIM_STEP_KEYS, LuaStep, begin_body, lua_call, module_start,
+                                shape_digest)
 from dspex_celery.strategies.base import BLOCKING, Strategy, blocking_of, split_blocked
 
 #: The header that lets a worker running another ``dag`` execution take this module's message into its
@@ -50,10 +51,16 @@ CHAIN_HEADER = "dspex_chain"
 # ``run_module`` message, never delayed), of this execution or of another ``dag`` execution whose lead
 # says it may run in a chain (its plan has no backups), and without a Celery time limit where the
 # worker may not run one in a chain; any other message there (another task, a levels module, a retry)
-# stays for a slot that frees. The lead is read with a pattern: no message is decoded here.
+# stays for a slot that frees. The lead is read with a pattern: no message is decoded here. The module
+# taken is begun too (take_begin) when its message carries a begin spec (BEGIN_LEAD_KEY, after the
+# lead and the plan digest: StateStore.begin_spec) of the shape this count was composed with: the
+# running record is the worker's own (one per list it reads), the rest is the spec's, so the worker
+# starts it without a begin round trip of its own.
 # ``first``: the KEYS index of the worker's first queue list; ``own``: this execution's task-id prefix.
 _LEAD_PATTERN = '^{"' + LEAD_KEY + '": "([01])([01])([^"\\\\]+)"'  # a Lua pattern, in a Lua string
 _PLAN_PATTERN = '^{"' + LEAD_KEY + '": "[^"]*", "' + PLAN_LEAD_KEY + '": "(%x+)"'  # the plan digest after it
+_SPEC_PATTERNS = ('^{"' + LEAD_KEY + '": "[^"]*", "' + BEGIN_LEAD_KEY + '": (%b[])',
+                  '^{"' + LEAD_KEY + '": "[^"]*", "' + PLAN_LEAD_KEY + '": "%x+", "' + BEGIN_LEAD_KEY + '": (%b[])')
 _TAKE_NEXT = """
 local base = a + 6 + 4 * n
 if ARGV[base + 1] ~= '1' then return end
@@ -72,7 +79,8 @@ for j = 1, tonumber(ARGV[base + 4]) do
     redis.call('RPOP', KEYS[first + j - 1])
     lease(id, raw, ARGV[base + 4 + j], KEYS[first + j - 1])
     local digest = string.match(raw, '""" + _PLAN_PATTERN + """')
-    if digest then result[4] = {id, false, digest} end
+    local begun = take_begin(raw, j)
+    if digest or begun then result[4] = {id, begun, digest or false, begun and ARGV[base + 4 + j] or false} end
     return
   end
 end
@@ -93,8 +101,10 @@ end
 # under ('' if none), released here (the ack of a continued module), then whether the worker may take
 # its next queued module here ('1'/'0', see _TAKE_NEXT), whether it may run one with a time limit, the
 # execution's task-id prefix and the number m of the worker's queue lists (the KEYS after the more
-# urgent lists, in the order it reads them), then each one's queue name, then the child it begins
-# when it leases it ('' for none, see _ahead) and that begin's args (its keys follow the lists' keys).
+# urgent lists, in the order it reads them), then each one's queue name, then the shape digest of the
+# begin specs a module it takes may be begun with ('' for none, see take_begin) and the running record
+# of a first attempt of a module of each list, then the child it begins when it leases it ('' for
+# none, see _ahead) and that begin's args (its keys follow the lists' keys).
 # Returns {repeated (0/1), open_left, #ready, the task id (EXEC.MODULE) of the module leased to the
 # worker or '' (with what else the count read of it, see parse_count), ready...,
 # blocking module, its status, ...}: the ready children left to the caller — none when they were
@@ -154,7 +164,8 @@ if enqueue then
 end
 local own = ARGV[a + 9 + 4 * n]
 local m = enqueue and tonumber(ARGV[a + 10 + 4 * n]) or 0
-local ahead = enqueue and ARGV[a + 11 + 4 * n + m] or ''
+local ahead = enqueue and ARGV[a + 12 + 4 * n + 2 * m] or ''
+local take_shape = enqueue and ARGV[a + 11 + 4 * n + m] or ''
 local function lease(id, message, queue, list)
   local tag = '""" + TAG_PREFIX + """' .. id
   local suffix = ',"",' .. cjson.encode(queue) .. ']'
@@ -162,6 +173,26 @@ local function lease(id, message, queue, list)
   redis.call('ZADD', KEYS[k + 6 + n], ARGV[a + 5 + 3 * n], tag)
   redis.call('SET', KEYS[k + 8 + n], cjson.encode({tag, list, #suffix}), 'EX', ARGV[a])
   result[4] = id
+end
+local function run_spec(KEYS, ARGV)
+"""
+_COUNT_TAKE = """end
+local function take_begin(raw, j)
+  if take_shape == '' then return false end
+  local spec = string.match(raw, '""" + _SPEC_PATTERNS[0] + """') or string.match(raw, '""" + _SPEC_PATTERNS[1] + """')
+  if not spec then return false end
+  local decoded, parsed = pcall(cjson.decode, spec)
+  if not decoded or type(parsed) ~= 'table' or parsed[1] ~= take_shape then return false end
+  local keys, args = parsed[2], parsed[3]
+  if type(keys) ~= 'table' or type(args) ~= 'table' or #keys < 4 or #args < 5 then return false end
+  for _, list in ipairs({keys, args}) do
+    for _, item in ipairs(list) do if type(item) ~= 'string' then return false end end
+  end
+  local steps, parents = tonumber(args[4]), tonumber(args[5])
+  if not steps or not parents or #args ~= 5 + steps + parents then return false end
+  args[3] = ARGV[a + 11 + 4 * n + m + j]
+  local ran, reply = pcall(run_spec, keys, args)  -- a spec no worker wrote must not fail the count
+  return ran and reply
 end
 local function take_next()
 """ + _TAKE_NEXT + """end
@@ -210,11 +241,12 @@ return result
 
 
 @functools.cache
-def _count_done(begin: str = "return false") -> str:
+def _count_done(begin: str = "return false", take: str = "return false") -> str:
     """The count's body; ``begin``: the body of the begin step of the child it may begin ahead (its
-    keys after the worker's lists, its args after theirs), run when it leases that child."""
-    call = lua_call(begin, "first + m", "a + 12 + 4 * n + m")
-    return _COUNT_HEAD + f"return {call}\n" + _COUNT_TAIL
+    keys after the worker's lists, its args after theirs), run when it leases that child; ``take``: the
+    body of the begin step a module it takes next is begun with (keys and args from its spec)."""
+    call = lua_call(begin, "first + m", "a + 13 + 4 * n + 2 * m")
+    return _COUNT_HEAD + f"return {lua_call(take, 1, 1)}\n" + _COUNT_TAKE + f"return {call}\n" + _COUNT_TAIL
 
 
 _COUNT_DONE = _count_done()
@@ -222,11 +254,11 @@ _COUNT_ALONE = "return " + lua_call(_COUNT_DONE, 1, 1)
 
 
 @functools.cache
-def _count_and_claim(claim: str) -> str:
+def _count_and_claim(claim: str, take: str) -> str:
     """A sink's count followed, when it closed the last open module, by the execution's finish claim
     (``claim``: its Lua, whose CLAIM_STEP_KEYS keys and CLAIM_STEP_ARGS args come first): its reply
     is the count's with the claim's appended, so finishing takes no round trip of its own."""
-    count = lua_call(_COUNT_DONE, f"k + {CLAIM_STEP_KEYS}", f"a + {CLAIM_STEP_ARGS}")
+    count = lua_call(_count_done(take=take), f"k + {CLAIM_STEP_KEYS}", f"a + {CLAIM_STEP_ARGS}")
     return (f"local count = {count}\n"
             f"if count[1] == 0 and count[2] == 0 then count[5] = {lua_call(claim, 'k', 'a')} end\n"
             "return count")
@@ -264,7 +296,9 @@ class DagStrategy(Strategy):
         if offer is not None:
             count = parse_count(reply)
             offer.claimed, offer.plan = count.continued or None, count.plan
-            if ahead is not None and count.begun is not None:
+            if count.begun is not None and count.taken is not None and offer.shapes is not None:
+                offer.begun = Taken(count.continued, count.begun, offer.records[count.taken], shape_digest(offer.shapes))
+            elif ahead is not None and count.begun is not None:
                 child, attempt = ahead
                 offer.begun = Begun(count.continued, attempt, module_start(count.begun, plan.modules[child].parents))
         self._drain(execution, plan, [reply])
@@ -286,7 +320,7 @@ class DagStrategy(Strategy):
             pipe.expire(key, execution.store.ttl_s)
         chains = _chains(plan)
         for name in _by_urgency(plan, roots(plan, {})):
-            pipe.lpush(*_message(queues, dag_signature(execution, plan, name, chains)))
+            pipe.lpush(*_message(queues, dag_signature(execution, plan, name, chains), _begin_spec(execution, plan, name)))
 
     # --- counters -------------------------------------------------------------------------------
 
@@ -328,7 +362,7 @@ class DagStrategy(Strategy):
         if queues is not None:
             namespace, chains = runtime.settings.namespace, _chains(plan)
             signatures = [dag_signature(execution, plan, child, chains) for child in children]
-            messages = [_SENT.message(queues, execution.id, plan, child, signature)
+            messages = [_SENT.message(queues, execution, plan, child, signature)
                         for child, signature in zip(children, signatures, strict=True)]
             keys += [key for key, _ in messages]
             args += [message for _, message in messages]
@@ -344,15 +378,17 @@ class DagStrategy(Strategy):
             args += ["1" if lists else "0", "1" if offer is not None and offer.timeouts else "0",
                      task_id(execution.id, ""), len(lists), *(queue for _, queue in lists)]
             keys += [key for key, _ in lists]
+            take, shape, records = _take_begin(offer, lists, namespace)
+            args += [shape, *records]
             if not children and not execution.store.clustered:
                 claim = execution.finish_claim_step(ExecutionStatus.SUCCEEDED)
-                return LuaStep(_count_and_claim(claim.source), [*claim.keys, *keys], [*claim.args, *args, ""])
+                return LuaStep(_count_and_claim(claim.source, take), [*claim.keys, *keys], [*claim.args, *args, ""])
             if ahead is not None:
                 child, attempt = ahead
                 begin = execution.store.begin_step(execution.id, child, plan.modules[child].parents, attempt.record,
                                                    [step for _, step in attempt.steps])
-                return LuaStep(_count_done(begin.source), [*keys, *begin.keys], [*args, child, *begin.args])
-            args.append("")
+                return LuaStep(_count_done(begin.source, take), [*keys, *begin.keys], [*args, child, *begin.args])
+            return LuaStep(_count_done(take=take), keys, [*args, ""])
         return LuaStep(_COUNT_DONE, keys, args)
 
     def _count_alone(self, execution: Execution, plan: Plan, module: str, status: ModuleStatus) -> list[Any]:
@@ -397,8 +433,8 @@ class DagStrategy(Strategy):
         signatures = [dag_signature(execution, plan, name, chains) for name in runnable]
         if runtime.queues is not None and signatures:  # one round trip for all (a program's roots: many)
             pipe = execution.store.client.pipeline(transaction=False)
-            for signature in signatures:
-                pipe.lpush(*_message(runtime.queues, signature))
+            for name, signature in zip(runnable, signatures, strict=True):
+                pipe.lpush(*_message(runtime.queues, signature, _begin_spec(execution, plan, name)))
             pipe.execute()
         else:
             for signature in signatures:
@@ -422,19 +458,19 @@ class _MessagesSent:
         self._bound = bound
         self._lock = threading.Lock()
 
-    def message(self, queues: RedisQueues, execution_id: str, plan: Plan, child: str,
+    def message(self, queues: RedisQueues, execution: Execution, plan: Plan, child: str,
                 signature: Signature) -> tuple[str, str]:
         """The child's queue key and its message, '' when a count was already sent it."""
         if len(plan.modules[child].parents) < 2:  # made ready by this count whenever it succeeds
-            return _message(queues, signature)
-        key = (execution_id, child)
+            return _message(queues, signature, _begin_spec(execution, plan, child))
+        key = (execution.id, child)
         with self._lock:
             if key in self._sent:
                 return queues.key(str(signature.options["queue"]), int(signature.options["priority"])), ""
             self._sent[key] = None
             if len(self._sent) > self._bound:
                 self._sent.popitem(last=False)
-        return _message(queues, signature)
+        return _message(queues, signature, _begin_spec(execution, plan, child))
 
 
 _SENT = _MessagesSent()
@@ -445,8 +481,9 @@ class Count(NamedTuple):
     the children it made ready (and left to the caller), the modules blocking their children, the
     task id (``EXEC.MODULE``) of the module it leased to the worker that offered to continue ('' for none),
     the reply of that module's begin when the count began it too and, when it took another execution's
-    module, the digest of that one's plan text; from a sink's count that closed the last open module,
-    the reply of the finish claim it ran."""
+    module, the digest of that one's plan text; the queue of a module it took next and began from its
+    message's spec (``taken``); from a sink's count that closed the last open module, the reply of the
+    finish claim it ran."""
 
     repeated: bool
     open_left: int
@@ -456,22 +493,41 @@ class Count(NamedTuple):
     claimed: list[Any] | None = None
     begun: list[Any] | None = None
     plan: str | None = None
+    taken: str | None = None
 
 
 def parse_count(reply: list[Any]) -> Count:
     """The :class:`Count` of a raw Lua reply
     ``{repeated, open_left, #ready, continued, ready..., module, status, ...}`` (or, from a sink's count
     that closed the last open module, ``{repeated, 0, 0, continued, claim reply}``), where
-    ``continued`` is ``{task id, begin reply}`` when the count began the module it leased, and
-    ``{task id, nil, plan digest}`` when it took one whose message names its plan's digest."""
+    ``continued`` is ``{task id, begin reply}`` when the count began the child it leased, and
+    ``{task id, begin reply or nil, plan digest or nil, queue or nil}`` when it took one next (begun
+    from its spec, a queue's first-attempt record, when the queue is there)."""
     repeated, left, count = (int(item) for item in reply[:3])
-    continued, begun, digest = (*reply[3], None)[:3] if isinstance(reply[3], list) else (reply[3], None, None)
-    plan = None if digest is None else str(digest)
+    entry = reply[3] if isinstance(reply[3], list) else [reply[3]]
+    continued, begun, digest, queue = (*entry, None, None, None)[:4]
+    plan, taken = (None if digest is None else str(digest)), (None if queue is None else str(queue))
     if len(reply) == 5 and isinstance(reply[4], list):
-        return Count(bool(repeated), left, [], {}, str(continued), reply[4], plan=plan)
+        return Count(bool(repeated), left, [], {}, str(continued), reply[4], plan=plan, taken=taken)
     flat = [str(item) for item in reply[4 + count:]]
     return Count(bool(repeated), left, [str(name) for name in reply[4:4 + count]],
-                 dict(zip(flat[::2], flat[1::2], strict=True)), str(continued), begun=begun, plan=plan)
+                 dict(zip(flat[::2], flat[1::2], strict=True)), str(continued), begun=begun, plan=plan, taken=taken)
+
+
+#: The take body of a count that begins no module it takes.
+_NO_TAKE = "return false"
+
+
+def _take_begin(offer: Offer | None, lists: tuple[tuple[str, str], ...], namespace: str) -> tuple[str, str, list[str]]:
+    """How a count begins a module it takes next (see _TAKE_NEXT): the begin body it runs a spec with,
+    that body's shape digest ('' for none) and a first attempt's running record for each of the worker's
+    ``lists`` (kept on the offer by queue, for the module the count reports it took)."""
+    if not lists or offer is None or offer.shapes is None or offer.fresh is None:
+        return _NO_TAKE, "", [""] * len(lists)
+    fresh = offer.fresh
+    offer.records = {queue: fresh(resource_of(namespace, queue)) for queue in {queue for _, queue in lists}}
+    texts = {queue: record.model_dump_json() for queue, record in offer.records.items()}
+    return begin_body(offer.shapes), shape_digest(offer.shapes), [texts[queue] for _, queue in lists]
 
 
 @functools.lru_cache(maxsize=256)
@@ -514,11 +570,25 @@ def dag_signature(execution: Execution, plan: Plan, name: str, chains: bool) -> 
     return signature
 
 
-def _message(queues: RedisQueues, signature: Signature) -> tuple[str, str]:
-    """The queue key and task message of a dag module, with its lead (and its plan's digest after it)."""
+def _message(queues: RedisQueues, signature: Signature, spec: list[Any] | None = None) -> tuple[str, str]:
+    """The queue key and task message of a dag module, with its lead (then its plan's digest and the
+    begin ``spec`` of its first attempt, when there are)."""
     digest = signature.options.get("headers", {}).get(PLAN_HEADER)
-    lead = {LEAD_KEY: _lead(signature)} | ({PLAN_LEAD_KEY: digest} if digest else {})
+    lead: dict[str, Any] = {LEAD_KEY: _lead(signature)}
+    if digest:
+        lead[PLAN_LEAD_KEY] = digest
+    if spec is not None:
+        lead[BEGIN_LEAD_KEY] = spec
     return queues.message(signature, lead)
+
+
+def _begin_spec(execution: Execution, plan: Plan, name: str) -> list[Any] | None:
+    """The begin spec of module ``name``'s first attempt (:meth:`StateStore.begin_spec`), with which a
+    worker that takes its message next begins it in the same script; None when a hook's begin step is
+    not portable (:attr:`Hook.begin_step_portable`)."""
+    runtime, module = execution.runtime, plan.modules[name]
+    steps = runtime.hooks.portable_begin_steps(runtime, plan, module)
+    return None if steps is None else runtime.store.begin_spec(execution.id, name, module.parents, steps)
 
 
 def _lead(signature: Signature) -> str:
