@@ -33,7 +33,7 @@ from celery.signals import worker_ready
 from dspex_celery.canvas import task_id
 from dspex_celery.plan import Plan
 from dspex_celery.results import ModuleRecord
-from dspex_celery.state import LuaStep, ModuleStart, StateStore, module_start, shape_digest, step_shapes
+from dspex_celery.state import LuaStep, ModuleStart, StateStore, module_start
 
 log = logging.getLogger(__name__)
 
@@ -174,21 +174,17 @@ class Begun:
 class Taken:
     """A module the count took next from this worker's queues and began with the begin spec its message
     carried (``dspex_celery.strategies.dag``): its task id, the begin's raw reply, the running record it
-    stored and the shape digest of the specs the count ran."""
+    stored, and the begin steps of the module the count went with — of the same shapes as the spec's
+    (the count ran it only then), so their hooks are the ones its steps' replies belong to."""
 
     leased: str
     reply: list[Any]
     record: ModuleRecord
-    shape: str
+    steps: list[tuple[Any, LuaStep]]
 
-    def begun(self, steps: list[tuple[Any, LuaStep]], parents: Sequence[str]) -> Begun:
-        """As a :class:`Begun`, with this worker's own begin ``steps`` of the module: their replies are
-        theirs when their shape is the one the spec ran (else the hooks ask again, as on a later attempt)."""
-        if shape_digest(step_shapes([step for _, step in steps])) != self.shape:
-            steps, reply = [], self.reply[:5]
-        else:
-            reply = self.reply
-        return Begun(self.leased, FirstAttempt(self.record, steps), module_start(reply, parents))
+    def begun(self, parents: Sequence[str]) -> Begun:
+        """As a :class:`Begun` (its steps are not run again: they only say whose each reply is)."""
+        return Begun(self.leased, FirstAttempt(self.record, self.steps), module_start(self.reply, parents))
 
 
 @dataclass(slots=True)
@@ -200,9 +196,9 @@ class Offer:
     in a prefork child, where only Celery's per-message time limits stop a call); ``held``: the
     module runs under a lease, which the strategy's count releases once it succeeded; ``ahead``: how
     this worker starts a module's first attempt, so the count that leases a child may begin it too;
-    ``fresh``: the running record of a first attempt here of a module of a resource class and
-    ``shapes``: the begin steps' shapes of the module the offer goes with, so the count may begin a
-    module it takes next from its message's begin spec (of those shapes).
+    ``fresh``: the JSON running record of a first attempt here, starting at a time, of a module of a
+    resource class, and ``steps``: the begin steps of the module the offer goes with, so the count may
+    begin a module it takes next from its message's begin spec (when its steps have the same shapes).
     The strategy sets ``claimed`` to the task id (``EXEC.MODULE``) of the module it leased, ``plan``
     to the digest of that module's plan text when it is another execution's and its message names it,
     ``begun`` when it began that module as well, and ``records`` to the records by queue it offered.
@@ -214,12 +210,12 @@ class Offer:
     timeouts: bool
     held: bool = False
     ahead: Callable[[Plan, str], FirstAttempt] | None = None
-    fresh: Callable[[str], ModuleRecord] | None = None
-    shapes: tuple[tuple[str, int, int], ...] | None = None
+    fresh: Callable[[str, str], str] | None = None
+    steps: list[tuple[Any, LuaStep]] | None = None
     claimed: str | None = field(default=None)
     plan: str | None = field(default=None)
     begun: Begun | Taken | None = field(default=None)
-    records: dict[str, ModuleRecord] = field(default_factory=dict)
+    records: dict[str, str] = field(default_factory=dict)
 
 
 # --- Flower ---------------------------------------------------------------------------------------

@@ -155,10 +155,6 @@ def _offset(first: int | str, by: int) -> int | str:
 _CLAIM_FINISH_ALONE = "return " + lua_call(_CLAIM_FINISH, 1, 1)
 
 
-#: A placeholder record for :meth:`StateStore.begin_spec` (the taking worker supplies its own).
-_NO_RECORD = ModuleRecord()
-
-
 @functools.cache
 def begin_body(shapes: tuple[tuple[str, int, int], ...]) -> str:
     """The begin step's body (:data:`_BEGIN`) with steps of these shapes (source, number of keys,
@@ -427,10 +423,7 @@ class StateStore:
     def begin_step(self, execution_id: str, module: str, parents: Sequence[str], first_running: ModuleRecord,
                    steps: Sequence[LuaStep] = ()) -> LuaStep:
         """:meth:`begin` as a step of another script (its reply is read by :func:`module_start`)."""
-        keys = [self.key(execution_id, part) for part in ("rec", "meta", "finished", "out")]
-        keys += [key for step in steps for key in step.keys]
-        step_args = [arg for step in steps for arg in step.args]
-        args = [module, self.ttl_s, first_running.model_dump_json(), len(step_args), len(parents), *step_args, *parents]
+        keys, args = self._begin_keys_args(execution_id, module, parents, first_running.model_dump_json(), steps)
         return LuaStep(begin_body(step_shapes(steps)), keys, args)
 
     def begin_spec(self, execution_id: str, module: str, parents: Sequence[str],
@@ -439,12 +432,18 @@ class StateStore:
         module next (``[shape digest, keys, args]``, every arg a string, the running record's left
         ''; see :func:`begin_body` and ``dspex_celery.strategies.dag``); None when a name holds a
         bracket (a script finds the spec by its balanced brackets)."""
-        step = self.begin_step(execution_id, module, parents, _NO_RECORD, steps)
-        args = [str(arg) for arg in step.args]
-        args[2] = ""
-        if any("[" in text or "]" in text for text in (*step.keys, *args)):
+        keys, args = self._begin_keys_args(execution_id, module, parents, "", steps)
+        texts = [str(arg) for arg in args]
+        if any("[" in text or "]" in text for text in (*keys, *texts)):
             return None
-        return [shape_digest(step_shapes(steps)), list(step.keys), args]
+        return [shape_digest(step_shapes(steps)), keys, texts]
+
+    def _begin_keys_args(self, execution_id: str, module: str, parents: Sequence[str], first_running: str,
+                         steps: Sequence[LuaStep]) -> tuple[list[str], list[Any]]:
+        keys = [self.key(execution_id, part) for part in ("rec", "meta", "finished", "out")]
+        keys += [key for step in steps for key in step.keys]
+        step_args = [arg for step in steps for arg in step.args]
+        return keys, [module, self.ttl_s, first_running, len(step_args), len(parents), *step_args, *parents]
 
     def save_success(self, execution_id: str, module: str, output: dict[str, Any], record: ModuleRecord,
                      then: LuaStep | None = None) -> list[Any] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import mmap
 import os
@@ -61,7 +62,7 @@ from dspex_celery.runner import (
     resolve_inputs,
 )
 from dspex_celery.runtime import Runtime, runtime_of
-from dspex_celery.state import ModuleStart, step_shapes
+from dspex_celery.state import ModuleStart
 from dspex_celery.usage import Usage
 from dspex_celery.strategies.base import Strategy
 from dspex_celery.strategies.levels import StagedStrategy
@@ -239,11 +240,7 @@ def continuation_offer(task: Task, runtime: Runtime, left: int, held: bool = Fal
     consumed = (task.app.amqp.queues.consume_from or {}) if may_continue else {}
     return Offer(frozenset(consumed), UnackedKeys.of(task.app), chain_key(runtime.settings.namespace, task.request.id),
                  timeouts=not limited, held=held,
-                 ahead=functools.partial(first_attempt, task, runtime), fresh=functools.partial(fresh_record, task))
-
-
-#: The record of a module with no attempt yet.
-_NO_ATTEMPT = ModuleRecord()
+                 ahead=functools.partial(first_attempt, task, runtime), fresh=functools.partial(fresh_record_json, str(task.request.hostname)))
 
 
 def first_attempt(task: Task, runtime: Runtime, plan: Plan, name: str) -> FirstAttempt:
@@ -255,23 +252,34 @@ def first_attempt(task: Task, runtime: Runtime, plan: Plan, name: str) -> FirstA
 
 def running_record(task: Task, plan: Plan, name: str, previous: ModuleRecord) -> ModuleRecord:
     """The record of the attempt after ``previous``, starting now on this worker."""
-    return fresh_record(task, plan.modules[name].resource, previous)
-
-
-def fresh_record(task: Task, resource: str, previous: ModuleRecord = _NO_ATTEMPT) -> ModuleRecord:
-    """The running record of the attempt after ``previous`` (none: a first attempt) of a module of
-    ``resource``, starting now on this worker."""
     return ModuleRecord(
         status=ModuleStatus.RUNNING,
         attempts=previous.attempts + 1,
         started_at=isoformat(utcnow()),
         worker=task.request.hostname,
-        resource=resource,
+        resource=plan.modules[name].resource,
         lost_attempts=previous.lost_attempts,
         **Usage.of(previous).record_fields(),  # LM usage of all attempts
     )
 
 
+def fresh_record_json(worker: str, resource: str, started_at: str) -> str:
+    """The JSON running record of a first attempt on ``worker``, started at ``started_at`` (ISO), of a
+    module of ``resource``: :func:`running_record`'s, from a template kept per worker and class (a
+    count offers one per queue the worker reads, each time)."""
+    prefix, suffix = _fresh_template(worker, resource)
+    return prefix + json.dumps(started_at) + suffix
+
+
+_STARTED_MARK = "dspex-started-at-mark"
+
+
+@functools.lru_cache(maxsize=256)
+def _fresh_template(worker: str, resource: str) -> tuple[str, str]:
+    record = ModuleRecord(status=ModuleStatus.RUNNING, attempts=1, started_at=_STARTED_MARK, worker=worker,
+                          resource=resource, **Usage.of(ModuleRecord()).record_fields())
+    prefix, _, suffix = record.model_dump_json().partition(json.dumps(_STARTED_MARK))
+    return prefix, suffix
 
 
 class ModuleRun:
@@ -304,11 +312,11 @@ class ModuleRun:
             log.warning("execution %s has no module %r; dropping a run_module message for it",
                         self.execution_id, self.name)
             return {"module": self.name, "status": "unknown"}
-        if isinstance(self.begun, Taken):  # begun by the count that took it: pair its steps' replies
-            self.begun = self.begun.begun(self.runtime.hooks.begin_steps(self.runtime, plan, module), module.parents)
+        if isinstance(self.begun, Taken):  # begun by the count that took it
+            self.begun = self.begun.begun(module.parents)
         attempt = self.begun.attempt if self.begun is not None else first_attempt(self.task, self.runtime, plan, self.name)
         if self.offer is not None:
-            self.offer.shapes = step_shapes([step for _, step in attempt.steps])
+            self.offer.steps = attempt.steps
         first, steps = attempt.record, attempt.steps
         begin = self.begun.start if self.begun is not None else self.store.begin(
             self.execution_id, self.name, module.parents, first, [step for _, step in steps])

@@ -90,3 +90,22 @@ def test_a_plan_parsed_once_is_found_by_its_digest_for_another_execution() -> No
     # Then it is the plan it parsed, and it read nothing; an unknown digest is read as before
     assert found is first and reads == []
     assert worker.plan("e3", "0" * 20) is None and reads == [worker.key("e3", "plan")]
+
+
+def test_the_record_a_count_offers_for_a_taken_module_is_the_one_a_begin_would_write() -> None:
+    # Given a worker's task and a plan whose module runs on a class of its own
+    from types import SimpleNamespace
+
+    from dspex_celery.results import parse_time
+    from dspex_celery.tasks import fresh_record_json, running_record
+
+    plan = Program.from_dict({"name": "p", "modules": {"m": {"uses": "tests.modules.basic:add", "resource": "llm"}}}).plan()
+    task = SimpleNamespace(request=SimpleNamespace(hostname='dspex@host "1"'))
+    # When the count offers a first attempt's running record from its template
+    record = running_record(task, plan, "m", ModuleRecord())  # type: ignore[arg-type]
+    assert record.started_at is not None
+    offered = fresh_record_json('dspex@host "1"', "llm", record.started_at)
+    # Then it is, byte for byte, the record a begin of the module's first attempt stores
+    assert offered == record.model_dump_json()
+    assert ModuleRecord.model_validate_json(offered).status is ModuleStatus.RUNNING
+    assert parse_time(ModuleRecord.model_validate_json(offered).started_at or "") == parse_time(record.started_at)

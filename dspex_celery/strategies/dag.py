@@ -33,10 +33,10 @@ from dspex_celery.continuation import TAG_PREFIX, Begun, FirstAttempt, Offer, Ta
 from dspex_celery.execution import Execution
 from dspex_celery.plan import Plan, known_digest
 from dspex_celery.redis_queues import BEGIN_LEAD_KEY, LEAD_KEY, PLAN_LEAD_KEY, RedisQueues
-from dspex_celery.results import ExecutionStatus, ModuleRecord, ModuleStatus
+from dspex_celery.results import ExecutionStatus, ModuleRecord, ModuleStatus, isoformat, utcnow
 from dspex_celery.routing import queue_name, resource_of
 from dspex_celery.state import (CLAIM_STEP_ARGS, CLAIM_STEP_KEYS, LuaStep, begin_body, lua_call, module_start,
-                                shape_digest)
+                                shape_digest, step_shapes)
 from dspex_celery.strategies.base import BLOCKING, Strategy, blocking_of, split_blocked
 
 #: The header that lets a worker running another ``dag`` execution take this module's message into its
@@ -296,8 +296,9 @@ class DagStrategy(Strategy):
         if offer is not None:
             count = parse_count(reply)
             offer.claimed, offer.plan = count.continued or None, count.plan
-            if count.begun is not None and count.taken is not None and offer.shapes is not None:
-                offer.begun = Taken(count.continued, count.begun, offer.records[count.taken], shape_digest(offer.shapes))
+            if count.begun is not None and count.taken is not None and offer.steps is not None:
+                record = ModuleRecord.model_validate_json(offer.records[count.taken])
+                offer.begun = Taken(count.continued, count.begun, record, offer.steps)
             elif ahead is not None and count.begun is not None:
                 child, attempt = ahead
                 offer.begun = Begun(count.continued, attempt, module_start(count.begun, plan.modules[child].parents))
@@ -522,12 +523,12 @@ def _take_begin(offer: Offer | None, lists: tuple[tuple[str, str], ...], namespa
     """How a count begins a module it takes next (see _TAKE_NEXT): the begin body it runs a spec with,
     that body's shape digest ('' for none) and a first attempt's running record for each of the worker's
     ``lists`` (kept on the offer by queue, for the module the count reports it took)."""
-    if not lists or offer is None or offer.shapes is None or offer.fresh is None:
+    if not lists or offer is None or offer.steps is None or offer.fresh is None:
         return _NO_TAKE, "", [""] * len(lists)
-    fresh = offer.fresh
-    offer.records = {queue: fresh(resource_of(namespace, queue)) for queue in {queue for _, queue in lists}}
-    texts = {queue: record.model_dump_json() for queue, record in offer.records.items()}
-    return begin_body(offer.shapes), shape_digest(offer.shapes), [texts[queue] for _, queue in lists]
+    fresh, started_at = offer.fresh, isoformat(utcnow())
+    offer.records = {queue: fresh(resource_of(namespace, queue), started_at) for queue in {queue for _, queue in lists}}
+    shapes = step_shapes([step for _, step in offer.steps])
+    return begin_body(shapes), shape_digest(shapes), [offer.records[queue] for _, queue in lists]
 
 
 @functools.lru_cache(maxsize=256)
