@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import tempfile
 import statistics
 import time
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import benchlib as bench
+import psutil
 import redis
 from bench_dag_tasks import SLEEP
 from celery import chain, group
@@ -213,6 +215,66 @@ class Peers:
 
 
 # --- schedules and cases ------------------------------------------------------------------------
+
+
+# --- one engine at a time ------------------------------------------------------------------------
+
+
+#: Which processes each engine runs in (``Quiet``): dspex's engines and the Celery floor use the dspex workers.
+ENGINE_GROUPS = {DAG: "dspex", PROFILED: "dspex", LEVELS: "dspex", FLOOR: "dspex", DASK: "dask", RAY: "ray"}
+
+
+@dataclass
+class Quiet:
+    """While one engine runs, the other engines' idle processes are stopped (SIGSTOP) and go on after
+    (SIGCONT): idle, Ray's raylet, GCS and worker processes and Dask's workers wake up many times a
+    second (≈ 15 % of a core here, after their first tasks), and on 2 cores those wake-ups cost the
+    engine being measured 1.5–2.5 % of its makespan — noise of the harness, not of the engine.
+    ``--no-quiet`` keeps every engine running (the tables of sessions 6–17)."""
+
+    groups: dict[str, list[psutil.Process]]
+    running: str | None = None
+
+    @classmethod
+    def of(cls, cluster: bench.BenchCluster) -> Quiet:
+        """The dspex workers, Dask's worker processes and Ray's (the bench's own Redis stays up)."""
+        dspex = [psutil.Process(worker.process.pid) for worker in cluster.workers]
+        groups: dict[str, list[psutil.Process]] = {"dspex": dspex, "dask": [], "ray": []}
+        for process in psutil.Process().children():
+            command = " ".join(process.cmdline())
+            group = ("dask" if "multiprocessing.spawn" in command
+                     else "ray" if "/ray/" in command or command.startswith("ray::") else None)
+            if group is not None:
+                groups[group].append(process)
+        return cls(groups)
+
+    def only(self, group: str) -> None:
+        """Let ``group`` run, stop the others."""
+        if group == self.running:
+            return
+        for name, processes in self.groups.items():
+            self._signal(processes, signal.SIGCONT if name == group else signal.SIGSTOP)
+        self.running = group
+
+    def resume(self) -> None:
+        for processes in self.groups.values():
+            self._signal(processes, signal.SIGCONT)
+        self.running = None
+
+    @staticmethod
+    def _signal(processes: list[psutil.Process], sig: signal.Signals) -> None:
+        for process in processes:
+            try:
+                for member in [process, *process.children(recursive=True)]:
+                    member.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+
+
+def _alone(quiet: Quiet, group: str, case: Callable[[], float]) -> float:
+    quiet.only(group)
+    time.sleep(0.2)  # the processes just let go on settle (their missed timers fire now, not in the run)
+    return case()
 
 
 def cases(cluster: bench.BenchCluster, profiled: Runtime, peers: Peers,
@@ -404,6 +466,8 @@ def main() -> None:
                         help="also print each dspex case's readiness gaps, idle slot time and order replay")
     parser.add_argument("--continuation", type=int, metavar="N",
                         help="the workers' DSPEX_DAG_CONTINUATION (e.g. 0 to measure dag without it); no docs")
+    parser.add_argument("--no-quiet", action="store_true",
+                        help="keep the other engines' idle processes running while one engine runs (see Quiet); no docs")
     parser.add_argument("--layout", type=layout_of, default=LAYOUT, metavar="PxT",
                         help=f"dspex's worker processes x threads, {SLOTS} threads in all (default 2x4); no docs")
     args = parser.parse_args()
@@ -421,7 +485,23 @@ def main() -> None:
             profiled = learn_profiles(cluster, workflows)
             chosen = {name: case for name, case in cases(cluster, profiled, peers, workflows).items()
                       if not args.engine or name.split("/", 1)[1] in args.engine}
-            samples = bench.interleaved(chosen, rounds, on_failure=lambda *_: cluster.restart())
+            quiet = None if args.no_quiet else Quiet.of(cluster)
+            if quiet is not None:
+                chosen = {name: partial(_alone, quiet, ENGINE_GROUPS[name.split("/", 1)[1]], case)
+                          for name, case in chosen.items()}
+
+            def restart(*_: Any) -> None:
+                if quiet is not None:
+                    quiet.resume()
+                cluster.restart()
+                if quiet is not None:
+                    quiet.groups["dspex"] = Quiet.of(cluster).groups["dspex"]
+
+            try:
+                samples = bench.interleaved(chosen, rounds, on_failure=restart)
+            finally:
+                if quiet is not None:
+                    quiet.resume()
             broker = f"{redis_url}, own redis-server" if redis_url != bench.REDIS_URL else redis_url
         finally:
             peers.stop()
@@ -436,7 +516,8 @@ def main() -> None:
         bench.print_table("where dspex's time went (medians)",
                           ["workflow", "engine", "ready->start ms", "idle slot-s while ready", "order replay / LB"],
                           gap_rows(workflows))
-    if not (args.only or args.quick or args.engine or args.continuation is not None or args.layout != LAYOUT):
+    if not (args.only or args.quick or args.engine or args.no_quiet or args.continuation is not None
+            or args.layout != LAYOUT):
         bench.write_section(HEADING, docs_body(headers, rows, goals, rounds, elapsed, broker))
         bench.console.print(f"written to {bench.BENCHMARKS_MD.relative_to(bench.ROOT)}")
 
