@@ -23,7 +23,7 @@ from dspex_celery.examples import synthetic
 from dspex_celery.execution import Execution
 from dspex_celery.redis_queues import BEGIN_LEAD_KEY, LEAD_KEY
 from dspex_celery.results import ExecutionResult, parse_time
-from dspex_celery.strategies.dag import _begin_spec
+from dspex_celery.strategies.dag import INLINE_MESSAGES, _begin_spec
 from tests.conftest import Cluster, program, wait_for
 
 pytestmark = pytest.mark.integration
@@ -421,6 +421,32 @@ def test_a_module_taken_next_is_begun_by_the_count_that_takes_it(make_cluster) -
     assert "c" not in outputs(cluster, result)
     assert all(record.worker and record.started_at and record.attempts == 1 for record in result.modules.values())
     store.client.delete(circuit)
+    cluster.stop()
+
+
+def test_a_module_with_many_children_queues_the_most_urgent_in_its_count_and_the_rest_right_after(
+        make_cluster) -> None:
+    # Given one slot, and a source with 40 children, watched with MONITOR
+    cluster = make_cluster()
+    cluster.start_worker("default", concurrency=1, pool="threads")
+    data = as_steps(synthetic.fan_out(40, name="wide"))
+    store = cluster.runtime.store
+    with store.client.monitor() as monitor:
+        handle = cluster.submit(program("wide", data["modules"], outputs=data["outputs"]), strategy="dag")
+        result = handle.get(timeout=60)
+        groups = scripts_seen(monitor, time.time() + 2)
+    # Then the source's count pushed the messages of its most urgent children itself (one more is leased
+    # to the slot), and the other children's messages went out right after it, noted as queued
+    done, queued = (store.key(handle.execution_id, part) for part in ("dag:done", "dag:queued"))
+    counts = [group for group in groups if f"SADD {done} source" in group]
+    assert len(counts) == 1
+    assert len([c for c in counts[0] if c.startswith("LPUSH ")]) == INLINE_MESSAGES - 1
+    after = [c for group in groups[groups.index(counts[0]) + 1:] for c in group]
+    noted = next(c for c in after if c.startswith(f"SADD {queued} "))
+    assert len(noted.split()) - 2 == 40 - INLINE_MESSAGES
+    # And every child ran once, the sink saw them all
+    assert result.status is ExecutionStatus.SUCCEEDED and result.outputs == {"total": 81}
+    assert all(record.attempts == 1 for record in result.modules.values())
     cluster.stop()
 
 

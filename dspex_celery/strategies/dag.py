@@ -363,8 +363,9 @@ class DagStrategy(Strategy):
         if queues is not None:
             namespace, chains = runtime.settings.namespace, _chains(plan)
             signatures = [dag_signature(execution, plan, child, chains) for child in children]
-            messages = [_SENT.message(queues, execution, plan, child, signature)
-                        for child, signature in zip(children, signatures, strict=True)]
+            messages = [_SENT.message(queues, execution, plan, child, signature) if index < INLINE_MESSAGES
+                        or len(plan.modules[child].parents) > 1 else _later(queues, signature)
+                        for index, (child, signature) in enumerate(zip(children, signatures, strict=True))]
             keys += [key for key, _ in messages]
             args += [message for _, message in messages]
             unacked = offer.keys if offer is not None else UnackedKeys.of(runtime.app)
@@ -433,9 +434,11 @@ class DagStrategy(Strategy):
         chains = _chains(plan)
         signatures = [dag_signature(execution, plan, name, chains) for name in runnable]
         if runtime.queues is not None and signatures:  # one round trip for all (a program's roots: many)
-            pipe = execution.store.client.pipeline(transaction=False)
+            pipe = execution.store.client.pipeline(transaction=True)
             for name, signature in zip(runnable, signatures, strict=True):
                 pipe.lpush(*_message(runtime.queues, signature, _begin_spec(execution, plan, name)))
+            queued = self._keys(execution)[4]  # so a repeated count does not send them again
+            pipe.sadd(queued, *runnable).expire(queued, execution.store.ttl_s)
             pipe.execute()
         else:
             for signature in signatures:
@@ -446,6 +449,18 @@ class DagStrategy(Strategy):
             if not execution.store.is_finished(execution.id):
                 skipped.append(self._count_alone(execution, plan, name, ModuleStatus.SKIPPED))
         return skipped
+
+
+#: How many of a count's children (most urgent first) have their task message built before the count
+#: and pushed by its script; a child made ready by this count alone (one parent) beyond them is queued
+#: right after it (_dispatch_ready, one pipeline), so that a module with many children (a fan-out of
+#: 200) does not keep idle slots waiting while it builds every message first.
+INLINE_MESSAGES = 16
+
+
+def _later(queues: RedisQueues, signature: Signature) -> tuple[str, str]:
+    """A child the count leaves to its caller: its queue key and no message (see :data:`INLINE_MESSAGES`)."""
+    return queues.key(str(signature.options["queue"]), int(signature.options["priority"])), ""
 
 
 class _MessagesSent:
