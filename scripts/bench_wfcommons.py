@@ -10,7 +10,8 @@ redis-server of its own (broker + state);
 Dask: a ``LocalCluster`` of 2 processes × 4 threads; Ray: ``ray.init(num_cpus=8)``, one CPU per
 task, parents passed as ObjectRefs. Makespan = first task start to last task end, from times each
 engine's tasks record themselves. Cases run in interleaved rounds (order rotated each round);
-medians. Writes its section of docs/benchmarks.md (not with ``--only`` or ``--quick``). ``--gaps``
+medians. While one engine runs, the other engines' processes are stopped (``Quiet``; ``--no-quiet``
+keeps them running, as the tables before session 18 did). Writes its section of docs/benchmarks.md (not with ``--only`` or ``--quick``). ``--gaps``
 also prints, per dspex case, where its time above the informed schedule went (from the records):
 the mean gap from a module's readiness (its last parent's end) to its start, the slot-seconds a slot
 stood idle while a module was ready, and the makespan / LB of its observed start order replayed with
@@ -425,6 +426,7 @@ NOTES = (
     "srasearch: 0.64 slot-s idle while a module was ready, against 0.38 cold, with the profiled order's replay "
     "at 1.00). Full run: `dag` cold 1.251 vs Ray 1.260 (met), `dag` + learned profile 1.175 against 1.05 × "
     "informed = 1.145 (not met)."
+    " Session 18 (a fresh machine of the same kind; this table, 5 rounds): (1) a module a count takes next from the queue is begun in that count from a begin spec its message carries (scripts per module in a 300-module bag 2.08 → 1.19; Redis time per module 123 → 165–196 µs; makespan unchanged within the noise in A/B runs of old and new workers in one invocation: on loopback a hop is CPU- and wake-up-bound, not round-trip-bound); (2) a count pushes its 16 most urgent children's messages itself and the rest in one transaction right after (blast: root end → 2nd child start 13–14 → 5–6 ms; blast profiled 1.071 → 1.063, 1.086 → 1.077, 1.072 → 1.067 in three A/B runs); (3) this script stops the other engines' processes while one engine runs (`Quiet`): after their first tasks, idle Ray and Dask processes used ≈ 15 % of a core in many small wake-ups, and profiled `dag` on montage/seismology/srasearch measured 1.058 alone vs 1.074–1.083 next to them (the same code, one invocation). Where a profiled module's slot time goes with (1) (montage, seismology, 3 runs each; slot-s beyond the work): inside the record before the call 0.18–0.31, after it 0.01, the sleep's own overshoot 0.06–0.10 (waking an idle vCPU), between records 0.11–0.17 — 1.9–2.8 ms per module in all, against 2.2–3.6 ms at session 17's code (the same probe, run right before). Full runs: quiet, 3 rounds at the code before (2), `dag` + learned profile 1.146 vs 1.145 (not met); quiet, 5 rounds, before (2): 1.140 (met); quiet, 5 rounds, this code: 1.134 (met; this table); `--no-quiet`, 3 rounds, this code: 1.137 vs 1.145 (met), `dag` cold 1.218 vs Ray 1.228 (met)."
 )
 
 
@@ -441,8 +443,10 @@ def docs_body(headers: list[str], rows: list[list[str]], goals: list[str], round
         "engine at all — the slower of a plain Celery chain of the critical path's sleeps and a group of every "
         "sleep (longest first). Dask: `LocalCluster` 2 processes × 4 threads; Ray: `ray.init(num_cpus=8)`, "
         "parents passed as ObjectRefs. dspex's broker and state store: a redis-server of the run's own (as Ray "
-        "and Dask keep their state in their own processes). The machine is shared with other jobs: numbers "
-        "are noisy."
+        "and Dask keep their state in their own processes). While one engine runs, the other engines' "
+        "processes are stopped (SIGSTOP, then SIGCONT: each engine has the 2 cores to itself; the tables before "
+        "session 18 kept every engine's idle processes running, see the notes). The machine is shared with other "
+        "jobs: numbers are noisy."
     )
     return "\n".join([intro, "", *bench.machine_lines(worker_specs(LAYOUT), broker), "", bench.markdown_table(headers, rows),
                       "", *goals, "", NOTES])
