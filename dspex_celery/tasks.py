@@ -240,7 +240,8 @@ def continuation_offer(task: Task, runtime: Runtime, left: int, held: bool = Fal
     consumed = (task.app.amqp.queues.consume_from or {}) if may_continue else {}
     return Offer(frozenset(consumed), UnackedKeys.of(task.app), chain_key(runtime.settings.namespace, task.request.id),
                  timeouts=not limited, held=held,
-                 ahead=functools.partial(first_attempt, task, runtime), fresh=functools.partial(fresh_record_json, str(task.request.hostname)))
+                 ahead=functools.partial(first_attempt, task, runtime),
+                 fresh=functools.partial(fresh_record_json, str(task.request.hostname)))
 
 
 def first_attempt(task: Task, runtime: Runtime, plan: Plan, name: str) -> FirstAttempt:
