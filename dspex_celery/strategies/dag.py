@@ -321,7 +321,7 @@ class DagStrategy(Strategy):
             pipe.expire(key, execution.store.ttl_s)
         chains = _chains(plan)
         for name in _by_urgency(plan, roots(plan, {})):
-            pipe.lpush(*_message(queues, dag_signature(execution, plan, name, chains), _begin_spec(execution, plan, name)))
+            pipe.lpush(*_message(queues, execution, plan, name, dag_signature(execution, plan, name, chains)))
 
     # --- counters -------------------------------------------------------------------------------
 
@@ -364,7 +364,7 @@ class DagStrategy(Strategy):
             namespace, chains = runtime.settings.namespace, _chains(plan)
             signatures = [dag_signature(execution, plan, child, chains) for child in children]
             messages = [_SENT.message(queues, execution, plan, child, signature) if index < INLINE_MESSAGES
-                        or len(plan.modules[child].parents) > 1 else _later(queues, signature)
+                        or len(plan.modules[child].parents) > 1 else _no_message(queues, signature)
                         for index, (child, signature) in enumerate(zip(children, signatures, strict=True))]
             keys += [key for key, _ in messages]
             args += [message for _, message in messages]
@@ -436,7 +436,7 @@ class DagStrategy(Strategy):
         if runtime.queues is not None and signatures:  # one round trip for all (a program's roots: many)
             pipe = execution.store.client.pipeline(transaction=True)
             for name, signature in zip(runnable, signatures, strict=True):
-                pipe.lpush(*_message(runtime.queues, signature, _begin_spec(execution, plan, name)))
+                pipe.lpush(*_message(runtime.queues, execution, plan, name, signature))
             queued = self._keys(execution)[4]  # so a repeated count does not send them again
             pipe.sadd(queued, *runnable).expire(queued, execution.store.ttl_s)
             pipe.execute()
@@ -458,8 +458,9 @@ class DagStrategy(Strategy):
 INLINE_MESSAGES = 16
 
 
-def _later(queues: RedisQueues, signature: Signature) -> tuple[str, str]:
-    """A child the count leaves to its caller: its queue key and no message (see :data:`INLINE_MESSAGES`)."""
+def _no_message(queues: RedisQueues, signature: Signature) -> tuple[str, str]:
+    """What a count is sent for a child whose message it does not get (already sent to an earlier count,
+    see _MessagesSent, or left to its caller, see :data:`INLINE_MESSAGES`): its queue key and ''."""
     return queues.key(str(signature.options["queue"]), int(signature.options["priority"])), ""
 
 
@@ -478,15 +479,15 @@ class _MessagesSent:
                 signature: Signature) -> tuple[str, str]:
         """The child's queue key and its message, '' when a count was already sent it."""
         if len(plan.modules[child].parents) < 2:  # made ready by this count whenever it succeeds
-            return _message(queues, signature, _begin_spec(execution, plan, child))
+            return _message(queues, execution, plan, child, signature)
         key = (execution.id, child)
         with self._lock:
             if key in self._sent:
-                return queues.key(str(signature.options["queue"]), int(signature.options["priority"])), ""
+                return _no_message(queues, signature)
             self._sent[key] = None
             if len(self._sent) > self._bound:
                 self._sent.popitem(last=False)
-        return _message(queues, signature, _begin_spec(execution, plan, child))
+        return _message(queues, execution, plan, child, signature)
 
 
 _SENT = _MessagesSent()
@@ -586,9 +587,10 @@ def dag_signature(execution: Execution, plan: Plan, name: str, chains: bool) -> 
     return signature
 
 
-def _message(queues: RedisQueues, signature: Signature, spec: list[Any] | None = None) -> tuple[str, str]:
-    """The queue key and task message of a dag module, with its lead (then its plan's digest and the
-    begin ``spec`` of its first attempt, when there are)."""
+def _message(queues: RedisQueues, execution: Execution, plan: Plan, name: str, signature: Signature) -> tuple[str, str]:
+    """The queue key and task message of dag module ``name``, with its lead (then its plan's digest and
+    the begin spec of its first attempt, when there are)."""
+    spec = _begin_spec(execution, plan, name)
     digest = signature.options.get("headers", {}).get(PLAN_HEADER)
     lead: dict[str, Any] = {LEAD_KEY: _lead(signature)}
     if digest:
