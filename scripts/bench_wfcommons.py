@@ -239,8 +239,7 @@ class Quiet:
     @classmethod
     def of(cls, cluster: bench.BenchCluster) -> Quiet:
         """The dspex workers, Dask's worker processes and Ray's (the bench's own Redis stays up)."""
-        dspex = [psutil.Process(worker.process.pid) for worker in cluster.workers]
-        groups: dict[str, list[psutil.Process]] = {"dspex": dspex, "dask": [], "ray": []}
+        groups: dict[str, list[psutil.Process]] = {"dspex": cls.workers(cluster), "dask": [], "ray": []}
         for process in psutil.Process().children():
             command = " ".join(process.cmdline())
             group = ("dask" if "multiprocessing.spawn" in command
@@ -249,13 +248,19 @@ class Quiet:
                 groups[group].append(process)
         return cls(groups)
 
-    def only(self, group: str) -> None:
-        """Let ``group`` run, stop the others."""
+    @staticmethod
+    def workers(cluster: bench.BenchCluster) -> list[psutil.Process]:
+        """The dspex worker processes (their pool children are signalled with them)."""
+        return [psutil.Process(worker.process.pid) for worker in cluster.workers]
+
+    def only(self, group: str) -> bool:
+        """Let ``group`` run, stop the others; False when it was running alone already."""
         if group == self.running:
-            return
+            return False
         for name, processes in self.groups.items():
             self._signal(processes, signal.SIGCONT if name == group else signal.SIGSTOP)
         self.running = group
+        return True
 
     def resume(self) -> None:
         for processes in self.groups.values():
@@ -273,8 +278,8 @@ class Quiet:
 
 
 def _alone(quiet: Quiet, group: str, case: Callable[[], float]) -> float:
-    quiet.only(group)
-    time.sleep(0.2)  # the processes just let go on settle (their missed timers fire now, not in the run)
+    if quiet.only(group):
+        time.sleep(0.2)  # the processes just let go on settle (their missed timers fire now, not in the run)
     return case()
 
 
@@ -499,7 +504,7 @@ def main() -> None:
                     quiet.resume()
                 cluster.restart()
                 if quiet is not None:
-                    quiet.groups["dspex"] = Quiet.of(cluster).groups["dspex"]
+                    quiet.groups["dspex"] = Quiet.workers(cluster)
 
             try:
                 samples = bench.interleaved(chosen, rounds, on_failure=restart)
